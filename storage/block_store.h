@@ -1,0 +1,134 @@
+// BlockStore: where a storage node keeps offloaded KV blocks.
+//
+// A store holds sequences, each an opaque metadata record (the server keeps its serialized profile
+// there) plus blocks addressed by (layer, block_index). Keys of sequences are opaque strings chosen
+// by the caller (the server scopes them by tenant); they may contain any byte.
+//
+// Backends: RocksDB (embedded default), a POSIX/NFS directory, and a DRAM tier that caches either
+// under a byte budget. Every implementation is thread-safe: any method may be called from any
+// thread concurrently. Errors are values; no method throws.
+#ifndef KVSTAR_STORAGE_BLOCK_STORE_H_
+#define KVSTAR_STORAGE_BLOCK_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace kvstar::storage {
+
+// Names one block of a sequence. Ordered by (layer, block_index).
+struct BlockId {
+  uint32_t layer = 0;
+  uint32_t block_index = 0;
+
+  friend bool operator==(const BlockId& a, const BlockId& b) {
+    return a.layer == b.layer && a.block_index == b.block_index;
+  }
+  friend bool operator!=(const BlockId& a, const BlockId& b) { return !(a == b); }
+  friend bool operator<(const BlockId& a, const BlockId& b) {
+    return a.layer != b.layer ? a.layer < b.layer : a.block_index < b.block_index;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const BlockId& id) {
+    return H::combine(std::move(h), id.layer, id.block_index);
+  }
+};
+
+// A block to write. The views must stay valid for the duration of the PutBlocks call.
+struct BlockWrite {
+  BlockId id;
+  absl::string_view key;    // K bytes
+  absl::string_view value;  // V bytes
+  uint64_t checksum = 0;    // BlockChecksum(key, value); verified by the store before writing
+};
+
+// A block read back. checksum has been verified against the bytes.
+struct BlockData {
+  BlockId id;
+  std::string key;
+  std::string value;
+  uint64_t checksum = 0;
+
+  uint64_t size_bytes() const { return key.size() + value.size(); }
+};
+
+// Contents and counters of one tier, since the store was opened.
+struct TierStats {
+  std::string name;           // "dram", "rocksdb" or "nfs"
+  uint64_t blocks = 0;        // blocks held now
+  uint64_t bytes = 0;         // K+V bytes held now
+  uint64_t budget_bytes = 0;  // 0 when unbounded
+  uint64_t hits = 0;          // block reads served by this tier
+  uint64_t misses = 0;        // block reads this tier could not serve
+  uint64_t evictions = 0;     // blocks evicted to stay within budget
+};
+
+struct DropResult {
+  uint64_t blocks = 0;
+  uint64_t bytes = 0;
+};
+
+class BlockStore {
+ public:
+  virtual ~BlockStore() = default;
+
+  // Creates or replaces the metadata record of a sequence. Durable on OK.
+  // REQUIRES: !sequence_key.empty().
+  virtual absl::Status PutSequence(absl::string_view sequence_key,
+                                   absl::string_view metadata) = 0;
+
+  // Returns the metadata record, or NotFound naming the sequence.
+  virtual absl::StatusOr<std::string> GetSequence(absl::string_view sequence_key) = 0;
+
+  // Keys of every stored sequence, sorted.
+  virtual absl::StatusOr<std::vector<std::string>> ListSequences() = 0;
+
+  // Writes blocks of one sequence, replacing blocks with the same id. The batch is applied whole
+  // or not at all, and is durable (survives kill -9 and power loss) when OK is returned.
+  // Fails with NotFound when the sequence has no metadata record, InvalidArgument naming the block
+  // when a checksum does not match its bytes or when one id appears twice in the batch.
+  virtual absl::Status PutBlocks(absl::string_view sequence_key,
+                                 absl::Span<const BlockWrite> blocks) = 0;
+
+  // Reads blocks in the order of `ids` into `out` (resized to ids.size()). Fails with NotFound
+  // naming the first missing block (or the sequence), DataLoss when stored bytes fail their
+  // checksum. On failure `out` is unspecified.
+  virtual absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                                 std::vector<BlockData>* out) = 0;
+
+  // Ids of every stored block of the sequence, sorted. NotFound for an unknown sequence.
+  virtual absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) = 0;
+
+  // Deletes the sequence's metadata and blocks, releasing their space on disk. NotFound for an
+  // unknown sequence.
+  virtual absl::StatusOr<DropResult> DropSequence(absl::string_view sequence_key) = 0;
+
+  // One entry per tier, front tier first.
+  virtual std::vector<TierStats> Stats() = 0;
+};
+
+// XXH3-64 (seed 0) of key's bytes followed by value's bytes: the checksum blocks carry on the wire
+// and on disk.
+uint64_t BlockChecksum(absl::string_view key, absl::string_view value);
+
+// Opens (creating if needed) a RocksDB store in `dir`.
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir);
+
+// Opens (creating if needed) a store in a POSIX directory, which may be an NFS mount shared by
+// several nodes.
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenPosixDirStore(const std::string& dir);
+
+// Puts a DRAM tier of at most `budget_bytes` of block bytes in front of `backend`. Writes go
+// through to the backend before they are cached; reads are served from memory when present.
+std::unique_ptr<BlockStore> NewDramTier(std::unique_ptr<BlockStore> backend,
+                                        uint64_t budget_bytes);
+
+}  // namespace kvstar::storage
+
+#endif  // KVSTAR_STORAGE_BLOCK_STORE_H_
