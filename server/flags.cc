@@ -1,0 +1,62 @@
+#include "server/flags.h"
+
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "Address to serve gRPC on, host:port (port 0 picks a free one). A sidecar listens on "
+          "loopback; use 0.0.0.0:PORT for a remote storage node.");
+ABSL_FLAG(std::string, backend, "rocksdb",
+          "Block store backend: rocksdb (embedded, default) or nfs (a POSIX/NFS directory).");
+ABSL_FLAG(std::string, data_dir, "./kvstar-data", "Directory the backend keeps its data in.");
+ABSL_FLAG(uint64_t, dram_budget_bytes, uint64_t{1} << 30,
+          "Bytes of block data the DRAM tier caches in front of the backend (0 disables it).");
+ABSL_FLAG(int, worker_threads, 0, "gRPC worker threads; 0 means one per hardware thread.");
+ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
+          "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, the bound port is written to this file once the server is serving.");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn or error.");
+
+namespace kvstar::server {
+
+absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kvstar storage node: stores offloaded KV blocks and serves the kvstar.v1.KvStore API.");
+  absl::ParseCommandLine(argc, argv);
+  ServerConfig config;
+  config.listen_address = absl::GetFlag(FLAGS_listen);
+  config.backend = absl::GetFlag(FLAGS_backend);
+  config.data_dir = absl::GetFlag(FLAGS_data_dir);
+  config.dram_budget_bytes = absl::GetFlag(FLAGS_dram_budget_bytes);
+  config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.log_level = absl::GetFlag(FLAGS_log_level);
+
+  if (config.backend != "rocksdb" && config.backend != "nfs") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend is \"", config.backend, "\", must be rocksdb or nfs"));
+  }
+  if (config.data_dir.empty()) return absl::InvalidArgumentError("--data_dir is empty");
+  if (config.worker_threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--worker_threads is ", config.worker_threads, ", must be >= 0"));
+  }
+  if (config.worker_threads == 0) {
+    config.worker_threads = std::max(1u, std::thread::hardware_concurrency());
+  }
+  // Below 1 MiB not even one block of a small model fits; gRPC's own ceiling is 2 GiB - 1.
+  if (config.max_message_bytes < (uint64_t{1} << 20) ||
+      config.max_message_bytes > (uint64_t{2} << 30) - 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_message_bytes is ", config.max_message_bytes, ", must be in [1 MiB, 2 GiB)"));
+  }
+  return config;
+}
+
+}  // namespace kvstar::server

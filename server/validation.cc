@@ -1,0 +1,169 @@
+#include "server/validation.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvstar::server {
+namespace {
+
+absl::Status OutOfRange(absl::string_view field, uint64_t value, uint64_t lo, uint64_t hi) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " is ", value, ", must be in [", lo, ", ", hi, "]"));
+}
+
+absl::Status CheckRange(absl::string_view field, uint64_t value, uint64_t lo, uint64_t hi) {
+  if (value < lo || value > hi) return OutOfRange(field, value, lo, hi);
+  return absl::OkStatus();
+}
+
+absl::Status CheckRatio(absl::string_view field, float value) {
+  if (!(value > 0.0f && value <= 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is ", value, ", must be in (0, 1]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+uint32_t DTypeBytes(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_BF16:
+    case v1::DTYPE_FP16:
+      return 2;
+    case v1::DTYPE_FP32:
+      return 4;
+    default:
+      return 0;
+  }
+}
+
+uint64_t BlockKeyBytes(const v1::ModelProfile& profile) {
+  return uint64_t{profile.block_size()} * profile.num_kv_heads() * profile.head_dim() *
+         DTypeBytes(profile.dtype());
+}
+
+uint64_t QueryRowBytes(const v1::ModelProfile& profile) {
+  return uint64_t{profile.num_q_heads()} * profile.head_dim() * DTypeBytes(profile.dtype());
+}
+
+absl::Status ValidateSequenceId(absl::string_view sequence_id) {
+  if (sequence_id.empty()) return absl::InvalidArgumentError("sequence_id is empty");
+  if (sequence_id.size() > kMaxSequenceIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence_id is ", sequence_id.size(),
+                                                   " bytes, at most ", kMaxSequenceIdBytes,
+                                                   " allowed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profile) {
+  v1::ModelProfile out = profile;
+  if (out.block_size() == 0) out.set_block_size(kDefaultBlockSize);
+  if (auto s = CheckRange("profile.num_layers", out.num_layers(), 1, kMaxLayers); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("profile.num_q_heads", out.num_q_heads(), 1, kMaxHeads); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("profile.num_kv_heads", out.num_kv_heads(), 1, out.num_q_heads());
+      !s.ok()) {
+    return s;
+  }
+  if (out.num_q_heads() % out.num_kv_heads() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile.num_q_heads (", out.num_q_heads(),
+                     ") is not a multiple of profile.num_kv_heads (", out.num_kv_heads(), ")"));
+  }
+  if (auto s = CheckRange("profile.head_dim", out.head_dim(), 1, kMaxHeadDim); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("profile.block_size", out.block_size(), 1, kMaxBlockSize); !s.ok()) {
+    return s;
+  }
+  if (DTypeBytes(out.dtype()) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile.dtype is ", v1::DType_Name(out.dtype()),
+                     ", must be DTYPE_BF16, DTYPE_FP16 or DTYPE_FP32"));
+  }
+  return out;
+}
+
+absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
+                                                 const v1::ModelProfile& profile) {
+  v1::KvstarConfig out = config;
+  if (!out.has_init_window_sz()) out.set_init_window_sz(1);
+  if (!out.has_local_window_sz()) out.set_local_window_sz(2);
+  if (!out.has_sparse_ratio()) out.set_sparse_ratio(0.25f);
+  if (!out.has_retrieval_stride()) out.set_retrieval_stride(8);
+  if (!out.has_blk_repre_dim_prune_ratio()) out.set_blk_repre_dim_prune_ratio(0.25f);
+  if (!out.has_blk_repre_inner_token_merge()) out.set_blk_repre_inner_token_merge(2);
+
+  if (auto s = CheckRange("config.init_window_sz", out.init_window_sz(), 0, kMaxBlocksPerLayer);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("config.local_window_sz", out.local_window_sz(), 0, kMaxBlocksPerLayer);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRatio("config.sparse_ratio", out.sparse_ratio()); !s.ok()) return s;
+  if (auto s = CheckRange("config.retrieval_stride", out.retrieval_stride(), 1, 1024); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRatio("config.blk_repre_dim_prune_ratio", out.blk_repre_dim_prune_ratio());
+      !s.ok()) {
+    return s;
+  }
+  const uint32_t merge = out.blk_repre_inner_token_merge();
+  if (merge == 0 || profile.block_size() % merge != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.blk_repre_inner_token_merge is ", merge,
+                     ", must divide profile.block_size (", profile.block_size(), ")"));
+  }
+  const double kept = std::round(profile.head_dim() * double{out.blk_repre_dim_prune_ratio()});
+  if (kept < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.blk_repre_dim_prune_ratio ", out.blk_repre_dim_prune_ratio(), " keeps no channel of ",
+        profile.head_dim()));
+  }
+  return out;
+}
+
+absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index,
+                              const v1::ModelProfile& profile, absl::string_view where) {
+  if (layer >= profile.num_layers()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ".layer is ", layer,
+                                                   ", the sequence has ", profile.num_layers(),
+                                                   " layers"));
+  }
+  if (block_index >= kMaxBlocksPerLayer) {
+    return OutOfRange(absl::StrCat(where, ".block_index"), block_index, 0,
+                      kMaxBlocksPerLayer - 1);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBlock(const v1::Block& block, const v1::ModelProfile& profile,
+                           absl::string_view where) {
+  if (auto s = ValidateBlockRef(block.layer(), block.block_index(), profile, where); !s.ok()) {
+    return s;
+  }
+  if (block.has_shared()) {
+    return absl::UnimplementedError(
+        absl::StrCat(where, ".shared: shared-memory blocks are not accepted by PutBlocks yet"));
+  }
+  const uint64_t expected = BlockKeyBytes(profile);
+  if (block.key().size() != expected || block.value().size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, " (layer ", block.layer(), ", block ", block.block_index(), "): key is ",
+        block.key().size(), " bytes and value ", block.value().size(), " bytes; the profile needs ",
+        expected, " each (block_size ", profile.block_size(), " x num_kv_heads ",
+        profile.num_kv_heads(), " x head_dim ", profile.head_dim(), " x ",
+        DTypeBytes(profile.dtype()), " bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvstar::server

@@ -1,0 +1,55 @@
+// Request validation for the kvstar service: pure functions from protobuf messages to statuses
+// whose messages name the bad field and its value. No I/O, no state: safe from any thread.
+#ifndef KVSTAR_SERVER_VALIDATION_H_
+#define KVSTAR_SERVER_VALIDATION_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "kvstar/v1/kvstar.pb.h"
+
+namespace kvstar::server {
+
+// Limits that bound what one request may ask for.
+inline constexpr uint32_t kMaxLayers = 1024;
+inline constexpr uint32_t kMaxHeads = 1024;
+inline constexpr uint32_t kMaxHeadDim = 1024;
+inline constexpr uint32_t kMaxBlockSize = 65536;
+inline constexpr uint32_t kDefaultBlockSize = 128;
+// 2^20 blocks of 128 tokens is 134M tokens per sequence: far beyond any context, small enough
+// that block arithmetic never overflows.
+inline constexpr uint32_t kMaxBlocksPerLayer = 1u << 20;
+inline constexpr size_t kMaxSequenceIdBytes = 256;
+
+// Bytes of one element of `dtype`, or 0 for DTYPE_UNSPECIFIED / unknown values.
+uint32_t DTypeBytes(v1::DType dtype);
+
+// Bytes of K (equally of V) of one block of `profile`. REQUIRES: profile is valid.
+uint64_t BlockKeyBytes(const v1::ModelProfile& profile);
+
+// Bytes of one query row set [num_q_heads][head_dim] of `profile`. REQUIRES: profile is valid.
+uint64_t QueryRowBytes(const v1::ModelProfile& profile);
+
+absl::Status ValidateSequenceId(absl::string_view sequence_id);
+
+// Checks a profile and returns it with defaults filled in (block_size 0 -> 128).
+absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profile);
+
+// Checks the knobs against a normalized profile and returns them with every field set.
+absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
+                                                 const v1::ModelProfile& profile);
+
+// Checks one block against its sequence's profile: layer and index in range, K and V sizes.
+// `where` prefixes the message (e.g. "blocks[3]"). Checksums are the store's to verify.
+absl::Status ValidateBlock(const v1::Block& block, const v1::ModelProfile& profile,
+                           absl::string_view where);
+
+// Checks a block reference's layer and index ranges.
+absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index,
+                              const v1::ModelProfile& profile, absl::string_view where);
+
+}  // namespace kvstar::server
+
+#endif  // KVSTAR_SERVER_VALIDATION_H_
