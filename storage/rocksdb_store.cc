@@ -1,0 +1,409 @@
+#include "storage/rocksdb_store.h"
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/strings/escaping.h"
+#include "rocksdb/cache.h"
+#include "rocksdb/db.h"
+#include "rocksdb/options.h"
+#include "rocksdb/slice.h"
+#include "rocksdb/table.h"
+#include "rocksdb/write_batch.h"
+#include "storage/store_util.h"
+
+namespace kvstar::storage {
+namespace {
+
+constexpr char kBlockTag = 'B';
+constexpr char kMetadataTag = 'M';
+constexpr uint32_t kValueMagic = 0x4B565342;  // "KVSB"
+constexpr uint32_t kValueFormatVersion = 1;
+constexpr size_t kValueHeaderBytes = 4 + 4 + 8 + 8;
+constexpr size_t kBlockKeySuffixBytes = 8;  // BE u32 layer + BE u32 block_index
+
+std::string SequencePrefix(char tag, absl::string_view sequence_key) {
+  std::string prefix(1, tag);
+  AppendBigEndian32(static_cast<uint32_t>(sequence_key.size()), &prefix);
+  prefix.append(sequence_key.data(), sequence_key.size());
+  return prefix;
+}
+
+// Every block key of a sequence lies in [begin, end): block keys are the prefix plus exactly
+// eight bytes, all of which sort below the prefix plus nine 0xff bytes.
+struct KeyRange {
+  std::string begin;
+  std::string end;
+};
+KeyRange SequenceBlockRange(absl::string_view sequence_key) {
+  KeyRange range;
+  range.begin = SequencePrefix(kBlockTag, sequence_key);
+  range.end = range.begin + std::string(kBlockKeySuffixBytes + 1, '\xff');
+  return range;
+}
+
+rocksdb::Slice ToSlice(absl::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
+// Debian's Abseil has its own string_view type (not std::string_view).
+absl::string_view ToView(const rocksdb::Slice& s) { return absl::string_view(s.data(), s.size()); }
+
+absl::Status FromRocksDb(const rocksdb::Status& status, absl::string_view context) {
+  if (status.ok()) return absl::OkStatus();
+  const std::string message = absl::StrCat(context, ": rocksdb: ", status.ToString());
+  switch (status.code()) {
+    case rocksdb::Status::kNotFound:
+      return absl::NotFoundError(message);
+    case rocksdb::Status::kCorruption:
+      return absl::DataLossError(message);
+    case rocksdb::Status::kInvalidArgument:
+      return absl::InvalidArgumentError(message);
+    case rocksdb::Status::kNotSupported:
+      return absl::UnimplementedError(message);
+    case rocksdb::Status::kBusy:
+    case rocksdb::Status::kTimedOut:
+    case rocksdb::Status::kTryAgain:
+      return absl::UnavailableError(message);
+    case rocksdb::Status::kAborted:
+      return absl::AbortedError(message);
+    case rocksdb::Status::kIOError:
+      if (status.IsNoSpace()) return absl::ResourceExhaustedError(message);
+      return absl::UnavailableError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+// Parses a stored block value, verifying header and checksum.
+absl::Status DecodeBlockValue(absl::string_view sequence_key, BlockId id, absl::string_view stored,
+                              BlockData* out) {
+  if (stored.size() < kValueHeaderBytes ||
+      ReadLittleEndian32(stored.data()) != kValueMagic ||
+      ReadLittleEndian32(stored.data() + 4) != kValueFormatVersion ||
+      ReadLittleEndian64(stored.data() + 16) > stored.size() - kValueHeaderBytes) {
+    return absl::DataLossError(absl::StrCat("stored ", DescribeBlock(sequence_key, id),
+                                            " has a malformed header (", stored.size(),
+                                            " bytes)"));
+  }
+  const uint64_t checksum = ReadLittleEndian64(stored.data() + 8);
+  const uint64_t key_bytes = ReadLittleEndian64(stored.data() + 16);
+  const absl::string_view key = stored.substr(kValueHeaderBytes, key_bytes);
+  const absl::string_view value = stored.substr(kValueHeaderBytes + key_bytes);
+  absl::Status verified = VerifyStoredBlock(sequence_key, id, key, value, checksum);
+  if (!verified.ok()) return verified;
+  out->id = id;
+  out->key.assign(key.data(), key.size());
+  out->value.assign(value.data(), value.size());
+  out->checksum = checksum;
+  return absl::OkStatus();
+}
+
+// What the store keeps in memory about one sequence: enough for ListBlocks, Stats and
+// DropResult without touching RocksDB.
+struct SequenceIndex {
+  std::map<BlockId, uint64_t> block_bytes;  // K+V bytes of each stored block
+  uint64_t bytes = 0;
+};
+
+class RocksDbStore final : public BlockStore {
+ public:
+  explicit RocksDbStore(std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+
+  // Builds the in-memory index with one scan of the whole key space. The scan reads values too
+  // (RocksDB stores them inline with keys), so opening costs a sequential read of the store;
+  // it bypasses the block cache so it does not evict anything.
+  absl::Status LoadIndex();
+
+  absl::Status PutSequence(absl::string_view sequence_key, absl::string_view metadata) override;
+  absl::StatusOr<std::string> GetSequence(absl::string_view sequence_key) override;
+  absl::StatusOr<std::vector<std::string>> ListSequences() override;
+  absl::Status PutBlocks(absl::string_view sequence_key,
+                         absl::Span<const BlockWrite> blocks) override;
+  absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                         std::vector<BlockData>* out) override;
+  absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) override;
+  absl::StatusOr<DropResult> DropSequence(absl::string_view sequence_key) override;
+  std::vector<TierStats> Stats() override;
+
+ private:
+  // Every acknowledged mutation is synced: RocksDB's WAL write alone only reaches the OS page
+  // cache, which survives kill -9 of this process but not a power loss or kernel crash. The
+  // contract says an OK PutBlocks survives both, so the WAL is fsynced before we answer.
+  // Concurrent sync writes are group-committed by RocksDB, which amortises the fsync.
+  static rocksdb::WriteOptions SyncWrite() {
+    rocksdb::WriteOptions options;
+    options.sync = true;
+    return options;
+  }
+
+  bool SequenceExists(absl::string_view sequence_key) ABSL_LOCKS_EXCLUDED(mu_);
+
+  const std::unique_ptr<rocksdb::DB> db_;
+  // Held across a mutation of one sequence so RocksDB and the index change together.
+  SequenceLockTable sequence_locks_;
+  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(sequence_locks_);
+  std::map<std::string, SequenceIndex> sequences_ ABSL_GUARDED_BY(mu_);
+  std::atomic<uint64_t> hits_{0};
+  std::atomic<uint64_t> misses_{0};
+};
+
+absl::Status RocksDbStore::LoadIndex() {
+  rocksdb::ReadOptions options;
+  options.fill_cache = false;
+  options.readahead_size = 2 << 20;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(options));
+  std::map<std::string, SequenceIndex> sequences;
+  std::map<std::string, SequenceIndex> blocks_by_sequence;
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    const rocksdb::Slice key = it->key();
+    const bool is_block = key.size() >= 5 && key[0] == kBlockTag;
+    const bool is_metadata = key.size() >= 5 && key[0] == kMetadataTag;
+    const uint32_t sequence_bytes = key.size() >= 5 ? ReadBigEndian32(key.data() + 1) : 0;
+    const size_t expected = 5 + sequence_bytes + (is_block ? kBlockKeySuffixBytes : 0);
+    if ((!is_block && !is_metadata) || key.size() != expected) {
+      return absl::DataLossError(absl::StrCat("rocksdb store has a malformed key \"",
+                                              absl::CHexEscape(ToView(key)), "\""));
+    }
+    std::string sequence_key(key.data() + 5, sequence_bytes);
+    if (is_metadata) {
+      sequences.try_emplace(std::move(sequence_key));
+      continue;
+    }
+    const char* suffix = key.data() + 5 + sequence_bytes;
+    const BlockId id{ReadBigEndian32(suffix), ReadBigEndian32(suffix + 4)};
+    const uint64_t stored = it->value().size();
+    const uint64_t bytes = stored >= kValueHeaderBytes ? stored - kValueHeaderBytes : 0;
+    SequenceIndex& index = blocks_by_sequence[sequence_key];
+    index.block_bytes[id] = bytes;
+    index.bytes += bytes;
+  }
+  if (!it->status().ok()) return FromRocksDb(it->status(), "scanning the store at open");
+  // 'B' sorts before 'M', so blocks were seen before their metadata. Blocks without metadata
+  // cannot be written (PutBlocks requires it, DropSequence removes both in one batch).
+  for (auto& [sequence_key, index] : blocks_by_sequence) {
+    auto found = sequences.find(sequence_key);
+    if (found != sequences.end()) found->second = std::move(index);
+  }
+  absl::MutexLock lock(&mu_);
+  sequences_ = std::move(sequences);
+  return absl::OkStatus();
+}
+
+bool RocksDbStore::SequenceExists(absl::string_view sequence_key) {
+  absl::MutexLock lock(&mu_);
+  return sequences_.find(std::string(sequence_key)) != sequences_.end();
+}
+
+absl::Status RocksDbStore::PutSequence(absl::string_view sequence_key,
+                                       absl::string_view metadata) {
+  if (sequence_key.empty()) return absl::InvalidArgumentError("sequence key is empty");
+  absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
+  absl::Status written = FromRocksDb(
+      db_->Put(SyncWrite(), ToSlice(RocksDbMetadataKey(sequence_key)), ToSlice(metadata)),
+      absl::StrCat("writing metadata of ", DescribeSequence(sequence_key)));
+  if (!written.ok()) return written;
+  absl::MutexLock lock(&mu_);
+  sequences_.try_emplace(std::string(sequence_key));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> RocksDbStore::GetSequence(absl::string_view sequence_key) {
+  std::string metadata;
+  const rocksdb::Status status =
+      db_->Get(rocksdb::ReadOptions(), ToSlice(RocksDbMetadataKey(sequence_key)), &metadata);
+  if (status.IsNotFound()) return SequenceNotFound(sequence_key);
+  if (!status.ok()) {
+    return FromRocksDb(status, absl::StrCat("reading metadata of ", DescribeSequence(sequence_key)));
+  }
+  return metadata;
+}
+
+absl::StatusOr<std::vector<std::string>> RocksDbStore::ListSequences() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> keys;
+  keys.reserve(sequences_.size());
+  for (const auto& entry : sequences_) keys.push_back(entry.first);
+  return keys;
+}
+
+absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
+                                     absl::Span<const BlockWrite> blocks) {
+  absl::Status valid = ValidateBlockWrites(sequence_key, blocks);
+  if (!valid.ok()) return valid;
+  absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
+  if (!SequenceExists(sequence_key)) return SequenceNotFound(sequence_key);
+
+  rocksdb::WriteBatch batch;
+  std::vector<std::string> headers(blocks.size());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const BlockWrite& block = blocks[i];
+    AppendLittleEndian32(kValueMagic, &headers[i]);
+    AppendLittleEndian32(kValueFormatVersion, &headers[i]);
+    AppendLittleEndian64(block.checksum, &headers[i]);
+    AppendLittleEndian64(block.key.size(), &headers[i]);
+    const std::string key = RocksDbBlockKey(sequence_key, block.id);
+    const rocksdb::Slice key_slice = ToSlice(key);
+    // SliceParts lets the batch copy header, K and V once, without assembling them first.
+    const rocksdb::Slice value_parts[3] = {ToSlice(headers[i]), ToSlice(block.key),
+                                           ToSlice(block.value)};
+    absl::Status added = FromRocksDb(
+        batch.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 3)),
+        absl::StrCat("batching ", DescribeBlock(sequence_key, block.id)));
+    if (!added.ok()) return added;
+  }
+  absl::Status written =
+      FromRocksDb(db_->Write(SyncWrite(), &batch),
+                  absl::StrCat("writing ", blocks.size(), " blocks of ",
+                               DescribeSequence(sequence_key)));
+  if (!written.ok()) return written;
+
+  absl::MutexLock lock(&mu_);
+  SequenceIndex& index = sequences_[std::string(sequence_key)];
+  for (const BlockWrite& block : blocks) {
+    uint64_t& bytes = index.block_bytes[block.id];
+    index.bytes -= bytes;  // 0 for a new block
+    bytes = block.key.size() + block.value.size();
+    index.bytes += bytes;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key,
+                                     absl::Span<const BlockId> ids, std::vector<BlockData>* out) {
+  if (!SequenceExists(sequence_key)) return SequenceNotFound(sequence_key);
+  std::vector<std::string> keys;
+  keys.reserve(ids.size());
+  for (const BlockId& id : ids) keys.push_back(RocksDbBlockKey(sequence_key, id));
+  std::vector<rocksdb::Slice> key_slices(keys.begin(), keys.end());
+  std::vector<rocksdb::PinnableSlice> values(ids.size());
+  std::vector<rocksdb::Status> statuses(ids.size());
+  db_->MultiGet(rocksdb::ReadOptions(), db_->DefaultColumnFamily(), ids.size(), key_slices.data(),
+                values.data(), statuses.data());
+  out->resize(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (statuses[i].IsNotFound()) {
+      misses_.fetch_add(1, std::memory_order_relaxed);
+      return BlockNotFound(sequence_key, ids[i]);
+    }
+    absl::Status read = FromRocksDb(
+        statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
+    if (!read.ok()) return read;
+    read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    if (!read.ok()) return read;
+  }
+  hits_.fetch_add(ids.size(), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<BlockId>> RocksDbStore::ListBlocks(absl::string_view sequence_key) {
+  absl::MutexLock lock(&mu_);
+  auto found = sequences_.find(std::string(sequence_key));
+  if (found == sequences_.end()) return SequenceNotFound(sequence_key);
+  std::vector<BlockId> ids;
+  ids.reserve(found->second.block_bytes.size());
+  for (const auto& entry : found->second.block_bytes) ids.push_back(entry.first);
+  return ids;
+}
+
+absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence_key) {
+  absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
+  DropResult result;
+  {
+    absl::MutexLock lock(&mu_);
+    auto found = sequences_.find(std::string(sequence_key));
+    if (found == sequences_.end()) return SequenceNotFound(sequence_key);
+    result.blocks = found->second.block_bytes.size();
+    result.bytes = found->second.bytes;
+  }
+  const KeyRange range = SequenceBlockRange(sequence_key);
+  rocksdb::WriteBatch batch;
+  absl::Status batched = FromRocksDb(
+      batch.DeleteRange(ToSlice(range.begin), ToSlice(range.end)), "batching a range delete");
+  if (batched.ok()) {
+    batched = FromRocksDb(batch.Delete(ToSlice(RocksDbMetadataKey(sequence_key))),
+                          "batching a metadata delete");
+  }
+  if (!batched.ok()) return batched;
+  absl::Status written = FromRocksDb(db_->Write(SyncWrite(), &batch),
+                                     absl::StrCat("dropping ", DescribeSequence(sequence_key)));
+  if (!written.ok()) return written;
+  {
+    absl::MutexLock lock(&mu_);
+    sequences_.erase(std::string(sequence_key));
+  }
+  // A range tombstone hides the blocks but their bytes stay in memtables and SST files until
+  // compaction; compacting just this range (to the bottom level, where tombstones and the data
+  // they cover are both discarded) makes the drop release disk space now.
+  rocksdb::CompactRangeOptions compact;
+  compact.exclusive_manual_compaction = false;
+  compact.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForceOptimized;
+  const rocksdb::Slice begin = ToSlice(range.begin);
+  const rocksdb::Slice end = ToSlice(range.end);
+  absl::Status compacted = FromRocksDb(
+      db_->CompactRange(compact, &begin, &end),
+      absl::StrCat("compacting away dropped ", DescribeSequence(sequence_key),
+                   " (its data is deleted but its space not yet reclaimed)"));
+  if (!compacted.ok()) return compacted;
+  return result;
+}
+
+std::vector<TierStats> RocksDbStore::Stats() {
+  TierStats stats;
+  stats.name = "rocksdb";
+  stats.hits = hits_.load(std::memory_order_relaxed);
+  stats.misses = misses_.load(std::memory_order_relaxed);
+  absl::MutexLock lock(&mu_);
+  for (const auto& entry : sequences_) {
+    stats.blocks += entry.second.block_bytes.size();
+    stats.bytes += entry.second.bytes;
+  }
+  return {stats};
+}
+
+}  // namespace
+
+std::string RocksDbBlockKey(absl::string_view sequence_key, BlockId id) {
+  std::string key = SequencePrefix(kBlockTag, sequence_key);
+  AppendBigEndian32(id.layer, &key);
+  AppendBigEndian32(id.block_index, &key);
+  return key;
+}
+
+std::string RocksDbMetadataKey(absl::string_view sequence_key) {
+  return SequencePrefix(kMetadataTag, sequence_key);
+}
+
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
+  rocksdb::Options options;
+  options.create_if_missing = true;
+  // KV blocks are bf16/fp16 activations: effectively incompressible, so compression would only
+  // cost CPU on every flush, compaction and read.
+  options.compression = rocksdb::kNoCompression;
+  options.bottommost_compression = rocksdb::kDisableCompressionOption;
+  // Blocks are 100s of KiB; a 64 MiB memtable holds a few hundred before a flush.
+  options.write_buffer_size = 64 << 20;
+  options.max_write_buffer_number = 3;
+  // Keeps the space overhead of obsolete versions near 10% instead of growing with level count.
+  options.level_compaction_dynamic_level_bytes = true;
+  options.max_background_jobs = 2;
+  options.keep_log_file_num = 4;
+  rocksdb::BlockBasedTableOptions table;
+  // Values are large and cached by the DRAM tier above; a small block cache holds index blocks.
+  table.block_cache = rocksdb::NewLRUCache(32 << 20);
+  options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
+
+  rocksdb::DB* raw_db = nullptr;
+  absl::Status opened = FromRocksDb(rocksdb::DB::Open(options, dir, &raw_db),
+                                    absl::StrCat("opening rocksdb store at ", dir));
+  if (!opened.ok()) return opened;
+  auto store = std::make_unique<RocksDbStore>(std::unique_ptr<rocksdb::DB>(raw_db));
+  absl::Status loaded = store->LoadIndex();
+  if (!loaded.ok()) return loaded;
+  return std::unique_ptr<BlockStore>(std::move(store));
+}
+
+}  // namespace kvstar::storage

@@ -1,0 +1,26 @@
+// RocksDB backend of BlockStore (opened with OpenRocksDbStore in block_store.h).
+//
+// Key layout, chosen so one sequence's blocks of one layer are adjacent and a whole sequence is
+// one contiguous key range (DropSequence is one DeleteRange):
+//   block:    'B' + big-endian u32 length of sequence key + sequence key + BE u32 layer + BE u32 index
+//   metadata: 'M' + big-endian u32 length of sequence key + sequence key
+// Block value: header (u32 magic, u32 format version, u64 checksum, u64 key length, little-endian)
+// followed by K bytes and V bytes.
+//
+// The key encoders are exposed for tools and for tests that damage records on purpose.
+#ifndef KVSTAR_STORAGE_ROCKSDB_STORE_H_
+#define KVSTAR_STORAGE_ROCKSDB_STORE_H_
+
+#include <string>
+
+#include "absl/strings/string_view.h"
+#include "storage/block_store.h"
+
+namespace kvstar::storage {
+
+std::string RocksDbBlockKey(absl::string_view sequence_key, BlockId id);
+std::string RocksDbMetadataKey(absl::string_view sequence_key);
+
+}  // namespace kvstar::storage
+
+#endif  // KVSTAR_STORAGE_ROCKSDB_STORE_H_
