@@ -1,0 +1,150 @@
+#include "retrieval/representation.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "retrieval/convert.h"
+
+namespace kvstar::retrieval {
+
+absl::StatusOr<std::unique_ptr<SequenceIndex>> SequenceIndex::Create(const ModelShape& shape,
+                                                                     const Knobs& knobs) {
+  if (absl::Status status = ValidateShapeAndKnobs(shape, knobs); !status.ok()) return status;
+  return std::unique_ptr<SequenceIndex>(new SequenceIndex(shape, knobs));
+}
+
+SequenceIndex::SequenceIndex(const ModelShape& shape, const Knobs& knobs)
+    : shape_(shape),
+      knobs_(knobs),
+      kept_(knobs.kept_channels(shape)),
+      vectors_per_block_(knobs.vectors_per_block(shape)),
+      layers_(shape.num_layers),
+      block_f32_(size_t{shape.block_size} * shape.num_kv_heads * shape.head_dim) {}
+
+absl::Status SequenceIndex::CheckBlocks(
+    uint32_t layer, absl::Span<const absl::Span<const uint8_t>> key_blocks) const {
+  if (layer >= shape_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer = ", layer, ": must be below num_layers (", shape_.num_layers, ")"));
+  }
+  for (size_t b = 0; b < key_blocks.size(); ++b) {
+    if (key_blocks[b].size() != shape_.key_block_bytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key block ", b, " of layer ", layer, " has ", key_blocks[b].size(),
+                       " bytes, expected ", shape_.key_block_bytes()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceIndex::SealLayer(uint32_t layer,
+                                      absl::Span<const absl::Span<const uint8_t>> key_blocks) {
+  if (absl::Status status = CheckBlocks(layer, key_blocks); !status.ok()) return status;
+  const uint32_t heads = shape_.num_kv_heads;
+  const uint32_t dim = shape_.head_dim;
+  // Sum of |K| per (head, channel) over every sealed token, in token order.
+  std::vector<float> abs_sum(size_t{heads} * dim, 0.0f);
+  for (absl::Span<const uint8_t> block : key_blocks) {
+    ConvertToF32(shape_.dtype, block.data(), block_f32_.size(), block_f32_.data());
+    for (uint32_t token = 0; token < shape_.block_size; ++token) {
+      const float* row = &block_f32_[size_t{token} * heads * dim];
+      for (size_t i = 0; i < abs_sum.size(); ++i) abs_sum[i] += std::fabs(row[i]);
+    }
+  }
+  std::vector<uint32_t> kept_channels;
+  kept_channels.reserve(size_t{heads} * kept_);
+  std::vector<uint32_t> order(dim);
+  for (uint32_t h = 0; h < heads; ++h) {
+    const float* sums = &abs_sum[size_t{h} * dim];
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(),
+                     [sums](uint32_t a, uint32_t b) { return sums[a] > sums[b]; });
+    kept_channels.insert(kept_channels.end(), order.begin(), order.begin() + kept_);
+  }
+  return SealLayerWithChannels(layer, key_blocks, kept_channels);
+}
+
+absl::Status SequenceIndex::SealLayerWithChannels(
+    uint32_t layer, absl::Span<const absl::Span<const uint8_t>> key_blocks,
+    absl::Span<const uint32_t> kept_channels) {
+  if (absl::Status status = CheckBlocks(layer, key_blocks); !status.ok()) return status;
+  const uint32_t heads = shape_.num_kv_heads;
+  if (kept_channels.size() != size_t{heads} * kept_) {
+    return absl::InvalidArgumentError(absl::StrCat("kept_channels has ", kept_channels.size(),
+                                                   " ids, expected ", size_t{heads} * kept_));
+  }
+  Layer fresh;
+  fresh.sealed = true;
+  fresh.kept_channels.assign(kept_channels.begin(), kept_channels.end());
+  for (uint32_t h = 0; h < heads; ++h) {
+    auto first = fresh.kept_channels.begin() + size_t{h} * kept_;
+    std::sort(first, first + kept_);
+    if (std::adjacent_find(first, first + kept_) != first + kept_ ||
+        *(first + kept_ - 1) >= shape_.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kept_channels of KV head ", h, ": ids must be distinct and below head_dim (",
+          shape_.head_dim, ")"));
+    }
+  }
+  fresh.vectors.resize(heads);
+  const size_t per_block = size_t{vectors_per_block_} * kept_;
+  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(per_block * key_blocks.size());
+  for (absl::Span<const uint8_t> block : key_blocks) AppendVectors(fresh, block);
+  layers_[layer] = std::move(fresh);
+  return absl::OkStatus();
+}
+
+absl::Status SequenceIndex::AppendBlock(uint32_t layer, absl::Span<const uint8_t> key_block) {
+  if (absl::Status status = CheckBlocks(layer, {key_block}); !status.ok()) return status;
+  if (!layers_[layer].sealed) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layer ", layer, " must be sealed before AppendBlock"));
+  }
+  AppendVectors(layers_[layer], key_block);
+  return absl::OkStatus();
+}
+
+void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block) {
+  const uint32_t heads = shape_.num_kv_heads;
+  const uint32_t dim = shape_.head_dim;
+  const uint32_t merge = knobs_.blk_repre_inner_token_merge;
+  ConvertToF32(shape_.dtype, key_block.data(), block_f32_.size(), block_f32_.data());
+  for (uint32_t h = 0; h < heads; ++h) {
+    const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
+    std::vector<uint16_t>& out = layer.vectors[h];
+    for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+      for (uint32_t j = 0; j < kept_; ++j) {
+        float sum = 0.0f;
+        for (uint32_t t = 0; t < merge; ++t) {
+          const size_t token = size_t{m} * merge + t;
+          sum += block_f32_[(token * heads + h) * dim + channels[j]];
+        }
+        out.push_back(F32ToBf16(sum / static_cast<float>(merge)));
+      }
+    }
+  }
+  ++layer.num_blocks;
+}
+
+absl::Span<const uint32_t> SequenceIndex::kept_channels(uint32_t layer, uint32_t kv_head) const {
+  if (!layers_[layer].sealed) return {};
+  return absl::MakeConstSpan(layers_[layer].kept_channels).subspan(size_t{kv_head} * kept_, kept_);
+}
+
+absl::Span<const uint16_t> SequenceIndex::representation(uint32_t layer, uint32_t kv_head) const {
+  const Layer& l = layers_[layer];
+  if (!l.sealed) return {};
+  return absl::MakeConstSpan(l.vectors[kv_head]);
+}
+
+size_t SequenceIndex::representation_bytes() const {
+  size_t bytes = 0;
+  for (const Layer& l : layers_) {
+    for (const auto& head_vectors : l.vectors) bytes += head_vectors.size() * sizeof(uint16_t);
+  }
+  return bytes;
+}
+
+}  // namespace kvstar::retrieval

@@ -1,0 +1,63 @@
+// Retrieval of all layers of a batch of sequences on a thread pool, streamed layer by layer.
+#ifndef KVSTAR_RETRIEVAL_RETRIEVER_H_
+#define KVSTAR_RETRIEVAL_RETRIEVER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "retrieval/model_shape.h"
+#include "retrieval/representation.h"
+#include "retrieval/scorer.h"
+#include "retrieval/thread_pool.h"
+#include "retrieval/topk.h"
+
+namespace kvstar::retrieval {
+
+// One sequence's part of a retrieval.
+struct RetrievalRequest {
+  const SequenceIndex* index = nullptr;  // every layer sealed; not modified during Retrieve
+  uint32_t num_queries = 0;              // in [1, retrieval_stride]
+  // Per layer (size num_layers): [num_queries][num_q_heads][head_dim] in the index's dtype.
+  std::vector<absl::Span<const uint8_t>> layer_queries;
+};
+
+// Called once per (request, layer) as soon as that layer's selection is ready, with the selected
+// block ids ascending. Calls are serialized (never two at once) but come from pool threads.
+using LayerCallback =
+    std::function<void(size_t request, uint32_t layer, absl::Span<const uint32_t> selected)>;
+
+// Returns true when the retrieval should stop; checked before every (layer, KV head) task.
+using CancelPredicate = std::function<bool()>;
+
+// Owns the scoring threads. Thread-safe: concurrent Retrieve calls run one after another, each
+// using every thread.
+class Retriever {
+ public:
+  // num_threads == 0: one per hardware thread.
+  explicit Retriever(size_t num_threads = 0);
+
+  size_t num_threads() const { return pool_.num_threads(); }
+
+  // Scores every layer of every request and calls on_layer for each (request, layer), layers in
+  // roughly increasing order. Work is split into (request, layer, KV head) tasks so a single
+  // sequence uses every core. Returns InvalidArgument / FailedPrecondition (checked before any
+  // work: bad queries, unsealed layers, null index), or Cancelled if is_cancelled returned true
+  // (some layers may have been delivered).
+  absl::Status Retrieve(absl::Span<const RetrievalRequest> requests, const LayerCallback& on_layer,
+                        const CancelPredicate& is_cancelled = nullptr);
+
+ private:
+  ThreadPool pool_;
+  std::vector<ScoreScratch> scratch_;  // one per pool thread
+  absl::Mutex callback_mu_;
+};
+
+}  // namespace kvstar::retrieval
+
+#endif  // KVSTAR_RETRIEVAL_RETRIEVER_H_

@@ -1,0 +1,72 @@
+#include "retrieval/convert.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvstar::retrieval {
+namespace {
+
+TEST(ConvertTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(Bf16ToF32(0x3f80), 1.0f);
+  EXPECT_EQ(F32ToBf16(-2.5f), 0xc020);
+  // 1 + 2^-8 is halfway between bf16 1.0 and 1.0078125: ties to even (1.0).
+  EXPECT_EQ(F32ToBf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);
+  EXPECT_EQ(F32ToBf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(NAN))));
+  EXPECT_EQ(Bf16ToF32(F32ToBf16(INFINITY)), INFINITY);
+}
+
+TEST(ConvertTest, Fp16RoundTripsEveryHalf) {
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const uint16_t half = static_cast<uint16_t>(bits);
+    const float f = F16ToF32(half);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(F16ToF32(F32ToF16(f))));
+      continue;
+    }
+    ASSERT_EQ(F32ToF16(f), half) << bits;
+  }
+  EXPECT_EQ(F16ToF32(0x3c00), 1.0f);
+  EXPECT_EQ(F16ToF32(0x0001), std::ldexp(1.0f, -24));
+  EXPECT_EQ(F32ToF16(65520.0f), 0x7c00);  // rounds up to infinity
+  EXPECT_EQ(F32ToF16(65504.0f), 0x7bff);
+  EXPECT_EQ(F32ToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie to even
+}
+
+TEST(ConvertTest, SimdWideningMatchesScalarForAwkwardLengths) {
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<uint32_t> bits16(0, 0xffff);
+  for (size_t count : {0u, 1u, 3u, 7u, 8u, 15u, 16u, 17u, 33u, 100u}) {
+    std::vector<uint16_t> halves(count);
+    for (uint16_t& h : halves) h = static_cast<uint16_t>(bits16(rng));
+    std::vector<float> out(count + 1, -7.0f);
+    ConvertToF32(DType::kBf16, halves.data(), count, out.data());
+    for (size_t i = 0; i < count; ++i) {
+      const float want = Bf16ToF32(halves[i]);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(out[i]));
+      } else {
+        EXPECT_EQ(out[i], want) << i;
+      }
+    }
+    EXPECT_EQ(out[count], -7.0f);  // nothing written past the end
+    ConvertToF32(DType::kFp16, halves.data(), count, out.data());
+    for (size_t i = 0; i < count; ++i) {
+      const float want = F16ToF32(halves[i]);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(out[i]));
+      } else {
+        EXPECT_EQ(out[i], want) << i;
+      }
+    }
+    EXPECT_EQ(out[count], -7.0f);
+  }
+}
+
+}  // namespace
+}  // namespace kvstar::retrieval

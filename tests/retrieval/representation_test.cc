@@ -1,0 +1,151 @@
+#include "retrieval/representation.h"
+
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "retrieval/convert.h"
+#include "retrieval/reference.h"
+#include "tests/retrieval/test_util.h"
+
+namespace kvstar::retrieval {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+ModelShape SmallShape() {
+  ModelShape shape;
+  shape.num_layers = 3;
+  shape.num_q_heads = 4;
+  shape.num_kv_heads = 2;
+  shape.head_dim = 8;
+  shape.block_size = 4;
+  shape.dtype = DType::kFp32;
+  return shape;
+}
+
+TEST(ValidationTest, AcceptsDefaultsAndRealModels) {
+  Knobs knobs;
+  ModelShape qwen{48, 40, 8, 128, 128, DType::kBf16};
+  ModelShape smollm{30, 9, 3, 64, 128, DType::kFp16};
+  EXPECT_TRUE(ValidateShapeAndKnobs(qwen, knobs).ok());
+  EXPECT_TRUE(ValidateShapeAndKnobs(smollm, knobs).ok());
+}
+
+TEST(ValidationTest, RejectsBadFieldsNamingThem) {
+  const ModelShape good = SmallShape();
+  const Knobs knobs;
+  auto expect_bad = [](const ModelShape& shape, const Knobs& k, const char* field) {
+    const absl::Status status = ValidateShapeAndKnobs(shape, k);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(field));
+  };
+  ModelShape s = good;
+  s.num_layers = 0;
+  expect_bad(s, knobs, "num_layers = 0");
+  s = good;
+  s.head_dim = 0;
+  expect_bad(s, knobs, "head_dim = 0");
+  s = good;
+  s.block_size = 0;
+  expect_bad(s, knobs, "block_size = 0");
+  s = good;
+  s.num_q_heads = 5;
+  expect_bad(s, knobs, "num_q_heads = 5");
+  Knobs k = knobs;
+  k.blk_repre_inner_token_merge = 3;  // does not divide block_size 4
+  expect_bad(good, k, "blk_repre_inner_token_merge = 3");
+  k = knobs;
+  k.sparse_ratio = 0.0f;
+  expect_bad(good, k, "sparse_ratio");
+  k.sparse_ratio = 1.5f;
+  expect_bad(good, k, "sparse_ratio");
+  k = knobs;
+  k.blk_repre_dim_prune_ratio = 0.05f;  // 8 * 0.05 rounds to 0 channels
+  expect_bad(good, k, "blk_repre_dim_prune_ratio");
+  k = knobs;
+  k.retrieval_stride = 0;
+  expect_bad(good, k, "retrieval_stride = 0");
+  EXPECT_FALSE(SequenceIndex::Create(good, k).ok());
+}
+
+TEST(RepresentationTest, KeepsTheChannelsWithLargestMeanAbsKey) {
+  const ModelShape shape = SmallShape();
+  Knobs knobs;
+  knobs.blk_repre_dim_prune_ratio = 0.375f;  // 3 of 8 channels
+  // Head 0: magnitudes grow with the channel (signs alternate); head 1: channels 1, 4, 6 big.
+  std::vector<float> block(size_t{shape.block_size} * shape.num_kv_heads * shape.head_dim);
+  for (uint32_t t = 0; t < shape.block_size; ++t) {
+    for (uint32_t c = 0; c < shape.head_dim; ++c) {
+      const float sign = (t + c) % 2 ? -1.0f : 1.0f;
+      block[(t * 2 + 0) * 8 + c] = sign * (1.0f + c);
+      block[(t * 2 + 1) * 8 + c] = sign * ((c == 1 || c == 4 || c == 6) ? 10.0f : 0.5f);
+    }
+  }
+  const absl::Span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(block.data()),
+                                        block.size() * sizeof(float));
+  auto index = SequenceIndex::Create(shape, knobs);
+  ASSERT_TRUE(index.ok());
+  ASSERT_TRUE((*index)->SealLayer(2, {bytes}).ok());
+  EXPECT_THAT((*index)->kept_channels(2, 0), ElementsAre(5, 6, 7));
+  EXPECT_THAT((*index)->kept_channels(2, 1), ElementsAre(1, 4, 6));
+  // Merge 2: token pairs have opposite signs, so every mean is 0.
+  for (uint16_t v : (*index)->representation(2, 1)) EXPECT_EQ(Bf16ToF32(v), 0.0f);
+  EXPECT_EQ((*index)->representation(2, 0).size(), size_t{2} * 3);
+  EXPECT_FALSE((*index)->sealed(0));
+}
+
+TEST(RepresentationTest, ChannelTiesGoToTheLowerChannel) {
+  const ModelShape shape = SmallShape();
+  Knobs knobs;  // 2 of 8 channels
+  std::vector<float> block(size_t{shape.block_size} * shape.num_kv_heads * shape.head_dim, 1.0f);
+  const absl::Span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(block.data()),
+                                        block.size() * sizeof(float));
+  auto index = SequenceIndex::Create(shape, knobs);
+  ASSERT_TRUE(index.ok());
+  ASSERT_TRUE((*index)->SealLayer(0, {bytes}).ok());
+  EXPECT_THAT((*index)->kept_channels(0, 0), ElementsAre(0, 1));
+  EXPECT_THAT((*index)->kept_channels(0, 1), ElementsAre(0, 1));
+}
+
+TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
+  std::mt19937 rng(5);
+  for (DType dtype : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+    ModelShape shape{1, 6, 3, 40, 12, dtype};
+    Knobs knobs;
+    knobs.blk_repre_inner_token_merge = 3;
+    testing::KeyBlocks keys(shape, 5, rng);
+    auto index = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(index.ok());
+    ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+    const auto channels = ReferenceKeptChannels(shape, knobs, keys.spans);
+    const auto rep = ReferenceRepresentation(shape, knobs, keys.spans, channels);
+    size_t at = 0;
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      for (uint16_t v : (*index)->representation(0, h)) ASSERT_EQ(Bf16ToF32(v), rep[at++]);
+    }
+    EXPECT_EQ(at, rep.size());
+    EXPECT_EQ((*index)->representation_bytes(), rep.size() * 2);
+  }
+}
+
+TEST(RepresentationTest, RejectsWrongBlockSizesAndAppendBeforeSeal) {
+  const ModelShape shape = SmallShape();
+  auto index = SequenceIndex::Create(shape, Knobs());
+  ASSERT_TRUE(index.ok());
+  std::vector<uint8_t> short_block(shape.key_block_bytes() - 1);
+  EXPECT_EQ((*index)->SealLayer(0, {absl::MakeConstSpan(short_block)}).code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> block(shape.key_block_bytes());
+  EXPECT_EQ((*index)->AppendBlock(0, block).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*index)->SealLayer(3, {absl::MakeConstSpan(block)}).code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<uint32_t> duplicate_channels = {1, 1, 2, 3};
+  EXPECT_EQ((*index)->SealLayerWithChannels(0, {absl::MakeConstSpan(block)}, duplicate_channels).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvstar::retrieval

@@ -1,0 +1,106 @@
+#include "retrieval/retriever.h"
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <utility>
+
+#include "gtest/gtest.h"
+#include "retrieval/scorer.h"
+#include "retrieval/topk.h"
+#include "tests/retrieval/test_util.h"
+
+namespace kvstar::retrieval {
+namespace {
+
+struct Sequence {
+  std::unique_ptr<SequenceIndex> index;
+  std::vector<std::vector<uint8_t>> queries;  // per layer
+  RetrievalRequest request;
+};
+
+Sequence MakeSequence(const ModelShape& shape, uint32_t num_blocks, uint32_t num_queries,
+                      std::mt19937& rng) {
+  Sequence seq;
+  seq.index = std::move(SequenceIndex::Create(shape, Knobs()).value());
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+    testing::KeyBlocks keys(shape, num_blocks, rng);
+    EXPECT_TRUE(seq.index->SealLayer(layer, keys.spans).ok());
+    seq.queries.push_back(testing::RandomElements(
+        shape.dtype, size_t{num_queries} * shape.num_q_heads * shape.head_dim, rng, 2.0f));
+  }
+  seq.request.index = seq.index.get();
+  seq.request.num_queries = num_queries;
+  for (const auto& q : seq.queries) seq.request.layer_queries.emplace_back(q);
+  return seq;
+}
+
+TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
+  std::mt19937 rng(21);
+  const ModelShape a{5, 9, 3, 64, 32, DType::kBf16};
+  const ModelShape b{3, 8, 2, 40, 16, DType::kFp16};
+  std::vector<Sequence> seqs;
+  seqs.push_back(MakeSequence(a, 23, 8, rng));
+  seqs.push_back(MakeSequence(b, 9, 3, rng));
+  std::vector<RetrievalRequest> requests;
+  for (const Sequence& s : seqs) requests.push_back(s.request);
+
+  for (size_t threads : {1u, 2u, 5u}) {
+    Retriever retriever(threads);
+    std::map<std::pair<size_t, uint32_t>, std::vector<uint32_t>> got;
+    ASSERT_TRUE(retriever
+                    .Retrieve(requests,
+                              [&](size_t r, uint32_t layer, absl::Span<const uint32_t> selected) {
+                                auto [it, inserted] = got.emplace(
+                                    std::make_pair(r, layer),
+                                    std::vector<uint32_t>(selected.begin(), selected.end()));
+                                EXPECT_TRUE(inserted);
+                              })
+                    .ok());
+    EXPECT_EQ(got.size(), size_t{5 + 3});
+    for (size_t r = 0; r < seqs.size(); ++r) {
+      for (uint32_t layer = 0; layer < seqs[r].index->shape().num_layers; ++layer) {
+        std::vector<float> scores;
+        ASSERT_TRUE(ScoreLayer(*seqs[r].index, layer, seqs[r].queries[layer],
+                               seqs[r].request.num_queries, scores)
+                        .ok());
+        EXPECT_EQ(got[std::make_pair(r, layer)], SelectBlocks(scores, Knobs())) << r << " " << layer;
+      }
+    }
+  }
+}
+
+TEST(RetrieverTest, CancellationStopsBetweenTasks) {
+  std::mt19937 rng(4);
+  Sequence seq = MakeSequence({16, 4, 2, 32, 16, DType::kBf16}, 10, 2, rng);
+  Retriever retriever(2);
+  std::atomic<int> layers{0};
+  std::atomic<int> checks{0};
+  const absl::Status status = retriever.Retrieve(
+      {seq.request}, [&](size_t, uint32_t, absl::Span<const uint32_t>) { ++layers; },
+      [&] { return ++checks > 3; });
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(layers.load(), 16);
+}
+
+TEST(RetrieverTest, RejectsBadRequestsBeforeAnyWork) {
+  std::mt19937 rng(8);
+  Sequence seq = MakeSequence({2, 4, 2, 32, 16, DType::kBf16}, 4, 2, rng);
+  Retriever retriever(2);
+  int calls = 0;
+  auto count = [&](size_t, uint32_t, absl::Span<const uint32_t>) { ++calls; };
+  RetrievalRequest bad = seq.request;
+  bad.layer_queries.pop_back();
+  EXPECT_EQ(retriever.Retrieve({seq.request, bad}, count).code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = seq.request;
+  bad.num_queries = 3;
+  EXPECT_EQ(retriever.Retrieve({bad}, count).code(), absl::StatusCode::kInvalidArgument);
+  bad.index = nullptr;
+  EXPECT_EQ(retriever.Retrieve({bad}, count).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(calls, 0);
+  EXPECT_TRUE(retriever.Retrieve({}, count).ok());
+}
+
+}  // namespace
+}  // namespace kvstar::retrieval

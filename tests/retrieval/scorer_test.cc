@@ -1,0 +1,207 @@
+// The fused SIMD scorer against the scalar reference, on awkward and real model shapes.
+#include "retrieval/scorer.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "retrieval/reference.h"
+#include "retrieval/representation.h"
+#include "retrieval/topk.h"
+#include "tests/retrieval/test_util.h"
+
+namespace kvstar::retrieval {
+namespace {
+
+using testing::KeyBlocks;
+using testing::RandomElements;
+
+struct Case {
+  std::string name;
+  ModelShape shape;
+  Knobs knobs;
+  uint32_t num_blocks;
+};
+
+ModelShape Shape(uint32_t q_heads, uint32_t kv_heads, uint32_t dim, uint32_t block, DType dtype) {
+  ModelShape shape;
+  shape.num_layers = 2;
+  shape.num_q_heads = q_heads;
+  shape.num_kv_heads = kv_heads;
+  shape.head_dim = dim;
+  shape.block_size = block;
+  shape.dtype = dtype;
+  return shape;
+}
+
+Knobs MakeKnobs(float prune, uint32_t merge) {
+  Knobs knobs;
+  knobs.blk_repre_dim_prune_ratio = prune;
+  knobs.blk_repre_inner_token_merge = merge;
+  return knobs;
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cases;
+  for (DType dtype : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+    const std::string suffix = std::string("_") + DTypeName(dtype);
+    cases.push_back({"dim72" + suffix, Shape(6, 2, 72, 16, dtype), MakeKnobs(0.25f, 2), 9});
+    cases.push_back({"dim40_merge4" + suffix, Shape(4, 1, 40, 12, dtype), MakeKnobs(0.3f, 4), 7});
+    cases.push_back({"kept1" + suffix, Shape(2, 2, 4, 8, dtype), MakeKnobs(0.25f, 2), 5});
+    cases.push_back({"one_block" + suffix, Shape(4, 2, 32, 16, dtype), MakeKnobs(0.25f, 2), 1});
+    cases.push_back({"under_windows" + suffix, Shape(4, 2, 32, 16, dtype), MakeKnobs(0.25f, 2), 3});
+    cases.push_back({"no_merge_full_dim" + suffix, Shape(3, 3, 24, 8, dtype), MakeKnobs(1.0f, 1), 11});
+  }
+  cases.push_back({"qwen2.5_14b", Shape(40, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 7});
+  cases.push_back({"llama3_8b", Shape(32, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 6});
+  cases.push_back({"smollm2_135m", Shape(9, 3, 64, 128, DType::kBf16), MakeKnobs(0.25f, 2), 9});
+  cases.push_back({"multi_head_8_8", Shape(8, 8, 64, 64, DType::kFp16), MakeKnobs(0.25f, 2), 8});
+  return cases;
+}
+
+// Blocks that one selection has and the other lacks must sit at a near-tie of reference scores.
+void ExpectSameSelectionAwayFromTies(const std::vector<uint32_t>& got,
+                                     const std::vector<uint32_t>& want,
+                                     const std::vector<float>& ref_scores) {
+  ASSERT_EQ(got.size(), want.size());
+  std::vector<uint32_t> only_got, only_want;
+  std::set_difference(got.begin(), got.end(), want.begin(), want.end(),
+                      std::back_inserter(only_got));
+  std::set_difference(want.begin(), want.end(), got.begin(), got.end(),
+                      std::back_inserter(only_want));
+  ASSERT_EQ(only_got.size(), only_want.size());
+  for (size_t i = 0; i < only_got.size(); ++i) {
+    const float a = ref_scores[only_got[i]], b = ref_scores[only_want[i]];
+    EXPECT_NEAR(a, b, 1e-4f * std::max(a, b)) << "blocks " << only_got[i] << " vs " << only_want[i];
+  }
+}
+
+TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapes) {
+  std::mt19937 rng(7);
+  for (const Case& c : Cases()) {
+    SCOPED_TRACE(c.name);
+    auto index = SequenceIndex::Create(c.shape, c.knobs);
+    ASSERT_TRUE(index.ok()) << index.status();
+    KeyBlocks keys(c.shape, c.num_blocks, rng);
+    ASSERT_TRUE((*index)->SealLayer(1, keys.spans).ok());
+    const std::vector<uint32_t> channels = ReferenceKeptChannels(c.shape, c.knobs, keys.spans);
+    for (uint32_t h = 0; h < c.shape.num_kv_heads; ++h) {
+      const auto kept = (*index)->kept_channels(1, h);
+      ASSERT_TRUE(std::equal(kept.begin(), kept.end(), channels.begin() + h * kept.size()));
+    }
+    const std::vector<float> rep = ReferenceRepresentation(c.shape, c.knobs, keys.spans, channels);
+    for (uint32_t nq = 1; nq <= c.knobs.retrieval_stride; ++nq) {
+      SCOPED_TRACE(nq);
+      const std::vector<uint8_t> queries =
+          RandomElements(c.shape.dtype, size_t{nq} * c.shape.num_q_heads * c.shape.head_dim, rng,
+                         3.0f);
+      std::vector<float> scores;
+      ASSERT_TRUE(ScoreLayer(**index, 1, queries, nq, scores).ok());
+      const std::vector<float> want =
+          ReferenceScores(c.shape, c.knobs, rep, channels, c.num_blocks, queries, nq);
+      ASSERT_EQ(scores.size(), want.size());
+      const float total = static_cast<float>(nq) * c.shape.num_q_heads;
+      float sum = 0.0f;
+      for (size_t b = 0; b < want.size(); ++b) {
+        EXPECT_NEAR(scores[b], want[b], 1e-4f * want[b] + 1e-6f * total) << "block " << b;
+        sum += scores[b];
+      }
+      EXPECT_NEAR(sum, total, 1e-4f * total);
+      ExpectSameSelectionAwayFromTies(SelectBlocks(scores, c.knobs), ReferenceSelect(want, c.knobs),
+                                      want);
+    }
+  }
+}
+
+TEST(ScorerTest, PlantedBlockMatchingTheQueriesIsSelected) {
+  const ModelShape shape = Shape(8, 2, 64, 32, DType::kBf16);
+  Knobs knobs;
+  knobs.sparse_ratio = 0.1f;
+  std::mt19937 rng(11);
+  const uint32_t num_blocks = 40, planted = 17, nq = 4;
+  KeyBlocks keys(shape, num_blocks, rng);
+  std::vector<uint8_t> queries =
+      RandomElements(shape.dtype, size_t{nq} * shape.num_q_heads * shape.head_dim, rng);
+  // Every key of the planted block points along the first query of its KV head's group.
+  for (uint32_t t = 0; t < shape.block_size; ++t) {
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      for (uint32_t c = 0; c < shape.head_dim; ++c) {
+        const float q = LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
+        testing::StoreAs(shape.dtype, keys.bytes[planted].data(),
+                         (size_t{t} * shape.num_kv_heads + h) * shape.head_dim + c, 4.0f * q);
+      }
+    }
+  }
+  keys.Refresh();
+  auto index = SequenceIndex::Create(shape, knobs);
+  ASSERT_TRUE(index.ok());
+  ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+  std::vector<float> scores;
+  ASSERT_TRUE(ScoreLayer(**index, 0, queries, nq, scores).ok());
+  const std::vector<uint32_t> selected = SelectBlocks(scores, knobs);
+  EXPECT_EQ(selected.size(), 1 + 2 + NumSelectedMiddle(num_blocks, knobs));
+  EXPECT_TRUE(std::binary_search(selected.begin(), selected.end(), planted));
+  EXPECT_EQ(std::max_element(scores.begin(), scores.end()) - scores.begin(), planted);
+  EXPECT_EQ(selected, ReferenceRetrieveLayer(shape, knobs, keys.spans, queries, nq));
+}
+
+TEST(ScorerTest, AppendBlockScoresLikeSealingWithTheBlock) {
+  const ModelShape shape = Shape(10, 2, 48, 16, DType::kFp16);
+  const Knobs knobs;
+  std::mt19937 rng(3);
+  KeyBlocks keys(shape, 12, rng);
+  auto sealed_then_appended = SequenceIndex::Create(shape, knobs);
+  auto sealed_at_once = SequenceIndex::Create(shape, knobs);
+  ASSERT_TRUE(sealed_then_appended.ok() && sealed_at_once.ok());
+  const auto prompt = absl::MakeConstSpan(keys.spans).subspan(0, 10);
+  ASSERT_TRUE((*sealed_then_appended)->SealLayer(0, prompt).ok());
+  ASSERT_TRUE((*sealed_then_appended)->AppendBlock(0, keys.spans[10]).ok());
+  ASSERT_TRUE((*sealed_then_appended)->AppendBlock(0, keys.spans[11]).ok());
+  std::vector<uint32_t> channels;
+  for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+    const auto kept = (*sealed_then_appended)->kept_channels(0, h);
+    channels.insert(channels.end(), kept.begin(), kept.end());
+  }
+  ASSERT_TRUE((*sealed_at_once)->SealLayerWithChannels(0, keys.spans, channels).ok());
+  EXPECT_EQ((*sealed_then_appended)->num_blocks(0), 12u);
+  const auto queries = RandomElements(shape.dtype, size_t{8} * shape.num_q_heads * shape.head_dim, rng);
+  std::vector<float> appended_scores, at_once_scores;
+  ASSERT_TRUE(ScoreLayer(**sealed_then_appended, 0, queries, 8, appended_scores).ok());
+  ASSERT_TRUE(ScoreLayer(**sealed_at_once, 0, queries, 8, at_once_scores).ok());
+  EXPECT_EQ(appended_scores, at_once_scores);
+}
+
+TEST(ScorerTest, RejectsBadQueriesAndUnsealedLayers) {
+  const ModelShape shape = Shape(4, 2, 32, 16, DType::kBf16);
+  auto index = SequenceIndex::Create(shape, Knobs());
+  ASSERT_TRUE(index.ok());
+  std::vector<uint8_t> queries(shape.query_bytes(2));
+  std::vector<float> scores;
+  EXPECT_EQ(ScoreLayer(**index, 0, queries, 2, scores).code(),
+            absl::StatusCode::kFailedPrecondition);
+  std::mt19937 rng(1);
+  KeyBlocks keys(shape, 4, rng);
+  ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+  EXPECT_TRUE(ScoreLayer(**index, 0, queries, 2, scores).ok());
+  EXPECT_EQ(ScoreLayer(**index, 0, queries, 3, scores).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ScoreLayer(**index, 0, {}, 0, scores).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ScoreLayer(**index, 2, queries, 2, scores).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> too_many(shape.query_bytes(9));
+  EXPECT_EQ(ScoreLayer(**index, 0, too_many, 9, scores).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ScorerTest, DispatchesToASimdTarget) {
+  const std::string target = DispatchedTargetName();
+  std::printf("Highway dispatched target: %s\n", target.c_str());
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2")) {
+    EXPECT_NE(target, "SCALAR");
+    EXPECT_NE(target, "EMU128");
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace kvstar::retrieval
