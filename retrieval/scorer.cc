@@ -48,19 +48,27 @@ HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT rep, size_t kept,
                           const float* HWY_RESTRICT query_t, size_t padded_rows,
                           float* HWY_RESTRICT tile) {
   const size_t lanes = hn::Lanes(df);
+  // Fully unrolled so the accumulators live in registers.
   VF acc[kRows][kVecs];
+  HWY_UNROLL(8)
   for (size_t r = 0; r < kRows; ++r) {
+    HWY_UNROLL(4)
     for (size_t v = 0; v < kVecs; ++v) acc[r][v] = hn::Zero(df);
   }
   for (size_t c = 0; c < kept; ++c) {
     VF q[kVecs];
+    HWY_UNROLL(4)
     for (size_t v = 0; v < kVecs; ++v) q[v] = hn::Load(df, query_t + c * padded_rows + v * lanes);
+    HWY_UNROLL(8)
     for (size_t r = 0; r < kRows; ++r) {
       const VF k = hn::Set(df, rep[r * kept + c]);
+      HWY_UNROLL(4)
       for (size_t v = 0; v < kVecs; ++v) acc[r][v] = hn::MulAdd(q[v], k, acc[r][v]);
     }
   }
+  HWY_UNROLL(8)
   for (size_t r = 0; r < kRows; ++r) {
+    HWY_UNROLL(4)
     for (size_t v = 0; v < kVecs; ++v) hn::Store(acc[r][v], df, tile + r * padded_rows + v * lanes);
   }
 }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "hwy/targets.h"
 #include "retrieval/reference.h"
 #include "retrieval/representation.h"
 #include "retrieval/topk.h"
@@ -78,7 +79,7 @@ void ExpectSameSelectionAwayFromTies(const std::vector<uint32_t>& got,
   }
 }
 
-TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapes) {
+void ExpectFusedScoresMatchReference() {
   std::mt19937 rng(7);
   for (const Case& c : Cases()) {
     SCOPED_TRACE(c.name);
@@ -113,6 +114,17 @@ TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapes) {
                                       want);
     }
   }
+}
+
+// Every Highway target this CPU runs (AVX3, AVX2, SSE4, ..., EMU128/SCALAR), not just the best.
+TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapesForEveryTarget) {
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    SCOPED_TRACE(hwy::TargetName(target));
+    hwy::SetSupportedTargetsForTest(target);
+    EXPECT_STREQ(DispatchedTargetName(), hwy::TargetName(target));
+    ExpectFusedScoresMatchReference();
+  }
+  hwy::SetSupportedTargetsForTest(0);
 }
 
 TEST(ScorerTest, PlantedBlockMatchingTheQueriesIsSelected) {
@@ -193,6 +205,7 @@ TEST(ScorerTest, RejectsBadQueriesAndUnsealedLayers) {
 }
 
 TEST(ScorerTest, DispatchesToASimdTarget) {
+  hwy::SetSupportedTargetsForTest(0);
   const std::string target = DispatchedTargetName();
   std::printf("Highway dispatched target: %s\n", target.c_str());
 #if defined(__x86_64__)
