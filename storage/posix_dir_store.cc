@@ -379,10 +379,7 @@ absl::StatusOr<std::string> PosixDirStore::GetSequence(absl::string_view sequenc
 
 absl::StatusOr<std::vector<std::string>> PosixDirStore::ListSequences() {
   absl::MutexLock lock(&mu_);
-  std::vector<std::string> keys;
-  keys.reserve(sequences_.size());
-  for (const auto& entry : sequences_) keys.push_back(entry.first);
-  return keys;
+  return SortedSequenceKeys(sequences_);
 }
 
 absl::Status PosixDirStore::PutBlocks(absl::string_view sequence_key,
@@ -519,26 +516,19 @@ absl::Status PosixDirStore::TryGetBlocks(absl::string_view sequence_key,
 
 absl::StatusOr<std::vector<BlockId>> PosixDirStore::ListBlocks(absl::string_view sequence_key) {
   absl::MutexLock lock(&mu_);
-  auto found = sequences_.find(std::string(sequence_key));
-  if (found == sequences_.end()) return SequenceNotFound(sequence_key);
-  std::vector<BlockId> ids;
-  ids.reserve(found->second.blocks.size());
-  for (const auto& entry : found->second.blocks) ids.push_back(entry.first);
-  return ids;
+  return SortedBlockIds(sequences_, sequence_key);
 }
 
 absl::StatusOr<DropResult> PosixDirStore::DropSequence(absl::string_view sequence_key) {
   absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
-  DropResult result;
-  std::string dir;
+  absl::StatusOr<DropResult> result;
   {
     absl::MutexLock lock(&mu_);
-    auto found = sequences_.find(std::string(sequence_key));
-    if (found == sequences_.end()) return SequenceNotFound(sequence_key);
-    result.blocks = found->second.blocks.size();
-    result.bytes = found->second.bytes;
-    dir = found->second.dir;
+    result = DropTotals(sequences_, sequence_key);
   }
+  if (!result.ok()) return result;
+  // Nothing else changes the sequence while its lock is held, so its directory is stable.
+  const std::string dir = SequenceDir(sequence_key);
   // One rename makes the drop atomic: a crash leaves either the whole sequence or a trash entry
   // that the next open finishes deleting.
   const std::string trash = absl::StrCat(TrashDir(), "/", next_generation_.fetch_add(1), "-",
@@ -565,15 +555,10 @@ absl::StatusOr<DropResult> PosixDirStore::DropSequence(absl::string_view sequenc
 }
 
 std::vector<TierStats> PosixDirStore::Stats() {
-  TierStats stats;
-  stats.name = "nfs";
+  absl::MutexLock lock(&mu_);
+  TierStats stats = CatalogStats("nfs", sequences_);
   stats.hits = hits_.load(std::memory_order_relaxed);
   stats.misses = misses_.load(std::memory_order_relaxed);
-  absl::MutexLock lock(&mu_);
-  for (const auto& entry : sequences_) {
-    stats.blocks += entry.second.blocks.size();
-    stats.bytes += entry.second.bytes;
-  }
   return {stats};
 }
 

@@ -105,7 +105,7 @@ absl::Status DecodeBlockValue(absl::string_view sequence_key, BlockId id, absl::
 // What the store keeps in memory about one sequence: enough for ListBlocks, Stats and
 // DropResult without touching RocksDB.
 struct SequenceIndex {
-  std::map<BlockId, uint64_t> block_bytes;  // K+V bytes of each stored block
+  std::map<BlockId, uint64_t> blocks;  // K+V bytes of each stored block
   uint64_t bytes = 0;
 };
 
@@ -178,7 +178,7 @@ absl::Status RocksDbStore::LoadIndex() {
     const uint64_t stored = it->value().size();
     const uint64_t bytes = stored >= kValueHeaderBytes ? stored - kValueHeaderBytes : 0;
     SequenceIndex& index = blocks_by_sequence[sequence_key];
-    index.block_bytes[id] = bytes;
+    index.blocks[id] = bytes;
     index.bytes += bytes;
   }
   if (!it->status().ok()) return FromRocksDb(it->status(), "scanning the store at open");
@@ -224,10 +224,7 @@ absl::StatusOr<std::string> RocksDbStore::GetSequence(absl::string_view sequence
 
 absl::StatusOr<std::vector<std::string>> RocksDbStore::ListSequences() {
   absl::MutexLock lock(&mu_);
-  std::vector<std::string> keys;
-  keys.reserve(sequences_.size());
-  for (const auto& entry : sequences_) keys.push_back(entry.first);
-  return keys;
+  return SortedSequenceKeys(sequences_);
 }
 
 absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
@@ -264,7 +261,7 @@ absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
   absl::MutexLock lock(&mu_);
   SequenceIndex& index = sequences_[std::string(sequence_key)];
   for (const BlockWrite& block : blocks) {
-    uint64_t& bytes = index.block_bytes[block.id];
+    uint64_t& bytes = index.blocks[block.id];
     index.bytes -= bytes;  // 0 for a new block
     bytes = block.key.size() + block.value.size();
     index.bytes += bytes;
@@ -301,24 +298,17 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key,
 
 absl::StatusOr<std::vector<BlockId>> RocksDbStore::ListBlocks(absl::string_view sequence_key) {
   absl::MutexLock lock(&mu_);
-  auto found = sequences_.find(std::string(sequence_key));
-  if (found == sequences_.end()) return SequenceNotFound(sequence_key);
-  std::vector<BlockId> ids;
-  ids.reserve(found->second.block_bytes.size());
-  for (const auto& entry : found->second.block_bytes) ids.push_back(entry.first);
-  return ids;
+  return SortedBlockIds(sequences_, sequence_key);
 }
 
 absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence_key) {
   absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
-  DropResult result;
+  absl::StatusOr<DropResult> result;
   {
     absl::MutexLock lock(&mu_);
-    auto found = sequences_.find(std::string(sequence_key));
-    if (found == sequences_.end()) return SequenceNotFound(sequence_key);
-    result.blocks = found->second.block_bytes.size();
-    result.bytes = found->second.bytes;
+    result = DropTotals(sequences_, sequence_key);
   }
+  if (!result.ok()) return result;
   const KeyRange range = SequenceBlockRange(sequence_key);
   rocksdb::WriteBatch batch;
   absl::Status batched = FromRocksDb(
@@ -352,15 +342,10 @@ absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence
 }
 
 std::vector<TierStats> RocksDbStore::Stats() {
-  TierStats stats;
-  stats.name = "rocksdb";
+  absl::MutexLock lock(&mu_);
+  TierStats stats = CatalogStats("rocksdb", sequences_);
   stats.hits = hits_.load(std::memory_order_relaxed);
   stats.misses = misses_.load(std::memory_order_relaxed);
-  absl::MutexLock lock(&mu_);
-  for (const auto& entry : sequences_) {
-    stats.blocks += entry.second.block_bytes.size();
-    stats.bytes += entry.second.bytes;
-  }
   return {stats};
 }
 

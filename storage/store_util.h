@@ -4,10 +4,13 @@
 #define KVSTAR_STORAGE_STORE_UTIL_H_
 
 #include <cstdint>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
@@ -42,6 +45,48 @@ void AppendLittleEndian32(uint32_t v, std::string* out);
 void AppendLittleEndian64(uint64_t v, std::string* out);
 uint32_t ReadLittleEndian32(const char* p);
 uint64_t ReadLittleEndian64(const char* p);
+
+// Queries over the in-memory catalog both on-disk stores keep: a sorted map from sequence key
+// to a record with `blocks` (a std::map keyed by BlockId) and `bytes` (K+V bytes of its blocks).
+template <typename Sequence>
+std::vector<std::string> SortedSequenceKeys(const std::map<std::string, Sequence>& sequences) {
+  std::vector<std::string> keys;
+  keys.reserve(sequences.size());
+  for (const auto& entry : sequences) keys.push_back(entry.first);
+  return keys;
+}
+
+template <typename Sequence>
+absl::StatusOr<std::vector<BlockId>> SortedBlockIds(
+    const std::map<std::string, Sequence>& sequences, absl::string_view sequence_key) {
+  auto found = sequences.find(std::string(sequence_key));
+  if (found == sequences.end()) return SequenceNotFound(sequence_key);
+  std::vector<BlockId> ids;
+  ids.reserve(found->second.blocks.size());
+  for (const auto& entry : found->second.blocks) ids.push_back(entry.first);
+  return ids;
+}
+
+// What dropping the sequence releases, or NotFound.
+template <typename Sequence>
+absl::StatusOr<DropResult> DropTotals(const std::map<std::string, Sequence>& sequences,
+                                      absl::string_view sequence_key) {
+  auto found = sequences.find(std::string(sequence_key));
+  if (found == sequences.end()) return SequenceNotFound(sequence_key);
+  return DropResult{found->second.blocks.size(), found->second.bytes};
+}
+
+// Blocks and bytes summed over every sequence; the caller fills in the rest.
+template <typename Sequence>
+TierStats CatalogStats(absl::string_view name, const std::map<std::string, Sequence>& sequences) {
+  TierStats stats;
+  stats.name = std::string(name);
+  for (const auto& entry : sequences) {
+    stats.blocks += entry.second.blocks.size();
+    stats.bytes += entry.second.bytes;
+  }
+  return stats;
+}
 
 // Serializes mutations of one sequence (put/drop/overwrite of its metadata) while letting
 // different sequences proceed in parallel, with a fixed number of mutexes picked by hash.
