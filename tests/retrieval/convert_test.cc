@@ -44,27 +44,19 @@ TEST(ConvertTest, SimdWideningMatchesScalarForAwkwardLengths) {
   for (size_t count : {0u, 1u, 3u, 7u, 8u, 15u, 16u, 17u, 33u, 100u}) {
     std::vector<uint16_t> halves(count);
     for (uint16_t& h : halves) h = static_cast<uint16_t>(bits16(rng));
-    std::vector<float> out(count + 1, -7.0f);
-    ConvertToF32(DType::kBf16, halves.data(), count, out.data());
-    for (size_t i = 0; i < count; ++i) {
-      const float want = Bf16ToF32(halves[i]);
-      if (std::isnan(want)) {
-        EXPECT_TRUE(std::isnan(out[i]));
-      } else {
-        EXPECT_EQ(out[i], want) << i;
+    for (DType dtype : {DType::kBf16, DType::kFp16}) {
+      std::vector<float> out(count + 1, -7.0f);
+      ConvertToF32(dtype, halves.data(), count, out.data());
+      for (size_t i = 0; i < count; ++i) {
+        const float want = dtype == DType::kBf16 ? Bf16ToF32(halves[i]) : F16ToF32(halves[i]);
+        if (std::isnan(want)) {
+          EXPECT_TRUE(std::isnan(out[i]));
+        } else {
+          EXPECT_EQ(out[i], want) << DTypeName(dtype) << " " << i;
+        }
       }
+      EXPECT_EQ(out[count], -7.0f);  // nothing written past the end
     }
-    EXPECT_EQ(out[count], -7.0f);  // nothing written past the end
-    ConvertToF32(DType::kFp16, halves.data(), count, out.data());
-    for (size_t i = 0; i < count; ++i) {
-      const float want = F16ToF32(halves[i]);
-      if (std::isnan(want)) {
-        EXPECT_TRUE(std::isnan(out[i]));
-      } else {
-        EXPECT_EQ(out[i], want) << i;
-      }
-    }
-    EXPECT_EQ(out[count], -7.0f);
   }
 }
 
