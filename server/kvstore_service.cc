@@ -1,7 +1,12 @@
 #include "server/kvstore_service.h"
 
+#include <algorithm>
+#include <deque>
+#include <thread>
 #include <utility>
 #include <vector>
+
+#include "absl/container/flat_hash_set.h"
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -37,6 +42,9 @@ v1::Block ToProto(storage::BlockData&& data) {
 
 }  // namespace
 
+KvStoreService::KvStoreService(storage::BlockStore* store, ServiceOptions options)
+    : store_(store), options_(options), retriever_(options.retrieval_threads) {}
+
 absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(
     storage::BlockStore* store, ServiceOptions options) {
   std::unique_ptr<KvStoreService> service(new KvStoreService(store, options));
@@ -50,18 +58,24 @@ absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(
     if (!record.ParseFromString(*metadata)) {
       return absl::DataLossError(absl::StrCat("metadata of sequence ", key, " does not parse"));
     }
-    service->sequences_[key] = Sequence{record.profile(), record.config()};
+    auto sequence = std::make_shared<Sequence>();
+    sequence->id = record.sequence_id();
+    sequence->profile = record.profile();
+    sequence->config = record.config();
+    service->sequences_[key] = std::move(sequence);
   }
-  spdlog::info("loaded {} sequences from the store", keys->size());
+  spdlog::info("loaded {} sequences from the store; {} retrieval threads", keys->size(),
+               service->retriever_.num_threads());
   return service;
 }
 
-absl::StatusOr<KvStoreService::Sequence> KvStoreService::Find(const std::string& key) const {
+absl::StatusOr<std::shared_ptr<KvStoreService::Sequence>> KvStoreService::Find(
+    absl::string_view sequence_id) const {
+  if (auto s = ValidateSequenceId(sequence_id); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(key);
+  auto it = sequences_.find(SequenceKey(sequence_id));
   if (it == sequences_.end()) {
-    return absl::NotFoundError(
-        absl::StrCat("sequence_id ", key.substr(kDefaultTenant.size() + 1), " is not stored"));
+    return absl::NotFoundError(absl::StrCat("sequence_id ", sequence_id, " is not stored"));
   }
   return it->second;
 }
@@ -83,13 +97,14 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
   auto it = sequences_.find(key);
   if (it != sequences_.end()) {
     using google::protobuf::util::MessageDifferencer;
-    if (!MessageDifferencer::Equals(it->second.profile, *profile) ||
-        !MessageDifferencer::Equals(it->second.config, *config)) {
+    const Sequence& stored = *it->second;
+    if (!MessageDifferencer::Equals(stored.profile, *profile) ||
+        !MessageDifferencer::Equals(stored.config, *config)) {
       return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                           absl::StrCat("sequence_id ", request->sequence_id(),
                                        " exists with a different profile or config: stored {",
-                                       it->second.profile.ShortDebugString(), "} {",
-                                       it->second.config.ShortDebugString(), "}"));
+                                       stored.profile.ShortDebugString(), "} {",
+                                       stored.config.ShortDebugString(), "}"));
     }
     response->set_created(false);
     return grpc::Status::OK;
@@ -99,7 +114,11 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
   *record.mutable_profile() = *profile;
   *record.mutable_config() = *config;
   if (auto s = store_->PutSequence(key, record.SerializeAsString()); !s.ok()) return ToGrpc(s);
-  sequences_[key] = Sequence{*profile, *config};
+  auto sequence = std::make_shared<Sequence>();
+  sequence->id = request->sequence_id();
+  sequence->profile = *profile;
+  sequence->config = *config;
+  sequences_[key] = std::move(sequence);
   response->set_created(true);
   spdlog::info("created sequence {} ({})", request->sequence_id(), profile->ShortDebugString());
   return grpc::Status::OK;
@@ -107,17 +126,16 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
 
 absl::Status KvStoreService::PutMessage(const v1::PutBlocksRequest& message,
                                         v1::PutBlocksResponse* response) {
-  if (auto s = ValidateSequenceId(message.sequence_id()); !s.ok()) return s;
-  const std::string key = SequenceKey(message.sequence_id());
-  absl::StatusOr<Sequence> sequence = Find(key);
+  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(message.sequence_id());
   if (!sequence.ok()) return sequence.status();
+  const v1::ModelProfile& profile = (*sequence)->profile;
 
   std::vector<storage::BlockWrite> writes;
   writes.reserve(message.blocks_size());
   uint64_t bytes = 0;
   for (int i = 0; i < message.blocks_size(); ++i) {
     const v1::Block& block = message.blocks(i);
-    if (auto s = ValidateBlock(block, sequence->profile, absl::StrCat("blocks[", i, "]"));
+    if (auto s = ValidateBlock(block, profile, absl::StrCat("blocks[", i, "]"));
         !s.ok()) {
       return s;
     }
@@ -128,7 +146,7 @@ absl::Status KvStoreService::PutMessage(const v1::PutBlocksRequest& message,
     bytes += block.key().size() + block.value().size();
   }
   if (writes.empty()) return absl::OkStatus();
-  if (auto s = store_->PutBlocks(key, writes); !s.ok()) return s;
+  if (auto s = store_->PutBlocks(SequenceKey(message.sequence_id()), writes); !s.ok()) return s;
   response->set_blocks_written(response->blocks_written() + writes.size());
   response->set_bytes_written(response->bytes_written() + bytes);
   blocks_put_.fetch_add(writes.size(), std::memory_order_relaxed);
@@ -154,25 +172,342 @@ grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest*,
-                                  v1::SealResponse*) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      "Seal is not implemented by this server build");
+absl::StatusOr<retrieval::RetrievalRequest> KvStoreService::ToRetrievalRequest(
+    const Sequence& sequence, const retrieval::SequenceIndex* index,
+    const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries,
+    absl::string_view where) const {
+  const uint32_t num_layers = sequence.profile.num_layers();
+  if (static_cast<uint32_t>(queries.size()) != num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ".queries has ", queries.size(),
+                                                   " layers; the sequence has ", num_layers,
+                                                   " and every layer needs its queries"));
+  }
+  retrieval::RetrievalRequest request;
+  request.index = index;
+  request.layer_queries.resize(num_layers);
+  std::vector<bool> seen(num_layers, false);
+  for (int i = 0; i < queries.size(); ++i) {
+    const v1::LayerQueries& layer = queries[i];
+    const std::string field = absl::StrCat(where, ".queries[", i, "]");
+    if (auto s = ValidateLayerQueries(layer, sequence.profile, sequence.config, field); !s.ok()) {
+      return s;
+    }
+    if (seen[layer.layer()]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".layer ", layer.layer(), " appears twice"));
+    }
+    if (i > 0 && layer.num_queries() != request.num_queries) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".num_queries is ",
+                                                     layer.num_queries(), ", layer ", queries[0].layer(),
+                                                     " has ", request.num_queries,
+                                                     "; all layers need the same count"));
+    }
+    seen[layer.layer()] = true;
+    request.num_queries = layer.num_queries();
+    request.layer_queries[layer.layer()] = absl::MakeConstSpan(
+        reinterpret_cast<const uint8_t*>(layer.queries().data()), layer.queries().size());
+  }
+  return request;
 }
 
-grpc::Status KvStoreService::Retrieve(grpc::ServerContext*, const v1::RetrieveRequest*,
-                                      grpc::ServerWriter<v1::RetrieveResponse>*) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      "Retrieve is not implemented by this server build");
+absl::Status KvStoreService::ForEachBlockBatch(
+    const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
+    const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume) {
+  const size_t per_batch =
+      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
+  std::vector<storage::BlockData> batch;
+  for (size_t begin = 0; begin < ids.size(); begin += per_batch) {
+    const size_t count = std::min(per_batch, ids.size() - begin);
+    if (auto s = store_->GetBlocks(key, ids.subspan(begin, count), &batch); !s.ok()) return s;
+    if (auto s = consume(batch); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest* request,
+                                  v1::SealResponse* response) {
+  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(request->sequence_id());
+  if (!found.ok()) return ToGrpc(found.status());
+  Sequence& sequence = **found;
+  const std::string key = SequenceKey(sequence.id);
+  const uint32_t num_layers = sequence.profile.num_layers();
+  if (auto r = ToRetrievalRequest(sequence, nullptr, request->queries(), "request"); !r.ok()) {
+    return ToGrpc(r.status());
+  }
+
+  // Every layer must hold blocks 0..n-1, the same n: the prompt.
+  absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
+  if (!stored.ok()) return ToGrpc(stored.status());
+  std::vector<std::vector<storage::BlockId>> by_layer(num_layers);
+  for (const storage::BlockId& id : *stored) by_layer[id.layer].push_back(id);
+  const size_t num_blocks = by_layer[0].size();
+  for (uint32_t layer = 0; layer < num_layers; ++layer) {
+    const auto& ids = by_layer[layer];
+    const bool contiguous = !ids.empty() && ids.back().block_index == ids.size() - 1;
+    if (ids.size() != num_blocks || !contiguous) {
+      return grpc::Status(
+          grpc::StatusCode::FAILED_PRECONDITION,
+          absl::StrCat("cannot seal sequence_id ", sequence.id, ": layer ", layer, " holds ",
+                       ids.size(), " blocks", ids.empty() ? "" : absl::StrCat(
+                           " (highest index ", ids.back().block_index, ")"),
+                       ", layer 0 holds ", num_blocks,
+                       "; every layer needs blocks 0..n-1 stored before Seal"));
+    }
+  }
+
+  auto index = retrieval::SequenceIndex::Create(ToModelShape(sequence.profile),
+                                                ToKnobs(sequence.config));
+  if (!index.ok()) return ToGrpc(index.status());
+  const uint64_t block_bytes = 2 * BlockKeyBytes(sequence.profile);
+  for (uint32_t layer = 0; layer < num_layers; ++layer) {
+    std::vector<std::string> keys;
+    keys.reserve(num_blocks);
+    absl::Status read = ForEachBlockBatch(key, by_layer[layer], block_bytes,
+                                          [&](std::vector<storage::BlockData>& batch) {
+                                            for (auto& block : batch) {
+                                              keys.push_back(std::move(block.key));
+                                            }
+                                            return absl::OkStatus();
+                                          });
+    if (!read.ok()) return ToGrpc(read);
+    std::vector<absl::Span<const uint8_t>> spans;
+    for (const std::string& k : keys) {
+      spans.emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
+    }
+    if (auto s = (*index)->SealLayer(layer, spans); !s.ok()) return ToGrpc(s);
+  }
+
+  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
+      ToRetrievalRequest(sequence, index->get(), request->queries(), "request");
+  std::vector<std::vector<uint32_t>> selections(num_layers);
+  absl::Status scored = retriever_.Retrieve(
+      absl::MakeConstSpan(&*retrieval_request, 1),
+      [&](size_t, uint32_t layer, absl::Span<const uint32_t> selected) {
+        selections[layer].assign(selected.begin(), selected.end());
+      });
+  if (!scored.ok()) return ToGrpc(scored);
+
+  {
+    absl::MutexLock lock(&sequence.mu);
+    sequence.index = *std::move(index);
+    sequence.last_decode_step = 0;
+  }
+  response->set_num_blocks(num_blocks);
+  for (uint32_t layer = 0; layer < num_layers; ++layer) {
+    v1::LayerSelection* selection = response->add_selections();
+    selection->set_layer(layer);
+    selection->mutable_block_indices()->Add(selections[layer].begin(), selections[layer].end());
+  }
+  blocks_scored_.fetch_add(uint64_t{num_blocks} * num_layers, std::memory_order_relaxed);
+  spdlog::info("sealed sequence {}: {} layers x {} blocks", sequence.id, num_layers, num_blocks);
+  return grpc::Status::OK;
+}
+
+absl::Status KvStoreService::CatchUp(const std::string& key, Sequence& sequence) {
+  retrieval::SequenceIndex& index = *sequence.index;
+  absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
+  if (!stored.ok()) return stored.status();
+  // Stored ids are sorted by (layer, index): per layer, take the run continuing the index.
+  std::vector<storage::BlockId> next;
+  for (const storage::BlockId& id : *stored) {
+    const uint32_t want = index.num_blocks(id.layer) +
+                          static_cast<uint32_t>(std::count_if(next.begin(), next.end(), [&](auto& n) {
+                            return n.layer == id.layer;
+                          }));
+    if (id.block_index == want) next.push_back(id);
+  }
+  if (next.empty()) return absl::OkStatus();
+  return ForEachBlockBatch(key, next, 2 * BlockKeyBytes(sequence.profile),
+                           [&](std::vector<storage::BlockData>& batch) {
+                             for (const storage::BlockData& block : batch) {
+                               auto span = absl::MakeConstSpan(
+                                   reinterpret_cast<const uint8_t*>(block.key.data()),
+                                   block.key.size());
+                               if (auto s = index.AppendBlock(block.id.layer, span); !s.ok()) {
+                                 return s;
+                               }
+                             }
+                             return absl::OkStatus();
+                           });
+}
+
+namespace {
+
+// A scored (request, layer), handed from the scoring threads to the thread writing replies.
+struct ScoredLayer {
+  size_t request;
+  uint32_t layer;
+  std::vector<uint32_t> selected;
+};
+
+}  // namespace
+
+grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
+                                      const v1::RetrieveRequest* request,
+                                      grpc::ServerWriter<v1::RetrieveResponse>* writer) {
+  if (request->sequences().empty()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "sequences is empty");
+  }
+  const size_t n = request->sequences_size();
+  std::vector<std::shared_ptr<Sequence>> sequences(n);
+  absl::flat_hash_set<std::string> ids;
+  for (size_t i = 0; i < n; ++i) {
+    const v1::SequenceQueries& part = request->sequences(i);
+    absl::StatusOr<std::shared_ptr<Sequence>> found = Find(part.sequence_id());
+    if (!found.ok()) {
+      return ToGrpc(absl::Status(found.status().code(),
+                                 absl::StrCat("sequences[", i, "]: ", found.status().message())));
+    }
+    if (!ids.insert(part.sequence_id()).second) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("sequences[", i, "]: sequence_id ", part.sequence_id(),
+                                       " appears twice in one batch"));
+    }
+    sequences[i] = *std::move(found);
+  }
+
+  // Lock every sequence of the batch in one global order (by id), so two batches sharing
+  // sequences cannot deadlock; hold the locks while their indexes are read.
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return sequences[a]->id < sequences[b]->id; });
+  std::vector<std::unique_ptr<absl::MutexLock>> locks;
+  for (size_t i : order) locks.push_back(std::make_unique<absl::MutexLock>(&sequences[i]->mu));
+
+  // Validate the whole batch before any state changes.
+  std::vector<retrieval::RetrievalRequest> requests(n);
+  std::vector<std::vector<absl::flat_hash_set<uint32_t>>> held(n);
+  uint64_t blocks_scored = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const v1::SequenceQueries& part = request->sequences(i);
+    Sequence& sequence = *sequences[i];
+    const std::string where = absl::StrCat("sequences[", i, "]");
+    if (sequence.index == nullptr) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat(where, ": sequence_id ", sequence.id,
+                                       " is not sealed (Seal it first; after a server restart, "
+                                       "Seal it again)"));
+    }
+    if (part.decode_step() < sequence.last_decode_step) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat(where, ".decode_step is ", part.decode_step(),
+                                       ", it went backwards from ", sequence.last_decode_step));
+    }
+    absl::StatusOr<retrieval::RetrievalRequest> r =
+        ToRetrievalRequest(sequence, sequence.index.get(), part.queries(), where);
+    if (!r.ok()) return ToGrpc(r.status());
+    requests[i] = *std::move(r);
+    held[i].resize(sequence.profile.num_layers());
+    for (int h = 0; h < part.held_size(); ++h) {
+      const v1::HeldBlocks& layer_held = part.held(h);
+      if (layer_held.layer() >= sequence.profile.num_layers()) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            absl::StrCat(where, ".held[", h, "].layer is ", layer_held.layer(),
+                                         ", the sequence has ", sequence.profile.num_layers(),
+                                         " layers"));
+      }
+      held[i][layer_held.layer()].insert(layer_held.block_indices().begin(),
+                                         layer_held.block_indices().end());
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Sequence& sequence = *sequences[i];
+    if (auto s = CatchUp(SequenceKey(sequence.id), sequence); !s.ok()) return ToGrpc(s);
+    sequence.last_decode_step = request->sequences(i).decode_step();
+    for (uint32_t layer = 0; layer < sequence.profile.num_layers(); ++layer) {
+      blocks_scored += sequence.index->num_blocks(layer);
+    }
+  }
+
+  // Scoring threads hand each finished layer to this thread, which reads the new blocks and
+  // writes the replies while later layers are still being scored.
+  absl::Mutex queue_mu;
+  absl::CondVar ready;
+  std::deque<ScoredLayer> queue;
+  bool scoring_done = false;
+  std::atomic<bool> stop{false};
+  absl::Status scored;
+  std::thread scorer([&] {
+    scored = retriever_.Retrieve(
+        requests,
+        [&](size_t r, uint32_t layer, absl::Span<const uint32_t> selected) {
+          absl::MutexLock lock(&queue_mu);
+          queue.push_back({r, layer, std::vector<uint32_t>(selected.begin(), selected.end())});
+          ready.Signal();
+        },
+        [&] { return stop.load(std::memory_order_relaxed) || context->IsCancelled(); });
+    absl::MutexLock lock(&queue_mu);
+    scoring_done = true;
+    ready.Signal();
+  });
+
+  absl::Status written;
+  while (true) {
+    ScoredLayer item;
+    {
+      absl::MutexLock lock(&queue_mu);
+      while (queue.empty() && !scoring_done) ready.Wait(&queue_mu);
+      if (queue.empty()) break;
+      item = std::move(queue.front());
+      queue.pop_front();
+    }
+    if (!written.ok()) continue;  // drain
+    written = WriteLayer(request->sequences(item.request), *sequences[item.request], item.layer,
+                         item.selected, held[item.request][item.layer], writer);
+    if (!written.ok()) stop.store(true);
+  }
+  scorer.join();
+  locks.clear();
+
+  retrievals_.fetch_add(1, std::memory_order_relaxed);
+  blocks_scored_.fetch_add(blocks_scored, std::memory_order_relaxed);
+  if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+  if (!written.ok()) return ToGrpc(written);
+  return ToGrpc(scored);
+}
+
+absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence,
+                                        uint32_t layer, const std::vector<uint32_t>& selected,
+                                        const absl::flat_hash_set<uint32_t>& held,
+                                        grpc::ServerWriter<v1::RetrieveResponse>* writer) {
+  v1::RetrieveResponse reply;
+  reply.set_sequence_id(part.sequence_id());
+  reply.set_decode_step(part.decode_step());
+  reply.mutable_selection()->set_layer(layer);
+  reply.mutable_selection()->mutable_block_indices()->Add(selected.begin(), selected.end());
+  std::vector<storage::BlockId> wanted;
+  if (part.include_data()) {
+    for (uint32_t block : selected) {
+      if (!held.contains(block)) wanted.push_back({layer, block});
+    }
+    blocks_skipped_held_.fetch_add(selected.size() - wanted.size(), std::memory_order_relaxed);
+  }
+  if (wanted.empty()) {
+    if (!writer->Write(reply)) return absl::CancelledError("client went away");
+    return absl::OkStatus();
+  }
+  size_t sent = 0;
+  return ForEachBlockBatch(
+      SequenceKey(sequence.id), wanted, 2 * BlockKeyBytes(sequence.profile),
+      [&](std::vector<storage::BlockData>& batch) {
+        reply.clear_new_blocks();
+        for (storage::BlockData& data : batch) *reply.add_new_blocks() = ToProto(std::move(data));
+        sent += batch.size();
+        reply.set_more(sent < wanted.size());
+        if (!writer->Write(reply)) return absl::CancelledError("client went away");
+        blocks_sent_.fetch_add(batch.size(), std::memory_order_relaxed);
+        return absl::OkStatus();
+      });
 }
 
 grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
                                        const v1::GetBlocksRequest* request,
                                        grpc::ServerWriter<v1::GetBlocksResponse>* writer) {
-  if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
-  const std::string key = SequenceKey(request->sequence_id());
-  absl::StatusOr<Sequence> sequence = Find(key);
+  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(request->sequence_id());
   if (!sequence.ok()) return ToGrpc(sequence.status());
+  const v1::ModelProfile& profile = (*sequence)->profile;
+  const std::string key = SequenceKey(request->sequence_id());
 
   std::vector<storage::BlockId> ids;
   if (request->blocks().empty()) {
@@ -183,7 +518,7 @@ grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
     ids.reserve(request->blocks_size());
     for (int i = 0; i < request->blocks_size(); ++i) {
       const v1::BlockRef& ref = request->blocks(i);
-      if (auto s = ValidateBlockRef(ref.layer(), ref.block_index(), sequence->profile,
+      if (auto s = ValidateBlockRef(ref.layer(), ref.block_index(), profile,
                                     absl::StrCat("blocks[", i, "]"));
           !s.ok()) {
         return ToGrpc(s);
@@ -194,22 +529,17 @@ grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
 
   // Read and send in batches that fit one reply each, so memory stays bounded however many
   // blocks were asked for.
-  const uint64_t block_bytes = 2 * BlockKeyBytes(sequence->profile);
-  const size_t per_reply =
-      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
-  std::vector<storage::BlockData> batch;
-  for (size_t begin = 0; begin < ids.size(); begin += per_reply) {
-    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
-    const size_t count = std::min(per_reply, ids.size() - begin);
-    absl::Status s =
-        store_->GetBlocks(key, absl::MakeConstSpan(ids).subspan(begin, count), &batch);
-    if (!s.ok()) return ToGrpc(s);
-    v1::GetBlocksResponse reply;
-    reply.set_sequence_id(request->sequence_id());
-    for (storage::BlockData& data : batch) *reply.add_blocks() = ToProto(std::move(data));
-    if (!writer->Write(reply)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-    blocks_got_.fetch_add(count, std::memory_order_relaxed);
-  }
+  absl::Status sent = ForEachBlockBatch(
+      key, ids, 2 * BlockKeyBytes(profile), [&](std::vector<storage::BlockData>& batch) {
+        if (context->IsCancelled()) return absl::CancelledError("cancelled");
+        v1::GetBlocksResponse reply;
+        reply.set_sequence_id(request->sequence_id());
+        for (storage::BlockData& data : batch) *reply.add_blocks() = ToProto(std::move(data));
+        if (!writer->Write(reply)) return absl::CancelledError("client went away");
+        blocks_got_.fetch_add(batch.size(), std::memory_order_relaxed);
+        return absl::OkStatus();
+      });
+  if (!sent.ok()) return ToGrpc(sent);
   return grpc::Status::OK;
 }
 
@@ -251,6 +581,10 @@ grpc::Status KvStoreService::Stats(grpc::ServerContext*, const v1::StatsRequest*
   }
   response->set_blocks_put(blocks_put_.load(std::memory_order_relaxed));
   response->set_blocks_got(blocks_got_.load(std::memory_order_relaxed));
+  response->set_retrievals(retrievals_.load(std::memory_order_relaxed));
+  response->set_blocks_scored(blocks_scored_.load(std::memory_order_relaxed));
+  response->set_blocks_sent(blocks_sent_.load(std::memory_order_relaxed));
+  response->set_blocks_skipped_held(blocks_skipped_held_.load(std::memory_order_relaxed));
   return grpc::Status::OK;
 }
 

@@ -1,7 +1,5 @@
 #include "server/validation.h"
 
-#include <cmath>
-
 #include "absl/strings/str_cat.h"
 
 namespace kvstar::server {
@@ -14,14 +12,6 @@ absl::Status OutOfRange(absl::string_view field, uint64_t value, uint64_t lo, ui
 
 absl::Status CheckRange(absl::string_view field, uint64_t value, uint64_t lo, uint64_t hi) {
   if (value < lo || value > hi) return OutOfRange(field, value, lo, hi);
-  return absl::OkStatus();
-}
-
-absl::Status CheckRatio(absl::string_view field, float value) {
-  if (!(value > 0.0f && value <= 1.0f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, " is ", value, ", must be in (0, 1]"));
-  }
   return absl::OkStatus();
 }
 
@@ -108,27 +98,68 @@ absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
       !s.ok()) {
     return s;
   }
-  if (auto s = CheckRatio("config.sparse_ratio", out.sparse_ratio()); !s.ok()) return s;
   if (auto s = CheckRange("config.retrieval_stride", out.retrieval_stride(), 1, 1024); !s.ok()) {
     return s;
   }
-  if (auto s = CheckRatio("config.blk_repre_dim_prune_ratio", out.blk_repre_dim_prune_ratio());
+  // Ratios, the merge factor and the kept channels are the retrieval engine's to judge.
+  if (auto s = retrieval::ValidateShapeAndKnobs(ToModelShape(profile), ToKnobs(out)); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("config.", s.message()));
+  }
+  return out;
+}
+
+retrieval::ModelShape ToModelShape(const v1::ModelProfile& profile) {
+  retrieval::ModelShape shape;
+  shape.num_layers = profile.num_layers();
+  shape.num_q_heads = profile.num_q_heads();
+  shape.num_kv_heads = profile.num_kv_heads();
+  shape.head_dim = profile.head_dim();
+  shape.block_size = profile.block_size();
+  switch (profile.dtype()) {
+    case v1::DTYPE_FP16:
+      shape.dtype = retrieval::DType::kFp16;
+      break;
+    case v1::DTYPE_FP32:
+      shape.dtype = retrieval::DType::kFp32;
+      break;
+    default:
+      shape.dtype = retrieval::DType::kBf16;
+      break;
+  }
+  return shape;
+}
+
+retrieval::Knobs ToKnobs(const v1::KvstarConfig& config) {
+  retrieval::Knobs knobs;
+  knobs.init_window_sz = config.init_window_sz();
+  knobs.local_window_sz = config.local_window_sz();
+  knobs.sparse_ratio = config.sparse_ratio();
+  knobs.retrieval_stride = config.retrieval_stride();
+  knobs.blk_repre_dim_prune_ratio = config.blk_repre_dim_prune_ratio();
+  knobs.blk_repre_inner_token_merge = config.blk_repre_inner_token_merge();
+  return knobs;
+}
+
+absl::Status ValidateLayerQueries(const v1::LayerQueries& queries, const v1::ModelProfile& profile,
+                                  const v1::KvstarConfig& config, absl::string_view where) {
+  if (queries.layer() >= profile.num_layers()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ".layer is ", queries.layer(),
+                                                   ", the sequence has ", profile.num_layers(),
+                                                   " layers"));
+  }
+  if (auto s = CheckRange(absl::StrCat(where, ".num_queries"), queries.num_queries(), 1,
+                          config.retrieval_stride());
       !s.ok()) {
     return s;
   }
-  const uint32_t merge = out.blk_repre_inner_token_merge();
-  if (merge == 0 || profile.block_size() % merge != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config.blk_repre_inner_token_merge is ", merge,
-                     ", must divide profile.block_size (", profile.block_size(), ")"));
-  }
-  const double kept = std::round(profile.head_dim() * double{out.blk_repre_dim_prune_ratio()});
-  if (kept < 1) {
+  const uint64_t expected = queries.num_queries() * QueryRowBytes(profile);
+  if (queries.queries().size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "config.blk_repre_dim_prune_ratio ", out.blk_repre_dim_prune_ratio(), " keeps no channel of ",
-        profile.head_dim()));
+        where, ".queries is ", queries.queries().size(), " bytes; ", queries.num_queries(),
+        " queries x num_q_heads ", profile.num_q_heads(), " x head_dim ", profile.head_dim(),
+        " x ", DTypeBytes(profile.dtype()), " bytes need ", expected));
   }
-  return out;
+  return absl::OkStatus();
 }
 
 absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index,

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "kvstar/v1/kvstar.pb.h"
+#include "retrieval/model_shape.h"
 
 namespace kvstar::server {
 
@@ -21,7 +22,8 @@ inline constexpr uint32_t kDefaultBlockSize = 128;
 // 2^20 blocks of 128 tokens is 134M tokens per sequence: far beyond any context, small enough
 // that block arithmetic never overflows.
 inline constexpr uint32_t kMaxBlocksPerLayer = 1u << 20;
-inline constexpr size_t kMaxSequenceIdBytes = 256;
+// The POSIX store turns keys (tenant + id) into directory names of at most 127 bytes.
+inline constexpr size_t kMaxSequenceIdBytes = 100;
 
 // Bytes of one element of `dtype`, or 0 for DTYPE_UNSPECIFIED / unknown values.
 uint32_t DTypeBytes(v1::DType dtype);
@@ -40,6 +42,15 @@ absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profil
 // Checks the knobs against a normalized profile and returns them with every field set.
 absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
                                                  const v1::ModelProfile& profile);
+
+// The retrieval engine's view of a normalized profile and config.
+retrieval::ModelShape ToModelShape(const v1::ModelProfile& profile);
+retrieval::Knobs ToKnobs(const v1::KvstarConfig& config);
+
+// Checks one LayerQueries of a Seal or Retrieve: layer in range, 1..retrieval_stride queries,
+// and exactly num_queries x num_q_heads x head_dim elements. `where` prefixes the message.
+absl::Status ValidateLayerQueries(const v1::LayerQueries& queries, const v1::ModelProfile& profile,
+                                  const v1::KvstarConfig& config, absl::string_view where);
 
 // Checks one block against its sequence's profile: layer and index in range, K and V sizes.
 // `where` prefixes the message (e.g. "blocks[3]"). Checksums are the store's to verify.
