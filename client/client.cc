@@ -1,0 +1,475 @@
+// ClientImpl: channel, backend, staging, sequences and the two background threads (offload and
+// retrieval).
+#include <xxhash.h>
+
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/client_impl.h"
+
+namespace kvstar {
+
+uint32_t DTypeBytes(DType dtype) {
+  switch (dtype) {
+    case DType::kBf16:
+    case DType::kFp16:
+      return 2;
+    case DType::kFp32:
+      return 4;
+  }
+  return 0;
+}
+
+uint64_t ModelProfile::block_key_bytes() const {
+  return uint64_t{block_size} * num_kv_heads * head_dim * DTypeBytes(dtype);
+}
+
+uint64_t ModelProfile::query_bytes() const {
+  return uint64_t{num_q_heads} * head_dim * DTypeBytes(dtype);
+}
+
+const char* BackendName(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::kAuto:
+      return "auto";
+    case BackendKind::kHost:
+      return "host";
+    case BackendKind::kCuda:
+      return "cuda";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  absl::StatusOr<std::unique_ptr<client_internal::DeviceBackend>> backend =
+      client_internal::SelectBackend(options.backend, options.cuda_device);
+  if (!backend.ok()) return backend.status();
+  auto client = std::make_unique<client_internal::ClientImpl>(options, std::move(*backend));
+  if (absl::Status status = client->Init(); !status.ok()) return status;
+  return std::unique_ptr<Client>(std::move(client));
+}
+
+namespace client_internal {
+namespace {
+
+std::shared_ptr<grpc::Channel> MakeChannel(const ClientOptions& options,
+                                           const std::string& address) {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (options.use_tls) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_root_certs_pem;
+    credentials = grpc::SslCredentials(ssl);
+  } else {
+    credentials = grpc::InsecureChannelCredentials();
+  }
+  grpc::ChannelArguments arguments;
+  arguments.SetMaxReceiveMessageSize(-1);
+  arguments.SetMaxSendMessageSize(-1);
+  return grpc::CreateCustomChannel(address, credentials, arguments);
+}
+
+v1::DType ToProto(DType dtype) {
+  switch (dtype) {
+    case DType::kBf16:
+      return v1::DTYPE_BF16;
+    case DType::kFp16:
+      return v1::DTYPE_FP16;
+    case DType::kFp32:
+      return v1::DTYPE_FP32;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+}  // namespace
+
+absl::Status FromGrpc(const grpc::Status& status, const char* what) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      absl::StrCat(what, ": ", status.error_message()));
+}
+
+ClientImpl::ClientImpl(const ClientOptions& options, std::unique_ptr<DeviceBackend> backend)
+    : options_(options), backend_(std::move(backend)) {}
+
+absl::Status ClientImpl::Init() {
+  staging_ = std::make_unique<StagingPool>(backend_.get(), options_.staging_budget_bytes);
+  absl::StatusOr<StreamHandle> stream = backend_->CreateStream();
+  if (!stream.ok()) return stream.status();
+  query_stream_ = *stream;
+  {
+    absl::MutexLock lock(&mu_);
+    channel_ = MakeChannel(options_, options_.address);
+    stub_ = v1::KvStore::NewStub(channel_);
+  }
+  offload_thread_ = std::thread([this] { OffloadLoop(); });
+  retrieval_thread_ = std::thread([this] { RetrievalLoop(); });
+  return absl::OkStatus();
+}
+
+ClientImpl::~ClientImpl() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (offload_thread_.joinable()) offload_thread_.join();
+  if (retrieval_thread_.joinable()) retrieval_thread_.join();
+  std::map<std::string, std::unique_ptr<SequenceImpl>> sequences;
+  {
+    absl::MutexLock lock(&mu_);
+    // Blocks never sent: give their staging back.
+    for (OffloadItem& item : offload_queue_) {
+      backend_->WaitEvent(item.ready).IgnoreError();
+      backend_->ReleaseEvent(item.ready);
+      staging_->Release(item.staging);
+    }
+    offload_queue_.clear();
+    sequences = std::move(sequences_);
+  }
+  sequences.clear();
+  if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);
+  staging_.reset();
+}
+
+std::shared_ptr<v1::KvStore::Stub> ClientImpl::stub() const {
+  absl::MutexLock lock(&mu_);
+  return stub_;
+}
+
+void ClientImpl::PrepareContext(grpc::ClientContext* context) const {
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(options_.rpc_timeout_ms));
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
+  }
+}
+
+absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence_id,
+                                                     const ModelProfile& profile,
+                                                     const KvstarConfig& config,
+                                                     const SequenceOptions& options) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (sequences_.count(sequence_id) > 0) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("sequence ", sequence_id, " is already open in this client"));
+    }
+  }
+  v1::CreateSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  v1::ModelProfile* proto_profile = request.mutable_profile();
+  proto_profile->set_num_layers(profile.num_layers);
+  proto_profile->set_num_q_heads(profile.num_q_heads);
+  proto_profile->set_num_kv_heads(profile.num_kv_heads);
+  proto_profile->set_head_dim(profile.head_dim);
+  proto_profile->set_block_size(profile.block_size);
+  proto_profile->set_dtype(ToProto(profile.dtype));
+  v1::KvstarConfig* knobs = request.mutable_config();
+  knobs->set_init_window_sz(config.init_window_sz);
+  knobs->set_local_window_sz(config.local_window_sz);
+  knobs->set_sparse_ratio(config.sparse_ratio);
+  knobs->set_retrieval_stride(config.retrieval_stride);
+  knobs->set_blk_repre_dim_prune_ratio(config.blk_repre_dim_prune_ratio);
+  knobs->set_blk_repre_inner_token_merge(config.blk_repre_inner_token_merge);
+
+  auto sequence = std::make_unique<SequenceImpl>(this, sequence_id, profile, config);
+  if (absl::Status status = sequence->Init(options); !status.ok()) return status;
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::CreateSequenceResponse response;
+  grpc::Status rpc = stub()->CreateSequence(&context, request, &response);
+  if (!rpc.ok()) return FromGrpc(rpc, "CreateSequence");
+  absl::MutexLock lock(&mu_);
+  Sequence* result = sequence.get();
+  sequences_[sequence_id] = std::move(sequence);
+  return result;
+}
+
+absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
+  WaitOffloadsIdle();
+  std::unique_ptr<SequenceImpl> sequence;
+  {
+    absl::MutexLock lock(&mu_);
+    // The retrieval thread may hold a pointer to it until its job ends.
+    mu_.Await(absl::Condition(
+        +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          return !client->retrieval_in_flight_;
+        },
+        this));
+    auto found = sequences_.find(sequence_id);
+    if (found == sequences_.end()) {
+      return absl::NotFoundError(absl::StrCat("sequence ", sequence_id, " is not open"));
+    }
+    sequence = std::move(found->second);
+    sequences_.erase(found);
+  }
+  sequence.reset();
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::DropSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  v1::DropSequenceResponse response;
+  return FromGrpc(stub()->DropSequence(&context, request, &response), "DropSequence");
+}
+
+absl::Status ClientImpl::Step() {
+  absl::MutexLock lock(&mu_);
+  std::vector<SequenceImpl*> due;
+  for (auto& [id, sequence] : sequences_) {
+    if (sequence->AdvanceStep()) due.push_back(sequence.get());
+  }
+  if (!due.empty()) {
+    // The next queries overwrite the window the previous retrieval reads; it copies them out as
+    // it starts, so this wait is empty unless the retrieval thread stalled for a whole stride.
+    mu_.Await(absl::Condition(
+        +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          return !client->snapshot_pending_ || client->stopping_;
+        },
+        this));
+    if (retrieval_in_flight_) {
+      ++stats_.retrievals_skipped;
+    } else {
+      retrieval_job_ = std::move(due);
+      retrieval_in_flight_ = true;
+      snapshot_pending_ = true;
+    }
+  }
+  absl::Status status = std::move(error_);
+  error_ = absl::OkStatus();
+  return status;
+}
+
+absl::Status ClientImpl::Flush() {
+  WaitOffloadsIdle();
+  std::vector<SequenceImpl*> sequences;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, sequence] : sequences_) sequences.push_back(sequence.get());
+  }
+  absl::Status first;
+  for (SequenceImpl* sequence : sequences) {
+    absl::Status status = sequence->Flush();
+    if (first.ok()) first = status;
+  }
+  return first;
+}
+
+absl::Status ClientImpl::Reconnect(const std::string& address) {
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(options_, address);
+  absl::MutexLock lock(&mu_);
+  channel_ = channel;
+  stub_ = v1::KvStore::NewStub(channel_);
+  return absl::OkStatus();
+}
+
+ClientStats ClientImpl::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+void ClientImpl::EnqueueOffload(OffloadItem item) {
+  absl::MutexLock lock(&mu_);
+  offload_queue_.push_back(item);
+}
+
+void ClientImpl::WaitOffloadsIdle() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return client->offload_queue_.empty() && !client->offload_in_flight_;
+      },
+      this));
+}
+
+void ClientImpl::OffloadLoop() {
+  while (true) {
+    std::vector<OffloadItem> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return !client->offload_queue_.empty() || client->stopping_;
+          },
+          this));
+      if (stopping_) return;
+      // One stream carries what is queued now, up to 64 MiB, so a Flush waits for little.
+      uint64_t bytes = 0;
+      while (!offload_queue_.empty() && bytes < (uint64_t{64} << 20)) {
+        bytes += 2 * offload_queue_.front().key_bytes;
+        batch.push_back(offload_queue_.front());
+        offload_queue_.pop_front();
+      }
+      offload_in_flight_ = true;
+    }
+    SendBatch(batch).IgnoreError();  // outcomes go to each sequence
+    absl::MutexLock lock(&mu_);
+    offload_in_flight_ = false;
+  }
+}
+
+absl::Status ClientImpl::SendBatch(std::vector<OffloadItem>& batch) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::PutBlocksResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::PutBlocksRequest>> writer =
+      stub()->PutBlocks(&context, &response);
+  std::map<SequenceImpl*, uint64_t> blocks_of;
+  bool writing = true;
+  absl::Status local;
+  v1::PutBlocksRequest message;
+  uint64_t message_bytes = 0;
+  auto send = [&]() {
+    if (message.blocks_size() > 0 && writing) writing = writer->Write(message);
+    message.Clear();
+    message_bytes = 0;
+  };
+  for (OffloadItem& item : batch) {
+    ++blocks_of[item.sequence];
+    absl::Status ready = backend_->WaitEvent(item.ready);
+    backend_->ReleaseEvent(item.ready);
+    if (!ready.ok() && local.ok()) local = ready;
+    const uint64_t block_bytes = 2 * item.key_bytes;
+    if (writing && ready.ok()) {
+      if (message.blocks_size() > 0 &&
+          (message.sequence_id() != item.sequence->id() ||
+           message_bytes + block_bytes > options_.max_message_bytes)) {
+        send();
+      }
+      message.set_sequence_id(item.sequence->id());
+      v1::Block* block = message.add_blocks();
+      const char* staged = static_cast<const char*>(item.staging);
+      block->set_layer(item.layer);
+      block->set_block_index(item.block_index);
+      block->set_key(staged, item.key_bytes);
+      block->set_value(staged + item.key_bytes, item.key_bytes);
+      // XXH3-64 of K followed by V: K and V are contiguous in staging.
+      block->set_checksum(XXH3_64bits(staged, block_bytes));
+      message_bytes += block_bytes;
+    }
+    staging_->Release(item.staging);
+  }
+  send();
+  writer->WritesDone();
+  absl::Status status = FromGrpc(writer->Finish(), "PutBlocks");
+  if (status.ok()) status = local;
+  for (auto& [sequence, blocks] : blocks_of) sequence->OffloadDone(blocks, status);
+  return status;
+}
+
+void ClientImpl::RetrievalLoop() {
+  while (true) {
+    std::vector<SequenceImpl*> due;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return client->retrieval_job_.has_value() || client->stopping_;
+          },
+          this));
+      if (stopping_) {
+        retrieval_in_flight_ = false;
+        snapshot_pending_ = false;
+        return;
+      }
+      due = std::move(*retrieval_job_);
+      retrieval_job_.reset();
+    }
+    absl::Status status = RunRetrieval(due);
+    absl::MutexLock lock(&mu_);
+    retrieval_in_flight_ = false;
+    snapshot_pending_ = false;
+    if (!status.ok() && error_.ok()) error_ = status;
+  }
+}
+
+absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
+  v1::RetrieveRequest request;
+  std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
+  absl::Status first;
+  for (SequenceImpl* sequence : due) {
+    std::vector<uint32_t> known;
+    v1::SequenceQueries queries;
+    absl::Status status = sequence->BuildRetrieval(&queries, &known);
+    if (!status.ok()) {
+      if (first.ok()) first = status;
+      continue;
+    }
+    *request.add_sequences() = std::move(queries);
+    known_blocks[sequence->id()] = {sequence, std::move(known)};
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    snapshot_pending_ = false;
+    ++stats_.retrievals_sent;
+  }
+  if (request.sequences_size() == 0) return first;
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
+      stub()->Retrieve(&context, request);
+  // A layer may come as several replies (`more`); its new blocks add up until the last one.
+  std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
+  v1::RetrieveResponse reply;
+  while (reader->Read(&reply)) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++stats_.retrieve_replies;
+    }
+    auto found = known_blocks.find(reply.sequence_id());
+    if (found == known_blocks.end()) {
+      if (first.ok()) {
+        first = absl::InternalError(
+            absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
+      }
+      continue;
+    }
+    const uint32_t layer = reply.selection().layer();
+    std::vector<v1::Block>& data = partial[{reply.sequence_id(), layer}];
+    for (v1::Block& block : *reply.mutable_new_blocks()) data.push_back(std::move(block));
+    if (reply.more()) continue;
+    SequenceImpl* sequence = found->second.first;
+    const std::vector<uint32_t>& known = found->second.second;
+    std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
+                                 reply.selection().block_indices().end());
+    absl::Status status =
+        sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
+                                reply.decode_step(), std::move(data));
+    partial.erase({reply.sequence_id(), layer});
+    if (!status.ok() && first.ok()) first = status;
+  }
+  absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
+  return status.ok() ? first : status;
+}
+
+absl::StatusOr<v1::SealResponse> ClientImpl::SealRpc(const v1::SealRequest& request) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::SealResponse response;
+  grpc::Status status = stub()->Seal(&context, request, &response);
+  if (!status.ok()) return FromGrpc(status, "Seal");
+  return response;
+}
+
+absl::Status ClientImpl::GetBlocksRpc(const std::string& sequence_id, uint32_t layer,
+                                      const std::vector<uint32_t>& blocks,
+                                      std::vector<v1::Block>* out) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::GetBlocksRequest request;
+  request.set_sequence_id(sequence_id);
+  for (uint32_t block : blocks) {
+    v1::BlockRef* ref = request.add_blocks();
+    ref->set_layer(layer);
+    ref->set_block_index(block);
+  }
+  std::unique_ptr<grpc::ClientReader<v1::GetBlocksResponse>> reader =
+      stub()->GetBlocks(&context, request);
+  v1::GetBlocksResponse reply;
+  while (reader->Read(&reply)) {
+    for (v1::Block& block : *reply.mutable_blocks()) out->push_back(std::move(block));
+  }
+  return FromGrpc(reader->Finish(), "GetBlocks");
+}
+
+}  // namespace client_internal
+}  // namespace kvstar

@@ -1,0 +1,247 @@
+// Implementation classes behind kvstar/client.h. ClientImpl owns the channel, the backend, the
+// staging pool, the background threads and the sequences; SequenceImpl owns one sequence's slots,
+// double-buffered slot tables and query ring.
+//
+// Lock order: ClientImpl::mu_ before SequenceImpl::mu_. No lock is held across an RPC.
+#ifndef KVSTAR_CLIENT_CLIENT_IMPL_H_
+#define KVSTAR_CLIENT_CLIENT_IMPL_H_
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "client/device_backend.h"
+#include "client/staging_pool.h"
+#include "grpcpp/grpcpp.h"
+#include "kvstar/client.h"
+#include "kvstar/v1/kvstar.grpc.pb.h"
+
+namespace kvstar::client_internal {
+
+class ClientImpl;
+
+// One slot table of one layer (one half of the double buffer).
+struct TableBuffer {
+  std::vector<uint32_t> blocks;  // ascending
+  std::vector<int32_t> slots;    // slot of blocks[i]
+  int32_t* pinned_slots = nullptr;  // pinned mirror, source of the device copy
+  int32_t* device_slots = nullptr;  // what kernels read
+  uint64_t generation = 0;          // bumped on each publish into this buffer
+  uint64_t selection_step = 0;
+  bool device_dirty = false;        // device_slots must be rewritten at the next Acquire
+  bool acquired = false;            // acquired and not yet released
+  EventHandle release_event = nullptr;
+};
+
+// A slot that left the resident set; reusable once nothing can still read (or write) it.
+struct RetiredSlot {
+  int32_t slot = -1;
+  int table = -1;           // table buffer that held it, or -1: wait for `event` instead
+  uint64_t generation = 0;  // that buffer's generation when it held the slot
+  EventHandle event = nullptr;
+};
+
+// A selection whose new blocks are being copied into slots; published at a step boundary.
+struct PendingSelection {
+  std::vector<uint32_t> blocks;   // the server's selection, ascending
+  uint32_t known_blocks = 0;      // the layer's block count when the selection was asked for
+  uint64_t selection_step = 0;
+  std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
+  EventHandle load_event = nullptr;
+  void* staging = nullptr;
+};
+
+// A decode-generated block copied into a slot; joins the tables once its copy completed.
+struct AppendedBlock {
+  uint32_t block = 0;
+  EventHandle event = nullptr;
+};
+
+struct LayerState {
+  TableBuffer tables[2];
+  int visible = 0;
+  int acquired_table = -1;
+  uint32_t num_blocks = 0;  // blocks of the layer the sequence knows of (prompt + appended)
+  std::map<uint32_t, int32_t> resident;  // block -> slot: visible, pending and appended blocks
+  std::vector<int32_t> free_slots;
+  std::vector<RetiredSlot> retired;
+  std::optional<PendingSelection> pending;
+  std::vector<AppendedBlock> appended_unready;
+  std::set<uint32_t> appended_ready;
+  std::vector<uint32_t> visible_selection;  // the selection behind the visible table
+  uint32_t visible_known_blocks = 0;
+};
+
+class SequenceImpl : public Sequence {
+ public:
+  SequenceImpl(ClientImpl* client, std::string id, ModelProfile profile, KvstarConfig config);
+  ~SequenceImpl() override;
+
+  // Allocates slots, tables and the query ring.
+  absl::Status Init(const SequenceOptions& options);
+
+  const std::string& id() const override { return id_; }
+  const ModelProfile& profile() const override { return profile_; }
+  const KvstarConfig& config() const override { return config_; }
+
+  absl::Status Offload(uint32_t layer, uint32_t block_index, const void* key, const void* value,
+                       MemoryKind where, void* stream) override;
+  absl::Status AppendBlock(uint32_t layer, const void* key, const void* value, MemoryKind where,
+                           void* stream) override;
+  absl::Status Flush() override;
+  absl::Status Seal(const void* queries, uint32_t num_queries, MemoryKind where,
+                    void* stream) override;
+  absl::Status Reseal() override;
+  absl::Status RecordQuery(uint32_t layer, const void* query, MemoryKind where,
+                           void* stream) override;
+  absl::StatusOr<SlotTable> Acquire(uint32_t layer, void* stream) override;
+  absl::Status Release(uint32_t layer, void* stream) override;
+  SequenceStats stats() const override;
+
+  // --- For ClientImpl ---
+  bool sealed() const;
+  // Ends the decode step: publishes what is ready. Returns true when a retrieval is due.
+  bool AdvanceStep();
+  // Appends this sequence's part of a Retrieve (queries of the window that just ended).
+  absl::Status BuildRetrieval(v1::SequenceQueries* request, std::vector<uint32_t>* known_blocks);
+  // Loads a selection (from Seal or a Retrieve reply) into slots as this layer's pending selection.
+  absl::Status LoadSelection(uint32_t layer, std::vector<uint32_t> blocks, uint32_t known_blocks,
+                             uint64_t selection_step, std::vector<v1::Block> data);
+  // Outcome of a PutBlocks batch of `blocks` of this sequence.
+  void OffloadDone(uint64_t blocks, const absl::Status& status);
+  // Remembers a background error to surface on the next call.
+  void SetError(const absl::Status& status);
+  uint64_t slot_bytes() const { return slot_bytes_; }
+
+ private:
+  absl::Status TakeError();
+  absl::Status CheckLayer(uint32_t layer) const;
+  // Stages one block and queues it for the offload thread.
+  absl::Status StageAndQueue(uint32_t layer, uint32_t block_index, const void* key,
+                             const void* value, MemoryKind where, void* stream);
+  char* SlotAddress(uint32_t layer, int32_t slot) const;
+  // Takes `count` free slots (reclaiming retired ones whose readers finished).
+  bool TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ReadDone(const TableBuffer& table) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes selection ∪ (appended blocks >= known_blocks) the visible table. False when the other
+  // buffer is still being read (try again at the next boundary).
+  bool PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
+                     uint32_t known_blocks, uint64_t selection_step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PublishReadyLocked(uint32_t layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  char* QueryAddress(uint64_t step, uint32_t layer) const;
+  // Waits for the query copies of the window ending at `end_step` and appends that window's
+  // queries of every layer (oldest first) to `queries`.
+  absl::Status CollectWindow(uint64_t end_step,
+                             google::protobuf::RepeatedPtrField<v1::LayerQueries>* queries);
+  // Loads the selections of a Seal reply as pending selections.
+  absl::Status LoadSealSelections(const v1::SealResponse& response, uint64_t selection_step);
+
+  ClientImpl* const client_;
+  DeviceBackend* const backend_;
+  const std::string id_;
+  const ModelProfile profile_;
+  const KvstarConfig config_;
+  const uint64_t key_bytes_;
+  const uint64_t slot_bytes_;
+  uint32_t slots_per_layer_ = 0;
+  void* slot_pool_ = nullptr;
+  bool owns_pool_ = false;
+  int32_t* device_tables_ = nullptr;  // 2 * num_layers * slots_per_layer entries
+  int32_t* pinned_tables_ = nullptr;
+  char* query_ring_ = nullptr;        // pinned [2 windows][stride][num_layers][query_bytes]
+  StreamHandle load_stream_ = nullptr;
+
+  mutable absl::Mutex mu_;
+  std::vector<LayerState> layers_ ABSL_GUARDED_BY(mu_);
+  bool sealed_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t decode_step_ ABSL_GUARDED_BY(mu_) = 0;
+  EventHandle query_events_[2] ABSL_GUARDED_BY(mu_) = {nullptr, nullptr};
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  SequenceStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+// One block waiting for the offload thread.
+struct OffloadItem {
+  SequenceImpl* sequence = nullptr;
+  uint32_t layer = 0;
+  uint32_t block_index = 0;
+  void* staging = nullptr;  // K then V
+  uint64_t key_bytes = 0;
+  EventHandle ready = nullptr;  // the device->staging copy
+};
+
+class ClientImpl : public Client {
+ public:
+  ClientImpl(const ClientOptions& options, std::unique_ptr<DeviceBackend> backend);
+  ~ClientImpl() override;
+  absl::Status Init();
+
+  BackendKind backend() const override { return backend_->kind(); }
+  absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
+                                           const ModelProfile& profile, const KvstarConfig& config,
+                                           const SequenceOptions& options) override;
+  absl::Status DropSequence(const std::string& sequence_id) override;
+  absl::Status Step() override;
+  absl::Status Flush() override;
+  absl::Status Reconnect(const std::string& address) override;
+  ClientStats stats() const override;
+
+  // --- For SequenceImpl ---
+  DeviceBackend* device() { return backend_.get(); }
+  StagingPool* staging() { return staging_.get(); }
+  StreamHandle query_stream() const { return query_stream_; }
+  void EnqueueOffload(OffloadItem item);
+  // Waits until the offload queue is empty and no batch is in flight.
+  void WaitOffloadsIdle();
+  absl::StatusOr<v1::SealResponse> SealRpc(const v1::SealRequest& request);
+  absl::Status GetBlocksRpc(const std::string& sequence_id, uint32_t layer,
+                            const std::vector<uint32_t>& blocks, std::vector<v1::Block>* out);
+
+ private:
+  std::shared_ptr<v1::KvStore::Stub> stub() const;
+  void PrepareContext(grpc::ClientContext* context) const;
+  void OffloadLoop();
+  void RetrievalLoop();
+  absl::Status SendBatch(std::vector<OffloadItem>& batch);
+  absl::Status RunRetrieval(const std::vector<SequenceImpl*>& due);
+
+  const ClientOptions options_;
+  std::unique_ptr<DeviceBackend> backend_;
+  std::unique_ptr<StagingPool> staging_;
+  StreamHandle query_stream_ = nullptr;
+
+  mutable absl::Mutex mu_;
+  std::shared_ptr<grpc::Channel> channel_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);
+  std::deque<OffloadItem> offload_queue_ ABSL_GUARDED_BY(mu_);
+  bool offload_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<std::vector<SequenceImpl*>> retrieval_job_ ABSL_GUARDED_BY(mu_);
+  bool retrieval_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool snapshot_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  ClientStats stats_ ABSL_GUARDED_BY(mu_);
+
+  std::thread offload_thread_;
+  std::thread retrieval_thread_;
+};
+
+absl::Status FromGrpc(const grpc::Status& status, const char* what);
+
+}  // namespace kvstar::client_internal
+
+#endif  // KVSTAR_CLIENT_CLIENT_IMPL_H_

@@ -1,0 +1,260 @@
+// kvstar client library: what an inference engine links to keep most of a sequence's KV cache on a
+// kvstar storage node and only the blocks that matter in GPU memory.
+//
+// The engine's view, per sequence:
+//   1. Client::Connect, Client::CreateSequence(profile, knobs).
+//   2. Prefill: Sequence::Offload every completed prompt block (device or host pointers), then
+//      Sequence::Seal with the last prompt queries. Seal returns once the first selection is loaded
+//      into device slots and visible.
+//   3. Each decode step, for each layer: Acquire(layer) -> the slot table the attention kernel reads,
+//      RecordQuery(layer, query), launch attention, Release(layer). When the local window fills a
+//      block: AppendBlock (offloads it and keeps it resident). Then, once per step for all sequences,
+//      Client::Step().
+//   Every retrieval_stride steps Step() hands one Retrieve for all layers of all due sequences to a
+//   background thread; replies stream in and their new blocks are copied into free slots. A new
+//   selection becomes visible only at a step boundary (a later Step()) after its copies completed, so
+//   every Acquire between two Step() calls returns the same table. A slot leaves a table only at a
+//   step boundary and is overwritten only after every Release of the tables that held it completed
+//   (a CUDA event recorded on the engine's stream; on the host backend, the Release call itself).
+//
+// Slots. Each sequence owns a slot pool in device memory: `slots_per_layer` slots per layer, each
+// `slot_bytes` = K then V of one block ([block_size][num_kv_heads][head_dim] each). Slot s of layer l
+// starts at slot_pool + (l * slots_per_layer + s) * slot_bytes. The pool is allocated by the library
+// or handed in by the engine (e.g. a torch tensor's data pointer).
+//
+// Backends. With a usable CUDA device, slots live in device memory and copies are CUDA async copies
+// through pinned staging. When CUDA is unusable at start-up (no device, "driver insufficient", ...)
+// and the backend is kAuto, the same code runs on a host-memory backend: "device" pointers are plain
+// host memory and copies are memcpy. The choice is logged once per process.
+//
+// Errors are absl::Status values; nothing throws. Background work reports its first error later:
+// offload errors on every Offload/AppendBlock of that sequence until a Flush returns and clears
+// them; retrieval and load errors once, on the next Client::Step.
+//
+// Recovery after the server restarts or the connection drops: calls in flight fail (UNAVAILABLE or
+// DEADLINE_EXCEEDED) and the error surfaces as above. Decoding may go on meanwhile: the resident set
+// stays valid and Acquire keeps returning it (selections just get stale). Then:
+//   - Client::Reconnect(address) if the server moved (plain restarts on the same address reconnect by
+//     themselves).
+//   - Sequence::Reseal() for every sealed sequence: a restarted server lost its retrieval index
+//     (Step reports FAILED_PRECONDITION "not sealed" from the next Retrieve). Later strides then
+//     retrieve as before.
+//   - Blocks the server acknowledged are durable. Flush() returns an error naming how many blocks were
+//     not acknowledged since the last successful Flush; re-Offload those (PutBlocks overwrites, so
+//     re-sending a block is harmless). SequenceStats::unacknowledged_blocks counts them.
+//
+// Thread-safety: Client and Sequence methods may be called from any thread, but the per-step calls
+// (RecordQuery, Acquire, Release, Step) are meant for the engine's one decode thread; they take short
+// locks and never wait for the network.
+#ifndef KVSTAR_CLIENT_INCLUDE_KVSTAR_CLIENT_H_
+#define KVSTAR_CLIENT_INCLUDE_KVSTAR_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace kvstar {
+
+enum class DType : uint32_t { kBf16 = 1, kFp16 = 2, kFp32 = 3 };
+
+// Bytes of one element of `dtype`.
+uint32_t DTypeBytes(DType dtype);
+
+// Shape of the model whose KV cache a sequence holds (see ModelProfile in kvstar.proto).
+struct ModelProfile {
+  uint32_t num_layers = 0;
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  uint32_t block_size = 128;  // tokens per block
+  DType dtype = DType::kBf16;
+
+  // Bytes of K (equally of V) of one block of one layer.
+  uint64_t block_key_bytes() const;
+  // Bytes of one token's queries of one layer: [num_q_heads][head_dim].
+  uint64_t query_bytes() const;
+};
+
+// The kvstar knobs (see KvstarConfig in kvstar.proto). The defaults are the server's.
+struct KvstarConfig {
+  uint32_t init_window_sz = 1;
+  uint32_t local_window_sz = 2;
+  float sparse_ratio = 0.25f;
+  uint32_t retrieval_stride = 8;
+  float blk_repre_dim_prune_ratio = 0.25f;
+  uint32_t blk_repre_inner_token_merge = 2;
+};
+
+enum class BackendKind : uint32_t { kAuto = 0, kHost = 1, kCuda = 2 };
+
+const char* BackendName(BackendKind kind);
+
+// Where a pointer handed to the library points.
+enum class MemoryKind : uint32_t { kHost = 0, kDevice = 1 };
+
+struct ClientOptions {
+  std::string address = "127.0.0.1:50051";
+  // TLS via grpc::SslCredentials; an empty root bundle uses the system's roots.
+  bool use_tls = false;
+  std::string tls_root_certs_pem;
+  // Sent as "authorization: Bearer <token>" on every call when non-empty.
+  std::string bearer_token;
+  // kAuto: CUDA when usable, else the host backend. kCuda fails Connect when CUDA is unusable.
+  BackendKind backend = BackendKind::kAuto;
+  int cuda_device = 0;
+  // Pinned host memory for staging offloads and loads. Offload blocks (backpressure) when it is full.
+  uint64_t staging_budget_bytes = uint64_t{256} << 20;
+  // Deadline of each unary call and of each streaming call as a whole.
+  int rpc_timeout_ms = 30000;
+  // Largest PutBlocks message the library sends (the server's --max_message_bytes bounds it).
+  uint64_t max_message_bytes = uint64_t{4} << 20;
+};
+
+struct SequenceOptions {
+  // Slots per layer; 0 picks init + local + ceil(sparse_ratio * middle) for `max_blocks_per_layer`
+  // blocks, doubled so a whole new selection can load while the current one is read, plus 2.
+  uint32_t slots_per_layer = 0;
+  // Longest the sequence may grow, in blocks per layer. Required when slots_per_layer is 0.
+  uint32_t max_blocks_per_layer = 0;
+  // Engine-provided device pool (nullptr: the library allocates it). Must hold
+  // num_layers * slots_per_layer * slot_bytes bytes and outlive the sequence.
+  void* slot_pool = nullptr;
+  uint64_t slot_pool_bytes = 0;
+};
+
+// What the attention kernel of one layer reads during one decode step. Valid until the matching
+// Release; the device array is not rewritten before the Release's event completed.
+struct SlotTable {
+  uint32_t layer = 0;
+  uint64_t step = 0;                  // the decode step this table serves
+  uint32_t count = 0;                 // resident blocks
+  const int32_t* device_slots = nullptr;    // [count] slot of each resident block, device memory
+  const int32_t* host_slots = nullptr;      // [count] the same, host memory
+  const uint32_t* block_indices = nullptr;  // [count] ascending block index, host memory
+  void* slot_pool = nullptr;          // base of the sequence's pool (device memory)
+  uint64_t slot_bytes = 0;            // K + V of one block
+  uint32_t slots_per_layer = 0;
+  // Decode step the queries behind this selection ended at (0 for the Seal selection).
+  uint64_t selection_step = 0;
+};
+
+struct SequenceStats {
+  uint64_t blocks_offloaded = 0;        // acknowledged by the server
+  uint64_t unacknowledged_blocks = 0;   // handed to Offload, lost to an error since the last Flush
+  uint64_t blocks_loaded = 0;           // new blocks copied into slots (incremental transfer)
+  uint64_t bytes_loaded = 0;
+  uint64_t blocks_already_resident = 0; // selected blocks that were resident: not sent, not copied
+  uint64_t selections_published = 0;
+  uint64_t selections_dropped = 0;      // no free slot or an error while loading it
+  uint64_t last_staleness_steps = 0;    // visible step minus the selection's query step
+  uint64_t max_staleness_steps = 0;
+  uint64_t decode_step = 0;
+};
+
+struct ClientStats {
+  uint64_t retrievals_sent = 0;
+  uint64_t retrievals_skipped = 0;  // due while the previous one was still in flight
+  uint64_t retrieve_replies = 0;
+};
+
+// One sequence. Owned by its Client; valid until DropSequence or the Client's destruction.
+class Sequence {
+ public:
+  virtual ~Sequence() = default;
+
+  virtual const std::string& id() const = 0;
+  virtual const ModelProfile& profile() const = 0;
+  virtual const KvstarConfig& config() const = 0;
+
+  // Hands over K and V of one completed block (block_key_bytes each). Device pointers are copied to
+  // pinned staging on `stream` (a cudaStream_t; nullptr = legacy default), ordered after the work
+  // that produced them; host pointers are copied before returning. Either way the caller may reuse
+  // its buffers once the stream passes this point (device) or at return (host). Sending happens on a
+  // background thread; blocks when the staging budget is full. Returns an earlier background error,
+  // or INVALID_ARGUMENT for a layer out of range.
+  virtual absl::Status Offload(uint32_t layer, uint32_t block_index, const void* key,
+                               const void* value, MemoryKind where, void* stream) = 0;
+
+  // A decode-generated block: Offload plus keep it resident (copied into a free slot on `stream`).
+  // It joins the tables at the next step boundary. REQUIRES: Seal succeeded; block_index is the
+  // layer's next block.
+  virtual absl::Status AppendBlock(uint32_t layer, const void* key, const void* value,
+                                   MemoryKind where, void* stream) = 0;
+
+  // Waits until every block offloaded so far is acknowledged. Returns the first error since the last
+  // Flush (with the count of blocks not acknowledged).
+  virtual absl::Status Flush() = 0;
+
+  // Flushes, then seals the prompt with its last `num_queries` queries of every layer, laid out
+  // [num_layers][num_queries][num_q_heads][head_dim]; loads the first selection into slots and makes
+  // it visible. Blocking (prefill, not the decode critical path). Errors: the server's Seal status
+  // (FAILED_PRECONDITION when blocks are missing, UNIMPLEMENTED on servers without retrieval), or
+  // RESOURCE_EXHAUSTED when the selection does not fit the slots.
+  virtual absl::Status Seal(const void* queries, uint32_t num_queries, MemoryKind where,
+                            void* stream) = 0;
+
+  // Recovery after a server restart: the server's retrieval index is not durable, so Retrieve
+  // fails with FAILED_PRECONDITION ("not sealed") until the sequence is sealed again. Reseal seals
+  // it again with the last complete window of queries recorded by RecordQuery, keeping the decode
+  // step; the resident set stays visible and the new selection is published at the next step
+  // boundary. Blocking (RPC + loads): call it between steps. FAILED_PRECONDITION before Seal or
+  // before retrieval_stride decode steps were recorded.
+  virtual absl::Status Reseal() = 0;
+
+  // Records this decode step's query of `layer` ([num_q_heads][head_dim], one token). Device queries
+  // are copied to a pinned buffer on a side stream ordered after `stream`; never blocks.
+  virtual absl::Status RecordQuery(uint32_t layer, const void* query, MemoryKind where,
+                                   void* stream) = 0;
+
+  // The table for this step. The device table is written on `stream` (if it changed), so kernels
+  // on `stream` read it in order. REQUIRES: Seal succeeded. Every Acquire needs a Release.
+  virtual absl::StatusOr<SlotTable> Acquire(uint32_t layer, void* stream) = 0;
+
+  // Marks the end of this step's reads of `layer`'s table: an event is recorded on `stream` after
+  // the kernels that read it; the table's slots may be reused once it completed.
+  virtual absl::Status Release(uint32_t layer, void* stream) = 0;
+
+  virtual SequenceStats stats() const = 0;
+};
+
+class Client {
+ public:
+  virtual ~Client() = default;
+
+  // Picks the backend (logging the choice once), opens the channel. Does not wait for the server.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+
+  virtual BackendKind backend() const = 0;
+
+  // Registers a sequence on the server (idempotent for the same profile and knobs) and allocates its
+  // slots. Errors: the server's (ALREADY_EXISTS for a different profile), INVALID_ARGUMENT for bad
+  // options, RESOURCE_EXHAUSTED when slots cannot be allocated.
+  virtual absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
+                                                   const ModelProfile& profile,
+                                                   const KvstarConfig& config,
+                                                   const SequenceOptions& options) = 0;
+
+  // Waits for the sequence's background work, drops it on the server and frees its slots.
+  virtual absl::Status DropSequence(const std::string& sequence_id) = 0;
+
+  // Ends a decode step of every sealed sequence: publishes selections whose copies completed, and
+  // hands a Retrieve for the sequences that reached a retrieval_stride boundary to the background
+  // thread. Never waits for the network. Returns a background error once.
+  virtual absl::Status Step() = 0;
+
+  // Flush() of every sequence.
+  virtual absl::Status Flush() = 0;
+
+  // Points the client at another address (a restarted server); clears nothing else.
+  virtual absl::Status Reconnect(const std::string& address) = 0;
+
+  virtual ClientStats stats() const = 0;
+};
+
+}  // namespace kvstar
+
+#endif  // KVSTAR_CLIENT_INCLUDE_KVSTAR_CLIENT_H_

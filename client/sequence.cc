@@ -1,0 +1,753 @@
+// SequenceImpl: one sequence's slots, double-buffered slot tables, query ring and step logic.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/client_impl.h"
+
+namespace kvstar::client_internal {
+namespace {
+
+absl::Status ValidateProfile(const ModelProfile& profile) {
+  if (profile.num_layers == 0 || profile.num_q_heads == 0 || profile.num_kv_heads == 0 ||
+      profile.head_dim == 0 || profile.block_size == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "profile: num_layers ", profile.num_layers, ", num_q_heads ", profile.num_q_heads,
+        ", num_kv_heads ", profile.num_kv_heads, ", head_dim ", profile.head_dim,
+        ", block_size ", profile.block_size, ": all must be > 0"));
+  }
+  if (DTypeBytes(profile.dtype) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile.dtype ", static_cast<uint32_t>(profile.dtype), " is unknown"));
+  }
+  if (profile.num_q_heads % profile.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("profile.num_q_heads ", profile.num_q_heads,
+                                                   " is not a multiple of num_kv_heads ",
+                                                   profile.num_kv_heads));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+SequenceImpl::SequenceImpl(ClientImpl* client, std::string id, ModelProfile profile,
+                           KvstarConfig config)
+    : client_(client),
+      backend_(client->device()),
+      id_(std::move(id)),
+      profile_(profile),
+      config_(config),
+      key_bytes_(profile.block_key_bytes()),
+      slot_bytes_(2 * profile.block_key_bytes()) {}
+
+SequenceImpl::~SequenceImpl() {
+  absl::MutexLock lock(&mu_);
+  for (LayerState& state : layers_) {
+    for (TableBuffer& table : state.tables) backend_->ReleaseEvent(table.release_event);
+    for (RetiredSlot& retired : state.retired) backend_->ReleaseEvent(retired.event);
+    for (AppendedBlock& appended : state.appended_unready) backend_->ReleaseEvent(appended.event);
+    if (state.pending.has_value()) {
+      backend_->WaitEvent(state.pending->load_event).IgnoreError();
+      backend_->ReleaseEvent(state.pending->load_event);
+      if (state.pending->staging != nullptr) client_->staging()->Release(state.pending->staging);
+    }
+  }
+  for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
+  if (load_stream_ != nullptr) backend_->DestroyStream(load_stream_);
+  if (owns_pool_ && slot_pool_ != nullptr) backend_->FreeDevice(slot_pool_);
+  if (device_tables_ != nullptr) backend_->FreeDevice(device_tables_);
+  if (pinned_tables_ != nullptr) backend_->FreePinned(pinned_tables_);
+  if (query_ring_ != nullptr) backend_->FreePinned(query_ring_);
+}
+
+absl::Status SequenceImpl::Init(const SequenceOptions& options) {
+  if (absl::Status status = ValidateProfile(profile_); !status.ok()) return status;
+  if (config_.retrieval_stride == 0) {
+    return absl::InvalidArgumentError("config.retrieval_stride must be > 0");
+  }
+  slots_per_layer_ = options.slots_per_layer;
+  if (slots_per_layer_ == 0) {
+    if (options.max_blocks_per_layer == 0) {
+      return absl::InvalidArgumentError(
+          "options: set slots_per_layer or max_blocks_per_layer (both are 0)");
+    }
+    const uint32_t windows = config_.init_window_sz + config_.local_window_sz;
+    const uint32_t middle =
+        options.max_blocks_per_layer > windows ? options.max_blocks_per_layer - windows : 0;
+    const uint32_t resident =
+        windows + static_cast<uint32_t>(std::ceil(middle * double{config_.sparse_ratio}));
+    slots_per_layer_ = 2 * resident + 2;
+  }
+  const uint64_t pool_bytes = uint64_t{profile_.num_layers} * slots_per_layer_ * slot_bytes_;
+  if (options.slot_pool != nullptr) {
+    if (options.slot_pool_bytes < pool_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("options.slot_pool_bytes ",
+                                                     options.slot_pool_bytes, " < ", pool_bytes,
+                                                     " needed for ", slots_per_layer_,
+                                                     " slots per layer"));
+    }
+    slot_pool_ = options.slot_pool;
+  } else {
+    absl::StatusOr<void*> pool = backend_->AllocDevice(pool_bytes);
+    if (!pool.ok()) return pool.status();
+    slot_pool_ = *pool;
+    owns_pool_ = true;
+  }
+  const uint64_t table_entries = uint64_t{2} * profile_.num_layers * slots_per_layer_;
+  absl::StatusOr<void*> device_tables = backend_->AllocDevice(table_entries * sizeof(int32_t));
+  if (!device_tables.ok()) return device_tables.status();
+  device_tables_ = static_cast<int32_t*>(*device_tables);
+  absl::StatusOr<void*> pinned_tables = backend_->AllocPinned(table_entries * sizeof(int32_t));
+  if (!pinned_tables.ok()) return pinned_tables.status();
+  pinned_tables_ = static_cast<int32_t*>(*pinned_tables);
+  const uint64_t ring_bytes =
+      uint64_t{2} * config_.retrieval_stride * profile_.num_layers * profile_.query_bytes();
+  absl::StatusOr<void*> ring = backend_->AllocPinned(ring_bytes);
+  if (!ring.ok()) return ring.status();
+  query_ring_ = static_cast<char*>(*ring);
+  std::memset(query_ring_, 0, ring_bytes);
+  absl::StatusOr<StreamHandle> stream = backend_->CreateStream();
+  if (!stream.ok()) return stream.status();
+  load_stream_ = *stream;
+
+  absl::MutexLock lock(&mu_);
+  layers_.resize(profile_.num_layers);
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    LayerState& state = layers_[layer];
+    for (int buffer = 0; buffer < 2; ++buffer) {
+      const uint64_t offset = (uint64_t{layer} * 2 + buffer) * slots_per_layer_;
+      state.tables[buffer].device_slots = device_tables_ + offset;
+      state.tables[buffer].pinned_slots = pinned_tables_ + offset;
+    }
+    // Popped from the back: slots are taken in ascending order, so fresh loads coalesce.
+    for (uint32_t slot = slots_per_layer_; slot > 0; --slot) {
+      state.free_slots.push_back(static_cast<int32_t>(slot - 1));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceImpl::CheckLayer(uint32_t layer) const {
+  if (layer >= profile_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range: sequence ",
+                                                   id_, " has ", profile_.num_layers, " layers"));
+  }
+  return absl::OkStatus();
+}
+
+char* SequenceImpl::SlotAddress(uint32_t layer, int32_t slot) const {
+  return static_cast<char*>(slot_pool_) +
+         (uint64_t{layer} * slots_per_layer_ + static_cast<uint64_t>(slot)) * slot_bytes_;
+}
+
+char* SequenceImpl::QueryAddress(uint64_t step, uint32_t layer) const {
+  const uint64_t stride = config_.retrieval_stride;
+  const uint64_t window = (step / stride) % 2;
+  const uint64_t row = (window * stride + step % stride) * profile_.num_layers + layer;
+  return query_ring_ + row * profile_.query_bytes();
+}
+
+void SequenceImpl::SetError(const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  if (error_.ok()) error_ = status;
+}
+
+absl::Status SequenceImpl::TakeError() {
+  absl::MutexLock lock(&mu_);
+  absl::Status status = std::move(error_);
+  error_ = absl::OkStatus();
+  if (!status.ok() && stats_.unacknowledged_blocks > 0) {
+    status = absl::Status(status.code(),
+                          absl::StrCat(status.message(), " (", stats_.unacknowledged_blocks,
+                                       " blocks of sequence ", id_,
+                                       " not acknowledged: offload them again)"));
+    stats_.unacknowledged_blocks = 0;
+  }
+  return status;
+}
+
+void SequenceImpl::OffloadDone(uint64_t blocks, const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  if (status.ok()) {
+    stats_.blocks_offloaded += blocks;
+    return;
+  }
+  stats_.unacknowledged_blocks += blocks;
+  if (error_.ok()) error_ = status;
+}
+
+absl::Status SequenceImpl::StageAndQueue(uint32_t layer, uint32_t block_index, const void* key,
+                                         const void* value, MemoryKind where, void* stream) {
+  absl::StatusOr<void*> staging = client_->staging()->Acquire(slot_bytes_);
+  if (!staging.ok()) return staging.status();
+  char* bytes = static_cast<char*>(*staging);
+  OffloadItem item{this, layer, block_index, bytes, key_bytes_, nullptr};
+  absl::Status status;
+  if (where == MemoryKind::kHost) {
+    std::memcpy(bytes, key, key_bytes_);
+    std::memcpy(bytes + key_bytes_, value, key_bytes_);
+  } else {
+    // On the side stream, after the engine's work that produced the block.
+    StreamHandle side = client_->query_stream();
+    absl::StatusOr<EventHandle> produced = backend_->RecordEvent(stream);
+    status = produced.status();
+    if (status.ok()) status = backend_->StreamWaitEvent(side, *produced);
+    if (produced.ok()) backend_->ReleaseEvent(*produced);
+    if (status.ok()) status = backend_->Copy(bytes, MemoryKind::kHost, key, where, key_bytes_, side);
+    if (status.ok()) {
+      status = backend_->Copy(bytes + key_bytes_, MemoryKind::kHost, value, where, key_bytes_, side);
+    }
+    absl::StatusOr<EventHandle> copied =
+        status.ok() ? backend_->RecordEvent(side) : absl::StatusOr<EventHandle>(status);
+    if (copied.ok()) item.ready = *copied;
+    status = copied.status();
+  }
+  if (!status.ok()) {
+    client_->staging()->Release(bytes);
+    return status;
+  }
+  client_->EnqueueOffload(item);
+  return absl::OkStatus();
+}
+
+absl::Status SequenceImpl::Offload(uint32_t layer, uint32_t block_index, const void* key,
+                                   const void* value, MemoryKind where, void* stream) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  {
+    absl::MutexLock lock(&mu_);
+    // An earlier background error is reported here too, but only Flush clears it.
+    if (!error_.ok()) return error_;
+    layers_[layer].num_blocks = std::max(layers_[layer].num_blocks, block_index + 1);
+  }
+  return StageAndQueue(layer, block_index, key, value, where, stream);
+}
+
+absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const void* value,
+                                       MemoryKind where, void* stream) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  uint32_t block_index = 0;
+  std::vector<int32_t> slots;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!sealed_) return absl::FailedPreconditionError("AppendBlock before Seal");
+    if (!error_.ok()) return error_;
+    LayerState& state = layers_[layer];
+    if (!TakeSlots(state, 1, &slots)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "no free slot for decode block of layer ", layer, " (", slots_per_layer_,
+          " slots per layer): raise slots_per_layer"));
+    }
+    block_index = state.num_blocks++;
+  }
+  char* slot = SlotAddress(layer, slots[0]);
+  absl::Status status = backend_->Copy(slot, MemoryKind::kDevice, key, where, key_bytes_, stream);
+  if (status.ok()) {
+    status = backend_->Copy(slot + key_bytes_, MemoryKind::kDevice, value, where, key_bytes_,
+                            stream);
+  }
+  absl::StatusOr<EventHandle> copied =
+      status.ok() ? backend_->RecordEvent(stream) : absl::StatusOr<EventHandle>(status);
+  {
+    absl::MutexLock lock(&mu_);
+    LayerState& state = layers_[layer];
+    if (!copied.ok()) {
+      state.free_slots.push_back(slots[0]);
+      return copied.status();
+    }
+    state.resident[block_index] = slots[0];
+    state.appended_unready.push_back({block_index, *copied});
+  }
+  return StageAndQueue(layer, block_index, key, value, where, stream);
+}
+
+absl::Status SequenceImpl::Flush() {
+  client_->WaitOffloadsIdle();
+  return TakeError();
+}
+
+bool SequenceImpl::sealed() const {
+  absl::MutexLock lock(&mu_);
+  return sealed_;
+}
+
+absl::Status SequenceImpl::Seal(const void* queries, uint32_t num_queries, MemoryKind where,
+                                void* stream) {
+  if (absl::Status status = Flush(); !status.ok()) return status;
+  const uint64_t layer_bytes = uint64_t{num_queries} * profile_.query_bytes();
+  v1::SealRequest request;
+  request.set_sequence_id(id_);
+  std::string host(layer_bytes * profile_.num_layers, '\0');
+  if (!host.empty()) {
+    // Prefill, not the decode path: a plain ordered copy and a wait.
+    absl::Status status =
+        backend_->Copy(host.data(), MemoryKind::kHost, queries, where, host.size(), stream);
+    absl::StatusOr<EventHandle> done =
+        status.ok() ? backend_->RecordEvent(stream) : absl::StatusOr<EventHandle>(status);
+    if (!done.ok()) return done.status();
+    status = backend_->WaitEvent(*done);
+    backend_->ReleaseEvent(*done);
+    if (!status.ok()) return status;
+  }
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    v1::LayerQueries* layer_queries = request.add_queries();
+    layer_queries->set_layer(layer);
+    layer_queries->set_num_queries(num_queries);
+    layer_queries->set_queries(host.substr(layer * layer_bytes, layer_bytes));
+  }
+  absl::StatusOr<v1::SealResponse> response = client_->SealRpc(request);
+  if (!response.ok()) return response.status();
+  if (absl::Status status = LoadSealSelections(*response, 0); !status.ok()) return status;
+  absl::MutexLock lock(&mu_);
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    LayerState& state = layers_[layer];
+    state.num_blocks = std::max(state.num_blocks, response->num_blocks());
+    if (state.pending.has_value()) {
+      if (absl::Status status = backend_->WaitEvent(state.pending->load_event); !status.ok()) {
+        return status;
+      }
+    }
+    PublishReadyLocked(layer);
+    if (state.pending.has_value()) {
+      return absl::InternalError(absl::StrCat("first selection of layer ", layer,
+                                              " could not be published"));
+    }
+  }
+  sealed_ = true;
+  decode_step_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status SequenceImpl::LoadSealSelections(const v1::SealResponse& response,
+                                              uint64_t selection_step) {
+  std::vector<bool> selected(profile_.num_layers, false);
+  for (const v1::LayerSelection& selection : response.selections()) {
+    if (absl::Status status = CheckLayer(selection.layer()); !status.ok()) {
+      return absl::InternalError(absl::StrCat("Seal reply: ", status.message()));
+    }
+    selected[selection.layer()] = true;
+    std::vector<uint32_t> blocks(selection.block_indices().begin(),
+                                 selection.block_indices().end());
+    absl::Status status = LoadSelection(selection.layer(), std::move(blocks),
+                                        response.num_blocks(), selection_step, {});
+    if (!status.ok()) return status;
+  }
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    if (!selected[layer]) {
+      return absl::InternalError(absl::StrCat("Seal reply has no selection for layer ", layer));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceImpl::Reseal() {
+  if (absl::Status status = Flush(); !status.ok()) return status;
+  uint64_t end_step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!sealed_) return absl::FailedPreconditionError("Reseal before Seal");
+    end_step = decode_step_ / config_.retrieval_stride * config_.retrieval_stride;
+  }
+  if (end_step == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Reseal needs retrieval_stride (", config_.retrieval_stride, ") recorded decode steps"));
+  }
+  v1::SealRequest request;
+  request.set_sequence_id(id_);
+  if (absl::Status status = CollectWindow(end_step, request.mutable_queries()); !status.ok()) {
+    return status;
+  }
+  absl::StatusOr<v1::SealResponse> response = client_->SealRpc(request);
+  if (!response.ok()) return response.status();
+  return LoadSealSelections(*response, end_step);
+}
+
+absl::Status SequenceImpl::CollectWindow(
+    uint64_t end_step, google::protobuf::RepeatedPtrField<v1::LayerQueries>* queries) {
+  const uint64_t stride = config_.retrieval_stride;
+  EventHandle copied = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    std::swap(copied, query_events_[((end_step - 1) / stride) % 2]);
+  }
+  absl::Status status = backend_->WaitEvent(copied);
+  backend_->ReleaseEvent(copied);
+  if (!status.ok()) return status;
+  const uint64_t query_bytes = profile_.query_bytes();
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    v1::LayerQueries* layer_queries = queries->Add();
+    layer_queries->set_layer(layer);
+    layer_queries->set_num_queries(static_cast<uint32_t>(stride));
+    std::string* bytes = layer_queries->mutable_queries();
+    bytes->reserve(stride * query_bytes);
+    for (uint64_t past = stride; past > 0; --past) {  // oldest first
+      bytes->append(QueryAddress(end_step - past, layer), query_bytes);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceImpl::RecordQuery(uint32_t layer, const void* query, MemoryKind where,
+                                       void* stream) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  absl::MutexLock lock(&mu_);
+  if (!sealed_) return absl::FailedPreconditionError("RecordQuery before Seal");
+  char* destination = QueryAddress(decode_step_, layer);
+  if (where == MemoryKind::kHost) {
+    std::memcpy(destination, query, profile_.query_bytes());
+    return absl::OkStatus();
+  }
+  StreamHandle side = client_->query_stream();
+  absl::StatusOr<EventHandle> produced = backend_->RecordEvent(stream);
+  if (!produced.ok()) return produced.status();
+  absl::Status status = backend_->StreamWaitEvent(side, *produced);
+  backend_->ReleaseEvent(*produced);
+  if (status.ok()) {
+    status = backend_->Copy(destination, MemoryKind::kHost, query, where, profile_.query_bytes(),
+                            side);
+  }
+  if (!status.ok()) return status;
+  absl::StatusOr<EventHandle> copied = backend_->RecordEvent(side);
+  if (!copied.ok()) return copied.status();
+  // The side stream is in order: the latest event of a window covers all its earlier copies.
+  EventHandle& window_event = query_events_[(decode_step_ / config_.retrieval_stride) % 2];
+  backend_->ReleaseEvent(window_event);
+  window_event = *copied;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SlotTable> SequenceImpl::Acquire(uint32_t layer, void* stream) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  absl::MutexLock lock(&mu_);
+  if (!sealed_) return absl::FailedPreconditionError("Acquire before Seal");
+  LayerState& state = layers_[layer];
+  if (state.acquired_table >= 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layer ", layer, " acquired twice without Release"));
+  }
+  TableBuffer& table = state.tables[state.visible];
+  if (table.device_dirty) {
+    absl::Status status =
+        backend_->Copy(table.device_slots, MemoryKind::kDevice, table.pinned_slots,
+                       MemoryKind::kHost, table.slots.size() * sizeof(int32_t), stream);
+    if (!status.ok()) return status;
+    table.device_dirty = false;
+  }
+  table.acquired = true;
+  state.acquired_table = state.visible;
+  SlotTable result;
+  result.layer = layer;
+  result.step = decode_step_;
+  result.count = static_cast<uint32_t>(table.blocks.size());
+  result.device_slots = table.device_slots;
+  result.host_slots = table.slots.data();
+  result.block_indices = table.blocks.data();
+  result.slot_pool = slot_pool_;
+  result.slot_bytes = slot_bytes_;
+  result.slots_per_layer = slots_per_layer_;
+  result.selection_step = table.selection_step;
+  return result;
+}
+
+absl::Status SequenceImpl::Release(uint32_t layer, void* stream) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  absl::MutexLock lock(&mu_);
+  LayerState& state = layers_[layer];
+  if (state.acquired_table < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " released, not acquired"));
+  }
+  absl::StatusOr<EventHandle> read = backend_->RecordEvent(stream);
+  if (!read.ok()) return read.status();
+  TableBuffer& table = state.tables[state.acquired_table];
+  backend_->ReleaseEvent(table.release_event);
+  table.release_event = *read;
+  table.acquired = false;
+  state.acquired_table = -1;
+  return absl::OkStatus();
+}
+
+SequenceStats SequenceImpl::stats() const {
+  absl::MutexLock lock(&mu_);
+  SequenceStats stats = stats_;
+  stats.decode_step = decode_step_;
+  return stats;
+}
+
+bool SequenceImpl::ReadDone(const TableBuffer& table) {
+  return !table.acquired && backend_->EventDone(table.release_event);
+}
+
+bool SequenceImpl::TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots) {
+  if (state.free_slots.size() < count) {
+    auto reusable = [&](const RetiredSlot& retired) {
+      if (retired.table < 0) return backend_->EventDone(retired.event);
+      const TableBuffer& table = state.tables[retired.table];
+      return table.generation != retired.generation || ReadDone(table);
+    };
+    std::vector<RetiredSlot> still_read;
+    for (RetiredSlot& retired : state.retired) {
+      if (reusable(retired)) {
+        backend_->ReleaseEvent(retired.event);
+        state.free_slots.push_back(retired.slot);
+      } else {
+        still_read.push_back(retired);
+      }
+    }
+    state.retired = std::move(still_read);
+    // Ascending order again (taken from the back), so loads into fresh slots coalesce.
+    std::sort(state.free_slots.begin(), state.free_slots.end(), std::greater<int32_t>());
+  }
+  if (state.free_slots.size() < count) return false;
+  for (size_t i = 0; i < count; ++i) {
+    slots->push_back(state.free_slots.back());
+    state.free_slots.pop_back();
+  }
+  return true;
+}
+
+bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
+                                 uint32_t known_blocks, uint64_t selection_step) {
+  const int next = 1 - state.visible;
+  if (!ReadDone(state.tables[next])) return false;
+  std::set<uint32_t> blocks(selection.begin(), selection.end());
+  for (uint32_t block : state.appended_ready) {
+    if (block >= known_blocks) blocks.insert(block);
+  }
+  std::set<uint32_t> keep = blocks;
+  for (const AppendedBlock& appended : state.appended_unready) keep.insert(appended.block);
+  if (state.pending.has_value()) {
+    keep.insert(state.pending->new_blocks.begin(), state.pending->new_blocks.end());
+  }
+  const TableBuffer& old = state.tables[state.visible];
+  const std::set<uint32_t> old_blocks(old.blocks.begin(), old.blocks.end());
+  for (auto it = state.resident.begin(); it != state.resident.end();) {
+    if (keep.count(it->first) > 0) {
+      ++it;
+      continue;
+    }
+    if (old_blocks.count(it->first) > 0) {
+      state.retired.push_back({it->second, state.visible, old.generation, nullptr});
+    } else {
+      state.free_slots.push_back(it->second);  // never visible: no reader
+    }
+    state.appended_ready.erase(it->first);
+    it = state.resident.erase(it);
+  }
+  TableBuffer& table = state.tables[next];
+  table.blocks.clear();
+  table.slots.clear();
+  for (uint32_t block : blocks) {
+    auto resident = state.resident.find(block);
+    if (resident == state.resident.end()) continue;  // selected but never loaded: skip it
+    table.pinned_slots[table.slots.size()] = resident->second;
+    table.blocks.push_back(block);
+    table.slots.push_back(resident->second);
+  }
+  table.generation = std::max(state.tables[0].generation, state.tables[1].generation) + 1;
+  table.selection_step = selection_step;
+  table.device_dirty = true;
+  state.visible = next;
+  state.visible_selection = selection;
+  state.visible_known_blocks = known_blocks;
+  return true;
+}
+
+void SequenceImpl::PublishReadyLocked(uint32_t layer) {
+  LayerState& state = layers_[layer];
+  std::vector<AppendedBlock> unready;
+  for (AppendedBlock& appended : state.appended_unready) {
+    if (backend_->EventDone(appended.event)) {
+      backend_->ReleaseEvent(appended.event);
+      state.appended_ready.insert(appended.block);
+    } else {
+      unready.push_back(appended);
+    }
+  }
+  state.appended_unready = std::move(unready);
+  if (state.pending.has_value() && backend_->EventDone(state.pending->load_event)) {
+    PendingSelection pending = std::move(*state.pending);
+    state.pending.reset();
+    if (PublishLocked(state, pending.blocks, pending.known_blocks, pending.selection_step)) {
+      backend_->ReleaseEvent(pending.load_event);
+      if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
+      ++stats_.selections_published;
+      stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, pending.selection_step);
+      stats_.max_staleness_steps = std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
+      return;
+    }
+    state.pending = std::move(pending);  // the other table is still read: next boundary
+    return;
+  }
+  const TableBuffer& visible = state.tables[state.visible];
+  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
+  for (uint32_t block : state.appended_ready) {
+    if (block >= state.visible_known_blocks && shown.count(block) == 0) {
+      PublishLocked(state, state.visible_selection, state.visible_known_blocks,
+                    visible.selection_step);
+      return;
+    }
+  }
+}
+
+bool SequenceImpl::AdvanceStep() {
+  absl::MutexLock lock(&mu_);
+  if (!sealed_) return false;
+  ++decode_step_;
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) PublishReadyLocked(layer);
+  return decode_step_ % config_.retrieval_stride == 0;
+}
+
+absl::Status SequenceImpl::BuildRetrieval(v1::SequenceQueries* request,
+                                          std::vector<uint32_t>* known_blocks) {
+  uint64_t step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    step = decode_step_;
+  }
+  if (absl::Status status = CollectWindow(step, request->mutable_queries()); !status.ok()) {
+    return status;
+  }
+  request->set_sequence_id(id_);
+  request->set_decode_step(step);
+  request->set_include_data(true);
+  absl::MutexLock lock(&mu_);
+  known_blocks->assign(profile_.num_layers, 0);
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    const LayerState& state = layers_[layer];
+    v1::HeldBlocks* held = request->add_held();
+    held->set_layer(layer);
+    for (const auto& [block, slot] : state.resident) held->add_block_indices(block);
+    (*known_blocks)[layer] = state.num_blocks;
+  }
+  return absl::OkStatus();
+}
+
+void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep) {
+  PendingSelection pending = std::move(*state.pending);
+  state.pending.reset();
+  // Replacing an unpublished selection is rare (its publication was deferred), and its copy was
+  // issued a stride ago: waiting here is short.
+  backend_->WaitEvent(pending.load_event).IgnoreError();
+  backend_->ReleaseEvent(pending.load_event);
+  if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
+  const TableBuffer& visible = state.tables[state.visible];
+  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
+  for (uint32_t block : pending.new_blocks) {
+    if (keep.count(block) > 0 || shown.count(block) > 0) continue;
+    auto resident = state.resident.find(block);
+    if (resident == state.resident.end()) continue;
+    state.free_slots.push_back(resident->second);
+    state.resident.erase(resident);
+  }
+}
+
+absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> blocks,
+                                         uint32_t known_blocks, uint64_t selection_step,
+                                         std::vector<v1::Block> data) {
+  if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  std::vector<uint32_t> needed;
+  {
+    absl::MutexLock lock(&mu_);
+    const LayerState& state = layers_[layer];
+    for (uint32_t block : blocks) {
+      if (state.resident.count(block) == 0) needed.push_back(block);
+    }
+  }
+  // Bytes of each needed block: from the reply, else fetched.
+  std::map<uint32_t, const v1::Block*> by_index;
+  for (const v1::Block& block : data) {
+    if (block.layer() == layer) by_index[block.block_index()] = &block;
+  }
+  std::vector<uint32_t> missing;
+  for (uint32_t block : needed) {
+    if (by_index.count(block) == 0) missing.push_back(block);
+  }
+  std::vector<v1::Block> fetched;
+  if (!missing.empty()) {
+    absl::Status status = client_->GetBlocksRpc(id_, layer, missing, &fetched);
+    if (!status.ok()) return status;
+    for (const v1::Block& block : fetched) {
+      if (block.layer() == layer) by_index[block.block_index()] = &block;
+    }
+  }
+  for (uint32_t block : needed) {
+    auto found = by_index.find(block);
+    if (found == by_index.end()) {
+      return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer,
+                                              " was selected but its bytes never came"));
+    }
+    const v1::Block& bytes = *found->second;
+    if (bytes.key().size() != key_bytes_ || bytes.value().size() != key_bytes_) {
+      return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer, ": K/V of ",
+                                              bytes.key().size(), "/", bytes.value().size(),
+                                              " bytes, expected ", key_bytes_));
+    }
+  }
+  std::vector<int32_t> slots;
+  {
+    absl::MutexLock lock(&mu_);
+    LayerState& state = layers_[layer];
+    if (!TakeSlots(state, needed.size(), &slots)) {
+      ++stats_.selections_dropped;
+      return absl::ResourceExhaustedError(
+          absl::StrCat("selection of layer ", layer, " needs ", needed.size(),
+                       " free slots; the others are still read: raise slots_per_layer (",
+                       slots_per_layer_, ")"));
+    }
+  }
+  void* staging = nullptr;
+  EventHandle loaded = nullptr;
+  absl::Status status;
+  if (!needed.empty()) {
+    absl::StatusOr<void*> buffer = client_->staging()->Acquire(needed.size() * slot_bytes_);
+    status = buffer.status();
+    if (status.ok()) {
+      staging = *buffer;
+      std::vector<CopySegment> segments;
+      for (size_t i = 0; i < needed.size(); ++i) {
+        const v1::Block& block = *by_index[needed[i]];
+        char* staged = static_cast<char*>(staging) + i * slot_bytes_;
+        std::memcpy(staged, block.key().data(), key_bytes_);
+        std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
+        segments.push_back({SlotAddress(layer, slots[i]), staged, slot_bytes_});
+      }
+      status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
+    }
+    if (status.ok()) {
+      absl::StatusOr<EventHandle> event = backend_->RecordEvent(load_stream_);
+      status = event.status();
+      if (event.ok()) loaded = *event;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  LayerState& state = layers_[layer];
+  if (!status.ok()) {
+    // A failed copy may have been partly issued: wait for the stream before reusing the slots.
+    backend_->WaitEvent(backend_->RecordEvent(load_stream_).value_or(nullptr)).IgnoreError();
+    for (int32_t slot : slots) state.free_slots.push_back(slot);
+    if (staging != nullptr) client_->staging()->Release(staging);
+    ++stats_.selections_dropped;
+    return status;
+  }
+  if (state.pending.has_value()) {
+    DropPendingLocked(state, std::set<uint32_t>(blocks.begin(), blocks.end()));
+  }
+  for (size_t i = 0; i < needed.size(); ++i) state.resident[needed[i]] = slots[i];
+  stats_.blocks_loaded += needed.size();
+  stats_.bytes_loaded += needed.size() * slot_bytes_;
+  stats_.blocks_already_resident += blocks.size() - needed.size();
+  PendingSelection pending;
+  pending.blocks = std::move(blocks);
+  pending.known_blocks = known_blocks;
+  pending.selection_step = selection_step;
+  pending.new_blocks = std::move(needed);
+  pending.load_event = loaded;
+  pending.staging = staging;
+  state.pending = std::move(pending);
+  return absl::OkStatus();
+}
+
+}  // namespace kvstar::client_internal
