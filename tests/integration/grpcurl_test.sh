@@ -54,7 +54,7 @@ profile='{"numLayers":2,"numQHeads":4,"numKvHeads":2,"headDim":16,"dtype":"DTYPE
 out=$("$GRPCURL" -plaintext -d "{\"sequenceId\":\"curl\",\"profile\":$profile}" "$addr" \
   kvstar.v1.KvStore/CreateSequence)
 expect "create through JSON" "$out" '"created": true'
-expect "defaults filled in" "$out" '"blockSize": 128'
+expect "defaults filled in" "$out" '"block_size": 128'
 
 out=$("$GRPCURL" -plaintext -d '{}' "$addr" kvstar.v1.KvStore/Stats)
 expect "stats count the sequence" "$out" '"sequences": "1"'
