@@ -11,7 +11,8 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Address to serve gRPC on, host:port (port 0 picks a free one). A sidecar listens on "
           "loopback; use 0.0.0.0:PORT for a remote storage node.");
 ABSL_FLAG(std::string, backend, "rocksdb",
-          "Block store backend: rocksdb (embedded, default) or nfs (a POSIX/NFS directory).");
+          "Block store backend: rocksdb (embedded, default), nfs (a POSIX/NFS directory) or "
+          "memory (volatile: nothing survives the process).");
 ABSL_FLAG(std::string, data_dir, "./kvstar-data", "Directory the backend keeps its data in.");
 ABSL_FLAG(uint64_t, dram_budget_bytes, uint64_t{1} << 30,
           "Bytes of block data the DRAM tier caches in front of the backend (0 disables it).");
@@ -38,9 +39,9 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.port_file = absl::GetFlag(FLAGS_port_file);
   config.log_level = absl::GetFlag(FLAGS_log_level);
 
-  if (config.backend != "rocksdb" && config.backend != "nfs") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend is \"", config.backend, "\", must be rocksdb or nfs"));
+  if (config.backend != "rocksdb" && config.backend != "nfs" && config.backend != "memory") {
+    return absl::InvalidArgumentError(absl::StrCat("--backend is \"", config.backend,
+                                                   "\", must be rocksdb, nfs or memory"));
   }
   if (config.data_dir.empty()) return absl::InvalidArgumentError("--data_dir is empty");
   if (config.worker_threads < 0) {

@@ -11,7 +11,7 @@ namespace kvstar::server {
 
 struct ServerConfig {
   std::string listen_address;  // host:port; port 0 picks a free port
-  std::string backend;         // "rocksdb" or "nfs"
+  std::string backend;         // "rocksdb", "nfs" or "memory"
   std::string data_dir;        // where the backend keeps its files
   uint64_t dram_budget_bytes = 0;
   int worker_threads = 0;

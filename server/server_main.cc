@@ -23,6 +23,8 @@ namespace {
 constexpr char kServiceName[] = "kvstar.v1.KvStore";
 
 absl::StatusOr<std::unique_ptr<storage::BlockStore>> OpenStore(const ServerConfig& config) {
+  // Everything is in memory already: a DRAM tier in front would only copy.
+  if (config.backend == "memory") return storage::NewMemoryStore();
   absl::StatusOr<std::unique_ptr<storage::BlockStore>> backend =
       config.backend == "nfs" ? storage::OpenPosixDirStore(config.data_dir)
                               : storage::OpenRocksDbStore(config.data_dir);

@@ -124,6 +124,10 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& 
 // several nodes.
 absl::StatusOr<std::unique_ptr<BlockStore>> OpenPosixDirStore(const std::string& dir);
 
+// A store in process memory only: nothing survives the process. For ephemeral nodes, benchmarks
+// and tests.
+std::unique_ptr<BlockStore> NewMemoryStore();
+
 // Puts a DRAM tier of at most `budget_bytes` of block bytes in front of `backend`. Writes go
 // through to the backend before they are cached; reads are served from memory when present.
 std::unique_ptr<BlockStore> NewDramTier(std::unique_ptr<BlockStore> backend,
