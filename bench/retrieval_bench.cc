@@ -3,7 +3,10 @@
 // implementation's method (a GEMV per query row), all measured in the same run.
 //
 //   bazel run -c opt //bench:retrieval_bench -- --model=qwen2.5-14b --context=32768
-//       [--threads=N] [--iters=N]
+//       [--threads=N] [--iters=N] [--rpc_calls=N]
+//
+// --rpc_calls=N (default 20; 0 skips) also serves the same sequence from a real kvstar server on
+// loopback (memory backend, so no disk is measured) and times N Retrieve RPCs of all layers.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/retrieve_rpc.h"
 #include "retrieval/convert.h"
 #include "retrieval/retriever.h"
 #include "retrieval/scorer.h"
@@ -215,7 +219,7 @@ constexpr Model kModels[] = {
 
 int Main(int argc, char** argv) {
   std::string model_name = "qwen2.5-14b";
-  uint32_t context = 32768, iters = 10;
+  uint32_t context = 32768, iters = 10, rpc_calls = 20;
   size_t threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -229,6 +233,8 @@ int Main(int argc, char** argv) {
       context = static_cast<uint32_t>(std::strtoul(v, nullptr, 10));
     } else if (const char* v = value("--threads=")) {
       threads = std::strtoul(v, nullptr, 10);
+    } else if (const char* v = value("--rpc_calls=")) {
+      rpc_calls = static_cast<uint32_t>(std::strtoul(v, nullptr, 10));
     } else if (const char* v = value("--iters=")) {
       iters = std::max(1ul, std::strtoul(v, nullptr, 10));
     } else {
@@ -319,6 +325,17 @@ int Main(int argc, char** argv) {
     same_layers += fused_selection[layer] == gemv_selection[layer];
   }
 
+  RetrieveRpcResult rpc;
+  if (rpc_calls > 0) {
+    absl::StatusOr<RetrieveRpcResult> measured = MeasureRetrieveRpc(
+        shape, knobs, spans, queries, num_queries, rpc_calls, threads);
+    if (!measured.ok()) {
+      std::fprintf(stderr, "Retrieve RPC: %s\n", measured.status().ToString().c_str());
+      return 1;
+    }
+    rpc = *measured;
+  }
+
   const double rep_bytes = static_cast<double>(index->representation_bytes());
   const double rows = static_cast<double>(num_queries) * shape.num_q_heads;  // over all KV heads
   const double flops = 2.0 * rows * num_blocks * index->vectors_per_block() * index->kept() *
@@ -347,12 +364,19 @@ int Main(int argc, char** argv) {
   std::printf("GEMV baseline (original method, median of %zu): %.2f ms -> speedup %.2fx; "
               "identical selections in %u/%u layers\n",
               gemv_times.size(), gemv_ms, gemv_ms / scan_ms, same_layers, shape.num_layers);
+  if (rpc_calls > 0) {
+    std::printf("Retrieve RPC over loopback, all %u layers, ids only (%u calls): p50 %.2f ms, "
+                "p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
+                shape.num_layers, rpc.calls, rpc.p50_ms, rpc.p99_ms, rpc.put_s, rpc.seal_s);
+  }
   std::printf("{\"model\": \"%s\", \"context\": %u, \"scan_ms\": %.3f, \"floor_ms\": %.3f, "
               "\"roofline_fraction\": %.3f, \"membw_gbps\": %.2f, \"fma_gflops\": %.1f, "
               "\"gemv_ms\": %.3f, \"speedup_vs_gemv\": %.2f, \"simd_target\": \"%s\", "
-              "\"threads\": %zu}\n",
+              "\"threads\": %zu, \"retrieve_p50_ms\": %.3f, \"retrieve_p99_ms\": %.3f, "
+              "\"seal_s\": %.2f}\n",
               model->name, context, scan_ms, floor_ms, floor_ms / scan_ms, membw_gbps, fma_gflops,
-              gemv_ms, gemv_ms / scan_ms, target, retriever.num_threads());
+              gemv_ms, gemv_ms / scan_ms, target, retriever.num_threads(), rpc.p50_ms, rpc.p99_ms,
+              rpc.seal_s);
   return 0;
 }
 
