@@ -39,13 +39,28 @@ inline KvstarConfig SmallConfig(uint32_t stride = 4) {
   return config;
 }
 
+// Keeps fp16 values finite and below 2: clears the top exponent bits of every 16-bit element, so
+// scores computed from these bytes are numbers, not NaN.
+inline void TameFp16(std::string* bytes) {
+  for (size_t i = 1; i < bytes->size(); i += 2) (*bytes)[i] &= 0x3b;
+}
+
+// Block (layer, index) of the test sequence: deterministic, finite fp16, correct checksum.
+inline v1::Block TestBlock(uint64_t seed, uint32_t layer, uint32_t index, uint64_t key_bytes) {
+  v1::Block block = MakeBlock(seed, layer, index, key_bytes);
+  TameFp16(block.mutable_key());
+  TameFp16(block.mutable_value());
+  block.set_checksum(storage::BlockChecksum(block.key(), block.value()));
+  return block;
+}
+
 // Offloads blocks [first, first + count) of every layer from host memory.
 inline absl::Status OffloadBlocks(Sequence* sequence, uint32_t first, uint32_t count,
                                   uint64_t seed = kSeed) {
   const uint64_t key_bytes = sequence->profile().block_key_bytes();
   for (uint32_t layer = 0; layer < sequence->profile().num_layers; ++layer) {
     for (uint32_t index = first; index < first + count; ++index) {
-      const v1::Block block = MakeBlock(seed, layer, index, key_bytes);
+      const v1::Block block = TestBlock(seed, layer, index, key_bytes);
       absl::Status status = sequence->Offload(layer, index, block.key().data(),
                                               block.value().data(), MemoryKind::kHost, nullptr);
       if (!status.ok()) return status;
@@ -58,8 +73,7 @@ inline absl::Status OffloadBlocks(Sequence* sequence, uint32_t first, uint32_t c
 inline std::string MakeQueries(const ModelProfile& profile, uint32_t rows, uint64_t seed) {
   std::string queries(uint64_t{profile.num_layers} * rows * profile.query_bytes(), '\0');
   FillPseudoRandom(seed, &queries);
-  // Keep fp16 values finite and small: clear exponent's top bits of every 16-bit element.
-  for (size_t i = 1; i < queries.size(); i += 2) queries[i] &= 0x3b;
+  TameFp16(&queries);
   return queries;
 }
 
@@ -71,7 +85,7 @@ inline void ExpectTableHoldsBlocks(const SlotTable& table, uint64_t key_bytes,
                        (uint64_t{table.layer} * table.slots_per_layer + table.host_slots[i]) *
                            table.slot_bytes;
     ASSERT_EQ(table.device_slots[i], table.host_slots[i]);
-    const v1::Block expected = MakeBlock(seed, table.layer, table.block_indices[i], key_bytes);
+    const v1::Block expected = TestBlock(seed, table.layer, table.block_indices[i], key_bytes);
     ASSERT_EQ(std::memcmp(slot, expected.key().data(), key_bytes), 0)
         << "K of layer " << table.layer << " block " << table.block_indices[i];
     ASSERT_EQ(std::memcmp(slot + key_bytes, expected.value().data(), key_bytes), 0)

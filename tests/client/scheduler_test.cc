@@ -173,7 +173,7 @@ TEST_F(SchedulerTest, SlotsAreReusedOnlyAfterRelease) {
       << client_->stats().retrieve_replies;
   EXPECT_GE(sequence_->stats().selections_dropped, 1u);
   const char* slot = static_cast<const char*>(held->slot_pool) + slot_of_block_1 * held->slot_bytes;
-  const v1::Block block_1 = MakeBlock(kSeed, 0, 1, key_bytes());
+  const v1::Block block_1 = TestBlock(kSeed, 0, 1, key_bytes());
   EXPECT_EQ(std::memcmp(slot, block_1.key().data(), key_bytes()), 0);
 
   // After the release, the slot is reused.
@@ -194,7 +194,7 @@ TEST_F(SchedulerTest, SlotsAreReusedOnlyAfterRelease) {
 
 TEST_F(SchedulerTest, DecodeBlocksAreOffloadedAndJoinTheTableAtTheNextStep) {
   for (uint32_t layer = 0; layer < kLayers; ++layer) {
-    const v1::Block block = MakeBlock(kSeed, layer, kBlocks, key_bytes());
+    const v1::Block block = TestBlock(kSeed, layer, kBlocks, key_bytes());
     ASSERT_TRUE(sequence_->AppendBlock(layer, block.key().data(), block.value().data(),
                                        MemoryKind::kHost, nullptr)
                     .ok());
