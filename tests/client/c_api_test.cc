@@ -1,0 +1,112 @@
+// The C API round trip (create, offload, seal, per-step acquire/record/release, stats, errors)
+// against the real server, and the Python package driven through python3 on the same server.
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvstar/c_api.h"
+#include "tests/client/client_test_util.h"
+#include "tests/integration/server_process.h"
+
+namespace kvstar::testing {
+namespace {
+
+class CApiTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
+        "--backend=rocksdb", "--data_dir=" + MakeTempDir("c_api"), "--log_level=warn"});
+    ASSERT_TRUE(server_->Start().ok());
+  }
+  std::unique_ptr<ServerProcess> server_;
+};
+
+TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
+  kvstar_client* client = nullptr;
+  ASSERT_EQ(kvstar_connect(server_->address().c_str(), KVSTAR_BACKEND_HOST, 0, nullptr, nullptr,
+                           &client),
+            KVSTAR_OK)
+      << kvstar_last_error();
+  EXPECT_EQ(kvstar_client_backend(client), KVSTAR_BACKEND_HOST);
+  const ModelProfile profile = SmallProfile();
+  kvstar_model_profile c_profile = {profile.num_layers, profile.num_q_heads, profile.num_kv_heads,
+                                    profile.head_dim,   profile.block_size,  KVSTAR_DTYPE_FP16};
+  kvstar_config config;
+  kvstar_config_default(&config);
+  EXPECT_EQ(config.retrieval_stride, 8u);
+  config.retrieval_stride = 4;
+  kvstar_sequence* sequence = nullptr;
+  ASSERT_EQ(kvstar_create_sequence(client, "c-seq", &c_profile, &config, 0, 64, nullptr, 0,
+                                   &sequence),
+            KVSTAR_OK)
+      << kvstar_last_error();
+  const uint64_t key_bytes = profile.block_key_bytes();
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    for (uint32_t index = 0; index < 16; ++index) {
+      const v1::Block block = TestBlock(kSeed, layer, index, key_bytes);
+      ASSERT_EQ(kvstar_offload(sequence, layer, index, block.key().data(), block.value().data(),
+                               KVSTAR_HOST, nullptr),
+                KVSTAR_OK);
+    }
+  }
+  ASSERT_EQ(kvstar_flush(sequence), KVSTAR_OK) << kvstar_last_error();
+  const std::string queries = MakeQueries(profile, 4, 5);
+  ASSERT_EQ(kvstar_seal(sequence, queries.data(), 4, KVSTAR_HOST, nullptr), KVSTAR_OK)
+      << kvstar_last_error();
+  for (uint32_t step = 0; step < 12; ++step) {
+    const std::string query = MakeQueries(profile, 1, 50 + step);
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      kvstar_slot_table table;
+      ASSERT_EQ(kvstar_acquire(sequence, layer, nullptr, &table), KVSTAR_OK);
+      SlotTable cpp_table;
+      cpp_table.layer = table.layer;
+      cpp_table.count = table.count;
+      cpp_table.device_slots = table.device_slots;
+      cpp_table.host_slots = table.host_slots;
+      cpp_table.block_indices = table.block_indices;
+      cpp_table.slot_pool = table.slot_pool;
+      cpp_table.slot_bytes = table.slot_bytes;
+      cpp_table.slots_per_layer = table.slots_per_layer;
+      ExpectTableHoldsBlocks(cpp_table, key_bytes);
+      ASSERT_EQ(kvstar_record_query(sequence, layer, query.data() + layer * profile.query_bytes(),
+                                    KVSTAR_HOST, nullptr),
+                KVSTAR_OK);
+      ASSERT_EQ(kvstar_release(sequence, layer, nullptr), KVSTAR_OK);
+    }
+    ASSERT_EQ(kvstar_step(client), KVSTAR_OK) << kvstar_last_error();
+  }
+  kvstar_sequence_stats stats;
+  ASSERT_EQ(kvstar_sequence_stats_get(sequence, &stats), KVSTAR_OK);
+  EXPECT_EQ(stats.blocks_offloaded, kLayers * 16u);
+  EXPECT_EQ(stats.decode_step, 12u);
+  EXPECT_STREQ(kvstar_last_error(), "");
+
+  // Errors: a code and a thread-local message naming the problem.
+  kvstar_slot_table table;
+  EXPECT_EQ(kvstar_acquire(sequence, kLayers, nullptr, &table), 3);  // INVALID_ARGUMENT
+  EXPECT_NE(std::string(kvstar_last_error()).find("layer"), std::string::npos);
+  EXPECT_EQ(kvstar_release(nullptr, 0, nullptr), 3);
+  EXPECT_EQ(kvstar_drop_sequence(client, "c-seq"), KVSTAR_OK);
+  EXPECT_EQ(kvstar_drop_sequence(client, "c-seq"), 5);  // NOT_FOUND
+  kvstar_client_destroy(client);
+}
+
+TEST_F(CApiTest, PythonPackageDrivesTheSharedLibrary) {
+  const std::string command =
+      "KVSTAR_LIB=client/libkvstar_client.so PYTHONPATH=client/python /usr/bin/python3 "
+      "tests/client/python_client_test.py " +
+      server_->address() + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char buffer[4096];
+  while (size_t read = fread(buffer, 1, sizeof(buffer), pipe)) output.append(buffer, read);
+  const int status = pclose(pipe);
+  EXPECT_EQ(status, 0) << output;
+  EXPECT_NE(output.find("python client: OK"), std::string::npos) << output;
+}
+
+}  // namespace
+}  // namespace kvstar::testing

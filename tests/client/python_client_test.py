@@ -1,0 +1,67 @@
+"""Drives the kvstar Python package (ctypes over libkvstar_client.so) against a running server at
+$KVSTAR_ADDRESS on the host backend, with plain bytes buffers (no numpy or torch needed)."""
+import ctypes
+import random
+import sys
+
+import kvstar
+
+LAYERS, Q_HEADS, KV_HEADS, DIM, BLOCK, BLOCKS, STRIDE = 2, 4, 2, 64, 128, 12, 4
+KEY_BYTES = BLOCK * KV_HEADS * DIM * 2
+QUERY_BYTES = Q_HEADS * DIM * 2
+
+
+def tame_fp16(seed, size):
+    data = bytearray(random.Random(seed).randbytes(size))
+    for i in range(1, size, 2):
+        data[i] &= 0x3B  # finite fp16 below 2
+    return bytes(data)
+
+
+def block(layer, index):
+    return (tame_fp16(layer * 1000 + index * 2, KEY_BYTES),
+            tame_fp16(layer * 1000 + index * 2 + 1, KEY_BYTES))
+
+
+def main(address):
+    with kvstar.Client(address, backend=kvstar.BACKEND_HOST) as client:
+        assert client.backend == "host", client.backend
+        seq = client.create_sequence("py-seq", LAYERS, Q_HEADS, KV_HEADS, DIM, dtype="float16",
+                                     max_blocks_per_layer=BLOCKS + 8, retrieval_stride=STRIDE)
+        for layer in range(LAYERS):
+            for index in range(BLOCKS):
+                key, value = block(layer, index)
+                seq.offload(layer, index, key, bytearray(value))
+        seq.flush()
+        assert seq.stats()["blocks_offloaded"] == LAYERS * BLOCKS
+        seq.seal(tame_fp16(7, LAYERS * STRIDE * QUERY_BYTES), STRIDE)
+        for step in range(3 * STRIDE):
+            for layer in range(LAYERS):
+                table = seq.acquire(layer)
+                assert table.count > 0 and table.blocks() == sorted(table.blocks())
+                for i, index in enumerate(table.blocks()):
+                    key, value = block(layer, index)
+                    got = ctypes.string_at(table.slot_address(i), 2 * KEY_BYTES)
+                    assert got == key + value, f"slot of layer {layer} block {index} differs"
+                seq.record_query(layer, tame_fp16(100 + step, QUERY_BYTES))
+                seq.release(layer)
+            client.step()
+        stats = seq.stats()
+        assert stats["decode_step"] == 3 * STRIDE, stats
+        assert stats["selections_published"] >= LAYERS, stats
+        try:
+            seq.acquire(LAYERS)
+            raise AssertionError("acquire of a layer out of range succeeded")
+        except kvstar.KvstarError as error:
+            assert error.code == 3 and "layer" in str(error), (error.code, str(error))
+        client.drop_sequence("py-seq")
+        try:
+            client.drop_sequence("py-seq")
+            raise AssertionError("second drop succeeded")
+        except kvstar.KvstarError as error:
+            assert error.code == 5, error.code
+    print("python client: OK")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
