@@ -1,0 +1,204 @@
+// The client on the CUDA backend: offload from device memory, Seal, per-step loads into device
+// slots with batched async copies, and a race test: cudaMemcpy readers on the engine's stream read
+// every slot of every table while the next selections load. Skipped without a usable GPU.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client/device_backend.h"
+#include "gtest/gtest.h"
+#include "kvstar/client.h"
+#include "tests/client/client_test_util.h"
+#include "tests/client/fake_kv_store.h"
+
+namespace kvstar::testing {
+namespace {
+
+constexpr uint32_t kStride = 4;
+constexpr uint32_t kBlocks = 32;
+
+std::vector<uint32_t> MovingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
+  const uint32_t shift = static_cast<uint32_t>(step / kStride) * 3;
+  std::vector<uint32_t> blocks = {0};
+  for (uint32_t i = 0; i < 8; ++i) blocks.push_back(1 + (shift + i * 3) % (num_blocks - 3));
+  blocks.push_back(num_blocks - 2);
+  blocks.push_back(num_blocks - 1);
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  return blocks;
+}
+
+#define ASSERT_CUDA(call)                                                     \
+  do {                                                                        \
+    const cudaError_t cuda_error = (call);                                    \
+    ASSERT_EQ(cuda_error, cudaSuccess) << #call << ": " << cudaGetErrorString(cuda_error); \
+  } while (0)
+
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::Status usable = client_internal::CudaUsable(0);
+    if (!usable.ok()) GTEST_SKIP() << "no usable GPU: " << usable;
+    ASSERT_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    fake_ = std::make_unique<FakeKvStore>();
+    fake_->set_selector(MovingSelection);
+    ClientOptions options;
+    options.address = fake_->address();
+    options.backend = BackendKind::kCuda;
+    absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = std::move(*client);
+    ASSERT_EQ(client_->backend(), BackendKind::kCuda);
+    absl::StatusOr<Sequence*> sequence =
+        client_->CreateSequence("gpu", SmallProfile(), SmallConfig(kStride), {0, kBlocks + 8});
+    ASSERT_TRUE(sequence.ok()) << sequence.status();
+    sequence_ = *sequence;
+  }
+  void TearDown() override {
+    client_.reset();
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  uint64_t key_bytes() const { return SmallProfile().block_key_bytes(); }
+
+  // Offloads the prompt from device memory (as an engine's prefill leaves it) and seals.
+  void OffloadFromDeviceAndSeal() {
+    void* device = nullptr;
+    ASSERT_CUDA(cudaMalloc(&device, 2 * key_bytes()));
+    char* key = static_cast<char*>(device);
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      for (uint32_t index = 0; index < kBlocks; ++index) {
+        const v1::Block block = TestBlock(kSeed, layer, index, key_bytes());
+        ASSERT_CUDA(cudaMemcpyAsync(key, block.key().data(), key_bytes(), cudaMemcpyHostToDevice,
+                                    stream_));
+        ASSERT_CUDA(cudaMemcpyAsync(key + key_bytes(), block.value().data(), key_bytes(),
+                                    cudaMemcpyHostToDevice, stream_));
+        ASSERT_TRUE(sequence_->Offload(layer, index, key, key + key_bytes(), MemoryKind::kDevice,
+                                       stream_)
+                        .ok());
+        // The engine reuses its buffer only once the library's copy is ordered before it.
+        ASSERT_CUDA(cudaStreamSynchronize(stream_));
+      }
+    }
+    ASSERT_TRUE(sequence_->Flush().ok());
+    EXPECT_EQ(fake_->blocks_put(), kLayers * kBlocks);
+    const std::string queries = MakeQueries(SmallProfile(), kStride, 1);
+    void* device_queries = nullptr;
+    ASSERT_CUDA(cudaMalloc(&device_queries, queries.size()));
+    ASSERT_CUDA(cudaMemcpy(device_queries, queries.data(), queries.size(), cudaMemcpyHostToDevice));
+    absl::Status sealed = sequence_->Seal(device_queries, kStride, MemoryKind::kDevice, stream_);
+    ASSERT_TRUE(sealed.ok()) << sealed;
+    cudaFree(device_queries);
+    cudaFree(device);
+  }
+
+  // What one layer's reader saw in one step: the table and the bytes it read from each slot.
+  struct Read {
+    uint32_t layer;
+    std::vector<uint32_t> blocks;
+    std::vector<int32_t> host_slots;
+    std::vector<int32_t> device_slots;
+    std::vector<char> bytes;
+  };
+
+  void CheckRead(const Read& read) {
+    ASSERT_EQ(read.device_slots, read.host_slots) << "device table differs from host table";
+    for (size_t i = 0; i < read.blocks.size(); ++i) {
+      const v1::Block expected = TestBlock(kSeed, read.layer, read.blocks[i], key_bytes());
+      const char* got = read.bytes.data() + i * 2 * key_bytes();
+      ASSERT_EQ(std::memcmp(got, expected.key().data(), key_bytes()), 0)
+          << "K of layer " << read.layer << " block " << read.blocks[i] << " overwritten";
+      ASSERT_EQ(std::memcmp(got + key_bytes(), expected.value().data(), key_bytes()), 0)
+          << "V of layer " << read.layer << " block " << read.blocks[i] << " overwritten";
+    }
+  }
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<FakeKvStore> fake_;
+  std::unique_ptr<Client> client_;
+  Sequence* sequence_ = nullptr;
+};
+
+TEST_F(GpuTest, SlotsHoldTheSelectedBlocksAndReadersNeverSeeAnOverwrite) {
+  OffloadFromDeviceAndSeal();
+  std::vector<char> query(SmallProfile().query_bytes(), 0);
+  void* device_query = nullptr;
+  ASSERT_CUDA(cudaMalloc(&device_query, query.size()));
+  ASSERT_CUDA(cudaMemset(device_query, 0, query.size()));
+  for (uint32_t step = 0; step < 10 * kStride; ++step) {
+    std::vector<Read> reads(kLayers);
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      absl::StatusOr<SlotTable> table = sequence_->Acquire(layer, stream_);
+      ASSERT_TRUE(table.ok()) << table.status();
+      Read& read = reads[layer];
+      read.layer = layer;
+      read.blocks.assign(table->block_indices, table->block_indices + table->count);
+      read.host_slots.assign(table->host_slots, table->host_slots + table->count);
+      read.device_slots.resize(table->count);
+      read.bytes.resize(table->count * table->slot_bytes);
+      // The "attention kernel": copies reading the device table and every slot, on the stream.
+      ASSERT_CUDA(cudaMemcpyAsync(read.device_slots.data(), table->device_slots,
+                                  table->count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+      for (uint32_t i = 0; i < table->count; ++i) {
+        const char* slot = static_cast<const char*>(table->slot_pool) +
+                           (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) *
+                               table->slot_bytes;
+        ASSERT_CUDA(cudaMemcpyAsync(read.bytes.data() + i * table->slot_bytes, slot,
+                                    table->slot_bytes, cudaMemcpyDeviceToHost, stream_));
+      }
+      ASSERT_TRUE(sequence_->RecordQuery(layer, device_query, MemoryKind::kDevice, stream_).ok());
+      ASSERT_TRUE(sequence_->Release(layer, stream_).ok());
+    }
+    absl::Status stepped = client_->Step();
+    ASSERT_TRUE(stepped.ok()) << stepped;
+    ASSERT_CUDA(cudaStreamSynchronize(stream_));
+    for (const Read& read : reads) CheckRead(read);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const SequenceStats stats = sequence_->stats();
+  EXPECT_GE(stats.selections_published, 8u * kLayers);
+  EXPECT_GT(stats.blocks_loaded, kLayers * 11u);
+  EXPECT_LE(stats.max_staleness_steps, kStride + 1);
+  cudaFree(device_query);
+}
+
+TEST_F(GpuTest, DecodeBlocksFromDeviceMemoryJoinTheTable) {
+  OffloadFromDeviceAndSeal();
+  void* device = nullptr;
+  ASSERT_CUDA(cudaMalloc(&device, 2 * key_bytes()));
+  char* key = static_cast<char*>(device);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    const v1::Block block = TestBlock(kSeed, layer, kBlocks, key_bytes());
+    ASSERT_CUDA(cudaMemcpy(key, block.key().data(), key_bytes(), cudaMemcpyHostToDevice));
+    ASSERT_CUDA(
+        cudaMemcpy(key + key_bytes(), block.value().data(), key_bytes(), cudaMemcpyHostToDevice));
+    ASSERT_TRUE(sequence_->AppendBlock(layer, key, key + key_bytes(), MemoryKind::kDevice, stream_)
+                    .ok());
+    ASSERT_CUDA(cudaStreamSynchronize(stream_));
+  }
+  ASSERT_TRUE(client_->Step().ok());
+  absl::StatusOr<SlotTable> table = sequence_->Acquire(1, stream_);
+  ASSERT_TRUE(table.ok());
+  ASSERT_EQ(table->block_indices[table->count - 1], kBlocks);
+  std::vector<char> bytes(table->slot_bytes);
+  const char* slot = static_cast<const char*>(table->slot_pool) +
+                     (uint64_t{1} * table->slots_per_layer + table->host_slots[table->count - 1]) *
+                         table->slot_bytes;
+  ASSERT_CUDA(cudaMemcpyAsync(bytes.data(), slot, bytes.size(), cudaMemcpyDeviceToHost, stream_));
+  ASSERT_TRUE(sequence_->Release(1, stream_).ok());
+  ASSERT_CUDA(cudaStreamSynchronize(stream_));
+  const v1::Block expected = TestBlock(kSeed, 1, kBlocks, key_bytes());
+  EXPECT_EQ(std::memcmp(bytes.data(), expected.key().data(), key_bytes()), 0);
+  ASSERT_TRUE(sequence_->Flush().ok());
+  EXPECT_TRUE(fake_->has_block(1, kBlocks));
+  cudaFree(device);
+}
+
+}  // namespace
+}  // namespace kvstar::testing
