@@ -25,6 +25,40 @@ inline void FillPseudoRandom(uint64_t seed, std::string* bytes) {
   }
 }
 
+// bf16 values of an (approximately) standard normal distribution — real numbers, unlike random
+// bytes, which hold NaNs and infinities: what a model's K and V look like to the retrieval
+// engine. Each value is the Irwin-Hall sum of four 16-bit uniforms, which is cheap and close
+// enough to normal for tests and demos.
+inline void FillBf16Normal(uint64_t seed, std::string* bytes) {
+  std::string raw(bytes->size() / 2 * 8, '\0');
+  FillPseudoRandom(seed, &raw);
+  for (size_t i = 0; i + 1 < bytes->size(); i += 2) {
+    uint64_t z;
+    std::memcpy(&z, &raw[i / 2 * 8], 8);
+    const uint32_t sum = (z & 0xffff) + ((z >> 16) & 0xffff) + ((z >> 32) & 0xffff) + (z >> 48);
+    const float value = (sum * (1.0f / 65536.0f) - 2.0f) * 1.7320508f;  // mean 0, variance 1
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    const uint16_t bf16 = static_cast<uint16_t>(bits >> 16);
+    std::memcpy(&(*bytes)[i], &bf16, 2);
+  }
+}
+
+// A block of bf16 normal K and V (`key_bytes` each), with a correct checksum.
+inline v1::Block MakeBf16Block(uint64_t seed, uint32_t layer, uint32_t block_index,
+                               uint64_t key_bytes) {
+  v1::Block block;
+  block.set_layer(layer);
+  block.set_block_index(block_index);
+  const uint64_t base = (seed << 40) ^ (uint64_t{layer} << 20) ^ block_index;
+  block.mutable_key()->resize(key_bytes);
+  block.mutable_value()->resize(key_bytes);
+  FillBf16Normal(base * 2, block.mutable_key());
+  FillBf16Normal(base * 2 + 1, block.mutable_value());
+  block.set_checksum(storage::BlockChecksum(block.key(), block.value()));
+  return block;
+}
+
 // A block of `key_bytes` K and as many V bytes, with a correct checksum.
 inline v1::Block MakeBlock(uint64_t seed, uint32_t layer, uint32_t block_index,
                            uint64_t key_bytes) {
