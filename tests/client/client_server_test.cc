@@ -47,6 +47,19 @@ class ClientServerTest : public ::testing::Test {
                           nullptr);
   }
 
+  // The prompt offloaded and sealed; leaves *sequence null and skips on servers without Seal.
+  void CreateOffloadAndSeal(const std::string& id, Sequence** sequence) {
+    Sequence* created = Create(id);
+    ASSERT_NE(created, nullptr);
+    ASSERT_TRUE(OffloadBlocks(created, 0, kPromptBlocks).ok());
+    absl::Status sealed = Seal(created);
+    if (sealed.code() == absl::StatusCode::kUnimplemented) {
+      GTEST_SKIP() << "server answers Seal with UNIMPLEMENTED: " << sealed;
+    }
+    ASSERT_TRUE(sealed.ok()) << sealed;
+    *sequence = created;
+  }
+
   absl::Status DecodeStep(Sequence* sequence, uint64_t step) {
     const std::string query = MakeQueries(SmallProfile(), 1, 1000 + step);
     for (uint32_t layer = 0; layer < kLayers; ++layer) {
@@ -130,14 +143,9 @@ TEST_F(ClientServerTest, ServerErrorsComeBackAsStatuses) {
 }
 
 TEST_F(ClientServerTest, SealAndRetrieveLoadOnlyNewBlocksAndKeepSlotsCorrect) {
-  Sequence* sequence = Create("decode");
-  ASSERT_NE(sequence, nullptr);
-  ASSERT_TRUE(OffloadBlocks(sequence, 0, kPromptBlocks).ok());
-  absl::Status sealed = Seal(sequence);
-  if (sealed.code() == absl::StatusCode::kUnimplemented) {
-    GTEST_SKIP() << "server answers Seal with UNIMPLEMENTED: " << sealed;
-  }
-  ASSERT_TRUE(sealed.ok()) << sealed;
+  Sequence* sequence = nullptr;
+  ASSERT_NO_FATAL_FAILURE(CreateOffloadAndSeal("decode", &sequence));
+  if (sequence == nullptr) return;  // skipped
   // init 1 + local 2 + ceil(29 * 0.25) = 11 resident blocks per layer.
   absl::StatusOr<SlotTable> first = sequence->Acquire(0, nullptr);
   ASSERT_TRUE(first.ok());
@@ -168,14 +176,9 @@ TEST_F(ClientServerTest, SealAndRetrieveLoadOnlyNewBlocksAndKeepSlotsCorrect) {
 }
 
 TEST_F(ClientServerTest, ServerRestartMidDecodeGivesACleanErrorAndTheDocumentedRecoveryWorks) {
-  Sequence* sequence = Create("restart");
-  ASSERT_NE(sequence, nullptr);
-  ASSERT_TRUE(OffloadBlocks(sequence, 0, kPromptBlocks).ok());
-  absl::Status sealed = Seal(sequence);
-  if (sealed.code() == absl::StatusCode::kUnimplemented) {
-    GTEST_SKIP() << "server answers Seal with UNIMPLEMENTED: " << sealed;
-  }
-  ASSERT_TRUE(sealed.ok()) << sealed;
+  Sequence* sequence = nullptr;
+  ASSERT_NO_FATAL_FAILURE(CreateOffloadAndSeal("restart", &sequence));
+  if (sequence == nullptr) return;  // skipped
   const uint32_t stride = sequence->config().retrieval_stride;
   uint64_t step = 0;
   for (; step < stride; ++step) ASSERT_TRUE(DecodeStep(sequence, step).ok());
