@@ -20,8 +20,7 @@ SequenceIndex::SequenceIndex(const ModelShape& shape, const Knobs& knobs)
       knobs_(knobs),
       kept_(knobs.kept_channels(shape)),
       vectors_per_block_(knobs.vectors_per_block(shape)),
-      layers_(shape.num_layers),
-      block_f32_(size_t{shape.block_size} * shape.num_kv_heads * shape.head_dim) {}
+      layers_(shape.num_layers) {}
 
 absl::Status SequenceIndex::CheckBlocks(
     uint32_t layer, absl::Span<const absl::Span<const uint8_t>> key_blocks) const {
@@ -46,10 +45,11 @@ absl::Status SequenceIndex::SealLayer(uint32_t layer,
   const uint32_t dim = shape_.head_dim;
   // Sum of |K| per (head, channel) over every sealed token, in token order.
   std::vector<float> abs_sum(size_t{heads} * dim, 0.0f);
+  std::vector<float> block_f32(size_t{shape_.block_size} * heads * dim);
   for (absl::Span<const uint8_t> block : key_blocks) {
-    ConvertToF32(shape_.dtype, block.data(), block_f32_.size(), block_f32_.data());
+    ConvertToF32(shape_.dtype, block.data(), block_f32.size(), block_f32.data());
     for (uint32_t token = 0; token < shape_.block_size; ++token) {
-      const float* row = &block_f32_[size_t{token} * heads * dim];
+      const float* row = &block_f32[size_t{token} * heads * dim];
       for (size_t i = 0; i < abs_sum.size(); ++i) abs_sum[i] += std::fabs(row[i]);
     }
   }
@@ -89,9 +89,10 @@ absl::Status SequenceIndex::SealLayerWithChannels(
     }
   }
   fresh.vectors.resize(heads);
-  const size_t per_block = size_t{vectors_per_block_} * kept_;
-  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(per_block * key_blocks.size());
-  for (absl::Span<const uint8_t> block : key_blocks) AppendVectors(fresh, block);
+  const size_t groups = (key_blocks.size() + kBlocksPerGroup - 1) / kBlocksPerGroup;
+  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * group_size());
+  std::vector<float> block_f32(size_t{shape_.block_size} * heads * shape_.head_dim);
+  for (absl::Span<const uint8_t> block : key_blocks) AppendVectors(fresh, block, block_f32.data());
   layers_[layer] = std::move(fresh);
   return absl::OkStatus();
 }
@@ -102,26 +103,32 @@ absl::Status SequenceIndex::AppendBlock(uint32_t layer, absl::Span<const uint8_t
     return absl::FailedPreconditionError(
         absl::StrCat("layer ", layer, " must be sealed before AppendBlock"));
   }
-  AppendVectors(layers_[layer], key_block);
+  std::vector<float> block_f32(size_t{shape_.block_size} * shape_.num_kv_heads * shape_.head_dim);
+  AppendVectors(layers_[layer], key_block, block_f32.data());
   return absl::OkStatus();
 }
 
-void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block) {
+void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block,
+                                  float* block_f32) const {
   const uint32_t heads = shape_.num_kv_heads;
   const uint32_t dim = shape_.head_dim;
   const uint32_t merge = knobs_.blk_repre_inner_token_merge;
-  ConvertToF32(shape_.dtype, key_block.data(), block_f32_.size(), block_f32_.data());
+  const uint32_t block = layer.num_blocks;
+  ConvertToF32(shape_.dtype, key_block.data(), key_block.size() / DTypeSize(shape_.dtype),
+               block_f32);
   for (uint32_t h = 0; h < heads; ++h) {
     const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
     std::vector<uint16_t>& out = layer.vectors[h];
+    // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
+    if (block % kBlocksPerGroup == 0) out.resize(out.size() + group_size(), 0);
     for (uint32_t m = 0; m < vectors_per_block_; ++m) {
       for (uint32_t j = 0; j < kept_; ++j) {
         float sum = 0.0f;
         for (uint32_t t = 0; t < merge; ++t) {
           const size_t token = size_t{m} * merge + t;
-          sum += block_f32_[(token * heads + h) * dim + channels[j]];
+          sum += block_f32[(token * heads + h) * dim + channels[j]];
         }
-        out.push_back(F32ToBf16(sum / static_cast<float>(merge)));
+        out[representation_offset(block, m, j)] = F32ToBf16(sum / static_cast<float>(merge));
       }
     }
   }

@@ -17,14 +17,21 @@ namespace kvstar::retrieval {
 // The retrieval index of one sequence. For every (layer, KV head) it holds
 //  - the kept channel ids: the round(head_dim * blk_repre_dim_prune_ratio) channels with the
 //    largest mean |K| over the tokens sealed at SealLayer (ties: lower id), ascending;
-//  - the representation [blocks][M][kept], M = block_size / blk_repre_inner_token_merge: each
-//    vector is the mean of `merge` adjacent tokens' keys on the kept channels.
+//  - the representation: for every block, M = block_size / blk_repre_inner_token_merge vectors on
+//    the kept channels, each the mean of `merge` adjacent tokens' keys.
 // Representations are stored as bf16 (round to nearest even from fp32 means): the scan is bound
 // by memory bandwidth on a large host, bf16 halves its bytes, and bf16's 8-bit mantissa is far
 // finer than what block ranking needs. Scoring widens to fp32 and accumulates in fp32.
 //
-// Thread-compatible: the caller serializes SealLayer/AppendBlock against everything else on the
-// same index; concurrent const calls (scoring) are safe.
+// Stored order (see representation_offset): blocks in groups of kBlocksPerGroup, the blocks of a
+// group interleaved innermost, [group][M][kept / 2 rounded up][kBlocksPerGroup][2 channels]. The
+// scorer puts blocks in SIMD lanes (no lane is idle whatever the query count), and a 32-bit
+// word holding two channels widens to two fp32 vectors with one shift and one mask.
+// Unused slots (blocks past num_blocks in the last group, the odd channel's partner) are zero.
+//
+// Thread-compatible: SealLayer/AppendBlock of one layer must not run concurrently with anything
+// else touching that layer, but calls for different layers may run concurrently; concurrent
+// const calls (scoring) are safe.
 class SequenceIndex {
  public:
   // Returns InvalidArgument when ValidateShapeAndKnobs fails.
@@ -49,14 +56,33 @@ class SequenceIndex {
 
   const ModelShape& shape() const { return shape_; }
   const Knobs& knobs() const { return knobs_; }
+  static constexpr uint32_t kBlocksPerGroup = 16;
+
   uint32_t kept() const { return kept_; }
+  // Channel pairs per vector, kept() / 2 rounded up.
+  uint32_t kept_pairs() const { return (kept_ + 1) / 2; }
   uint32_t vectors_per_block() const { return vectors_per_block_; }
   bool sealed(uint32_t layer) const { return layers_[layer].sealed; }
   uint32_t num_blocks(uint32_t layer) const { return layers_[layer].num_blocks; }
   // Ascending kept channel ids of (layer, kv_head).
   absl::Span<const uint32_t> kept_channels(uint32_t layer, uint32_t kv_head) const;
-  // bf16 bits, [num_blocks][vectors_per_block][kept].
+  // bf16 bits of (layer, kv_head) in the stored order above: ceil(num_blocks / kBlocksPerGroup)
+  // groups of kBlocksPerGroup * vectors_per_block * kept_pairs * 2 values. Empty if unsealed.
   absl::Span<const uint16_t> representation(uint32_t layer, uint32_t kv_head) const;
+  // Index in representation() of vector `vector` (< vectors_per_block), kept channel `channel`
+  // (< kept, in kept_channels order) of block `block`.
+  size_t representation_offset(uint32_t block, uint32_t vector, uint32_t channel) const {
+    const size_t group = block / kBlocksPerGroup;
+    return (((group * vectors_per_block_ + vector) * kept_pairs() + channel / 2) *
+                kBlocksPerGroup +
+            block % kBlocksPerGroup) *
+               2 +
+           channel % 2;
+  }
+  // Values of one group in representation().
+  size_t group_size() const {
+    return size_t{kBlocksPerGroup} * vectors_per_block_ * kept_pairs() * 2;
+  }
   // Bytes of all representations (what one retrieval of every layer scans).
   size_t representation_bytes() const;
 
@@ -65,21 +91,21 @@ class SequenceIndex {
     bool sealed = false;
     uint32_t num_blocks = 0;
     std::vector<uint32_t> kept_channels;            // [num_kv_heads][kept]
-    std::vector<std::vector<uint16_t>> vectors;     // per KV head: [blocks][M][kept] bf16
+    std::vector<std::vector<uint16_t>> vectors;     // per KV head, in the stored order
   };
 
   SequenceIndex(const ModelShape& shape, const Knobs& knobs);
   absl::Status CheckBlocks(uint32_t layer,
                            absl::Span<const absl::Span<const uint8_t>> key_blocks) const;
-  // Appends the merged, pruned vectors of one block to every head of `layer`.
-  void AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block);
+  // Appends the merged, pruned vectors of one block to every head of `layer`; block_f32 is
+  // scratch of key_block_bytes elements (per call, so different layers can seal concurrently).
+  void AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block, float* block_f32) const;
 
   ModelShape shape_;
   Knobs knobs_;
   uint32_t kept_;
   uint32_t vectors_per_block_;
   std::vector<Layer> layers_;
-  std::vector<float> block_f32_;  // scratch: one block widened to fp32
 };
 
 }  // namespace kvstar::retrieval

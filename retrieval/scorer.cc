@@ -1,5 +1,6 @@
 #include "retrieval/scorer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,176 +19,265 @@ namespace kvstar::retrieval {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-using DF = hn::ScalableTag<float>;
+// Lanes are blocks of one representation group (at most kBlocksPerGroup of them).
+using DF = hn::CappedTag<float, SequenceIndex::kBlocksPerGroup>;
 using VF = hn::Vec<DF>;
+using DU = hn::RebindToUnsigned<DF>;
 
-// 2^x for x <= 0 (softmax arguments), relative error ~1.2e-7: degree-6 Taylor polynomial of
-// 2^f on f in [-0.5, 0.5] times 2^n built in the exponent bits. Cheaper than hwy's Exp, which
-// handles the full range; below 2^-127 it returns 0.
-HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
-  const hn::RebindToSigned<DF> di;
+// Accumulator budget of the micro-kernel: 24 of 32 vector registers where there are 32
+// (AVX-512, NEON, SVE), 8 of 16 on AVX2/SSE and the emulated targets.
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+constexpr size_t kMaxRows = 2;
+#else
+constexpr size_t kMaxRows = 6;
+#endif
+constexpr size_t kMaxVectors = 4;  // representation vectors (M index) per micro-kernel tile
+
+// A row's scores may exceed its reference max by this much (log2 units) before the reference
+// moves: exp2 stays below 2^20, far from overflow, and the max rarely needs rescaling.
+constexpr float kHeadroom = 20.0f;
+
+// 2^x for x <= kHeadroom, relative error 2.6e-6 (ranking needs ~1e-4): minimax degree-4
+// polynomial of 2^f on f in [-0.5, 0.5] times 2^n, n = round(x) taken from the low mantissa bits
+// of x + 1.5 * 2^23 (which also carry the exponent bias). Returns 0 below 2^-126.5.
+HWY_INLINE VF Exp2(DF df, VF x) {
+  const DU du;
+  const VF shifter = hn::Set(df, 12583039.0f);  // 1.5 * 2^23 + 127
   x = hn::Max(x, hn::Set(df, -127.0f));
-  const VF n = hn::Round(x);
-  const VF f = hn::Sub(x, n);
-  VF p = hn::Set(df, 1.5403530393381608e-4f);
-  p = hn::MulAdd(p, f, hn::Set(df, 1.3333558146428443e-3f));
-  p = hn::MulAdd(p, f, hn::Set(df, 9.6181291076284772e-3f));
-  p = hn::MulAdd(p, f, hn::Set(df, 5.5504108664821580e-2f));
-  p = hn::MulAdd(p, f, hn::Set(df, 2.4022650695910071e-1f));
-  p = hn::MulAdd(p, f, hn::Set(df, 6.9314718055994531e-1f));
-  p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
-  const auto biased = hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127));
-  return hn::Mul(p, hn::BitCast(df, hn::ShiftLeft<23>(biased)));
+  const VF t = hn::Add(x, shifter);
+  const VF f = hn::Sub(x, hn::Sub(t, shifter));
+  VF p = hn::Set(df, 9.570101908081146e-3f);
+  p = hn::MulAdd(p, f, hn::Set(df, 5.5917860319303916e-2f));
+  p = hn::MulAdd(p, f, hn::Set(df, 2.4024744827944053e-1f));
+  p = hn::MulAdd(p, f, hn::Set(df, 6.931218147367708e-1f));
+  p = hn::MulAdd(p, f, hn::Set(df, 9.999992614457144e-1f));
+  return hn::Mul(p, hn::BitCast(df, hn::ShiftLeft<23>(hn::BitCast(du, t))));
 }
 
-// Register-blocked micro-kernel: kRows representation rows x kVecs query vectors (each lane a
-// query row). For every kept channel, kVecs query loads and kRows broadcasts feed
-// kRows * kVecs FMAs. Arrays of vectors need sized vector types (all x86/NEON targets).
-template <size_t kRows, size_t kVecs>
-HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT rep, size_t kept,
-                          const float* HWY_RESTRICT query_t, size_t padded_rows,
-                          float* HWY_RESTRICT tile) {
+// Per-row softmax state while scanning one head. Scores are kept relative to `reference`, an
+// actual score of the row no lower than its running max minus kHeadroom; sums are relative to it.
+struct RowState {
+  float* reference;   // [rows] reference max, log2 units
+  float* threshold;   // [rows] -inf until the row saw a score, then kHeadroom
+  float* chunk_sum;   // [rows][lanes] this chunk's sum of exp2(score - reference) per block
+  float* denominator; // [rows][lanes] all chunks' sums so far, per lane
+};
+
+// Micro-kernel: kVectors representation vectors (each `lanes` blocks) x kRows query rows.
+// For every kept channel, kVectors loads of the widened representation and kRows broadcasts of
+// query values feed kVectors * kRows FMAs; accumulators start at -reference, so the exp pass
+// reads them directly. Then per row: the rare move of the reference, exp2, and the block sums.
+template <size_t kVectors, size_t kRows>
+HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT widened, size_t kept,
+                          const float* HWY_RESTRICT queries, size_t row0, const RowState& state,
+                          bool ragged, const VF valid) {
   const size_t lanes = hn::Lanes(df);
-  // Fully unrolled so the accumulators live in registers.
-  VF acc[kRows][kVecs];
-  HWY_UNROLL(8)
-  for (size_t r = 0; r < kRows; ++r) {
+  VF acc[kVectors][kRows];
+  {
+    VF w[kVectors];
     HWY_UNROLL(4)
-    for (size_t v = 0; v < kVecs; ++v) acc[r][v] = hn::Zero(df);
-  }
-  for (size_t c = 0; c < kept; ++c) {
-    VF q[kVecs];
-    HWY_UNROLL(4)
-    for (size_t v = 0; v < kVecs; ++v) q[v] = hn::Load(df, query_t + c * padded_rows + v * lanes);
+    for (size_t v = 0; v < kVectors; ++v) w[v] = hn::Load(df, widened + v * kept * lanes);
     HWY_UNROLL(8)
     for (size_t r = 0; r < kRows; ++r) {
-      const VF k = hn::Set(df, rep[r * kept + c]);
+      const VF q = hn::Set(df, queries[(row0 + r) * kept]);
+      const VF start = hn::Set(df, -state.reference[row0 + r]);
       HWY_UNROLL(4)
-      for (size_t v = 0; v < kVecs; ++v) acc[r][v] = hn::MulAdd(q[v], k, acc[r][v]);
+      for (size_t v = 0; v < kVectors; ++v) acc[v][r] = hn::MulAdd(w[v], q, start);
+    }
+  }
+  for (size_t c = 1; c < kept; ++c) {
+    VF w[kVectors];
+    HWY_UNROLL(4)
+    for (size_t v = 0; v < kVectors; ++v) w[v] = hn::Load(df, widened + (v * kept + c) * lanes);
+    HWY_UNROLL(8)
+    for (size_t r = 0; r < kRows; ++r) {
+      const VF q = hn::Set(df, queries[(row0 + r) * kept + c]);
+      HWY_UNROLL(4)
+      for (size_t v = 0; v < kVectors; ++v) acc[v][r] = hn::MulAdd(w[v], q, acc[v][r]);
     }
   }
   HWY_UNROLL(8)
   for (size_t r = 0; r < kRows; ++r) {
+    const size_t row = row0 + r;
+    VF max = acc[0][r];
     HWY_UNROLL(4)
-    for (size_t v = 0; v < kVecs; ++v) hn::Store(acc[r][v], df, tile + r * padded_rows + v * lanes);
+    for (size_t v = 1; v < kVectors; ++v) max = hn::Max(max, acc[v][r]);
+    if (ragged) max = hn::IfThenElse(hn::MaskFromVec(valid), max, hn::Set(df, -HUGE_VALF));
+    if (HWY_UNLIKELY(!hn::AllFalse(df, hn::Gt(max, hn::Set(df, state.threshold[row]))))) {
+      // Move the reference to this tile's max; rescale what was summed against the old one.
+      const float shift = hn::GetLane(hn::MaxOfLanes(df, max));
+      if (state.threshold[row] == kHeadroom) {
+        const VF rescale = hn::Set(df, std::exp2(-shift));
+        float* sum = state.chunk_sum + row * lanes;
+        float* denominator = state.denominator + row * lanes;
+        hn::Store(hn::Mul(hn::Load(df, sum), rescale), df, sum);
+        hn::Store(hn::Mul(hn::Load(df, denominator), rescale), df, denominator);
+      }
+      HWY_UNROLL(4)
+      for (size_t v = 0; v < kVectors; ++v) acc[v][r] = hn::Sub(acc[v][r], hn::Set(df, shift));
+      state.reference[row] += shift;
+      state.threshold[row] = kHeadroom;
+    }
+    VF sum = Exp2(df, acc[0][r]);
+    HWY_UNROLL(4)
+    for (size_t v = 1; v < kVectors; ++v) sum = hn::Add(sum, Exp2(df, acc[v][r]));
+    float* chunk_sum = state.chunk_sum + row * lanes;
+    hn::Store(hn::Add(hn::Load(df, chunk_sum), sum), df, chunk_sum);
   }
 }
 
-template <size_t kRows>
-HWY_INLINE void ScoreRows(DF df, const float* rep, size_t kept, const float* query_t,
-                          size_t padded_rows, float* tile) {
-  const size_t lanes = hn::Lanes(df);
-  const size_t vecs = padded_rows / lanes;
-  size_t v = 0;
-  for (; v + 3 <= vecs; v += 3) {
-    ScoreTile<kRows, 3>(df, rep, kept, query_t + v * lanes, padded_rows, tile + v * lanes);
+// All query rows against kVectors widened representation vectors, in row groups of at most
+// kMaxRows (balanced, so 40 rows run as 6,6,6,6,6,5,5 rather than 6 x 6 + 4).
+template <size_t kVectors>
+HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const float* queries,
+                             size_t num_rows, const RowState& state, bool ragged, VF valid) {
+  const size_t groups = (num_rows + kMaxRows - 1) / kMaxRows;
+  const size_t base = num_rows / groups, extra = num_rows % groups;
+  size_t row = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const size_t rows = base + (g < extra ? 1 : 0);
+    switch (rows) {
+#define KVSTAR_SCORE_ROWS(N)                                                                 \
+  case N:                                                                                    \
+    if constexpr (N <= kMaxRows) {                                                           \
+      ScoreTile<kVectors, N>(df, widened, kept, queries, row, state, ragged, valid);         \
+    }                                                                                        \
+    break;
+      KVSTAR_SCORE_ROWS(1)
+      KVSTAR_SCORE_ROWS(2)
+      KVSTAR_SCORE_ROWS(3)
+      KVSTAR_SCORE_ROWS(4)
+      KVSTAR_SCORE_ROWS(5)
+      KVSTAR_SCORE_ROWS(6)
+#undef KVSTAR_SCORE_ROWS
+      default:
+        break;
+    }
+    row += rows;
   }
-  if (vecs - v == 2) ScoreTile<kRows, 2>(df, rep, kept, query_t + v * lanes, padded_rows, tile + v * lanes);
-  if (vecs - v == 1) ScoreTile<kRows, 1>(df, rep, kept, query_t + v * lanes, padded_rows, tile + v * lanes);
 }
 
 // `queries`: [num_rows][kept] fp32, already scaled by log2(e) / sqrt(head_dim) so that the
-// softmax is computed with exp2. `rep`: bf16 [num_blocks][vectors][kept].
+// softmax is computed with exp2. `rep`: bf16 in SequenceIndex's stored order.
 //
-// Per block, the scores of its M vectors against all rows go to a tile [M][padded_rows] that
-// stays in L1; a second pass over the tile takes the block max per row, moves the running max,
-// rescales the running denominator and sums exp2(s - max) per row. Each block keeps its partial
-// sums and the max they are relative to, so earlier blocks are rescaled once, at the end, not
-// every time the max moves. This keeps one exp per score, which next to the FMAs is the cost.
+// One pass over the representation with an online softmax per query row. Blocks are in lanes,
+// so every exp and FMA lane does useful work and a block's sum over its M vectors is a vertical
+// add. Per chunk of `lanes` blocks and per row, the sum of exp2(score - reference) is kept with
+// the reference it is relative to; the final pass weights it by 2^(reference - final reference)
+// / denominator. The reference only moves when a score exceeds it by kHeadroom, so the hot loop
+// has no per-block max and no rescaling.
 void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t vectors,
                    size_t kept, const float* HWY_RESTRICT queries, size_t num_rows,
                    float* HWY_RESTRICT head_scores, ScoreScratch* scratch) {
   const DF df;
+  const DU du;
   const size_t lanes = hn::Lanes(df);
-  const size_t padded_rows = hwy::RoundUpTo(num_rows, lanes);
-  const size_t vecs = padded_rows / lanes;
+  const size_t group_blocks = SequenceIndex::kBlocksPerGroup;
+  const size_t chunks_per_group = group_blocks / lanes;
+  const size_t num_groups = (num_blocks + group_blocks - 1) / group_blocks;
+  const size_t num_chunks = num_groups * chunks_per_group;
+  const size_t kept_pairs = (kept + 1) / 2;
   const size_t align = 64 / sizeof(float);
-  const size_t query_t_size = hwy::RoundUpTo(kept * padded_rows, align);
-  const size_t rep_size = hwy::RoundUpTo(vectors * kept + lanes, align);
-  const size_t tile_size = hwy::RoundUpTo(vectors * padded_rows, align);
-  const size_t partial_size = num_blocks * padded_rows;
-  float* query_t = scratch->Get(query_t_size + rep_size + tile_size + 2 * partial_size +
-                                3 * padded_rows);
-  float* rep_f32 = query_t + query_t_size;
-  float* tile = rep_f32 + rep_size;
-  float* partial_sum = tile + tile_size;
-  float* partial_max = partial_sum + partial_size;
-  float* running_max = partial_max + partial_size;
-  float* running_sum = running_max + padded_rows;
-  float* inverse_sum = running_sum + padded_rows;
+  const size_t widened_size = hwy::RoundUpTo(kMaxVectors * 2 * kept_pairs * lanes, align);
+  const size_t row_vectors_size = hwy::RoundUpTo(num_rows * lanes, align);
+  const size_t row_scalars_size = hwy::RoundUpTo(num_rows, align);
+  float* widened = scratch->Get(widened_size + 2 * row_vectors_size + 3 * row_scalars_size +
+                                num_chunks * (num_rows * lanes + num_rows) + lanes);
+  RowState state;
+  state.chunk_sum = widened + widened_size;
+  state.denominator = state.chunk_sum + row_vectors_size;
+  state.reference = state.denominator + row_vectors_size;
+  state.threshold = state.reference + row_scalars_size;
+  float* weight = state.threshold + row_scalars_size;
+  float* partial_sum = weight + row_scalars_size;            // [chunks][rows][lanes]
+  float* partial_reference = partial_sum + num_chunks * num_rows * lanes;  // [chunks][rows]
+  float* ragged_scores = partial_reference + num_chunks * num_rows;        // [lanes]
 
-  // Transpose queries to [kept][padded_rows]; padded rows are zero and masked at the end.
-  std::memset(query_t, 0, kept * padded_rows * sizeof(float));
   for (size_t row = 0; row < num_rows; ++row) {
-    for (size_t c = 0; c < kept; ++c) query_t[c * padded_rows + row] = queries[row * kept + c];
+    state.reference[row] = 0.0f;
+    state.threshold[row] = -HUGE_VALF;
+    hn::Store(hn::Zero(df), df, state.denominator + row * lanes);
   }
-  for (size_t v = 0; v < vecs; ++v) {
-    hn::Store(hn::Set(df, -std::numeric_limits<float>::infinity()), df, running_max + v * lanes);
-    hn::Store(hn::Zero(df), df, running_sum + v * lanes);
-  }
+  const size_t group_values = vectors * kept_pairs * group_blocks * 2;
+  const size_t vector_values = kept_pairs * group_blocks * 2;
+  const auto high_half = hn::Set(du, 0xFFFF0000u);
 
-  const hn::Rebind<hwy::bfloat16_t, DF> dbf;
-  const size_t block_elems = vectors * kept;
-  const auto* rep_bf = reinterpret_cast<const hwy::bfloat16_t*>(rep);
-  for (size_t b = 0; b < num_blocks; ++b) {
-    // Widen this block to fp32 once; the micro-kernel then broadcasts from L1.
-    const hwy::bfloat16_t* src = rep_bf + b * block_elems;
-    size_t i = 0;
-    for (; i + lanes <= block_elems; i += lanes) {
-      hn::Store(hn::PromoteTo(df, hn::LoadU(dbf, src + i)), df, rep_f32 + i);
+  for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const size_t group = chunk / chunks_per_group;
+    const size_t first_lane = (chunk % chunks_per_group) * lanes;
+    const size_t first_block = group * group_blocks + first_lane;
+    if (first_block >= num_blocks) continue;
+    const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
+    const bool ragged = valid_lanes < lanes;
+    const VF valid = hn::VecFromMask(df, hn::FirstN(df, valid_lanes));
+    for (size_t row = 0; row < num_rows; ++row) {
+      hn::Store(hn::Zero(df), df, state.chunk_sum + row * lanes);
     }
-    for (; i < block_elems; ++i) rep_f32[i] = Bf16ToF32(rep[b * block_elems + i]);
-
-    size_t m = 0;
-    for (; m + 4 <= vectors; m += 4) {
-      ScoreRows<4>(df, rep_f32 + m * kept, kept, query_t, padded_rows, tile + m * padded_rows);
-    }
-    for (; m < vectors; ++m) {
-      ScoreRows<1>(df, rep_f32 + m * kept, kept, query_t, padded_rows, tile + m * padded_rows);
-    }
-
-    for (size_t v = 0; v < vecs; ++v) {
-      const float* column = tile + v * lanes;
-      VF block_max = hn::Load(df, column);
-      for (size_t r = 1; r < vectors; ++r) {
-        block_max = hn::Max(block_max, hn::Load(df, column + r * padded_rows));
+    // Read as 32-bit words (channel pairs); Highway loads do not assume the pointee type.
+    const uint32_t* group_rep =
+        reinterpret_cast<const uint32_t*>(rep + group * group_values) + first_lane;
+    for (size_t m = 0; m < vectors; m += kMaxVectors) {
+      const size_t tile = std::min(kMaxVectors, vectors - m);
+      // Widen this tile's bf16 pairs to fp32 [tile][kept][lanes]: the low half of each 32-bit
+      // word is the even channel, the high half the odd one.
+      for (size_t v = 0; v < tile; ++v) {
+        const uint32_t* src = group_rep + (m + v) * vector_values / 2;
+        float* dst = widened + v * kept * lanes;
+        for (size_t pair = 0; pair < kept_pairs; ++pair) {
+          const auto words = hn::LoadU(du, src + pair * group_blocks);
+          hn::Store(hn::BitCast(df, hn::ShiftLeft<16>(words)), df, dst + 2 * pair * lanes);
+          if (2 * pair + 1 < kept) {
+            hn::Store(hn::BitCast(df, hn::And(words, high_half)), df, dst + (2 * pair + 1) * lanes);
+          }
+        }
       }
-      const VF old_max = hn::Load(df, running_max + v * lanes);
-      const VF new_max = hn::Max(old_max, block_max);
-      VF sum0 = hn::Zero(df);
-      VF sum1 = hn::Zero(df);
-      size_t r = 0;
-      for (; r + 2 <= vectors; r += 2) {
-        sum0 = hn::Add(sum0, Exp2NonPositive(df, hn::Sub(hn::Load(df, column + r * padded_rows), new_max)));
-        sum1 = hn::Add(sum1, Exp2NonPositive(df, hn::Sub(hn::Load(df, column + (r + 1) * padded_rows), new_max)));
+      switch (tile) {
+        case 1:
+          ScoreVectors<1>(df, widened, kept, queries, num_rows, state, ragged, valid);
+          break;
+        case 2:
+          ScoreVectors<2>(df, widened, kept, queries, num_rows, state, ragged, valid);
+          break;
+        case 3:
+          ScoreVectors<3>(df, widened, kept, queries, num_rows, state, ragged, valid);
+          break;
+        default:
+          ScoreVectors<4>(df, widened, kept, queries, num_rows, state, ragged, valid);
+          break;
       }
-      if (r < vectors) {
-        sum0 = hn::Add(sum0, Exp2NonPositive(df, hn::Sub(hn::Load(df, column + r * padded_rows), new_max)));
-      }
-      const VF block_sum = hn::Add(sum0, sum1);
-      const VF rescaled = hn::Mul(hn::Load(df, running_sum + v * lanes),
-                                  Exp2NonPositive(df, hn::Sub(old_max, new_max)));
-      hn::Store(hn::Add(rescaled, block_sum), df, running_sum + v * lanes);
-      hn::Store(new_max, df, running_max + v * lanes);
-      hn::Store(block_sum, df, partial_sum + b * padded_rows + v * lanes);
-      hn::Store(new_max, df, partial_max + b * padded_rows + v * lanes);
+    }
+    for (size_t row = 0; row < num_rows; ++row) {
+      VF sum = hn::Load(df, state.chunk_sum + row * lanes);
+      if (ragged) sum = hn::And(sum, valid);
+      hn::Store(sum, df, partial_sum + (chunk * num_rows + row) * lanes);
+      partial_reference[chunk * num_rows + row] = state.reference[row];
+      float* denominator = state.denominator + row * lanes;
+      hn::Store(hn::Add(hn::Load(df, denominator), sum), df, denominator);
     }
   }
 
-  // 1 / denominator per row; zero for padded rows so they drop out of the vote.
-  for (size_t row = 0; row < padded_rows; ++row) {
-    inverse_sum[row] = row < num_rows ? 1.0f / running_sum[row] : 0.0f;
+  // head_scores[b] = sum over rows of partial * 2^(partial reference - final reference) / denominator.
+  for (size_t row = 0; row < num_rows; ++row) {
+    weight[row] = 1.0f / hn::GetLane(hn::SumOfLanes(df, hn::Load(df, state.denominator + row * lanes)));
   }
-  for (size_t b = 0; b < num_blocks; ++b) {
+  for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const size_t group = chunk / chunks_per_group;
+    const size_t first_block = group * group_blocks + (chunk % chunks_per_group) * lanes;
+    if (first_block >= num_blocks) continue;
     VF acc = hn::Zero(df);
-    for (size_t v = 0; v < vecs; ++v) {
-      const size_t at = b * padded_rows + v * lanes;
-      const VF scale = hn::Mul(hn::Load(df, inverse_sum + v * lanes),
-                               Exp2NonPositive(df, hn::Sub(hn::Load(df, partial_max + at),
-                                                           hn::Load(df, running_max + v * lanes))));
-      acc = hn::MulAdd(hn::Load(df, partial_sum + at), scale, acc);
+    for (size_t row = 0; row < num_rows; ++row) {
+      const float moved = partial_reference[chunk * num_rows + row] - state.reference[row];
+      const float scale = moved == 0.0f ? weight[row] : weight[row] * std::exp2(moved);
+      acc = hn::MulAdd(hn::Load(df, partial_sum + (chunk * num_rows + row) * lanes),
+                       hn::Set(df, scale), acc);
     }
-    head_scores[b] = hn::GetLane(hn::SumOfLanes(df, acc));
+    const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
+    if (valid_lanes == lanes) {
+      hn::StoreU(acc, df, head_scores + first_block);
+    } else {
+      hn::StoreU(acc, df, ragged_scores);
+      std::copy(ragged_scores, ragged_scores + valid_lanes, head_scores + first_block);
+    }
   }
 }
 

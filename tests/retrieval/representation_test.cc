@@ -93,7 +93,9 @@ TEST(RepresentationTest, KeepsTheChannelsWithLargestMeanAbsKey) {
   EXPECT_THAT((*index)->kept_channels(2, 1), ElementsAre(1, 4, 6));
   // Merge 2: token pairs have opposite signs, so every mean is 0.
   for (uint16_t v : (*index)->representation(2, 1)) EXPECT_EQ(Bf16ToF32(v), 0.0f);
-  EXPECT_EQ((*index)->representation(2, 0).size(), size_t{2} * 3);
+  // One block, 2 vectors of 3 channels, stored as one group of 2 channel pairs.
+  EXPECT_EQ((*index)->representation(2, 0).size(), (*index)->group_size());
+  EXPECT_EQ((*index)->group_size(), size_t{SequenceIndex::kBlocksPerGroup} * 2 * 2 * 2);
   EXPECT_FALSE((*index)->sealed(0));
 }
 
@@ -122,12 +124,35 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
     ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
     const auto channels = ReferenceKeptChannels(shape, knobs, keys.spans);
     const auto rep = ReferenceRepresentation(shape, knobs, keys.spans, channels);
+    const SequenceIndex& idx = **index;
+    const uint32_t blocks = static_cast<uint32_t>(keys.spans.size());
     size_t at = 0;
     for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
-      for (uint16_t v : (*index)->representation(0, h)) ASSERT_EQ(Bf16ToF32(v), rep[at++]);
+      const auto stored = idx.representation(0, h);
+      std::vector<bool> visited(stored.size(), false);
+      for (uint32_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = 0; m < idx.vectors_per_block(); ++m) {
+          for (uint32_t j = 0; j < idx.kept(); ++j) {
+            const size_t offset = idx.representation_offset(b, m, j);
+            ASSERT_LT(offset, stored.size());
+            ASSERT_FALSE(visited[offset]);
+            visited[offset] = true;
+            ASSERT_EQ(Bf16ToF32(stored[offset]), rep[at++]);
+          }
+        }
+      }
+      // Padding (blocks past the last, the odd channel's partner) is zero.
+      for (size_t i = 0; i < stored.size(); ++i) {
+        if (!visited[i]) {
+          ASSERT_EQ(stored[i], 0) << i;
+        }
+      }
+      const size_t groups = (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
+      EXPECT_EQ(stored.size(), groups * idx.group_size());
     }
     EXPECT_EQ(at, rep.size());
-    EXPECT_EQ((*index)->representation_bytes(), rep.size() * 2);
+    EXPECT_EQ(idx.representation_bytes(),
+              shape.num_kv_heads * idx.representation(0, 0).size() * sizeof(uint16_t));
   }
 }
 
