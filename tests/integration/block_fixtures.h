@@ -44,34 +44,33 @@ inline void FillBf16Normal(uint64_t seed, std::string* bytes) {
   }
 }
 
-// A block of bf16 normal K and V (`key_bytes` each), with a correct checksum.
-inline v1::Block MakeBf16Block(uint64_t seed, uint32_t layer, uint32_t block_index,
-                               uint64_t key_bytes) {
+// A block of `key_bytes` K and as many V bytes, filled by `fill(seed, bytes)`, with a correct
+// checksum.
+template <typename Fill>
+v1::Block MakeBlockWith(Fill fill, uint64_t seed, uint32_t layer, uint32_t block_index,
+                        uint64_t key_bytes) {
   v1::Block block;
   block.set_layer(layer);
   block.set_block_index(block_index);
   const uint64_t base = (seed << 40) ^ (uint64_t{layer} << 20) ^ block_index;
   block.mutable_key()->resize(key_bytes);
   block.mutable_value()->resize(key_bytes);
-  FillBf16Normal(base * 2, block.mutable_key());
-  FillBf16Normal(base * 2 + 1, block.mutable_value());
+  fill(base * 2, block.mutable_key());
+  fill(base * 2 + 1, block.mutable_value());
   block.set_checksum(storage::BlockChecksum(block.key(), block.value()));
   return block;
 }
 
-// A block of `key_bytes` K and as many V bytes, with a correct checksum.
+// Random bytes: what storage tests want (every bit pattern).
 inline v1::Block MakeBlock(uint64_t seed, uint32_t layer, uint32_t block_index,
                            uint64_t key_bytes) {
-  v1::Block block;
-  block.set_layer(layer);
-  block.set_block_index(block_index);
-  const uint64_t base = (seed << 40) ^ (uint64_t{layer} << 20) ^ block_index;
-  block.mutable_key()->resize(key_bytes);
-  block.mutable_value()->resize(key_bytes);
-  FillPseudoRandom(base * 2, block.mutable_key());
-  FillPseudoRandom(base * 2 + 1, block.mutable_value());
-  block.set_checksum(storage::BlockChecksum(block.key(), block.value()));
-  return block;
+  return MakeBlockWith(FillPseudoRandom, seed, layer, block_index, key_bytes);
+}
+
+// bf16 normal K and V: what retrieval wants (real numbers).
+inline v1::Block MakeBf16Block(uint64_t seed, uint32_t layer, uint32_t block_index,
+                               uint64_t key_bytes) {
+  return MakeBlockWith(FillBf16Normal, seed, layer, block_index, key_bytes);
 }
 
 }  // namespace kvstar::testing

@@ -141,9 +141,14 @@ class RetrieveTest : public ::testing::Test {
     for (uint32_t layer = 0; layer < kLayers; ++layer) {
       for (uint32_t b = 0; b < kPromptBlocks; ++b) data_.AddBlock(layer, rng);
     }
+    CreateSequence("s");
+    PutBlocks(0, kPromptBlocks);
+  }
+
+  void CreateSequence(const std::string& id) {
     grpc::ClientContext context;
     v1::CreateSequenceRequest create;
-    create.set_sequence_id("s");
+    create.set_sequence_id(id);
     v1::ModelProfile* p = create.mutable_profile();
     p->set_num_layers(kLayers);
     p->set_num_q_heads(kQHeads);
@@ -152,8 +157,8 @@ class RetrieveTest : public ::testing::Test {
     p->set_block_size(kBlockSize);
     p->set_dtype(v1::DTYPE_BF16);
     v1::CreateSequenceResponse created;
-    ASSERT_TRUE(server_->stub().CreateSequence(&context, create, &created).ok());
-    PutBlocks(0, kPromptBlocks);
+    grpc::Status status = server_->stub().CreateSequence(&context, create, &created);
+    ASSERT_TRUE(status.ok()) << status.error_message();
   }
 
   void PutBlocks(uint32_t begin, uint32_t end) {
@@ -363,18 +368,7 @@ TEST_F(RetrieveTest, BadRetrievesAreRejectedNamingTheField) {
 }
 
 TEST_F(RetrieveTest, SealNeedsEveryLayersBlocksFromZero) {
-  grpc::ClientContext context;
-  v1::CreateSequenceRequest create;
-  create.set_sequence_id("gap");
-  v1::ModelProfile* p = create.mutable_profile();
-  p->set_num_layers(kLayers);
-  p->set_num_q_heads(kQHeads);
-  p->set_num_kv_heads(kKvHeads);
-  p->set_head_dim(kHeadDim);
-  p->set_block_size(kBlockSize);
-  p->set_dtype(v1::DTYPE_BF16);
-  v1::CreateSequenceResponse created;
-  ASSERT_TRUE(server_->stub().CreateSequence(&context, create, &created).ok());
+  CreateSequence("gap");
   grpc::ClientContext seal_context;
   v1::SealRequest seal;
   seal.set_sequence_id("gap");
