@@ -89,6 +89,7 @@ absl::Status SequenceIndex::SealLayerWithChannels(
     }
   }
   fresh.vectors.resize(heads);
+  fresh.norms.resize(heads);
   const size_t groups = (key_blocks.size() + kBlocksPerGroup - 1) / kBlocksPerGroup;
   for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * group_size());
   std::vector<float> block_f32(size_t{shape_.block_size} * heads * shape_.head_dim);
@@ -120,16 +121,26 @@ void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_bl
     const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
     std::vector<uint16_t>& out = layer.vectors[h];
     // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
-    if (block % kBlocksPerGroup == 0) out.resize(out.size() + group_size(), 0);
+    if (block % kBlocksPerGroup == 0) {
+      out.resize(out.size() + group_size(), 0);
+      layer.norms[h].push_back(0.0f);
+    }
+    float& group_norm = layer.norms[h].back();
     for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+      double squares = 0.0;
       for (uint32_t j = 0; j < kept_; ++j) {
         float sum = 0.0f;
         for (uint32_t t = 0; t < merge; ++t) {
           const size_t token = size_t{m} * merge + t;
           sum += block_f32[(token * heads + h) * dim + channels[j]];
         }
-        out[representation_offset(block, m, j)] = F32ToBf16(sum / static_cast<float>(merge));
+        const uint16_t value = F32ToBf16(sum / static_cast<float>(merge));
+        out[representation_offset(block, m, j)] = value;
+        squares += double{Bf16ToF32(value)} * Bf16ToF32(value);
       }
+      // Rounded up so that it stays an upper bound after the conversion to float.
+      group_norm = std::max(group_norm, std::nextafter(static_cast<float>(std::sqrt(squares)),
+                                                       HUGE_VALF));
     }
   }
   ++layer.num_blocks;
@@ -144,6 +155,12 @@ absl::Span<const uint16_t> SequenceIndex::representation(uint32_t layer, uint32_
   const Layer& l = layers_[layer];
   if (!l.sealed) return {};
   return absl::MakeConstSpan(l.vectors[kv_head]);
+}
+
+absl::Span<const float> SequenceIndex::group_norms(uint32_t layer, uint32_t kv_head) const {
+  const Layer& l = layers_[layer];
+  if (!l.sealed) return {};
+  return absl::MakeConstSpan(l.norms[kv_head]);
 }
 
 size_t SequenceIndex::representation_bytes() const {

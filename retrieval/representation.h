@@ -79,6 +79,9 @@ class SequenceIndex {
                2 +
            channel % 2;
   }
+  // Per group of representation(layer, kv_head): the largest L2 norm of its vectors (bf16 values,
+  // rounded up), so a score q.v of any of them is at most |q| * norm. Empty if unsealed.
+  absl::Span<const float> group_norms(uint32_t layer, uint32_t kv_head) const;
   // Values of one group in representation().
   size_t group_size() const {
     return size_t{kBlocksPerGroup} * vectors_per_block_ * kept_pairs() * 2;
@@ -92,6 +95,7 @@ class SequenceIndex {
     uint32_t num_blocks = 0;
     std::vector<uint32_t> kept_channels;            // [num_kv_heads][kept]
     std::vector<std::vector<uint16_t>> vectors;     // per KV head, in the stored order
+    std::vector<std::vector<float>> norms;          // per KV head: [groups] max vector norm
   };
 
   SequenceIndex(const ModelShape& shape, const Knobs& knobs);

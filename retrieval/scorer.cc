@@ -38,6 +38,8 @@ constexpr size_t kMaxRows = 2;
 constexpr size_t kMaxRows = 6;
 #endif
 constexpr size_t kMaxVectors = 4;  // representation vectors (M index) per micro-kernel tile
+// How many tiles ahead the representation is prefetched.
+constexpr size_t kPrefetchTiles = 2;
 
 // A row's scores may exceed its reference max by this much (log2 units) before the reference
 // moves: exp2 stays below 2^20, far from overflow, and the max rarely needs rescaling.
@@ -88,10 +90,38 @@ struct RowState {
 // For every kept channel, kVectors loads of the widened representation and kRows broadcasts of
 // query values feed kVectors * kRows FMAs; accumulators start at -reference, so the exp pass
 // reads them directly. Then per row: the rare move of the reference, exp2, and the block sums.
+// Moves row `row`'s reference when a score in accumulator column r exceeds it by kHeadroom (or
+// the row has none yet), rescaling what was summed against the old one. Rare after the first
+// tile of a row.
+template <size_t kVectors, size_t kRows>
+HWY_INLINE void CheckReference(DF df, VF (&acc)[kVectors][kRows], size_t r, size_t row,
+                               const RowState& state, bool ragged, const VF valid) {
+  const size_t lanes = hn::Lanes(df);
+  VF max = acc[0][r];
+  HWY_UNROLL(4)
+  for (size_t v = 1; v < kVectors; ++v) max = hn::Max(max, acc[v][r]);
+  if (ragged) max = hn::IfThenElse(hn::MaskFromVec(valid), max, hn::Set(df, -HUGE_VALF));
+  if (HWY_LIKELY(hn::AllFalse(df, hn::Gt(max, hn::Set(df, state.threshold[row]))))) return;
+  const float shift = hn::GetLane(hn::MaxOfLanes(df, max));
+  if (state.threshold[row] == kHeadroom) {
+    const VF rescale = hn::Set(df, std::exp2(-shift));
+    float* sum = state.chunk_sum + row * lanes;
+    float* denominator = state.denominator + row * lanes;
+    hn::Store(hn::Mul(hn::Load(df, sum), rescale), df, sum);
+    hn::Store(hn::Mul(hn::Load(df, denominator), rescale), df, denominator);
+  }
+  HWY_UNROLL(4)
+  for (size_t v = 0; v < kVectors; ++v) acc[v][r] = hn::Sub(acc[v][r], hn::Set(df, shift));
+  state.reference[row] += shift;
+  state.threshold[row] = kHeadroom;
+}
+
+// `bounded`: every row's scores are known to stay within kHeadroom of its reference (see
+// ScoreHeadImpl), so the per-row max is skipped.
 template <size_t kVectors, size_t kRows>
 HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT widened, size_t kept,
                           const float* HWY_RESTRICT queries, size_t row0, const RowState& state,
-                          bool ragged, const VF valid) {
+                          bool bounded, bool ragged, const VF valid) {
   const size_t lanes = hn::Lanes(df);
   VF acc[kVectors][kRows];
   {
@@ -120,25 +150,7 @@ HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT widened, size_t kept,
   HWY_UNROLL(8)
   for (size_t r = 0; r < kRows; ++r) {
     const size_t row = row0 + r;
-    VF max = acc[0][r];
-    HWY_UNROLL(4)
-    for (size_t v = 1; v < kVectors; ++v) max = hn::Max(max, acc[v][r]);
-    if (ragged) max = hn::IfThenElse(hn::MaskFromVec(valid), max, hn::Set(df, -HUGE_VALF));
-    if (HWY_UNLIKELY(!hn::AllFalse(df, hn::Gt(max, hn::Set(df, state.threshold[row]))))) {
-      // Move the reference to this tile's max; rescale what was summed against the old one.
-      const float shift = hn::GetLane(hn::MaxOfLanes(df, max));
-      if (state.threshold[row] == kHeadroom) {
-        const VF rescale = hn::Set(df, std::exp2(-shift));
-        float* sum = state.chunk_sum + row * lanes;
-        float* denominator = state.denominator + row * lanes;
-        hn::Store(hn::Mul(hn::Load(df, sum), rescale), df, sum);
-        hn::Store(hn::Mul(hn::Load(df, denominator), rescale), df, denominator);
-      }
-      HWY_UNROLL(4)
-      for (size_t v = 0; v < kVectors; ++v) acc[v][r] = hn::Sub(acc[v][r], hn::Set(df, shift));
-      state.reference[row] += shift;
-      state.threshold[row] = kHeadroom;
-    }
+    if (!bounded) CheckReference<kVectors, kRows>(df, acc, r, row, state, ragged, valid);
     VF sum = Exp2(df, acc[0][r]);
     HWY_UNROLL(4)
     for (size_t v = 1; v < kVectors; ++v) sum = hn::Add(sum, Exp2(df, acc[v][r]));
@@ -153,8 +165,8 @@ HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT widened, size_t kept,
 // that it streams in while this tile is scored without a burst that fills the line buffers.
 template <size_t kVectors>
 HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const float* queries,
-                             size_t num_rows, const RowState& state, bool ragged, VF valid,
-                             const char* next, size_t next_bytes) {
+                             size_t num_rows, const RowState& state, bool bounded, bool ragged,
+                             VF valid, const char* next, size_t next_bytes) {
   const size_t groups = (num_rows + kMaxRows - 1) / kMaxRows;
   const size_t base = num_rows / groups, extra = num_rows % groups;
   const size_t prefetch_share = hwy::RoundUpTo(hwy::DivCeil(next_bytes, groups), 64);
@@ -169,7 +181,7 @@ HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const flo
 #define KVSTAR_SCORE_ROWS(N)                                                                 \
   case N:                                                                                    \
     if constexpr (N <= kMaxRows) {                                                           \
-      ScoreTile<kVectors, N>(df, widened, kept, queries, row, state, ragged, valid);         \
+      ScoreTile<kVectors, N>(df, widened, kept, queries, row, state, bounded, ragged, valid); \
     }                                                                                        \
     break;
       KVSTAR_SCORE_ROWS(1)
@@ -195,8 +207,12 @@ HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const flo
 // the reference it is relative to; the final pass weights it by 2^(reference - final reference)
 // / denominator. The reference only moves when a score exceeds it by kHeadroom, so the hot loop
 // has no per-block max and no rescaling.
-void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t vectors,
-                   size_t kept, const float* HWY_RESTRICT queries, size_t num_rows,
+//
+// A chunk skips the per-row max entirely when |q_row| * (its group's largest vector norm), a bound
+// on every score by Cauchy-Schwarz, is within kHeadroom of every row's reference.
+void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT group_norms,
+                   size_t num_blocks, size_t vectors, size_t kept,
+                   const float* HWY_RESTRICT queries, size_t num_rows,
                    float* HWY_RESTRICT head_scores, ScoreScratch* scratch) {
   const DF df;
   const DU du;
@@ -210,7 +226,7 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t v
   const size_t widened_size = hwy::RoundUpTo(kMaxVectors * 2 * kept_pairs * lanes, align);
   const size_t row_vectors_size = hwy::RoundUpTo(num_rows * lanes, align);
   const size_t row_scalars_size = hwy::RoundUpTo(num_rows, align);
-  float* widened = scratch->Get(widened_size + 2 * row_vectors_size + 3 * row_scalars_size +
+  float* widened = scratch->Get(widened_size + 2 * row_vectors_size + 4 * row_scalars_size +
                                 num_chunks * (num_rows * lanes + num_rows) + lanes);
   RowState state;
   state.chunk_sum = widened + widened_size;
@@ -218,13 +234,17 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t v
   state.reference = state.denominator + row_vectors_size;
   state.threshold = state.reference + row_scalars_size;
   float* weight = state.threshold + row_scalars_size;
-  float* partial_sum = weight + row_scalars_size;            // [chunks][rows][lanes]
+  float* query_norm = weight + row_scalars_size;
+  float* partial_sum = query_norm + row_scalars_size;                      // [chunks][rows][lanes]
   float* partial_reference = partial_sum + num_chunks * num_rows * lanes;  // [chunks][rows]
   float* ragged_scores = partial_reference + num_chunks * num_rows;        // [lanes]
 
   for (size_t row = 0; row < num_rows; ++row) {
     state.reference[row] = 0.0f;
     state.threshold[row] = -HUGE_VALF;
+    double squares = 0.0;
+    for (size_t c = 0; c < kept; ++c) squares += double{queries[row * kept + c]} * queries[row * kept + c];
+    query_norm[row] = static_cast<float>(std::sqrt(squares));
     hn::Store(hn::Zero(df), df, state.denominator + row * lanes);
   }
   const size_t group_values = vectors * kept_pairs * group_blocks * 2;
@@ -239,8 +259,12 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t v
     const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
     const bool ragged = valid_lanes < lanes;
     const VF valid = hn::VecFromMask(df, hn::FirstN(df, valid_lanes));
+    bool bounded = true;
     for (size_t row = 0; row < num_rows; ++row) {
       hn::Store(hn::Zero(df), df, state.chunk_sum + row * lanes);
+      // Rounding may let a score pass the bound by a few ulps: exp2 of kHeadroom plus a hair is fine.
+      bounded = bounded && state.threshold[row] == kHeadroom &&
+                query_norm[row] * group_norms[group] <= state.reference[row] + kHeadroom;
     }
     // Read as 32-bit words (channel pairs); Highway loads do not assume the pointee type.
     const uint32_t* group_rep =
@@ -261,24 +285,25 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, size_t num_blocks, size_t v
         }
       }
       // The next tile (the next group's first, at the end) streams in while this one is scored.
-      const char* next = reinterpret_cast<const char*>(group_rep + (m + tile) * vector_values / 2);
+      const char* next =
+          reinterpret_cast<const char*>(group_rep + (m + kPrefetchTiles * kMaxVectors) * vector_values / 2);
       const size_t next_bytes = tile * vector_values * sizeof(uint16_t);
       switch (tile) {
         case 1:
-          ScoreVectors<1>(df, widened, kept, queries, num_rows, state, ragged, valid, next,
-                          next_bytes);
+          ScoreVectors<1>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
+                          next, next_bytes);
           break;
         case 2:
-          ScoreVectors<2>(df, widened, kept, queries, num_rows, state, ragged, valid, next,
-                          next_bytes);
+          ScoreVectors<2>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
+                          next, next_bytes);
           break;
         case 3:
-          ScoreVectors<3>(df, widened, kept, queries, num_rows, state, ragged, valid, next,
-                          next_bytes);
+          ScoreVectors<3>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
+                          next, next_bytes);
           break;
         default:
-          ScoreVectors<4>(df, widened, kept, queries, num_rows, state, ragged, valid, next,
-                          next_bytes);
+          ScoreVectors<4>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
+                          next, next_bytes);
           break;
       }
     }
@@ -394,7 +419,8 @@ void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
   _mm_setcsr(saved_csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
 #endif
   HWY_DYNAMIC_DISPATCH(ScoreHeadImpl)
-  (index.representation(layer, kv_head).data(), index.num_blocks(layer),
+  (index.representation(layer, kv_head).data(), index.group_norms(layer, kv_head).data(),
+   index.num_blocks(layer),
    index.vectors_per_block(), kept, gathered.data(), num_rows, head_scores.data(), &scratch);
 #if HWY_ARCH_X86
   _mm_setcsr(saved_csr);

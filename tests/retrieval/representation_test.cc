@@ -1,5 +1,7 @@
 #include "retrieval/representation.h"
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -118,7 +120,7 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
     ModelShape shape{1, 6, 3, 40, 12, dtype};
     Knobs knobs;
     knobs.blk_repre_inner_token_merge = 3;
-    testing::KeyBlocks keys(shape, 5, rng);
+    testing::KeyBlocks keys(shape, 21, rng);  // two groups, the second partial
     auto index = SequenceIndex::Create(shape, knobs);
     ASSERT_TRUE(index.ok());
     ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
@@ -149,6 +151,25 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
       }
       const size_t groups = (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
       EXPECT_EQ(stored.size(), groups * idx.group_size());
+      // Each group's norm is its largest vector norm (rounded up, so a bound on every q.v).
+      const auto norms = idx.group_norms(0, h);
+      ASSERT_EQ(norms.size(), groups);
+      std::vector<double> largest(groups, 0.0);
+      for (uint32_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = 0; m < idx.vectors_per_block(); ++m) {
+          double squares = 0.0;
+          for (uint32_t j = 0; j < idx.kept(); ++j) {
+            const double v = Bf16ToF32(stored[idx.representation_offset(b, m, j)]);
+            squares += v * v;
+          }
+          largest[b / SequenceIndex::kBlocksPerGroup] =
+              std::max(largest[b / SequenceIndex::kBlocksPerGroup], std::sqrt(squares));
+        }
+      }
+      for (size_t g = 0; g < groups; ++g) {
+        EXPECT_GE(norms[g], largest[g]);
+        EXPECT_NEAR(norms[g], largest[g], 1e-6 * largest[g]);
+      }
     }
     EXPECT_EQ(at, rep.size());
     EXPECT_EQ(idx.representation_bytes(),

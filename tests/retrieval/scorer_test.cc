@@ -159,25 +159,77 @@ TEST(ScorerTest, PlantedBlockMatchingTheQueriesIsSelected) {
   EXPECT_EQ(selected, ReferenceRetrieveLayer(shape, knobs, keys.spans, queries, nq));
 }
 
+// The running reference max moves far (beyond the scorer's headroom) in a late group, after
+// earlier groups were summed against a much lower one; their partial sums must be rescaled.
+TEST(ScorerTest, LateDominantBlockMatchesReference) {
+  const ModelShape shape = Shape(8, 2, 64, 32, DType::kFp32);
+  const Knobs knobs;
+  std::mt19937 rng(13);
+  const uint32_t num_blocks = 40, late = 37, nq = 3;
+  KeyBlocks keys(shape, num_blocks, rng);
+  std::vector<uint8_t> queries =
+      RandomElements(shape.dtype, size_t{nq} * shape.num_q_heads * shape.head_dim, rng);
+  for (float strength : {3.0f, 8.0f, 30.0f}) {
+    SCOPED_TRACE(strength);
+    for (uint32_t t = 0; t < shape.block_size; ++t) {
+      for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+        for (uint32_t c = 0; c < shape.head_dim; ++c) {
+          const float q = LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
+          testing::StoreAs(shape.dtype, keys.bytes[late].data(),
+                           (size_t{t} * shape.num_kv_heads + h) * shape.head_dim + c,
+                           strength * q + (t % 3 == 0 ? 0.5f : -0.25f));
+        }
+      }
+    }
+    keys.Refresh();
+    auto index = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(index.ok());
+    ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+    std::vector<float> scores;
+    ASSERT_TRUE(ScoreLayer(**index, 0, queries, nq, scores).ok());
+    const std::vector<uint32_t> channels = ReferenceKeptChannels(shape, knobs, keys.spans);
+    const std::vector<float> want =
+        ReferenceScores(shape, knobs, ReferenceRepresentation(shape, knobs, keys.spans, channels),
+                        channels, num_blocks, queries, nq);
+    const float total = static_cast<float>(nq) * shape.num_q_heads;
+    for (uint32_t b = 0; b < num_blocks; ++b) {
+      EXPECT_NEAR(scores[b], want[b], 1e-4f * want[b] + 1e-6f * total) << "block " << b;
+    }
+    EXPECT_EQ(std::max_element(scores.begin(), scores.end()) - scores.begin(), late);
+  }
+}
+
 TEST(ScorerTest, AppendBlockScoresLikeSealingWithTheBlock) {
   const ModelShape shape = Shape(10, 2, 48, 16, DType::kFp16);
   const Knobs knobs;
   std::mt19937 rng(3);
-  KeyBlocks keys(shape, 12, rng);
+  // The prompt ends inside the first group of 16 blocks; appends fill it and start the second.
+  KeyBlocks keys(shape, 19, rng);
   auto sealed_then_appended = SequenceIndex::Create(shape, knobs);
   auto sealed_at_once = SequenceIndex::Create(shape, knobs);
   ASSERT_TRUE(sealed_then_appended.ok() && sealed_at_once.ok());
   const auto prompt = absl::MakeConstSpan(keys.spans).subspan(0, 10);
   ASSERT_TRUE((*sealed_then_appended)->SealLayer(0, prompt).ok());
-  ASSERT_TRUE((*sealed_then_appended)->AppendBlock(0, keys.spans[10]).ok());
-  ASSERT_TRUE((*sealed_then_appended)->AppendBlock(0, keys.spans[11]).ok());
+  for (size_t b = 10; b < keys.spans.size(); ++b) {
+    ASSERT_TRUE((*sealed_then_appended)->AppendBlock(0, keys.spans[b]).ok());
+  }
   std::vector<uint32_t> channels;
   for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
     const auto kept = (*sealed_then_appended)->kept_channels(0, h);
     channels.insert(channels.end(), kept.begin(), kept.end());
   }
   ASSERT_TRUE((*sealed_at_once)->SealLayerWithChannels(0, keys.spans, channels).ok());
-  EXPECT_EQ((*sealed_then_appended)->num_blocks(0), 12u);
+  EXPECT_EQ((*sealed_then_appended)->num_blocks(0), 19u);
+  for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+    EXPECT_TRUE(std::equal((*sealed_then_appended)->representation(0, h).begin(),
+                           (*sealed_then_appended)->representation(0, h).end(),
+                           (*sealed_at_once)->representation(0, h).begin(),
+                           (*sealed_at_once)->representation(0, h).end()));
+    EXPECT_TRUE(std::equal((*sealed_then_appended)->group_norms(0, h).begin(),
+                           (*sealed_then_appended)->group_norms(0, h).end(),
+                           (*sealed_at_once)->group_norms(0, h).begin(),
+                           (*sealed_at_once)->group_norms(0, h).end()));
+  }
   const auto queries = RandomElements(shape.dtype, size_t{8} * shape.num_q_heads * shape.head_dim, rng);
   std::vector<float> appended_scores, at_once_scores;
   ASSERT_TRUE(ScoreLayer(**sealed_then_appended, 0, queries, 8, appended_scores).ok());
