@@ -104,4 +104,41 @@ absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
   return absl::OkStatus();
 }
 
+absl::Status Retriever::SealLayers(
+    SequenceIndex& index, absl::Span<const uint32_t> layers,
+    absl::Span<const std::vector<absl::Span<const uint8_t>>> key_blocks_per_layer) {
+  const ModelShape& shape = index.shape();
+  if (layers.size() != key_blocks_per_layer.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("key blocks for ", key_blocks_per_layer.size(),
+                                                   " layers, expected ", layers.size()));
+  }
+  std::vector<bool> seen(shape.num_layers, false);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (layers[i] >= shape.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layers[", i, "] = ", layers[i], ": must be below num_layers (", shape.num_layers, ")"));
+    }
+    if (seen[layers[i]]) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layers[i], " is listed twice"));
+    }
+    seen[layers[i]] = true;
+    for (size_t b = 0; b < key_blocks_per_layer[i].size(); ++b) {
+      if (key_blocks_per_layer[i][b].size() != shape.key_block_bytes()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "key block ", b, " of layer ", layers[i], " has ", key_blocks_per_layer[i][b].size(),
+            " bytes, expected ", shape.key_block_bytes()));
+      }
+    }
+  }
+  // Layers share no state in SequenceIndex, so they seal concurrently.
+  std::vector<absl::Status> statuses(layers.size());
+  pool_.ParallelFor(layers.size(), [&](size_t i, size_t) {
+    statuses[i] = index.SealLayer(layers[i], key_blocks_per_layer[i]);
+  });
+  for (const absl::Status& status : statuses) {
+    if (!status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvstar::retrieval

@@ -52,6 +52,15 @@ class Retriever {
   absl::Status Retrieve(absl::Span<const RetrievalRequest> requests, const LayerCallback& on_layer,
                         const CancelPredicate& is_cancelled = nullptr);
 
+  // Seals layers[i] of `index` from key_blocks_per_layer[i] (as SequenceIndex::SealLayer), the
+  // layers in parallel on the pool; the result equals sealing them one by one. Checks everything
+  // first: InvalidArgument (sizes differ, a layer out of range or repeated, a block of the wrong
+  // size) leaves the index unchanged. REQUIRES: nothing else uses `index` during the call.
+  // Runs after (or before) any concurrent Retrieve, not alongside it.
+  absl::Status SealLayers(SequenceIndex& index, absl::Span<const uint32_t> layers,
+                          absl::Span<const std::vector<absl::Span<const uint8_t>>>
+                              key_blocks_per_layer);
+
  private:
   ThreadPool pool_;
   std::vector<ScoreScratch> scratch_;  // one per pool thread

@@ -1,5 +1,6 @@
 #include "retrieval/retriever.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <random>
@@ -100,6 +101,60 @@ TEST(RetrieverTest, RejectsBadRequestsBeforeAnyWork) {
   EXPECT_EQ(retriever.Retrieve({bad}, count).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(calls, 0);
   EXPECT_TRUE(retriever.Retrieve({}, count).ok());
+}
+
+TEST(RetrieverTest, SealLayersInParallelEqualsSealingOneByOne) {
+  std::mt19937 rng(17);
+  const ModelShape shape{6, 8, 2, 64, 16, DType::kFp16};
+  std::vector<testing::KeyBlocks> keys;
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+    keys.emplace_back(shape, 5 + 4 * layer, rng);  // 5..25 blocks: one and two groups
+  }
+  auto serial = SequenceIndex::Create(shape, Knobs()).value();
+  auto parallel = SequenceIndex::Create(shape, Knobs()).value();
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+    ASSERT_TRUE(serial->SealLayer(layer, keys[layer].spans).ok());
+  }
+  // All layers but layer 1, in a shuffled order.
+  const std::vector<uint32_t> layers = {4, 0, 5, 2, 3};
+  std::vector<std::vector<absl::Span<const uint8_t>>> blocks;
+  for (uint32_t layer : layers) blocks.push_back(keys[layer].spans);
+  Retriever retriever(3);
+  ASSERT_TRUE(retriever.SealLayers(*parallel, layers, blocks).ok());
+  EXPECT_FALSE(parallel->sealed(1));
+  for (uint32_t layer : layers) {
+    ASSERT_TRUE(parallel->sealed(layer));
+    EXPECT_EQ(parallel->num_blocks(layer), serial->num_blocks(layer));
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      const auto a = parallel->kept_channels(layer, h), b = serial->kept_channels(layer, h);
+      EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end())) << layer << " " << h;
+      const auto ra = parallel->representation(layer, h), rb = serial->representation(layer, h);
+      EXPECT_TRUE(std::equal(ra.begin(), ra.end(), rb.begin(), rb.end())) << layer << " " << h;
+      const auto na = parallel->group_norms(layer, h), nb = serial->group_norms(layer, h);
+      EXPECT_TRUE(std::equal(na.begin(), na.end(), nb.begin(), nb.end())) << layer << " " << h;
+    }
+  }
+}
+
+TEST(RetrieverTest, SealLayersRejectsBadArgumentsLeavingTheIndexUnchanged) {
+  std::mt19937 rng(19);
+  const ModelShape shape{3, 4, 2, 32, 16, DType::kBf16};
+  testing::KeyBlocks keys(shape, 4, rng);
+  auto index = SequenceIndex::Create(shape, Knobs()).value();
+  Retriever retriever(2);
+  std::vector<uint8_t> short_block(shape.key_block_bytes() - 2);
+  std::vector<absl::Span<const uint8_t>> bad_blocks = keys.spans;
+  bad_blocks.back() = short_block;
+  const std::vector<std::vector<absl::Span<const uint8_t>>> one = {keys.spans};
+  const std::vector<std::vector<absl::Span<const uint8_t>>> two = {keys.spans, keys.spans};
+  const std::vector<std::vector<absl::Span<const uint8_t>>> with_bad = {keys.spans, bad_blocks};
+  EXPECT_EQ(retriever.SealLayers(*index, {0, 1}, one).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(retriever.SealLayers(*index, {0, 3}, two).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(retriever.SealLayers(*index, {2, 2}, two).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(retriever.SealLayers(*index, {0, 1}, with_bad).code(),
+            absl::StatusCode::kInvalidArgument);
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) EXPECT_FALSE(index->sealed(layer));
+  EXPECT_TRUE(retriever.SealLayers(*index, {}, {}).ok());
 }
 
 }  // namespace
