@@ -16,6 +16,9 @@ ABSL_FLAG(std::string, backend, "rocksdb",
 ABSL_FLAG(std::string, data_dir, "./kvstar-data", "Directory the backend keeps its data in.");
 ABSL_FLAG(uint64_t, dram_budget_bytes, uint64_t{1} << 30,
           "Bytes of block data the DRAM tier caches in front of the backend (0 disables it).");
+ABSL_FLAG(uint64_t, shared_memory_bytes, uint64_t{256} << 20,
+          "Size of the shared-memory segment through which co-located clients receive block "
+          "bytes without copying them through gRPC (0 disables; /dev/shm must have room).");
 ABSL_FLAG(int, worker_threads, 0, "gRPC worker threads; 0 means one per hardware thread.");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
@@ -35,6 +38,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.data_dir = absl::GetFlag(FLAGS_data_dir);
   config.dram_budget_bytes = absl::GetFlag(FLAGS_dram_budget_bytes);
   config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
   config.log_level = absl::GetFlag(FLAGS_log_level);

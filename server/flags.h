@@ -14,6 +14,7 @@ struct ServerConfig {
   std::string backend;         // "rocksdb", "nfs" or "memory"
   std::string data_dir;        // where the backend keeps its files
   uint64_t dram_budget_bytes = 0;
+  uint64_t shared_memory_bytes = 0;  // co-located clients' segment; 0: none
   int worker_threads = 0;
   uint64_t max_message_bytes = 0;
   std::string port_file;  // when set, the bound port is written here once serving

@@ -1,7 +1,10 @@
 #include "server/kvstore_service.h"
 
 #include <algorithm>
+#include <cstring>
+#include <optional>
 #include <deque>
+#include <fstream>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -40,10 +43,31 @@ v1::Block ToProto(storage::BlockData&& data) {
   return block;
 }
 
+// Copies the block's bytes into the arena (K, then V) and describes them in `block`; false when
+// there is no arena or no room, and the block must travel as bytes.
+bool ToShared(const storage::BlockData& data, SharedMemoryArena* arena, v1::Block* block) {
+  if (arena == nullptr) return false;
+  std::optional<uint64_t> offset = arena->Allocate(data.size_bytes());
+  if (!offset) return false;
+  std::memcpy(arena->base() + *offset, data.key.data(), data.key.size());
+  std::memcpy(arena->base() + *offset + data.key.size(), data.value.data(), data.value.size());
+  block->set_layer(data.id.layer);
+  block->set_block_index(data.id.block_index);
+  block->set_checksum(data.checksum);
+  v1::SharedMemoryRef* shared = block->mutable_shared();
+  shared->set_segment(arena->name());
+  shared->set_offset(*offset);
+  shared->set_length(data.key.size());
+  return true;
+}
+
 }  // namespace
 
 KvStoreService::KvStoreService(storage::BlockStore* store, ServiceOptions options)
-    : store_(store), options_(options), retriever_(options.retrieval_threads) {}
+    : store_(store), options_(options), retriever_(options.retrieval_threads) {
+  std::ifstream boot_id("/proc/sys/kernel/random/boot_id");
+  std::getline(boot_id, host_id_);
+}
 
 absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(
     storage::BlockStore* store, ServiceOptions options) {
@@ -414,6 +438,8 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
   for (size_t i = 0; i < n; ++i) {
     Sequence& sequence = *sequences[i];
     if (auto s = CatchUp(SequenceKey(sequence.id), sequence); !s.ok()) return ToGrpc(s);
+    // The client asked again, so it is done with the previous reply's regions.
+    FreeSharedRegions(sequence);
     sequence.last_decode_step = request->sequences(i).decode_step();
     for (uint32_t layer = 0; layer < sequence.profile.num_layers(); ++layer) {
       blocks_scored += sequence.index->num_blocks(layer);
@@ -453,8 +479,10 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
       queue.pop_front();
     }
     if (!written.ok()) continue;  // drain
-    written = WriteLayer(request->sequences(item.request), *sequences[item.request], item.layer,
-                         item.selected, held[item.request][item.layer], writer);
+    Sequence& sequence = *sequences[item.request];
+    sequence.mu.AssertHeld();
+    written = WriteLayer(request->sequences(item.request), sequence, item.layer, item.selected,
+                         held[item.request][item.layer], &sequence.shared_regions, writer);
     if (!written.ok()) stop.store(true);
   }
   scorer.join();
@@ -470,6 +498,7 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
 absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence,
                                         uint32_t layer, const std::vector<uint32_t>& selected,
                                         const absl::flat_hash_set<uint32_t>& held,
+                                        std::vector<uint64_t>* shared_regions,
                                         grpc::ServerWriter<v1::RetrieveResponse>* writer) {
   v1::RetrieveResponse reply;
   reply.set_sequence_id(part.sequence_id());
@@ -492,7 +521,15 @@ absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const S
       SequenceKey(sequence.id), wanted, 2 * BlockKeyBytes(sequence.profile),
       [&](std::vector<storage::BlockData>& batch) {
         reply.clear_new_blocks();
-        for (storage::BlockData& data : batch) *reply.add_new_blocks() = ToProto(std::move(data));
+        for (storage::BlockData& data : batch) {
+          v1::Block* block = reply.add_new_blocks();
+          if (part.shared_memory() && ToShared(data, options_.shared_memory, block)) {
+            shared_regions->push_back(block->shared().offset());
+            blocks_sent_shared_.fetch_add(1, std::memory_order_relaxed);
+          } else {
+            *block = ToProto(std::move(data));
+          }
+        }
         sent += batch.size();
         reply.set_more(sent < wanted.size());
         if (!writer->Write(reply)) return absl::CancelledError("client went away");
@@ -555,6 +592,11 @@ grpc::Status KvStoreService::DropSequence(grpc::ServerContext*,
   }
   absl::StatusOr<storage::DropResult> dropped = store_->DropSequence(key);
   if (!dropped.ok()) return ToGrpc(dropped.status());
+  {
+    Sequence& sequence = *sequences_[key];
+    absl::MutexLock sequence_lock(&sequence.mu);
+    FreeSharedRegions(sequence);
+  }
   sequences_.erase(key);
   response->set_blocks_dropped(dropped->blocks);
   response->set_bytes_dropped(dropped->bytes);
@@ -585,7 +627,24 @@ grpc::Status KvStoreService::Stats(grpc::ServerContext*, const v1::StatsRequest*
   response->set_blocks_scored(blocks_scored_.load(std::memory_order_relaxed));
   response->set_blocks_sent(blocks_sent_.load(std::memory_order_relaxed));
   response->set_blocks_skipped_held(blocks_skipped_held_.load(std::memory_order_relaxed));
+  response->set_blocks_sent_shared(blocks_sent_shared_.load(std::memory_order_relaxed));
   return grpc::Status::OK;
+}
+
+grpc::Status KvStoreService::GetServerInfo(grpc::ServerContext*, const v1::ServerInfoRequest*,
+                                           v1::ServerInfoResponse* response) {
+  response->set_host_id(host_id_);
+  response->set_api_version("kvstar.v1");
+  if (options_.shared_memory != nullptr) {
+    response->set_shared_memory_segment(options_.shared_memory->name());
+    response->set_shared_memory_bytes(options_.shared_memory->size());
+  }
+  return grpc::Status::OK;
+}
+
+void KvStoreService::FreeSharedRegions(Sequence& sequence) {
+  for (uint64_t offset : sequence.shared_regions) options_.shared_memory->Free(offset);
+  sequence.shared_regions.clear();
 }
 
 }  // namespace kvstar::server

@@ -20,6 +20,7 @@
 #include "kvstar/v1/kvstar.grpc.pb.h"
 #include "retrieval/representation.h"
 #include "retrieval/retriever.h"
+#include "server/shared_memory_arena.h"
 #include "storage/block_store.h"
 
 namespace kvstar::server {
@@ -31,6 +32,9 @@ struct ServiceOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
+  // Segment for co-located clients' shared_memory replies; null: none (bytes in replies).
+  // Not owned; must outlive the service.
+  SharedMemoryArena* shared_memory = nullptr;
 };
 
 class KvStoreService final : public v1::KvStore::Service {
@@ -60,6 +64,8 @@ class KvStoreService final : public v1::KvStore::Service {
                             v1::DropSequenceResponse* response) override;
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
                      v1::StatsResponse* response) override;
+  grpc::Status GetServerInfo(grpc::ServerContext* context, const v1::ServerInfoRequest* request,
+                             v1::ServerInfoResponse* response) override;
 
  private:
   // One stored sequence. profile and config never change after creation; the retrieval state is
@@ -74,6 +80,8 @@ class KvStoreService final : public v1::KvStore::Service {
     std::unique_ptr<retrieval::SequenceIndex> index ABSL_GUARDED_BY(mu);
     // Decode step of the last accepted Retrieve; steps must not go backwards.
     uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
+    // Shared-memory regions of the last Retrieve's replies; freed by the next one or by Drop.
+    std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
   };
 
   KvStoreService(storage::BlockStore* store, ServiceOptions options);
@@ -95,10 +103,13 @@ class KvStoreService final : public v1::KvStore::Service {
       const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
       const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume);
   // Writes the replies of one scored layer: its selection and the selected blocks not held.
+  // `shared_regions` (the sequence's, its lock held) collects the regions it fills.
   absl::Status WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence,
                           uint32_t layer, const std::vector<uint32_t>& selected,
                           const absl::flat_hash_set<uint32_t>& held,
+                          std::vector<uint64_t>* shared_regions,
                           grpc::ServerWriter<v1::RetrieveResponse>* writer);
+  void FreeSharedRegions(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
 
   storage::BlockStore* const store_;
   const ServiceOptions options_;
@@ -114,6 +125,8 @@ class KvStoreService final : public v1::KvStore::Service {
   std::atomic<uint64_t> blocks_scored_{0};
   std::atomic<uint64_t> blocks_sent_{0};
   std::atomic<uint64_t> blocks_skipped_held_{0};
+  std::atomic<uint64_t> blocks_sent_shared_{0};
+  std::string host_id_;  // the kernel's boot id
 };
 
 }  // namespace kvstar::server

@@ -58,7 +58,20 @@ int Run(int argc, char** argv) {
                   store.status().ToString());
     return 1;
   }
+  // A segment the size asked for, or none: co-located clients then receive bytes through gRPC.
+  std::unique_ptr<SharedMemoryArena> shared_memory;
+  if (config->shared_memory_bytes > 0) {
+    absl::StatusOr<std::unique_ptr<SharedMemoryArena>> arena =
+        SharedMemoryArena::Create(config->shared_memory_bytes);
+    if (arena.ok()) {
+      shared_memory = *std::move(arena);
+    } else {
+      spdlog::warn("no shared-memory segment ({}); co-located clients get bytes over gRPC",
+                   arena.status().ToString());
+    }
+  }
   ServiceOptions options;
+  options.shared_memory = shared_memory.get();
   options.max_reply_bytes = std::min<uint64_t>(options.max_reply_bytes, config->max_message_bytes / 2);
   absl::StatusOr<std::unique_ptr<KvStoreService>> service =
       KvStoreService::Create(store->get(), options);
@@ -89,9 +102,12 @@ int Run(int argc, char** argv) {
   const std::string host =
       config->listen_address.substr(0, config->listen_address.rfind(':'));
   spdlog::info("kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-               "worker threads)",
+               "worker threads, shared memory {})",
                kServiceName, host, port, config->backend, config->data_dir,
-               config->dram_budget_bytes, config->worker_threads);
+               config->dram_budget_bytes, config->worker_threads,
+               shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(),
+                                            " bytes")
+                             : std::string("off"));
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";

@@ -1,7 +1,13 @@
 // Seal and Retrieve against the real kvstar_server on loopback: 64 decode steps whose queries
 // move attention from block to block; every selection must equal the scalar reference's (away
 // from ties), new blocks arrive bit-exact and blocks the client holds are never re-sent.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <cstring>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -30,6 +36,7 @@ constexpr uint32_t kBlockSize = 64;
 constexpr uint32_t kPromptBlocks = 32;
 constexpr uint32_t kStride = 8;
 constexpr uint32_t kSteps = 64;
+constexpr uint64_t kSharedMemoryBytes = 4 << 20;
 
 retrieval::ModelShape Shape() {
   return {kLayers, kQHeads, kKvHeads, kHeadDim, kBlockSize, retrieval::DType::kBf16};
@@ -131,8 +138,10 @@ class RetrieveTest : public ::testing::Test {
  protected:
   void SetUp() override {
     data_dir_ = MakeTempDir("retrieve");
+    // A small shared-memory segment: leaked regions would exhaust it within a few retrievals.
     server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
-        "--data_dir=" + data_dir_, "--log_level=warn"});
+        "--data_dir=" + data_dir_, "--log_level=warn",
+        absl::StrCat("--shared_memory_bytes=", kSharedMemoryBytes)});
     ASSERT_TRUE(server_->Start().ok());
     data_.keys.resize(kLayers);
     data_.values.resize(kLayers);
@@ -365,6 +374,73 @@ TEST_F(RetrieveTest, BadRetrievesAreRejectedNamingTheField) {
   replies.clear();
   EXPECT_TRUE(Retrieve(MakeRetrieve(11, queries, held), &replies).ok());
   EXPECT_EQ(replies.size(), kLayers);
+}
+
+// Co-located mode: the same blocks, bit for bit, arrive as regions of the server's segment.
+TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) {
+  grpc::ClientContext info_context;
+  v1::ServerInfoResponse info;
+  ASSERT_TRUE(server_->stub().GetServerInfo(&info_context, v1::ServerInfoRequest(), &info).ok());
+  std::string boot_id;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+  EXPECT_EQ(info.host_id(), boot_id);
+  ASSERT_EQ(info.shared_memory_bytes(), kSharedMemoryBytes);
+  const int fd = shm_open(info.shared_memory_segment().c_str(), O_RDONLY, 0);
+  ASSERT_GE(fd, 0) << info.shared_memory_segment();
+  void* mapped = mmap(nullptr, kSharedMemoryBytes, PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);
+  ASSERT_NE(mapped, MAP_FAILED);
+  const char* segment = static_cast<const char*>(mapped);
+
+  std::mt19937 rng(11);
+  std::vector<std::string> queries(kLayers);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 4, rng);
+  v1::SealResponse sealed;
+  ASSERT_TRUE(Seal(queries, &sealed).ok());
+
+  // Nothing held: every selected block is new on every call. 40 calls move ~40 MiB through a
+  // 4 MiB segment, which works only if each call frees the previous call's regions.
+  const std::vector<std::vector<uint32_t>> nothing_held(kLayers);
+  uint64_t shared_blocks = 0;
+  for (uint32_t step = 1; step <= 40; ++step) {
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      queries[layer] = QueriesFor(data_, layer, 1 + step % 28, rng);
+    }
+    v1::RetrieveRequest request = MakeRetrieve(step, queries, nothing_held);
+    request.mutable_sequences(0)->set_shared_memory(true);
+    std::vector<v1::RetrieveResponse> replies;
+    grpc::Status status = Retrieve(request, &replies);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    for (const v1::RetrieveResponse& reply : replies) {
+      const uint32_t layer = reply.selection().layer();
+      ASSERT_EQ(reply.new_blocks_size(), reply.selection().block_indices_size());
+      for (const v1::Block& block : reply.new_blocks()) {
+        const std::string where = absl::StrCat("step ", step, " layer ", layer, " block ",
+                                               block.block_index());
+        ASSERT_TRUE(block.has_shared()) << where << ": sent as bytes, the segment ran out";
+        EXPECT_TRUE(block.key().empty() && block.value().empty()) << where;
+        EXPECT_EQ(block.shared().segment(), info.shared_memory_segment());
+        const std::string& key = data_.keys[layer][block.block_index()];
+        const std::string& value = data_.values[layer][block.block_index()];
+        ASSERT_EQ(block.shared().length(), key.size()) << where;
+        ASSERT_LE(block.shared().offset() + 2 * key.size(), kSharedMemoryBytes) << where;
+        const char* k = segment + block.shared().offset();
+        EXPECT_EQ(std::memcmp(k, key.data(), key.size()), 0) << where;
+        EXPECT_EQ(std::memcmp(k + key.size(), value.data(), value.size()), 0) << where;
+        EXPECT_EQ(storage::BlockChecksum(absl::string_view(k, key.size()),
+                                         absl::string_view(k + key.size(), value.size())),
+                  block.checksum())
+            << where;
+        ++shared_blocks;
+      }
+    }
+  }
+  munmap(mapped, kSharedMemoryBytes);
+  grpc::ClientContext context;
+  v1::StatsResponse stats;
+  ASSERT_TRUE(server_->stub().Stats(&context, v1::StatsRequest(), &stats).ok());
+  EXPECT_EQ(stats.blocks_sent_shared(), shared_blocks);
+  EXPECT_GT(shared_blocks * 2 * data_.keys[0][0].size(), 8 * kSharedMemoryBytes);
 }
 
 TEST_F(RetrieveTest, SealNeedsEveryLayersBlocksFromZero) {

@@ -1,0 +1,97 @@
+// Request validation: every rejection names the field and its value; defaults are filled in.
+#include "server/validation.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kvstar::server {
+namespace {
+
+using ::testing::HasSubstr;
+
+v1::ModelProfile Profile() {
+  v1::ModelProfile p;
+  p.set_num_layers(4);
+  p.set_num_q_heads(8);
+  p.set_num_kv_heads(2);
+  p.set_head_dim(64);
+  p.set_dtype(v1::DTYPE_FP16);
+  return p;
+}
+
+TEST(ValidationTest, ProfileDefaultsBlockSizeAndConfigDefaultsEveryKnob) {
+  absl::StatusOr<v1::ModelProfile> profile = NormalizeProfile(Profile());
+  ASSERT_TRUE(profile.ok());
+  EXPECT_EQ(profile->block_size(), 128u);
+  absl::StatusOr<v1::KvstarConfig> config = NormalizeConfig(v1::KvstarConfig(), *profile);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->init_window_sz(), 1u);
+  EXPECT_EQ(config->local_window_sz(), 2u);
+  EXPECT_FLOAT_EQ(config->sparse_ratio(), 0.25f);
+  EXPECT_EQ(config->retrieval_stride(), 8u);
+  EXPECT_FLOAT_EQ(config->blk_repre_dim_prune_ratio(), 0.25f);
+  EXPECT_EQ(config->blk_repre_inner_token_merge(), 2u);
+  EXPECT_EQ(BlockKeyBytes(*profile), 128u * 2 * 64 * 2);
+  EXPECT_EQ(QueryRowBytes(*profile), 8u * 64 * 2);
+}
+
+TEST(ValidationTest, BadProfilesAndKnobsNameTheField) {
+  struct Case {
+    std::function<void(v1::ModelProfile&, v1::KvstarConfig&)> change;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {[](auto& p, auto&) { p.set_num_layers(0); }, "profile.num_layers is 0"},
+      {[](auto& p, auto&) { p.set_num_kv_heads(3); }, "not a multiple of profile.num_kv_heads (3)"},
+      {[](auto& p, auto&) { p.set_num_kv_heads(16); }, "profile.num_kv_heads is 16"},
+      {[](auto& p, auto&) { p.set_head_dim(2000); }, "profile.head_dim is 2000"},
+      {[](auto& p, auto&) { p.set_dtype(v1::DTYPE_UNSPECIFIED); }, "profile.dtype"},
+      {[](auto&, auto& c) { c.set_sparse_ratio(0); }, "config.sparse_ratio = 0"},
+      {[](auto&, auto& c) { c.set_sparse_ratio(1.5f); }, "config.sparse_ratio = 1.5"},
+      {[](auto&, auto& c) { c.set_retrieval_stride(0); }, "config.retrieval_stride is 0"},
+      {[](auto&, auto& c) { c.set_blk_repre_inner_token_merge(3); },
+       "config.blk_repre_inner_token_merge = 3"},
+      {[](auto&, auto& c) { c.set_blk_repre_dim_prune_ratio(0.001f); },
+       "config.blk_repre_dim_prune_ratio"},
+  };
+  for (const Case& c : cases) {
+    v1::ModelProfile profile = Profile();
+    v1::KvstarConfig config;
+    c.change(profile, config);
+    absl::Status status = NormalizeProfile(profile).status();
+    if (status.ok()) status = NormalizeConfig(config, *NormalizeProfile(profile)).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(status)) << c.message;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(c.message));
+  }
+}
+
+TEST(ValidationTest, BlocksAndQueriesMustMatchTheProfile) {
+  const v1::ModelProfile profile = *NormalizeProfile(Profile());
+  const v1::KvstarConfig config = *NormalizeConfig(v1::KvstarConfig(), profile);
+  v1::Block block;
+  block.set_layer(1);
+  block.mutable_key()->resize(BlockKeyBytes(profile));
+  block.mutable_value()->resize(BlockKeyBytes(profile));
+  EXPECT_TRUE(ValidateBlock(block, profile, "blocks[0]").ok());
+  block.mutable_value()->resize(10);
+  EXPECT_THAT(std::string(ValidateBlock(block, profile, "blocks[0]").message()),
+              HasSubstr("value 10 bytes"));
+  block.set_layer(4);
+  EXPECT_THAT(std::string(ValidateBlock(block, profile, "blocks[2]").message()),
+              HasSubstr("blocks[2].layer is 4"));
+
+  v1::LayerQueries queries;
+  queries.set_layer(0);
+  queries.set_num_queries(8);
+  queries.mutable_queries()->resize(8 * QueryRowBytes(profile));
+  EXPECT_TRUE(ValidateLayerQueries(queries, profile, config, "q").ok());
+  queries.set_num_queries(9);
+  EXPECT_THAT(std::string(ValidateLayerQueries(queries, profile, config, "q").message()),
+              HasSubstr("q.num_queries is 9"));
+  EXPECT_THAT(std::string(ValidateSequenceId(std::string(101, 'x')).message()),
+              HasSubstr("101 bytes"));
+  EXPECT_FALSE(ValidateSequenceId("").ok());
+}
+
+}  // namespace
+}  // namespace kvstar::server
