@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(//bench:retrieval_bench //bench:transfer_bench
-  //tests/client:gpu_test //bench:store_bench)
-bazel build -c opt "${targets[@]}"
-bin_dir=$(bazel info -c opt bazel-bin 2>/dev/null)
+  //tests/client:gpu_test //tests/client:client_server_test //server:kvstar_server)
+# Static linking of the project's own libraries: test binaries otherwise load them from runfiles.
+bazel build -c opt --dynamic_mode=off "${targets[@]}"
+bin_dir=$(bazel info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)
 out=out/device
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
@@ -26,5 +27,8 @@ for binary in "$out"/bin/*; do
     [ -e "$out/lib/$name" ] || cp -L "$file" "$out/lib/$name"
   done
 done
+# Tests that start the real server find it the way Bazel lays out runfiles.
+mkdir -p "$out/runfiles/kvstar/server"
+ln -sf ../../../bin/kvstar_server "$out/runfiles/kvstar/server/kvstar_server"
 du -sh "$out"
 ls "$out/bin"
