@@ -585,19 +585,25 @@ grpc::Status KvStoreService::DropSequence(grpc::ServerContext*,
                                           v1::DropSequenceResponse* response) {
   if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
   const std::string key = SequenceKey(request->sequence_id());
-  absl::MutexLock lock(&mu_);
-  if (!sequences_.contains(key)) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                        absl::StrCat("sequence_id ", request->sequence_id(), " is not stored"));
-  }
-  absl::StatusOr<storage::DropResult> dropped = store_->DropSequence(key);
-  if (!dropped.ok()) return ToGrpc(dropped.status());
+  std::shared_ptr<Sequence> sequence;
+  absl::StatusOr<storage::DropResult> dropped;
   {
-    Sequence& sequence = *sequences_[key];
-    absl::MutexLock sequence_lock(&sequence.mu);
-    FreeSharedRegions(sequence);
+    absl::MutexLock lock(&mu_);
+    auto it = sequences_.find(key);
+    if (it == sequences_.end()) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("sequence_id ", request->sequence_id(), " is not stored"));
+    }
+    dropped = store_->DropSequence(key);
+    if (!dropped.ok()) return ToGrpc(dropped.status());
+    sequence = std::move(it->second);
+    sequences_.erase(it);
   }
-  sequences_.erase(key);
+  // Outside the service lock: a retrieval of this sequence may still be streaming.
+  {
+    absl::MutexLock sequence_lock(&sequence->mu);
+    FreeSharedRegions(*sequence);
+  }
   response->set_blocks_dropped(dropped->blocks);
   response->set_bytes_dropped(dropped->bytes);
   spdlog::info("dropped sequence {} ({} blocks, {} bytes)", request->sequence_id(),
