@@ -157,6 +157,20 @@ absl::Span<const uint16_t> SequenceIndex::representation(uint32_t layer, uint32_
   return absl::MakeConstSpan(l.vectors[kv_head]);
 }
 
+std::vector<uint16_t> SequenceIndex::RowMajorRepresentation(uint32_t layer,
+                                                            uint32_t kv_head) const {
+  const absl::Span<const uint16_t> stored = representation(layer, kv_head);
+  if (stored.empty()) return {};
+  std::vector<uint16_t> rows;
+  rows.reserve(size_t{num_blocks(layer)} * vectors_per_block_ * kept_);
+  for (uint32_t b = 0; b < num_blocks(layer); ++b) {
+    for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+      for (uint32_t j = 0; j < kept_; ++j) rows.push_back(stored[representation_offset(b, m, j)]);
+    }
+  }
+  return rows;
+}
+
 absl::Span<const float> SequenceIndex::group_norms(uint32_t layer, uint32_t kv_head) const {
   const Layer& l = layers_[layer];
   if (!l.sealed) return {};

@@ -79,6 +79,9 @@ class SequenceIndex {
                2 +
            channel % 2;
   }
+  // A copy of representation(layer, kv_head) in plain [num_blocks][vectors_per_block][kept]
+  // order (bf16 bits), for baselines and tools that scan rows; allocates. Empty if unsealed.
+  std::vector<uint16_t> RowMajorRepresentation(uint32_t layer, uint32_t kv_head) const;
   // Per group of representation(layer, kv_head): the largest L2 norm of its vectors (bf16 values,
   // rounded up), so a score q.v of any of them is at most |q| * norm. Empty if unsealed.
   absl::Span<const float> group_norms(uint32_t layer, uint32_t kv_head) const;

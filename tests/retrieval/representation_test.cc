@@ -172,6 +172,12 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
       }
     }
     EXPECT_EQ(at, rep.size());
+    // The row-major copy is the reference order.
+    at = 0;
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      for (uint16_t v : idx.RowMajorRepresentation(0, h)) ASSERT_EQ(Bf16ToF32(v), rep[at++]);
+    }
+    EXPECT_EQ(at, rep.size());
     EXPECT_EQ(idx.representation_bytes(),
               shape.num_kv_heads * idx.representation(0, 0).size() * sizeof(uint16_t));
   }
