@@ -30,9 +30,9 @@ absl::Status SequenceIndex::CheckBlocks(
   }
   for (size_t b = 0; b < key_blocks.size(); ++b) {
     if (key_blocks[b].size() != shape_.key_block_bytes()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("key block ", b, " of layer ", layer, " has ", key_blocks[b].size(),
-                       " bytes, expected ", shape_.key_block_bytes()));
+      return absl::InvalidArgumentError(absl::StrCat("key block ", b, " of layer ", layer, " has ",
+                                                     key_blocks[b].size(), " bytes, expected ",
+                                                     shape_.key_block_bytes()));
     }
   }
   return absl::OkStatus();
@@ -83,9 +83,9 @@ absl::Status SequenceIndex::SealLayerWithChannels(
     std::sort(first, first + kept_);
     if (std::adjacent_find(first, first + kept_) != first + kept_ ||
         *(first + kept_ - 1) >= shape_.head_dim) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "kept_channels of KV head ", h, ": ids must be distinct and below head_dim (",
-          shape_.head_dim, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("kept_channels of KV head ", h,
+                                                     ": ids must be distinct and below head_dim (",
+                                                     shape_.head_dim, ")"));
     }
   }
   fresh.vectors.resize(heads);
@@ -139,8 +139,8 @@ void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_bl
         squares += double{Bf16ToF32(value)} * Bf16ToF32(value);
       }
       // Rounded up so that it stays an upper bound after the conversion to float.
-      group_norm = std::max(group_norm, std::nextafter(static_cast<float>(std::sqrt(squares)),
-                                                       HUGE_VALF));
+      group_norm =
+          std::max(group_norm, std::nextafter(static_cast<float>(std::sqrt(squares)), HUGE_VALF));
     }
   }
   ++layer.num_blocks;

@@ -73,8 +73,7 @@ class SequenceIndex {
   // (< kept, in kept_channels order) of block `block`.
   size_t representation_offset(uint32_t block, uint32_t vector, uint32_t channel) const {
     const size_t group = block / kBlocksPerGroup;
-    return (((group * vectors_per_block_ + vector) * kept_pairs() + channel / 2) *
-                kBlocksPerGroup +
+    return (((group * vectors_per_block_ + vector) * kept_pairs() + channel / 2) * kBlocksPerGroup +
             block % kBlocksPerGroup) *
                2 +
            channel % 2;
@@ -96,9 +95,9 @@ class SequenceIndex {
   struct Layer {
     bool sealed = false;
     uint32_t num_blocks = 0;
-    std::vector<uint32_t> kept_channels;            // [num_kv_heads][kept]
-    std::vector<std::vector<uint16_t>> vectors;     // per KV head, in the stored order
-    std::vector<std::vector<float>> norms;          // per KV head: [groups] max vector norm
+    std::vector<uint32_t> kept_channels;         // [num_kv_heads][kept]
+    std::vector<std::vector<uint16_t>> vectors;  // per KV head, in the stored order
+    std::vector<std::vector<float>> norms;       // per KV head: [groups] max vector norm
   };
 
   SequenceIndex(const ModelShape& shape, const Knobs& knobs);

@@ -35,8 +35,8 @@ absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
                        " layers, expected num_layers = ", shape.num_layers));
     }
     for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
-      absl::Status status = CheckScoreArgs(*request.index, layer, request.layer_queries[layer],
-                                           request.num_queries);
+      absl::Status status =
+          CheckScoreArgs(*request.index, layer, request.layer_queries[layer], request.num_queries);
       if (!status.ok()) {
         return absl::Status(status.code(), absl::StrCat("request ", r, ": ", status.message()));
       }
@@ -85,8 +85,8 @@ absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
     LayerWork& layer_work = work[task.request][task.layer];
     ScoreKvHead(index, task.layer, task.kv_head, request.layer_queries[task.layer],
                 request.num_queries,
-                absl::MakeSpan(layer_work.head_scores).subspan(size_t{task.kv_head} * num_blocks,
-                                                               num_blocks),
+                absl::MakeSpan(layer_work.head_scores)
+                    .subspan(size_t{task.kv_head} * num_blocks, num_blocks),
                 scratch_[thread]);
     // The last head of a layer sums the heads in head order (deterministic) and selects.
     if (layer_work.heads_done.fetch_add(1, std::memory_order_acq_rel) + 1 != num_heads) return;

@@ -57,9 +57,9 @@ class Retriever {
   // first: InvalidArgument (sizes differ, a layer out of range or repeated, a block of the wrong
   // size) leaves the index unchanged. REQUIRES: nothing else uses `index` during the call.
   // Runs after (or before) any concurrent Retrieve, not alongside it.
-  absl::Status SealLayers(SequenceIndex& index, absl::Span<const uint32_t> layers,
-                          absl::Span<const std::vector<absl::Span<const uint8_t>>>
-                              key_blocks_per_layer);
+  absl::Status SealLayers(
+      SequenceIndex& index, absl::Span<const uint32_t> layers,
+      absl::Span<const std::vector<absl::Span<const uint8_t>>> key_blocks_per_layer);
 
  private:
   ThreadPool pool_;

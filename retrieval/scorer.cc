@@ -80,10 +80,10 @@ HWY_INLINE VF Exp2(DF df, VF x) {
 // Per-row softmax state while scanning one head. Scores are kept relative to `reference`, an
 // actual score of the row no lower than its running max minus kHeadroom; sums are relative to it.
 struct RowState {
-  float* reference;   // [rows] reference max, log2 units
-  float* threshold;   // [rows] -inf until the row saw a score, then kHeadroom
-  float* chunk_sum;   // [rows][lanes] this chunk's sum of exp2(score - reference) per block
-  float* denominator; // [rows][lanes] all chunks' sums so far, per lane
+  float* reference;    // [rows] reference max, log2 units
+  float* threshold;    // [rows] -inf until the row saw a score, then kHeadroom
+  float* chunk_sum;    // [rows][lanes] this chunk's sum of exp2(score - reference) per block
+  float* denominator;  // [rows][lanes] all chunks' sums so far, per lane
 };
 
 // Micro-kernel: kVectors representation vectors (each `lanes` blocks) x kRows query rows.
@@ -172,17 +172,17 @@ HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const flo
   const size_t prefetch_share = hwy::RoundUpTo(hwy::DivCeil(next_bytes, groups), 64);
   size_t row = 0;
   for (size_t g = 0; g < groups; ++g) {
-    for (size_t offset = g * prefetch_share; offset < std::min(next_bytes, (g + 1) * prefetch_share);
-         offset += 64) {
+    for (size_t offset = g * prefetch_share;
+         offset < std::min(next_bytes, (g + 1) * prefetch_share); offset += 64) {
       hwy::Prefetch(next + offset);
     }
     const size_t rows = base + (g < extra ? 1 : 0);
     switch (rows) {
-#define KVSTAR_SCORE_ROWS(N)                                                                 \
-  case N:                                                                                    \
-    if constexpr (N <= kMaxRows) {                                                           \
+#define KVSTAR_SCORE_ROWS(N)                                                                  \
+  case N:                                                                                     \
+    if constexpr (N <= kMaxRows) {                                                            \
       ScoreTile<kVectors, N>(df, widened, kept, queries, row, state, bounded, ragged, valid); \
-    }                                                                                        \
+    }                                                                                         \
     break;
       KVSTAR_SCORE_ROWS(1)
       KVSTAR_SCORE_ROWS(2)
@@ -243,7 +243,9 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT g
     state.reference[row] = 0.0f;
     state.threshold[row] = -HUGE_VALF;
     double squares = 0.0;
-    for (size_t c = 0; c < kept; ++c) squares += double{queries[row * kept + c]} * queries[row * kept + c];
+    for (size_t c = 0; c < kept; ++c) {
+      squares += double{queries[row * kept + c]} * queries[row * kept + c];
+    }
     query_norm[row] = static_cast<float>(std::sqrt(squares));
     hn::Store(hn::Zero(df), df, state.denominator + row * lanes);
   }
@@ -262,7 +264,7 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT g
     bool bounded = true;
     for (size_t row = 0; row < num_rows; ++row) {
       hn::Store(hn::Zero(df), df, state.chunk_sum + row * lanes);
-      // Rounding may let a score pass the bound by a few ulps: exp2 of kHeadroom plus a hair is fine.
+      // Rounding may let a score pass the bound by ulps; exp2 just above kHeadroom is harmless.
       bounded = bounded && state.threshold[row] == kHeadroom &&
                 query_norm[row] * group_norms[group] <= state.reference[row] + kHeadroom;
     }
@@ -285,25 +287,25 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT g
         }
       }
       // The next tile (the next group's first, at the end) streams in while this one is scored.
-      const char* next =
-          reinterpret_cast<const char*>(group_rep + (m + kPrefetchTiles * kMaxVectors) * vector_values / 2);
+      const char* next = reinterpret_cast<const char*>(
+          group_rep + (m + kPrefetchTiles * kMaxVectors) * vector_values / 2);
       const size_t next_bytes = tile * vector_values * sizeof(uint16_t);
       switch (tile) {
         case 1:
-          ScoreVectors<1>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
-                          next, next_bytes);
+          ScoreVectors<1>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid, next,
+                          next_bytes);
           break;
         case 2:
-          ScoreVectors<2>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
-                          next, next_bytes);
+          ScoreVectors<2>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid, next,
+                          next_bytes);
           break;
         case 3:
-          ScoreVectors<3>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
-                          next, next_bytes);
+          ScoreVectors<3>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid, next,
+                          next_bytes);
           break;
         default:
-          ScoreVectors<4>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid,
-                          next, next_bytes);
+          ScoreVectors<4>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid, next,
+                          next_bytes);
           break;
       }
     }
@@ -317,9 +319,11 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT g
     }
   }
 
-  // head_scores[b] = sum over rows of partial * 2^(partial reference - final reference) / denominator.
+  // head_scores[b] = sum over rows of partial * 2^(partial reference - final reference) /
+  // denominator.
   for (size_t row = 0; row < num_rows; ++row) {
-    weight[row] = 1.0f / hn::GetLane(hn::SumOfLanes(df, hn::Load(df, state.denominator + row * lanes)));
+    weight[row] =
+        1.0f / hn::GetLane(hn::SumOfLanes(df, hn::Load(df, state.denominator + row * lanes)));
   }
   for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
     const size_t group = chunk / chunks_per_group;
@@ -354,9 +358,7 @@ namespace kvstar::retrieval {
 HWY_EXPORT(ScoreHeadImpl);
 HWY_EXPORT(TargetImpl);
 
-const char* DispatchedTargetName() {
-  return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetImpl)());
-}
+const char* DispatchedTargetName() { return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetImpl)()); }
 
 float* ScoreScratch::Get(size_t floats) {
   if (floats > capacity_) {
@@ -374,15 +376,15 @@ absl::Status CheckScoreArgs(const SequenceIndex& index, uint32_t layer,
         absl::StrCat("layer = ", layer, ": must be below num_layers (", shape.num_layers, ")"));
   }
   if (num_queries == 0 || num_queries > index.knobs().retrieval_stride) {
-    return absl::InvalidArgumentError(absl::StrCat("num_queries = ", num_queries,
-                                                   ": must be in [1, retrieval_stride = ",
-                                                   index.knobs().retrieval_stride, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_queries = ", num_queries,
+                     ": must be in [1, retrieval_stride = ", index.knobs().retrieval_stride, "]"));
   }
   if (queries.size() != shape.query_bytes(num_queries)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "queries of layer ", layer, " have ", queries.size(), " bytes, expected ",
-        shape.query_bytes(num_queries), " ([", num_queries, "][", shape.num_q_heads, "][",
-        shape.head_dim, "] ", DTypeName(shape.dtype), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("queries of layer ", layer, " have ", queries.size(), " bytes, expected ",
+                     shape.query_bytes(num_queries), " ([", num_queries, "][", shape.num_q_heads,
+                     "][", shape.head_dim, "] ", DTypeName(shape.dtype), ")"));
   }
   if (!index.sealed(layer)) {
     return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " is not sealed"));
@@ -420,8 +422,8 @@ void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
 #endif
   HWY_DYNAMIC_DISPATCH(ScoreHeadImpl)
   (index.representation(layer, kv_head).data(), index.group_norms(layer, kv_head).data(),
-   index.num_blocks(layer),
-   index.vectors_per_block(), kept, gathered.data(), num_rows, head_scores.data(), &scratch);
+   index.num_blocks(layer), index.vectors_per_block(), kept, gathered.data(), num_rows,
+   head_scores.data(), &scratch);
 #if HWY_ARCH_X86
   _mm_setcsr(saved_csr);
 #endif

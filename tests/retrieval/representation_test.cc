@@ -149,7 +149,8 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
           ASSERT_EQ(stored[i], 0) << i;
         }
       }
-      const size_t groups = (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
+      const size_t groups =
+          (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
       EXPECT_EQ(stored.size(), groups * idx.group_size());
       // Each group's norm is its largest vector norm (rounded up, so a bound on every q.v).
       const auto norms = idx.group_norms(0, h);
@@ -195,8 +196,9 @@ TEST(RepresentationTest, RejectsWrongBlockSizesAndAppendBeforeSeal) {
   EXPECT_EQ((*index)->SealLayer(3, {absl::MakeConstSpan(block)}).code(),
             absl::StatusCode::kInvalidArgument);
   const std::vector<uint32_t> duplicate_channels = {1, 1, 2, 3};
-  EXPECT_EQ((*index)->SealLayerWithChannels(0, {absl::MakeConstSpan(block)}, duplicate_channels).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      (*index)->SealLayerWithChannels(0, {absl::MakeConstSpan(block)}, duplicate_channels).code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

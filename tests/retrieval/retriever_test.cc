@@ -65,7 +65,8 @@ TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
         ASSERT_TRUE(ScoreLayer(*seqs[r].index, layer, seqs[r].queries[layer],
                                seqs[r].request.num_queries, scores)
                         .ok());
-        EXPECT_EQ(got[std::make_pair(r, layer)], SelectBlocks(scores, Knobs())) << r << " " << layer;
+        EXPECT_EQ(got[std::make_pair(r, layer)], SelectBlocks(scores, Knobs()))
+            << r << " " << layer;
       }
     }
   }

@@ -53,7 +53,8 @@ std::vector<Case> Cases() {
     cases.push_back({"kept1" + suffix, Shape(2, 2, 4, 8, dtype), MakeKnobs(0.25f, 2), 5});
     cases.push_back({"one_block" + suffix, Shape(4, 2, 32, 16, dtype), MakeKnobs(0.25f, 2), 1});
     cases.push_back({"under_windows" + suffix, Shape(4, 2, 32, 16, dtype), MakeKnobs(0.25f, 2), 3});
-    cases.push_back({"no_merge_full_dim" + suffix, Shape(3, 3, 24, 8, dtype), MakeKnobs(1.0f, 1), 11});
+    cases.push_back(
+        {"no_merge_full_dim" + suffix, Shape(3, 3, 24, 8, dtype), MakeKnobs(1.0f, 1), 11});
   }
   cases.push_back({"qwen2.5_14b", Shape(40, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 7});
   cases.push_back({"llama3_8b", Shape(32, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 6});
@@ -95,9 +96,8 @@ void ExpectFusedScoresMatchReference() {
     const std::vector<float> rep = ReferenceRepresentation(c.shape, c.knobs, keys.spans, channels);
     for (uint32_t nq = 1; nq <= c.knobs.retrieval_stride; ++nq) {
       SCOPED_TRACE(nq);
-      const std::vector<uint8_t> queries =
-          RandomElements(c.shape.dtype, size_t{nq} * c.shape.num_q_heads * c.shape.head_dim, rng,
-                         3.0f);
+      const std::vector<uint8_t> queries = RandomElements(
+          c.shape.dtype, size_t{nq} * c.shape.num_q_heads * c.shape.head_dim, rng, 3.0f);
       std::vector<float> scores;
       ASSERT_TRUE(ScoreLayer(**index, 1, queries, nq, scores).ok());
       const std::vector<float> want =
@@ -140,7 +140,8 @@ TEST(ScorerTest, PlantedBlockMatchingTheQueriesIsSelected) {
   for (uint32_t t = 0; t < shape.block_size; ++t) {
     for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
       for (uint32_t c = 0; c < shape.head_dim; ++c) {
-        const float q = LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
+        const float q =
+            LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
         testing::StoreAs(shape.dtype, keys.bytes[planted].data(),
                          (size_t{t} * shape.num_kv_heads + h) * shape.head_dim + c, 4.0f * q);
       }
@@ -174,7 +175,8 @@ TEST(ScorerTest, LateDominantBlockMatchesReference) {
     for (uint32_t t = 0; t < shape.block_size; ++t) {
       for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
         for (uint32_t c = 0; c < shape.head_dim; ++c) {
-          const float q = LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
+          const float q =
+              LoadAsF32(shape.dtype, queries.data(), (h * shape.group_size()) * shape.head_dim + c);
           testing::StoreAs(shape.dtype, keys.bytes[late].data(),
                            (size_t{t} * shape.num_kv_heads + h) * shape.head_dim + c,
                            strength * q + (t % 3 == 0 ? 0.5f : -0.25f));
@@ -230,7 +232,8 @@ TEST(ScorerTest, AppendBlockScoresLikeSealingWithTheBlock) {
                            (*sealed_at_once)->group_norms(0, h).begin(),
                            (*sealed_at_once)->group_norms(0, h).end()));
   }
-  const auto queries = RandomElements(shape.dtype, size_t{8} * shape.num_q_heads * shape.head_dim, rng);
+  const auto queries =
+      RandomElements(shape.dtype, size_t{8} * shape.num_q_heads * shape.head_dim, rng);
   std::vector<float> appended_scores, at_once_scores;
   ASSERT_TRUE(ScoreLayer(**sealed_then_appended, 0, queries, 8, appended_scores).ok());
   ASSERT_TRUE(ScoreLayer(**sealed_at_once, 0, queries, 8, at_once_scores).ok());
