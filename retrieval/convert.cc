@@ -30,6 +30,46 @@ void WidenToF32(const T* HWY_RESTRICT src, size_t count, float* HWY_RESTRICT dst
   }
 }
 
+template <typename T>
+void AddAbs(const T* HWY_RESTRICT src, size_t count, float* HWY_RESTRICT sums) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<T, decltype(df)> dh;
+  const size_t lanes = hn::Lanes(df);
+  size_t i = 0;
+  for (; i + lanes <= count; i += lanes) {
+    const auto value = hn::PromoteTo(df, hn::LoadU(dh, src + i));
+    hn::StoreU(hn::Add(hn::LoadU(df, sums + i), hn::Abs(value)), df, sums + i);
+  }
+  for (; i < count; ++i) {
+    float value;
+    WidenToF32(src + i, 1, &value);
+    sums[i] += std::fabs(value);
+  }
+}
+
+void AddAbsImpl(DType dtype, const void* src, size_t count, float* sums) {
+  switch (dtype) {
+    case DType::kBf16:
+      AddAbs(static_cast<const hwy::bfloat16_t*>(src), count, sums);
+      return;
+    case DType::kFp16:
+      AddAbs(static_cast<const hwy::float16_t*>(src), count, sums);
+      return;
+    case DType::kFp32: {
+      const hn::ScalableTag<float> df;
+      const float* values = static_cast<const float*>(src);
+      const size_t lanes = hn::Lanes(df);
+      size_t i = 0;
+      for (; i + lanes <= count; i += lanes) {
+        hn::StoreU(hn::Add(hn::LoadU(df, sums + i), hn::Abs(hn::LoadU(df, values + i))), df,
+                   sums + i);
+      }
+      for (; i < count; ++i) sums[i] += std::fabs(values[i]);
+      return;
+    }
+  }
+}
+
 void ConvertToF32Impl(DType dtype, const void* src, size_t count, float* dst) {
   switch (dtype) {
     case DType::kBf16:
@@ -52,6 +92,11 @@ HWY_AFTER_NAMESPACE();
 namespace kvstar::retrieval {
 
 HWY_EXPORT(ConvertToF32Impl);
+HWY_EXPORT(AddAbsImpl);
+
+void AddAbsF32(DType dtype, const void* src, size_t count, float* sums) {
+  HWY_DYNAMIC_DISPATCH(AddAbsImpl)(dtype, src, count, sums);
+}
 
 void ConvertToF32(DType dtype, const void* src, size_t count, float* dst) {
   HWY_DYNAMIC_DISPATCH(ConvertToF32Impl)(dtype, src, count, dst);
@@ -82,9 +127,9 @@ uint16_t F32ToF16(float f) {
   std::memcpy(&bits, &f, sizeof(bits));
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000);
   const uint32_t abs_bits = bits & 0x7fffffffu;
-  if (abs_bits > 0x7f800000u) return sign | 0x7e00;     // NaN
-  if (abs_bits >= 0x477ff000u) return sign | 0x7c00;    // rounds to >= 65520: infinity
-  if (abs_bits < 0x38800000u) {                          // below 2^-14: subnormal half
+  if (abs_bits > 0x7f800000u) return sign | 0x7e00;   // NaN
+  if (abs_bits >= 0x477ff000u) return sign | 0x7c00;  // rounds to >= 65520: infinity
+  if (abs_bits < 0x38800000u) {                       // below 2^-14: subnormal half
     float abs_f;
     std::memcpy(&abs_f, &abs_bits, sizeof(abs_f));
     // Scaling by 2^24 makes the half's subnormal step 1.0; nearbyint rounds to nearest even.

@@ -35,6 +35,10 @@ uint16_t F32ToF16(float f);
 // (dynamic dispatch). Exact for every dtype.
 void ConvertToF32(DType dtype, const void* src, size_t count, float* dst);
 
+// sums[i] += |element i| for `count` elements of `dtype` at `src` (any alignment), with SIMD
+// (dynamic dispatch); each sum adds in the same order as a scalar loop would.
+void AddAbsF32(DType dtype, const void* src, size_t count, float* sums);
+
 // Scalar load of element `index` of a `dtype` array.
 inline float LoadAsF32(DType dtype, const uint8_t* src, size_t index) {
   uint16_t half;

@@ -45,12 +45,11 @@ absl::Status SequenceIndex::SealLayer(uint32_t layer,
   const uint32_t dim = shape_.head_dim;
   // Sum of |K| per (head, channel) over every sealed token, in token order.
   std::vector<float> abs_sum(size_t{heads} * dim, 0.0f);
-  std::vector<float> block_f32(size_t{shape_.block_size} * heads * dim);
   for (absl::Span<const uint8_t> block : key_blocks) {
-    ConvertToF32(shape_.dtype, block.data(), block_f32.size(), block_f32.data());
+    const size_t row_elems = size_t{heads} * dim;
+    const size_t row_bytes = row_elems * DTypeSize(shape_.dtype);
     for (uint32_t token = 0; token < shape_.block_size; ++token) {
-      const float* row = &block_f32[size_t{token} * heads * dim];
-      for (size_t i = 0; i < abs_sum.size(); ++i) abs_sum[i] += std::fabs(row[i]);
+      AddAbsF32(shape_.dtype, block.data() + token * row_bytes, row_elems, abs_sum.data());
     }
   }
   std::vector<uint32_t> kept_channels;
@@ -92,8 +91,9 @@ absl::Status SequenceIndex::SealLayerWithChannels(
   fresh.norms.resize(heads);
   const size_t groups = (key_blocks.size() + kBlocksPerGroup - 1) / kBlocksPerGroup;
   for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * group_size());
-  std::vector<float> block_f32(size_t{shape_.block_size} * heads * shape_.head_dim);
-  for (absl::Span<const uint8_t> block : key_blocks) AppendVectors(fresh, block, block_f32.data());
+  std::vector<float> merged_rows(MergedRowsElems());
+  for (absl::Span<const uint8_t> block : key_blocks)
+    AppendVectors(fresh, block, merged_rows.data());
   layers_[layer] = std::move(fresh);
   return absl::OkStatus();
 }
@@ -104,41 +104,46 @@ absl::Status SequenceIndex::AppendBlock(uint32_t layer, absl::Span<const uint8_t
     return absl::FailedPreconditionError(
         absl::StrCat("layer ", layer, " must be sealed before AppendBlock"));
   }
-  std::vector<float> block_f32(size_t{shape_.block_size} * shape_.num_kv_heads * shape_.head_dim);
-  AppendVectors(layers_[layer], key_block, block_f32.data());
+  std::vector<float> merged_rows(MergedRowsElems());
+  AppendVectors(layers_[layer], key_block, merged_rows.data());
   return absl::OkStatus();
 }
 
+size_t SequenceIndex::MergedRowsElems() const {
+  return size_t{knobs_.blk_repre_inner_token_merge} * shape_.num_kv_heads * shape_.head_dim;
+}
+
 void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block,
-                                  float* block_f32) const {
+                                  float* merged_rows) const {
   const uint32_t heads = shape_.num_kv_heads;
   const uint32_t dim = shape_.head_dim;
   const uint32_t merge = knobs_.blk_repre_inner_token_merge;
   const uint32_t block = layer.num_blocks;
-  ConvertToF32(shape_.dtype, key_block.data(), key_block.size() / DTypeSize(shape_.dtype),
-               block_f32);
-  for (uint32_t h = 0; h < heads; ++h) {
-    const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
-    std::vector<uint16_t>& out = layer.vectors[h];
-    // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
-    if (block % kBlocksPerGroup == 0) {
-      out.resize(out.size() + group_size(), 0);
+  // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
+  if (block % kBlocksPerGroup == 0) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      layer.vectors[h].resize(layer.vectors[h].size() + group_size(), 0);
       layer.norms[h].push_back(0.0f);
     }
-    float& group_norm = layer.norms[h].back();
-    for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+  }
+  const size_t rows_bytes = MergedRowsElems() * DTypeSize(shape_.dtype);
+  for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+    // Widen only the `merge` token rows of this vector, so the copy stays in L1.
+    ConvertToF32(shape_.dtype, key_block.data() + m * rows_bytes, MergedRowsElems(), merged_rows);
+    for (uint32_t h = 0; h < heads; ++h) {
+      const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
+      std::vector<uint16_t>& out = layer.vectors[h];
       double squares = 0.0;
       for (uint32_t j = 0; j < kept_; ++j) {
         float sum = 0.0f;
-        for (uint32_t t = 0; t < merge; ++t) {
-          const size_t token = size_t{m} * merge + t;
-          sum += block_f32[(token * heads + h) * dim + channels[j]];
-        }
+        for (uint32_t t = 0; t < merge; ++t)
+          sum += merged_rows[(size_t{t} * heads + h) * dim + channels[j]];
         const uint16_t value = F32ToBf16(sum / static_cast<float>(merge));
         out[representation_offset(block, m, j)] = value;
         squares += double{Bf16ToF32(value)} * Bf16ToF32(value);
       }
       // Rounded up so that it stays an upper bound after the conversion to float.
+      float& group_norm = layer.norms[h].back();
       group_norm =
           std::max(group_norm, std::nextafter(static_cast<float>(std::sqrt(squares)), HUGE_VALF));
     }

@@ -103,9 +103,11 @@ class SequenceIndex {
   SequenceIndex(const ModelShape& shape, const Knobs& knobs);
   absl::Status CheckBlocks(uint32_t layer,
                            absl::Span<const absl::Span<const uint8_t>> key_blocks) const;
-  // Appends the merged, pruned vectors of one block to every head of `layer`; block_f32 is
-  // scratch of key_block_bytes elements (per call, so different layers can seal concurrently).
-  void AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block, float* block_f32) const;
+  // Appends the merged, pruned vectors of one block to every head of `layer`; merged_rows is
+  // scratch of MergedRowsElems() floats (per call, so different layers can seal concurrently).
+  void AppendVectors(Layer& layer, absl::Span<const uint8_t> key_block, float* merged_rows) const;
+  // Elements of the `merge` token rows that make one vector of every head.
+  size_t MergedRowsElems() const;
 
   ModelShape shape_;
   Knobs knobs_;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "hwy/targets.h"
 
 namespace kvstar::retrieval {
 namespace {
@@ -58,6 +59,43 @@ TEST(ConvertTest, SimdWideningMatchesScalarForAwkwardLengths) {
       EXPECT_EQ(out[count], -7.0f);  // nothing written past the end
     }
   }
+}
+
+// The SIMD |x| accumulation against a scalar loop, on awkward sizes, for every dtype and target.
+TEST(ConvertTest, AddAbsMatchesScalarLoopForEveryTarget) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    for (DType dtype : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+      for (size_t count : {0, 1, 7, 16, 33, 1000}) {
+        SCOPED_TRACE(testing::Message()
+                     << hwy::TargetName(target) << " " << DTypeName(dtype) << " " << count);
+        std::vector<uint8_t> bytes(count * DTypeSize(dtype));
+        std::vector<float> sums(count), want(count);
+        for (size_t i = 0; i < count; ++i) {
+          const float v = normal(rng);
+          if (dtype == DType::kBf16) {
+            const uint16_t b = F32ToBf16(v);
+            std::memcpy(&bytes[2 * i], &b, 2);
+          } else if (dtype == DType::kFp16) {
+            const uint16_t h = F32ToF16(v);
+            std::memcpy(&bytes[2 * i], &h, 2);
+          } else {
+            std::memcpy(&bytes[4 * i], &v, 4);
+          }
+          sums[i] = want[i] = normal(rng);
+        }
+        for (int pass = 0; pass < 2; ++pass) {
+          AddAbsF32(dtype, bytes.data(), count, sums.data());
+          for (size_t i = 0; i < count; ++i)
+            want[i] += std::fabs(LoadAsF32(dtype, bytes.data(), i));
+        }
+        EXPECT_EQ(sums, want);
+      }
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
 }
 
 }  // namespace
