@@ -1,8 +1,10 @@
 // transfer_bench: the client's data path against the link it runs on, measured in one run.
 //   1. bulk pinned host->device copy (the baseline, GB/s);
-//   2. scattered selected-block loads through the client's batched copy (cudaMemcpyBatchAsync)
-//      for blocks of 64 KiB..1 MiB into shuffled slots, as GB/s and as a ratio to bulk (target
-//      >= 0.8), with one cudaMemcpyAsync per block beside it for reference;
+//   2. scattered selected-block loads through the client's copy path for blocks of 64 KiB..1 MiB
+//      into shuffled slots, as GB/s and as a ratio to bulk (target >= 0.8), naming the path the
+//      client took (landing+scatter: one bulk copy into a device landing buffer and a scatter
+//      kernel; batched memcpy: cudaMemcpyBatchAsync), checking the slots' bytes, and with each
+//      path forced and one cudaMemcpyAsync per block beside it for reference;
 //   3. the engine thread's time in RecordQuery + Acquire + Release per layer plus Step per layer
 //      (target < 20 us), against an in-process server, on the backend the client picks.
 // Without a GPU it says so, measures 3 on the host backend and exits 0. Last line: JSON.
@@ -24,8 +26,10 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/device_backend.h"
+#include "client/scatter_plan.h"
 #include "kvstar/client.h"
 #include "tests/client/fake_kv_store.h"
 #include "tests/integration/block_fixtures.h"
@@ -65,13 +69,38 @@ double BestGbps(uint64_t bytes, int repeats, cudaStream_t stream, Copy copy) {
   return best;
 }
 
-struct LinkResults {
-  double bulk_gbps = 0;
-  double scattered_gbps = 0;  // the smallest block size: the hardest case
-  double ratio = 0;
+struct SizeResult {
+  uint64_t block_bytes = 0;
+  std::string path;  // what the client's copy does for this size
+  double client_gbps = 0;
+  double landing_gbps = 0;  // forced: bulk copy into the landing buffer + scatter kernel
+  double batched_gbps = 0;  // forced: cudaMemcpyBatchAsync, one descriptor per block
+  double per_block_gbps = 0;
+  bool verified = false;
 };
 
+struct LinkResults {
+  double bulk_gbps = 0;
+  double scattered_gbps = 0;  // the client's path at the smallest block size: the hardest case
+  double ratio = 0;
+  std::vector<SizeResult> sizes;
+};
+
+// How the client's copy path handles `segments`, in words.
+std::string DescribePath(const std::vector<CopySegment>& segments,
+                         const kvstar::client_internal::ScatterPlanOptions& options) {
+  const kvstar::client_internal::ScatterPlan plan =
+      kvstar::client_internal::PlanScatteredCopy(segments, options);
+  if (plan.rounds.empty()) return absl::StrFormat("batched memcpy (%d copies)", plan.direct.size());
+  size_t pieces = 0;
+  for (const auto& round : plan.rounds) pieces += round.pieces.size();
+  return absl::StrFormat("landing+scatter (%d bulk copies, %d blocks, %d direct)",
+                         plan.rounds.size(), pieces, plan.direct.size());
+}
+
 LinkResults MeasureLink(DeviceBackend& backend) {
+  using kvstar::client_internal::MakeCudaBackend;
+  using kvstar::client_internal::ScatterPlanOptions;
   LinkResults results;
   const uint64_t bytes = absl::GetFlag(FLAGS_bulk_mib) << 20;
   const int repeats = absl::GetFlag(FLAGS_repeats);
@@ -82,17 +111,44 @@ LinkResults MeasureLink(DeviceBackend& backend) {
     std::fprintf(stderr, "allocation failed\n");
     return results;
   }
-  std::memset(*pinned, 1, bytes);
+  std::mt19937 random(7);
+  {
+    std::vector<uint32_t> words(bytes / 4);
+    for (uint32_t& word : words) word = random();
+    std::memcpy(*pinned, words.data(), bytes);
+  }
   cudaStream_t stream = static_cast<cudaStream_t>(*stream_handle);
   results.bulk_gbps = BestGbps(bytes, repeats, stream, [&] {
     Check(cudaMemcpyAsync(*device, *pinned, bytes, cudaMemcpyHostToDevice, stream), "bulk");
   });
   std::printf("bulk pinned host->device: %.1f GB/s (%llu MiB)\n", results.bulk_gbps,
               static_cast<unsigned long long>(bytes >> 20));
-  std::mt19937 random(7);
+  // The same copy forced down each path, each backend with its own stream (and landing buffer).
+  ScatterPlanOptions landing_options;
+  landing_options.direct_min_bytes = SIZE_MAX;
+  ScatterPlanOptions batched_options;
+  batched_options.direct_min_bytes = 0;
+  std::unique_ptr<DeviceBackend> landing_backend = MakeCudaBackend(0, landing_options);
+  std::unique_ptr<DeviceBackend> batched_backend = MakeCudaBackend(0, batched_options);
+  absl::StatusOr<kvstar::client_internal::StreamHandle> landing_stream =
+      landing_backend->CreateStream();
+  absl::StatusOr<kvstar::client_internal::StreamHandle> batched_stream =
+      batched_backend->CreateStream();
+  if (!landing_stream.ok() || !batched_stream.ok()) {
+    std::fprintf(stderr, "stream creation failed\n");
+    return results;
+  }
+  auto timed = [&](DeviceBackend& with, kvstar::client_internal::StreamHandle on,
+                   const std::vector<CopySegment>& segments) {
+    return BestGbps(bytes, repeats, static_cast<cudaStream_t>(on), [&] {
+      absl::Status status = with.CopyToDeviceBatch(segments.data(), segments.size(), on);
+      if (!status.ok()) std::fprintf(stderr, "scattered copy: %s\n", status.ToString().c_str());
+    });
+  };
   for (uint64_t block = 64 << 10; block <= (1 << 20); block *= 2) {
     const uint64_t count = bytes / block;
-    // Destinations: `count` of 2*count slots, shuffled (what selections look like).
+    // Destinations: `count` of 2*count slots, shuffled (what selections look like); sources:
+    // consecutive in one pinned buffer (how a load is staged).
     std::vector<uint64_t> slots(2 * count);
     std::iota(slots.begin(), slots.end(), 0);
     std::shuffle(slots.begin(), slots.end(), random);
@@ -101,24 +157,42 @@ LinkResults MeasureLink(DeviceBackend& backend) {
       segments[i] = {static_cast<char*>(*device) + slots[i] * block,
                      static_cast<const char*>(*pinned) + i * block, block};
     }
-    const double batched = BestGbps(bytes, repeats, stream, [&] {
-      absl::Status status = backend.CopyToDeviceBatch(segments.data(), count, stream);
-      if (!status.ok()) std::fprintf(stderr, "batched: %s\n", status.ToString().c_str());
-    });
-    const double per_block = BestGbps(bytes, repeats, stream, [&] {
+    SizeResult size;
+    size.block_bytes = block;
+    size.path = DescribePath(segments, ScatterPlanOptions());
+    size.client_gbps = timed(backend, *stream_handle, segments);
+    // What the client's path left in the slots, checked block by block.
+    std::vector<char> back(2 * bytes);
+    Check(cudaMemcpy(back.data(), *device, back.size(), cudaMemcpyDeviceToHost), "verify copy");
+    size.verified = true;
+    for (uint64_t i = 0; i < count && size.verified; ++i) {
+      size.verified = std::memcmp(back.data() + slots[i] * block,
+                                  static_cast<const char*>(*pinned) + i * block, block) == 0;
+    }
+    size.landing_gbps = timed(*landing_backend, *landing_stream, segments);
+    size.batched_gbps = timed(*batched_backend, *batched_stream, segments);
+    size.per_block_gbps = BestGbps(bytes, repeats, stream, [&] {
       for (const CopySegment& segment : segments) {
         cudaMemcpyAsync(segment.dst, segment.src, segment.bytes, cudaMemcpyHostToDevice, stream);
       }
     });
-    std::printf("scattered %4llu KiB blocks: batched %.1f GB/s (%.2f of bulk), one copy per "
-                "block %.1f GB/s (%.2f)\n",
-                static_cast<unsigned long long>(block >> 10), batched, batched / results.bulk_gbps,
-                per_block, per_block / results.bulk_gbps);
+    const double bulk = results.bulk_gbps;
+    std::printf(
+        "scattered %4llu KiB blocks: client %.1f GB/s (%.2f of bulk) via %s, %s; "
+        "landing+scatter %.1f (%.2f), batched memcpy %.1f (%.2f), one copy per block "
+        "%.1f (%.2f)\n",
+        static_cast<unsigned long long>(block >> 10), size.client_gbps, size.client_gbps / bulk,
+        size.path.c_str(), size.verified ? "slots verified" : "SLOTS WRONG", size.landing_gbps,
+        size.landing_gbps / bulk, size.batched_gbps, size.batched_gbps / bulk, size.per_block_gbps,
+        size.per_block_gbps / bulk);
     if (block == (64 << 10)) {
-      results.scattered_gbps = batched;
-      results.ratio = batched / results.bulk_gbps;
+      results.scattered_gbps = size.client_gbps;
+      results.ratio = size.client_gbps / bulk;
     }
+    results.sizes.push_back(size);
   }
+  landing_backend->DestroyStream(*landing_stream);
+  batched_backend->DestroyStream(*batched_stream);
   backend.DestroyStream(*stream_handle);
   backend.FreeDevice(*device);
   backend.FreePinned(*pinned);
@@ -126,7 +200,8 @@ LinkResults MeasureLink(DeviceBackend& backend) {
 }
 
 // Microseconds the engine thread spends per layer per step in the client's per-step calls.
-double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backend_name) {
+double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backend_name,
+                           int* max_staleness) {
   kvstar::testing::FakeKvStore server;
   const uint32_t stride = 8;
   // 16 middle blocks of which 3 change every retrieval (~20% of the resident set, as DESIGN §4).
@@ -172,8 +247,9 @@ double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backen
   kvstar::testing::FillPseudoRandom(2, &value);
   for (uint32_t layer = 0; layer < profile.num_layers; ++layer) {
     for (uint32_t index = 0; index < blocks; ++index) {
-      (*sequence)->Offload(layer, index, key.data(), value.data(), kvstar::MemoryKind::kHost,
-                           nullptr).IgnoreError();
+      (*sequence)
+          ->Offload(layer, index, key.data(), value.data(), kvstar::MemoryKind::kHost, nullptr)
+          .IgnoreError();
     }
   }
   std::string queries(profile.num_layers * stride * profile.query_bytes(), '\0');
@@ -212,12 +288,19 @@ double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backen
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   const kvstar::SequenceStats stats = (*sequence)->stats();
-  std::printf("critical path (%s backend, %u layers, %d steps): %.2f us per layer; "
-              "%llu selections published, max staleness %llu steps\n",
-              backend_name->c_str(), profile.num_layers, steps,
-              engine_seconds * 1e6 / (double{1} * steps * profile.num_layers),
-              static_cast<unsigned long long>(stats.selections_published),
-              static_cast<unsigned long long>(stats.max_staleness_steps));
+  const kvstar::ClientStats client_stats = (*client)->stats();
+  std::printf(
+      "critical path (%s backend, %u layers, %d steps): %.2f us per layer; "
+      "%llu selections published, max staleness %llu steps (stride %u); %llu retrievals "
+      "sent, %llu skipped (previous still in flight), %llu selections dropped\n",
+      backend_name->c_str(), profile.num_layers, steps,
+      engine_seconds * 1e6 / (double{1} * steps * profile.num_layers),
+      static_cast<unsigned long long>(stats.selections_published),
+      static_cast<unsigned long long>(stats.max_staleness_steps), stride,
+      static_cast<unsigned long long>(client_stats.retrievals_sent),
+      static_cast<unsigned long long>(client_stats.retrievals_skipped),
+      static_cast<unsigned long long>(stats.selections_dropped));
+  *max_staleness = static_cast<int>(stats.max_staleness_steps);
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
@@ -238,18 +321,36 @@ int main(int argc, char** argv) {
     if (!backend.ok()) return 1;
     link = MeasureLink(**backend);
   } else {
-    std::printf("transfer_bench needs a GPU for the link measurements (%s); measuring the "
-                "host-backend critical path only\n",
-                std::string(cuda.message()).c_str());
+    std::printf(
+        "transfer_bench needs a GPU for the link measurements (%s); measuring the "
+        "host-backend critical path only\n",
+        std::string(cuda.message()).c_str());
   }
   std::string backend_name;
-  const double critical_us = MeasureCriticalPath(kvstar::BackendKind::kAuto, &backend_name);
+  int max_staleness = -1;
+  const double critical_us =
+      MeasureCriticalPath(kvstar::BackendKind::kAuto, &backend_name, &max_staleness);
+  std::string per_size;
+  bool verified = true;
+  for (const SizeResult& size : link.sizes) {
+    absl::StrAppendFormat(&per_size,
+                          "%s\"%d\": {\"ratio\": %.3f, \"path\": \"%s\", "
+                          "\"landing_ratio\": %.3f, \"batched_ratio\": %.3f}",
+                          per_size.empty() ? "" : ", ", size.block_bytes >> 10,
+                          size.client_gbps / link.bulk_gbps,
+                          size.path.substr(0, size.path.find(' ')),
+                          size.landing_gbps / link.bulk_gbps, size.batched_gbps / link.bulk_gbps);
+    verified = verified && size.verified;
+  }
   std::printf("%s\n",
               absl::StrFormat("{\"gpu\": %s, \"backend\": \"%s\", \"bulk_h2d_gbps\": %.2f, "
                               "\"scattered_h2d_gbps\": %.2f, \"ratio\": %.3f, "
-                              "\"critical_path_us_per_layer\": %.3f}",
+                              "\"critical_path_us_per_layer\": %.3f, \"max_staleness_steps\": %d, "
+                              "\"slots_verified\": %s, \"ratios_by_block_kib\": {%s}}",
                               cuda.ok() ? "true" : "false", backend_name, link.bulk_gbps,
-                              link.scattered_gbps, link.ratio, critical_us)
+                              link.scattered_gbps, link.ratio, critical_us, max_staleness,
+                              verified ? "true" : "false", per_size)
                   .c_str());
+  if (!verified) return 1;
   return critical_us < 0 ? 1 : 0;
 }

@@ -66,6 +66,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const ClientOptions& options,
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(-1);
   arguments.SetMaxSendMessageSize(-1);
+  // Retrieve replies carry megabytes of block bytes per layer: a receive window that starts
+  // small and grows by probing throttles them on fast links.
+  arguments.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  arguments.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   return grpc::CreateCustomChannel(address, credentials, arguments);
 }
 
@@ -192,9 +196,8 @@ absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
     absl::MutexLock lock(&mu_);
     // The retrieval thread may hold a pointer to it until its job ends.
     mu_.Await(absl::Condition(
-        +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return !client->retrieval_in_flight_;
-        },
+        +[](ClientImpl* client)
+             ABSL_NO_THREAD_SAFETY_ANALYSIS { return !client->retrieval_in_flight_; },
         this));
     auto found = sequences_.find(sequence_id);
     if (found == sequences_.end()) {
@@ -330,9 +333,8 @@ absl::Status ClientImpl::SendBatch(std::vector<OffloadItem>& batch) {
     if (!ready.ok() && local.ok()) local = ready;
     const uint64_t block_bytes = 2 * item.key_bytes;
     if (writing && ready.ok()) {
-      if (message.blocks_size() > 0 &&
-          (message.sequence_id() != item.sequence->id() ||
-           message_bytes + block_bytes > options_.max_message_bytes)) {
+      if (message.blocks_size() > 0 && (message.sequence_id() != item.sequence->id() ||
+                                        message_bytes + block_bytes > options_.max_message_bytes)) {
         send();
       }
       message.set_sequence_id(item.sequence->id());

@@ -1,8 +1,11 @@
-// The CUDA backend (runtime API only, no kernels) and the start-up choice between it and the host
-// backend.
+// The CUDA backend (runtime API plus the scatter kernel) and the start-up choice between it and
+// the host backend.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -11,22 +14,29 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "client/device_backend.h"
+#include "client/scatter_kernel.h"
+#include "client/scatter_plan.h"
 #include "spdlog/spdlog.h"
 
 namespace kvstar::client_internal {
 namespace {
 
 absl::Status CudaError(cudaError_t error, const char* what) {
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorName(error), " (",
-                                          cudaGetErrorString(error), ")"));
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
 }
 
 class CudaBackend : public DeviceBackend {
  public:
-  explicit CudaBackend(int device) : device_(device) {}
+  CudaBackend(int device, const ScatterPlanOptions& options) : device_(device), options_(options) {}
   ~CudaBackend() override {
-    absl::MutexLock lock(&mu_);
-    for (cudaEvent_t event : free_events_) cudaEventDestroy(event);
+    std::vector<StreamHandle> streams;
+    {
+      absl::MutexLock lock(&mu_);
+      for (cudaEvent_t event : free_events_) cudaEventDestroy(event);
+      for (const auto& [stream, landing] : landings_) streams.push_back(stream);
+    }
+    for (StreamHandle stream : streams) FreeLanding(stream);
   }
 
   BackendKind kind() const override { return BackendKind::kCuda; }
@@ -56,32 +66,46 @@ class CudaBackend : public DeviceBackend {
     return static_cast<StreamHandle>(stream);
   }
   void DestroyStream(StreamHandle stream) override {
+    FreeLanding(stream);
     if (stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
   }
 
   absl::Status CopyToDeviceBatch(const CopySegment* segments, size_t count,
                                  StreamHandle stream) override {
     if (count == 0) return absl::OkStatus();
-    std::vector<void*> dsts;
-    std::vector<const void*> srcs;
-    std::vector<size_t> sizes;
-    Coalesce(segments, count, &dsts, &srcs, &sizes);
-    cudaMemcpyAttributes attributes = {};
-    attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    attributes.srcLocHint.type = cudaMemLocationTypeHost;
-    attributes.dstLocHint.type = cudaMemLocationTypeDevice;
-    attributes.dstLocHint.id = device_;
-    size_t attribute_index = 0;
-    cudaError_t error =
-        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attributes,
-                             &attribute_index, 1, static_cast<cudaStream_t>(stream));
-    if (error == cudaSuccess) return absl::OkStatus();
-    // Drivers without batched copies: one async copy per coalesced run.
-    cudaGetLastError();
-    for (size_t i = 0; i < dsts.size(); ++i) {
-      error = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyHostToDevice,
-                              static_cast<cudaStream_t>(stream));
-      if (error != cudaSuccess) return CudaError(error, "cudaMemcpyAsync (batch fallback)");
+    const ScatterPlan plan = PlanScatteredCopy(absl::MakeConstSpan(segments, count), options_);
+    if (absl::Status status = CopyDirect(plan.direct, stream); !status.ok()) return status;
+    if (plan.rounds.empty()) return absl::OkStatus();
+    absl::StatusOr<Landing*> landing = LandingFor(stream);
+    if (!landing.ok()) return landing.status();
+    // Held until the last scatter is enqueued: stream order then keeps another caller's landing
+    // copies behind this call's scatters.
+    absl::MutexLock landing_lock(&(*landing)->mu);
+    if (absl::Status status = GrowLanding(**landing, plan.landing_bytes, stream); !status.ok()) {
+      return status;
+    }
+    const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+    char* const base = static_cast<char*>((*landing)->device);
+    for (const ScatterRound& round : plan.rounds) {
+      for (const LandingCopy& copy : round.copies) {
+        cudaError_t error = cudaMemcpyAsync(base + copy.landing_offset, copy.src, copy.bytes,
+                                            cudaMemcpyHostToDevice, cuda_stream);
+        if (error != cudaSuccess) return CudaError(error, "cudaMemcpyAsync (landing)");
+      }
+      ScatterKernelArgs args;
+      args.landing = base;
+      for (size_t i = 0; i < round.pieces.size(); ++i) {
+        const ScatterPiece& piece = round.pieces[i];
+        args.pieces[args.count++] = {piece.dst, static_cast<uint32_t>(piece.landing_offset),
+                                     static_cast<uint32_t>(piece.bytes)};
+        args.max_bytes = std::max(args.max_bytes, static_cast<uint32_t>(piece.bytes));
+        if (args.count == kMaxScatterPiecesPerLaunch || i + 1 == round.pieces.size()) {
+          cudaError_t error = LaunchScatterKernel(args, cuda_stream);
+          if (error != cudaSuccess) return CudaError(error, "scatter kernel launch");
+          args.count = 0;
+          args.max_bytes = 0;
+        }
+      }
     }
     return absl::OkStatus();
   }
@@ -119,8 +143,7 @@ class CudaBackend : public DeviceBackend {
     return static_cast<EventHandle>(event);
   }
   bool EventDone(EventHandle event) override {
-    return event == nullptr ||
-           cudaEventQuery(static_cast<cudaEvent_t>(event)) != cudaErrorNotReady;
+    return event == nullptr || cudaEventQuery(static_cast<cudaEvent_t>(event)) != cudaErrorNotReady;
   }
   absl::Status WaitEvent(EventHandle event) override {
     if (event == nullptr) return absl::OkStatus();
@@ -130,8 +153,8 @@ class CudaBackend : public DeviceBackend {
   }
   absl::Status StreamWaitEvent(StreamHandle stream, EventHandle event) override {
     if (event == nullptr) return absl::OkStatus();
-    cudaError_t error = cudaStreamWaitEvent(static_cast<cudaStream_t>(stream),
-                                            static_cast<cudaEvent_t>(event), 0);
+    cudaError_t error =
+        cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0);
     if (error != cudaSuccess) return CudaError(error, "cudaStreamWaitEvent");
     return absl::OkStatus();
   }
@@ -142,27 +165,91 @@ class CudaBackend : public DeviceBackend {
   }
 
  private:
-  // Joins segments whose source and destination both continue the previous one: slots allocated
-  // in order and staged in order become one large copy.
-  static void Coalesce(const CopySegment* segments, size_t count, std::vector<void*>* dsts,
-                       std::vector<const void*>* srcs, std::vector<size_t>* sizes) {
-    for (size_t i = 0; i < count; ++i) {
-      const CopySegment& segment = segments[i];
-      if (!dsts->empty() &&
-          static_cast<char*>(dsts->back()) + sizes->back() == segment.dst &&
-          static_cast<const char*>(srcs->back()) + sizes->back() == segment.src) {
-        sizes->back() += segment.bytes;
-        continue;
-      }
-      dsts->push_back(segment.dst);
-      srcs->push_back(segment.src);
-      sizes->push_back(segment.bytes);
+  // A device landing buffer of one stream (see CopyToDeviceBatch).
+  struct Landing {
+    absl::Mutex mu;
+    void* device ABSL_GUARDED_BY(mu) = nullptr;
+    size_t bytes ABSL_GUARDED_BY(mu) = 0;
+  };
+
+  // Straight copies: one batched driver call, or one async copy each on drivers without it.
+  absl::Status CopyDirect(const std::vector<CopySegment>& direct, StreamHandle stream) {
+    if (direct.empty()) return absl::OkStatus();
+    std::vector<void*> dsts;
+    std::vector<const void*> srcs;
+    std::vector<size_t> sizes;
+    for (const CopySegment& segment : direct) {
+      dsts.push_back(segment.dst);
+      srcs.push_back(segment.src);
+      sizes.push_back(segment.bytes);
     }
+    cudaMemcpyAttributes attributes = {};
+    attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attributes.srcLocHint.type = cudaMemLocationTypeHost;
+    attributes.dstLocHint.type = cudaMemLocationTypeDevice;
+    attributes.dstLocHint.id = device_;
+    size_t attribute_index = 0;
+    cudaError_t error =
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attributes,
+                             &attribute_index, 1, static_cast<cudaStream_t>(stream));
+    if (error == cudaSuccess) return absl::OkStatus();
+    cudaGetLastError();
+    for (size_t i = 0; i < dsts.size(); ++i) {
+      error = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyHostToDevice,
+                              static_cast<cudaStream_t>(stream));
+      if (error != cudaSuccess) return CudaError(error, "cudaMemcpyAsync (batch fallback)");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<Landing*> LandingFor(StreamHandle stream) {
+    absl::MutexLock lock(&mu_);
+    std::unique_ptr<Landing>& landing = landings_[stream];
+    if (landing == nullptr) landing = std::make_unique<Landing>();
+    return landing.get();
+  }
+
+  // Makes `landing` hold at least `bytes` (whole MiB, so slowly growing loads rarely reallocate).
+  absl::Status GrowLanding(Landing& landing, size_t bytes, StreamHandle stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(landing.mu) {
+    if (landing.bytes >= bytes) return absl::OkStatus();
+    if (landing.device != nullptr) {
+      // Earlier scatters on this stream may still read it.
+      cudaError_t error = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+      if (error != cudaSuccess) return CudaError(error, "cudaStreamSynchronize (landing)");
+      cudaFree(landing.device);
+      landing.device = nullptr;
+      landing.bytes = 0;
+    }
+    const size_t rounded = (bytes + (size_t{1} << 20) - 1) >> 20 << 20;
+    cudaSetDevice(device_);
+    cudaError_t error = cudaMalloc(&landing.device, rounded);
+    if (error != cudaSuccess) {
+      landing.device = nullptr;
+      return CudaError(error, "cudaMalloc (landing buffer)");
+    }
+    landing.bytes = rounded;
+    return absl::OkStatus();
+  }
+
+  void FreeLanding(StreamHandle stream) {
+    std::unique_ptr<Landing> landing;
+    {
+      absl::MutexLock lock(&mu_);
+      auto found = landings_.find(stream);
+      if (found == landings_.end()) return;
+      landing = std::move(found->second);
+      landings_.erase(found);
+    }
+    absl::MutexLock landing_lock(&landing->mu);
+    if (landing->device != nullptr) cudaFree(landing->device);  // waits for the device
   }
 
   const int device_;
+  const ScatterPlanOptions options_;
   absl::Mutex mu_;
   std::vector<cudaEvent_t> free_events_ ABSL_GUARDED_BY(mu_);
+  std::map<StreamHandle, std::unique_ptr<Landing>> landings_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::Status ProbeCuda(int cuda_device) {
@@ -202,6 +289,10 @@ absl::Status CudaUsable(int cuda_device) {
   return *result;
 }
 
+std::unique_ptr<DeviceBackend> MakeCudaBackend(int cuda_device, const ScatterPlanOptions& options) {
+  return std::make_unique<CudaBackend>(cuda_device, options);
+}
+
 absl::StatusOr<std::unique_ptr<DeviceBackend>> SelectBackend(BackendKind requested,
                                                              int cuda_device) {
   static std::once_flag logged;
@@ -214,7 +305,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> SelectBackend(BackendKind request
     std::call_once(logged, [cuda_device] {
       spdlog::info("kvstar client: CUDA backend on device {}", cuda_device);
     });
-    return std::unique_ptr<DeviceBackend>(std::make_unique<CudaBackend>(cuda_device));
+    return MakeCudaBackend(cuda_device, ScatterPlanOptions());
   }
   if (requested == BackendKind::kCuda) {
     return absl::FailedPreconditionError(

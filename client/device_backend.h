@@ -42,8 +42,12 @@ class DeviceBackend {
   virtual absl::StatusOr<StreamHandle> CreateStream() = 0;
   virtual void DestroyStream(StreamHandle stream) = 0;
 
-  // Copies `count` scattered segments from pinned host memory to device memory in as few driver
-  // calls as the driver allows (cudaMemcpyBatchAsync; adjacent segments are coalesced otherwise).
+  // Copies `count` scattered segments from pinned host memory to device memory. Segments whose
+  // sources are contiguous (one staging buffer) and that are small travel as bulk copies into a
+  // device landing buffer kept per stream, then one kernel scatters them to their destinations;
+  // large ones go straight (cudaMemcpyBatchAsync). See scatter_plan.h. The sources must stay
+  // untouched and the destinations unread until the stream passes this point (record an event).
+  // Calls on one stream from several threads are serialized.
   virtual absl::Status CopyToDeviceBatch(const CopySegment* segments, size_t count,
                                          StreamHandle stream) = 0;
   // One async copy; `kind` says where src and dst live.
@@ -63,6 +67,11 @@ class DeviceBackend {
 
 // The host-memory backend.
 std::unique_ptr<DeviceBackend> MakeHostBackend();
+
+struct ScatterPlanOptions;
+// A CUDA backend on `cuda_device` whose scattered copies are planned with `options` (tests and the
+// transfer benchmark force one path with it). REQUIRES: CudaUsable(cuda_device) is OK.
+std::unique_ptr<DeviceBackend> MakeCudaBackend(int cuda_device, const ScatterPlanOptions& options);
 
 // kHost: the host backend. kCuda: CUDA on `cuda_device`, or an error saying why CUDA is unusable.
 // kAuto: CUDA when usable, else the host backend. Logs the backend chosen (and why) once per process.

@@ -15,15 +15,17 @@ StagingPool::~StagingPool() {
 absl::StatusOr<void*> StagingPool::AcquireLocked(uint64_t bytes, bool* must_wait) {
   *must_wait = false;
   if (bytes > budget_bytes_) {
-    return absl::ResourceExhaustedError(absl::StrCat("staging: ", bytes,
-                                                     " bytes exceed the staging budget of ",
-                                                     budget_bytes_));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("staging: ", bytes, " bytes exceed the staging budget of ", budget_bytes_));
   }
-  auto idle = idle_.find(bytes);
-  if (idle != idle_.end()) {
+  // The smallest idle buffer that fits, if it wastes at most half of itself: loads vary in size,
+  // and a pinned allocation (or a free, which waits for the device) costs milliseconds on the
+  // retrieval path.
+  auto idle = idle_.lower_bound(bytes);
+  if (idle != idle_.end() && idle->first <= 2 * bytes) {
     void* buffer = idle->second;
+    in_use_bytes_ += idle->first;
     idle_.erase(idle);
-    in_use_bytes_ += bytes;
     return buffer;
   }
   // Free idle buffers of other sizes until the new one fits.
@@ -58,7 +60,8 @@ absl::StatusOr<void*> StagingPool::Acquire(uint64_t bytes) {
       uint64_t in_use;
     } progress{this, in_use_bytes_};
     mu_.Await(absl::Condition(
-        +[](Progress* p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->pool->in_use_bytes_ < p->in_use; },
+        +[](Progress* p)
+             ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->pool->in_use_bytes_ < p->in_use; },
         &progress));
   }
 }

@@ -22,8 +22,9 @@ class StagingPool {
   StagingPool(const StagingPool&) = delete;
   StagingPool& operator=(const StagingPool&) = delete;
 
-  // A buffer of exactly `bytes`. Waits while the budget is used by buffers in use; idle buffers of
-  // other sizes are freed to make room. RESOURCE_EXHAUSTED when `bytes` exceeds the whole budget.
+  // A buffer of at least `bytes` (an idle one of up to twice that is reused). Waits while the
+  // budget is used by buffers in use; idle buffers that do not fit are freed to make room.
+  // RESOURCE_EXHAUSTED when `bytes` exceeds the whole budget.
   absl::StatusOr<void*> Acquire(uint64_t bytes);
   // Like Acquire, but UNAVAILABLE instead of waiting.
   absl::StatusOr<void*> TryAcquire(uint64_t bytes);

@@ -81,7 +81,8 @@ class FakeKvStore : public v1::KvStore::Service {
     return found == last_held_.end() ? std::set<uint32_t>() : found->second;
   }
 
-  grpc::Status CreateSequence(grpc::ServerContext* context, const v1::CreateSequenceRequest* request,
+  grpc::Status CreateSequence(grpc::ServerContext* context,
+                              const v1::CreateSequenceRequest* request,
                               v1::CreateSequenceResponse* response) override {
     absl::MutexLock lock(&mu_);
     num_layers_ = request->profile().num_layers();
@@ -140,24 +141,32 @@ class FakeKvStore : public v1::KvStore::Service {
     return grpc::Status::OK;
   }
 
+  // Streams one reply per layer as soon as it is built, like the real server.
   grpc::Status Retrieve(grpc::ServerContext*, const v1::RetrieveRequest* request,
                         grpc::ServerWriter<v1::RetrieveResponse>* writer) override {
-    std::vector<v1::RetrieveResponse> replies;
+    uint32_t num_layers = 0;
     {
       absl::MutexLock lock(&mu_);
       ++retrieves_;
       mu_.Await(absl::Condition(&gate_open_));
       if (!retrieve_failure_.ok()) return retrieve_failure_;
-      for (const v1::SequenceQueries& part : request->sequences()) {
+      num_layers = num_layers_;
+    }
+    for (const v1::SequenceQueries& part : request->sequences()) {
+      {
+        absl::MutexLock lock(&mu_);
         for (const v1::HeldBlocks& held : part.held()) {
           last_held_[held.layer()] =
               std::set<uint32_t>(held.block_indices().begin(), held.block_indices().end());
         }
-        for (uint32_t layer = 0; layer < num_layers_; ++layer) {
-          v1::RetrieveResponse reply;
-          reply.set_sequence_id(part.sequence_id());
-          reply.set_decode_step(part.decode_step());
-          reply.mutable_selection()->set_layer(layer);
+      }
+      for (uint32_t layer = 0; layer < num_layers; ++layer) {
+        v1::RetrieveResponse reply;
+        reply.set_sequence_id(part.sequence_id());
+        reply.set_decode_step(part.decode_step());
+        reply.mutable_selection()->set_layer(layer);
+        {
+          absl::MutexLock lock(&mu_);
           for (uint32_t block : selector_(layer, BlocksOfLayer(layer), part.decode_step())) {
             reply.mutable_selection()->add_block_indices(block);
             if (last_held_[layer].count(block) == 0) {
@@ -165,11 +174,10 @@ class FakeKvStore : public v1::KvStore::Service {
               ++blocks_sent_;
             }
           }
-          replies.push_back(std::move(reply));
         }
+        if (!writer->Write(reply)) return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
       }
     }
-    for (const v1::RetrieveResponse& reply : replies) writer->Write(reply);
     return grpc::Status::OK;
   }
 

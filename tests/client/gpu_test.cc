@@ -1,5 +1,6 @@
 // The client on the CUDA backend: offload from device memory, Seal, per-step loads into device
-// slots with batched async copies, and a race test: cudaMemcpy readers on the engine's stream read
+// slots (64 KiB slots: one landing copy plus the scatter kernel per layer), the backend's
+// scattered copy on every path, and a race test: cudaMemcpy readers on the engine's stream read
 // every slot of every table while the next selections load. Skipped without a usable GPU.
 #include <cuda_runtime.h>
 
@@ -7,11 +8,13 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "client/device_backend.h"
+#include "client/scatter_plan.h"
 #include "gtest/gtest.h"
 #include "kvstar/client.h"
 #include "tests/client/client_test_util.h"
@@ -34,9 +37,9 @@ std::vector<uint32_t> MovingSelection(uint32_t, uint32_t num_blocks, uint64_t st
   return blocks;
 }
 
-#define ASSERT_CUDA(call)                                                     \
-  do {                                                                        \
-    const cudaError_t cuda_error = (call);                                    \
+#define ASSERT_CUDA(call)                                                                  \
+  do {                                                                                     \
+    const cudaError_t cuda_error = (call);                                                 \
     ASSERT_EQ(cuda_error, cudaSuccess) << #call << ": " << cudaGetErrorString(cuda_error); \
   } while (0)
 
@@ -75,13 +78,13 @@ class GpuTest : public ::testing::Test {
     for (uint32_t layer = 0; layer < kLayers; ++layer) {
       for (uint32_t index = 0; index < kBlocks; ++index) {
         const v1::Block block = TestBlock(kSeed, layer, index, key_bytes());
-        ASSERT_CUDA(cudaMemcpyAsync(key, block.key().data(), key_bytes(), cudaMemcpyHostToDevice,
-                                    stream_));
+        ASSERT_CUDA(
+            cudaMemcpyAsync(key, block.key().data(), key_bytes(), cudaMemcpyHostToDevice, stream_));
         ASSERT_CUDA(cudaMemcpyAsync(key + key_bytes(), block.value().data(), key_bytes(),
                                     cudaMemcpyHostToDevice, stream_));
-        ASSERT_TRUE(sequence_->Offload(layer, index, key, key + key_bytes(), MemoryKind::kDevice,
-                                       stream_)
-                        .ok());
+        ASSERT_TRUE(
+            sequence_->Offload(layer, index, key, key + key_bytes(), MemoryKind::kDevice, stream_)
+                .ok());
         // The engine reuses its buffer only once the library's copy is ordered before it.
         ASSERT_CUDA(cudaStreamSynchronize(stream_));
       }
@@ -146,9 +149,9 @@ TEST_F(GpuTest, SlotsHoldTheSelectedBlocksAndReadersNeverSeeAnOverwrite) {
       ASSERT_CUDA(cudaMemcpyAsync(read.device_slots.data(), table->device_slots,
                                   table->count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
       for (uint32_t i = 0; i < table->count; ++i) {
-        const char* slot = static_cast<const char*>(table->slot_pool) +
-                           (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) *
-                               table->slot_bytes;
+        const char* slot =
+            static_cast<const char*>(table->slot_pool) +
+            (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) * table->slot_bytes;
         ASSERT_CUDA(cudaMemcpyAsync(read.bytes.data() + i * table->slot_bytes, slot,
                                     table->slot_bytes, cudaMemcpyDeviceToHost, stream_));
       }
@@ -178,8 +181,8 @@ TEST_F(GpuTest, DecodeBlocksFromDeviceMemoryJoinTheTable) {
     ASSERT_CUDA(cudaMemcpy(key, block.key().data(), key_bytes(), cudaMemcpyHostToDevice));
     ASSERT_CUDA(
         cudaMemcpy(key + key_bytes(), block.value().data(), key_bytes(), cudaMemcpyHostToDevice));
-    ASSERT_TRUE(sequence_->AppendBlock(layer, key, key + key_bytes(), MemoryKind::kDevice, stream_)
-                    .ok());
+    ASSERT_TRUE(
+        sequence_->AppendBlock(layer, key, key + key_bytes(), MemoryKind::kDevice, stream_).ok());
     ASSERT_CUDA(cudaStreamSynchronize(stream_));
   }
   ASSERT_TRUE(client_->Step().ok());
@@ -198,6 +201,70 @@ TEST_F(GpuTest, DecodeBlocksFromDeviceMemoryJoinTheTable) {
   ASSERT_TRUE(sequence_->Flush().ok());
   EXPECT_TRUE(fake_->has_block(1, kBlocks));
   cudaFree(device);
+}
+
+// The backend's scattered copy on every path (landing + scatter kernel, several rounds, direct),
+// with awkward sizes and misaligned ends, against memcpy on the host.
+TEST(GpuScatterTest, ScatteredCopiesAreBitExactOnEveryPath) {
+  absl::Status usable = client_internal::CudaUsable(0);
+  if (!usable.ok()) GTEST_SKIP() << "no usable GPU: " << usable;
+  using client_internal::CopySegment;
+  using client_internal::ScatterPlanOptions;
+  std::vector<ScatterPlanOptions> paths(4);
+  paths[1].direct_min_bytes = SIZE_MAX;      // everything through the landing buffer
+  paths[2].landing_capacity_bytes = 300000;  // many rounds, blocks split across them
+  paths[2].direct_min_bytes = SIZE_MAX;
+  paths[3].direct_min_bytes = 0;  // everything direct
+  std::mt19937 random(3);
+  const std::vector<size_t> sizes = {64 << 10, 64 << 10, 17,   1,         100000,   128 << 10,
+                                     2 << 20,  64 << 10, 4099, 256 << 10, 64 << 10, 512 << 10};
+  size_t total = 0;
+  for (size_t size : sizes) total += size;
+  for (const ScatterPlanOptions& options : paths) {
+    std::unique_ptr<client_internal::DeviceBackend> backend =
+        client_internal::MakeCudaBackend(0, options);
+    absl::StatusOr<void*> pinned = backend->AllocPinned(total + 64);
+    absl::StatusOr<void*> device = backend->AllocDevice(2 * total + 4096);
+    absl::StatusOr<client_internal::StreamHandle> stream = backend->CreateStream();
+    ASSERT_TRUE(pinned.ok() && device.ok() && stream.ok());
+    char* source = static_cast<char*>(*pinned);
+    for (size_t i = 0; i < total + 64; ++i) source[i] = static_cast<char>(random());
+    std::vector<char> expected(2 * total + 4096, 0);
+    ASSERT_CUDA(cudaMemset(*device, 0, expected.size()));
+    // Destinations shuffled with odd gaps; sources contiguous except one jump.
+    std::vector<size_t> order(sizes.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), random);
+    std::vector<size_t> dst_offset(sizes.size());
+    size_t cursor = 3;
+    for (size_t i : order) {
+      dst_offset[i] = cursor;
+      cursor += sizes[i] + (i % 2 == 0 ? 0 : 13);
+    }
+    std::vector<CopySegment> segments;
+    size_t src_offset = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      if (i == 6) src_offset += 32;  // a new span of sources
+      segments.push_back(
+          {static_cast<char*>(*device) + dst_offset[i], source + src_offset, sizes[i]});
+      std::memcpy(expected.data() + dst_offset[i], source + src_offset, sizes[i]);
+      src_offset += sizes[i];
+      if (i == 6) src_offset -= 32;
+    }
+    ASSERT_LE(src_offset + 32, total + 64);
+    for (int repeat = 0; repeat < 2; ++repeat) {  // the second reuses the landing buffer
+      absl::Status copied = backend->CopyToDeviceBatch(segments.data(), segments.size(), *stream);
+      ASSERT_TRUE(copied.ok()) << copied;
+    }
+    ASSERT_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(*stream)));
+    std::vector<char> got(expected.size());
+    ASSERT_CUDA(cudaMemcpy(got.data(), *device, got.size(), cudaMemcpyDeviceToHost));
+    EXPECT_TRUE(got == expected) << "landing capacity " << options.landing_capacity_bytes
+                                 << ", direct from " << options.direct_min_bytes << " bytes";
+    backend->DestroyStream(*stream);
+    backend->FreeDevice(*device);
+    backend->FreePinned(*pinned);
+  }
 }
 
 }  // namespace
