@@ -90,7 +90,7 @@ absl::Status SequenceIndex::SealLayerWithChannels(
   fresh.vectors.resize(heads);
   fresh.norms.resize(heads);
   const size_t groups = (key_blocks.size() + kBlocksPerGroup - 1) / kBlocksPerGroup;
-  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * group_size());
+  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * values_per_group());
   std::vector<float> merged_rows(MergedRowsElems());
   for (absl::Span<const uint8_t> block : key_blocks)
     AppendVectors(fresh, block, merged_rows.data());
@@ -122,7 +122,7 @@ void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_bl
   // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
   if (block % kBlocksPerGroup == 0) {
     for (uint32_t h = 0; h < heads; ++h) {
-      layer.vectors[h].resize(layer.vectors[h].size() + group_size(), 0);
+      layer.vectors[h].resize(layer.vectors[h].size() + values_per_group(), 0);
       layer.norms[h].push_back(0.0f);
     }
   }

@@ -56,6 +56,7 @@ class SequenceIndex {
 
   const ModelShape& shape() const { return shape_; }
   const Knobs& knobs() const { return knobs_; }
+  // Blocks per group of the stored order: 16 fp32 lanes, the widest vector the scorer uses.
   static constexpr uint32_t kBlocksPerGroup = 16;
 
   uint32_t kept() const { return kept_; }
@@ -85,10 +86,11 @@ class SequenceIndex {
   // rounded up), so a score q.v of any of them is at most |q| * norm. Empty if unsealed.
   absl::Span<const float> group_norms(uint32_t layer, uint32_t kv_head) const;
   // Values of one group in representation().
-  size_t group_size() const {
+  size_t values_per_group() const {
     return size_t{kBlocksPerGroup} * vectors_per_block_ * kept_pairs() * 2;
   }
-  // Bytes of all representations (what one retrieval of every layer scans).
+  // Bytes of all representations, last groups' padding included (what one retrieval of every
+  // layer scans).
   size_t representation_bytes() const;
 
  private:

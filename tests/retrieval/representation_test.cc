@@ -96,8 +96,8 @@ TEST(RepresentationTest, KeepsTheChannelsWithLargestMeanAbsKey) {
   // Merge 2: token pairs have opposite signs, so every mean is 0.
   for (uint16_t v : (*index)->representation(2, 1)) EXPECT_EQ(Bf16ToF32(v), 0.0f);
   // One block, 2 vectors of 3 channels, stored as one group of 2 channel pairs.
-  EXPECT_EQ((*index)->representation(2, 0).size(), (*index)->group_size());
-  EXPECT_EQ((*index)->group_size(), size_t{SequenceIndex::kBlocksPerGroup} * 2 * 2 * 2);
+  EXPECT_EQ((*index)->representation(2, 0).size(), (*index)->values_per_group());
+  EXPECT_EQ((*index)->values_per_group(), size_t{SequenceIndex::kBlocksPerGroup} * 2 * 2 * 2);
   EXPECT_FALSE((*index)->sealed(0));
 }
 
@@ -151,7 +151,7 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
       }
       const size_t groups =
           (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
-      EXPECT_EQ(stored.size(), groups * idx.group_size());
+      EXPECT_EQ(stored.size(), groups * idx.values_per_group());
       // Each group's norm is its largest vector norm (rounded up, so a bound on every q.v).
       const auto norms = idx.group_norms(0, h);
       ASSERT_EQ(norms.size(), groups);
