@@ -86,10 +86,6 @@ struct RowState {
   float* denominator;  // [rows][lanes] all chunks' sums so far, per lane
 };
 
-// Micro-kernel: kVectors representation vectors (each `lanes` blocks) x kRows query rows.
-// For every kept channel, kVectors loads of the widened representation and kRows broadcasts of
-// query values feed kVectors * kRows FMAs; accumulators start at -reference, so the exp pass
-// reads them directly. Then per row: the rare move of the reference, exp2, and the block sums.
 // Moves row `row`'s reference when a score in accumulator column r exceeds it by kHeadroom (or
 // the row has none yet), rescaling what was summed against the old one. Rare after the first
 // tile of a row.
@@ -116,8 +112,13 @@ HWY_INLINE void CheckReference(DF df, VF (&acc)[kVectors][kRows], size_t r, size
   state.threshold[row] = kHeadroom;
 }
 
+// Micro-kernel: kVectors representation vectors (each `lanes` blocks) x kRows query rows.
+// For every kept channel, kVectors loads of the widened representation and kRows broadcasts of
+// query values feed kVectors * kRows FMAs; accumulators start at -reference, so the exp pass
+// reads them directly. Then per row: the rare move of the reference, exp2, and the block sums.
 // `bounded`: every row's scores are known to stay within kHeadroom of its reference (see
-// ScoreHeadImpl), so the per-row max is skipped.
+// ScoreHeadImpl), so the per-row max is skipped. Padding lanes (`ragged`, beyond num_blocks)
+// are left out of the max and masked out of the sums by the caller.
 template <size_t kVectors, size_t kRows>
 HWY_INLINE void ScoreTile(DF df, const float* HWY_RESTRICT widened, size_t kept,
                           const float* HWY_RESTRICT queries, size_t row0, const RowState& state,
