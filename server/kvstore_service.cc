@@ -282,23 +282,32 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest* r
   auto index = retrieval::SequenceIndex::Create(ToModelShape(sequence.profile),
                                                 ToKnobs(sequence.config));
   if (!index.ok()) return ToGrpc(index.status());
+  // Layers are read a group at a time (one per scoring thread) and sealed in parallel, so the
+  // K bytes held at once stay bounded whatever the sequence's length.
   const uint64_t block_bytes = 2 * BlockKeyBytes(sequence.profile);
-  for (uint32_t layer = 0; layer < num_layers; ++layer) {
-    std::vector<std::string> keys;
-    keys.reserve(num_blocks);
-    absl::Status read = ForEachBlockBatch(key, by_layer[layer], block_bytes,
-                                          [&](std::vector<storage::BlockData>& batch) {
-                                            for (auto& block : batch) {
-                                              keys.push_back(std::move(block.key));
-                                            }
-                                            return absl::OkStatus();
-                                          });
-    if (!read.ok()) return ToGrpc(read);
-    std::vector<absl::Span<const uint8_t>> spans;
-    for (const std::string& k : keys) {
-      spans.emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
+  const uint32_t group = std::max<uint32_t>(1, retriever_.num_threads());
+  for (uint32_t first = 0; first < num_layers; first += group) {
+    std::vector<uint32_t> layers;
+    for (uint32_t layer = first; layer < std::min(num_layers, first + group); ++layer) {
+      layers.push_back(layer);
     }
-    if (auto s = (*index)->SealLayer(layer, spans); !s.ok()) return ToGrpc(s);
+    std::vector<std::vector<std::string>> keys(layers.size());
+    std::vector<std::vector<absl::Span<const uint8_t>>> spans(layers.size());
+    for (size_t i = 0; i < layers.size(); ++i) {
+      keys[i].reserve(num_blocks);
+      absl::Status read = ForEachBlockBatch(key, by_layer[layers[i]], block_bytes,
+                                            [&](std::vector<storage::BlockData>& batch) {
+                                              for (auto& block : batch) {
+                                                keys[i].push_back(std::move(block.key));
+                                              }
+                                              return absl::OkStatus();
+                                            });
+      if (!read.ok()) return ToGrpc(read);
+      for (const std::string& k : keys[i]) {
+        spans[i].emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
+      }
+    }
+    if (auto s = retriever_.SealLayers(**index, layers, spans); !s.ok()) return ToGrpc(s);
   }
 
   absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
