@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(//bench:retrieval_bench //bench:transfer_bench
-  //tests/client:gpu_test //tests/client:client_server_test //server:kvstar_server)
+  //tests/client:gpu_test //tests/client:client_server_test //server:kvstar_server
+  //client:libkvstar_client.so)
 # Static linking of the project's own libraries: test binaries otherwise load them from runfiles.
 bazel build -c opt --dynamic_mode=off "${targets[@]}"
 bin_dir=$(bazel info -c opt --dynamic_mode=off bazel-bin 2>/dev/null)

@@ -2,14 +2,14 @@
 # Runs on the GPU test machine from the repository root, after deploy/device/pack.sh filled
 # out/device here and it was carried there: the GPU tests, the transfer benchmark and the
 # retrieval benchmark on the host's cores. Logs go to $OUT (or /tmp); a short table comes last.
-#   deploy/device/run-gpu.sh [gpu|transfer|retrieval ...]   (default: all)
+#   deploy/device/run-gpu.sh [gpu|torch|transfer|retrieval ...]   (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp}"
 export LD_LIBRARY_PATH="$PWD/out/device/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin=out/device/bin
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(gpu transfer retrieval)
+[ ${#parts[@]} -gt 0 ] || parts=(gpu torch transfer retrieval)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 echo "cores: $(nproc); $(lscpu | grep -m1 'Model name')"
 summary=()
@@ -23,6 +23,11 @@ for part in "${parts[@]}"; do
         "$bin/client_server_test" 2>&1 | tee "$out/client_server_test.log" |
         grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure|backend"
       summary+=("client_server_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/client_server_test.log" | tr '\n' ' ')")
+      ;;
+    torch)
+      KVSTAR_LIB="$PWD/out/device/bin/libkvstar_client.so" PYTHONUNBUFFERED=1 \
+        python3 deploy/device/torch_client_check.py 2>&1 | tee "$out/torch_client_check.log" | tail -8
+      summary+=("torch_client_check: $(tail -1 "$out/torch_client_check.log")")
       ;;
     transfer)
       "$bin/transfer_bench" 2>&1 | tee "$out/transfer_bench.log" | tail -15
