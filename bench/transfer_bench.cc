@@ -6,10 +6,16 @@
 //      kernel; batched memcpy: cudaMemcpyBatchAsync), checking the slots' bytes, and with each
 //      path forced and one cudaMemcpyAsync per block beside it for reference;
 //   3. the engine thread's time in RecordQuery + Acquire + Release per layer plus Step per layer
-//      (target < 20 us), against an in-process server, on the backend the client picks.
-// Without a GPU it says so, measures 3 on the host backend and exits 0. Last line: JSON.
+//      (target < 20 us), against an in-process server, with a decode step of --step_ms between
+//      Step calls (a real model's step is ~20-30 ms), on the backend the client picks;
+//   4. the two data planes against a real in-process kvstar server (memory store, shared-memory
+//      segment): the same retrievals (same blocks, same queries, so the same selections) with new
+//      blocks delivered through the segment and as gRPC bytes, timed from the Step that hands the
+//      Retrieve over until its loads completed, as GB/s of block bytes delivered into slots and
+//      their ratio.
+// Without a GPU it says so, measures 3 and 4 on the host backend and exits 0. Last line: JSON.
 //
-//   bazel run -c opt //bench:transfer_bench -- [--bulk_mib=256] [--steps=400]
+//   bazel run -c opt //bench:transfer_bench -- [--bulk_mib=256] [--steps=400] [--step_ms=20]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -30,7 +36,11 @@
 #include "absl/strings/str_format.h"
 #include "client/device_backend.h"
 #include "client/scatter_plan.h"
+#include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
+#include "server/kvstore_service.h"
+#include "server/shared_memory_arena.h"
+#include "storage/block_store.h"
 #include "tests/client/fake_kv_store.h"
 #include "tests/integration/block_fixtures.h"
 
@@ -38,6 +48,11 @@ ABSL_FLAG(uint64_t, bulk_mib, 256, "Bytes moved per measurement, MiB.");
 ABSL_FLAG(int, repeats, 5, "Repeats per measurement (the best is reported).");
 ABSL_FLAG(int, steps, 200, "Decode steps timed for the critical path.");
 ABSL_FLAG(uint32_t, layers, 16, "Layers of the model for the critical path.");
+ABSL_FLAG(int, step_ms, 20, "Decode step's own compute between Step calls (critical path), ms.");
+ABSL_FLAG(uint32_t, plane_layers, 8, "Layers of the model for the data-plane comparison.");
+ABSL_FLAG(uint32_t, plane_blocks, 64, "Blocks per layer of each data-plane sequence.");
+ABSL_FLAG(int, plane_retrievals, 12, "Retrievals timed per data plane.");
+ABSL_FLAG(uint64_t, shm_mib, 256, "Shared-memory segment of the in-process server, MiB.");
 
 namespace {
 
@@ -285,15 +300,15 @@ double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backen
     (*client)->Step().IgnoreError();
     engine_seconds += Seconds(start);
     // The decode step's own compute, during which loads proceed.
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::this_thread::sleep_for(std::chrono::milliseconds(absl::GetFlag(FLAGS_step_ms)));
   }
   const kvstar::SequenceStats stats = (*sequence)->stats();
   const kvstar::ClientStats client_stats = (*client)->stats();
   std::printf(
-      "critical path (%s backend, %u layers, %d steps): %.2f us per layer; "
+      "critical path (%s backend, %u layers, %d steps of %d ms): %.2f us per layer; "
       "%llu selections published, max staleness %llu steps (stride %u); %llu retrievals "
       "sent, %llu skipped (previous still in flight), %llu selections dropped\n",
-      backend_name->c_str(), profile.num_layers, steps,
+      backend_name->c_str(), profile.num_layers, steps, absl::GetFlag(FLAGS_step_ms),
       engine_seconds * 1e6 / (double{1} * steps * profile.num_layers),
       static_cast<unsigned long long>(stats.selections_published),
       static_cast<unsigned long long>(stats.max_staleness_steps), stride,
@@ -307,6 +322,203 @@ double MeasureCriticalPath(kvstar::BackendKind backend_kind, std::string* backen
     cudaFree(query);
   }
   return engine_seconds * 1e6 / (double{1} * steps * profile.num_layers);
+}
+
+// One client of the data-plane server with its sequence (the same blocks in both planes).
+struct PlaneRun {
+  kvstar::DataPlane requested = kvstar::DataPlane::kAuto;
+  std::unique_ptr<kvstar::Client> client;
+  kvstar::Sequence* sequence = nullptr;
+  uint64_t decode_step = 0;
+  double seconds = 0;  // timed retrievals, from hand-over to loads complete
+  uint64_t bytes = 0;  // block bytes delivered into slots by them
+  uint64_t blocks = 0;
+  int retrievals = 0;
+};
+
+struct PlaneResult {
+  bool ok = false;
+  std::string backend;
+  double shm_gbps = 0;
+  double grpc_bytes_gbps = 0;
+  bool same_selections = false;
+};
+
+// Finite bf16 values of either sign below 2 (clears the top exponent bit of each element), so the
+// server's scores are numbers and vary with the queries.
+void Tame(std::string* bytes) {
+  for (size_t i = 1; i < bytes->size(); i += 2) (*bytes)[i] &= static_cast<char>(0xbf);
+}
+
+std::string PlaneQueries(const kvstar::ModelProfile& profile, uint32_t rows, uint64_t seed) {
+  std::string queries(uint64_t{profile.num_layers} * rows * profile.query_bytes(), '\0');
+  kvstar::testing::FillPseudoRandom(seed, &queries);
+  Tame(&queries);
+  return queries;
+}
+
+absl::Status StartPlaneRun(const std::string& address, const std::string& id,
+                           const kvstar::ModelProfile& profile, const kvstar::KvstarConfig& config,
+                           uint32_t blocks, PlaneRun* run) {
+  kvstar::ClientOptions options;
+  options.address = address;
+  options.data_plane = run->requested;
+  absl::StatusOr<std::unique_ptr<kvstar::Client>> client = kvstar::Client::Connect(options);
+  if (!client.ok()) return client.status();
+  run->client = *std::move(client);
+  absl::StatusOr<kvstar::Sequence*> sequence =
+      run->client->CreateSequence(id, profile, config, {0, blocks + 16});
+  if (!sequence.ok()) return sequence.status();
+  run->sequence = *sequence;
+  const uint64_t key_bytes = profile.block_key_bytes();
+  std::string key(key_bytes, '\0'), value(key_bytes, '\0');
+  for (uint32_t layer = 0; layer < profile.num_layers; ++layer) {
+    for (uint32_t index = 0; index < blocks; ++index) {
+      kvstar::testing::FillPseudoRandom(2 * (uint64_t{layer} * blocks + index), &key);
+      kvstar::testing::FillPseudoRandom(2 * (uint64_t{layer} * blocks + index) + 1, &value);
+      Tame(&key);
+      Tame(&value);
+      absl::Status status = run->sequence->Offload(layer, index, key.data(), value.data(),
+                                                   kvstar::MemoryKind::kHost, nullptr);
+      if (!status.ok()) return status;
+    }
+  }
+  const std::string queries = PlaneQueries(profile, config.retrieval_stride, 1);
+  return run->sequence->Seal(queries.data(), config.retrieval_stride, kvstar::MemoryKind::kHost,
+                             nullptr);
+}
+
+// One window of decode steps ending in a retrieval; times the retrieval from the Step that hands
+// it over until its loads completed (and adds it to the run's totals when `timed`).
+absl::Status DecodeWindow(const kvstar::ModelProfile& profile, uint32_t stride, bool timed,
+                          PlaneRun* run) {
+  for (uint32_t i = 0; i < stride; ++i) {
+    const std::string query = PlaneQueries(profile, 1, 1000 + run->decode_step);
+    for (uint32_t layer = 0; layer < profile.num_layers; ++layer) {
+      absl::StatusOr<kvstar::SlotTable> table = run->sequence->Acquire(layer, nullptr);
+      if (!table.ok()) return table.status();
+      const char* row = query.data() + layer * profile.query_bytes();
+      absl::Status status =
+          run->sequence->RecordQuery(layer, row, kvstar::MemoryKind::kHost, nullptr);
+      if (status.ok()) status = run->sequence->Release(layer, nullptr);
+      if (!status.ok()) return status;
+    }
+    ++run->decode_step;
+    const bool retrieves = i + 1 == stride;
+    const uint64_t completed = run->client->stats().retrievals_completed;
+    const uint64_t loaded_bytes = run->sequence->stats().bytes_loaded;
+    const uint64_t loaded_blocks = run->sequence->stats().blocks_loaded;
+    const Clock::time_point start = Clock::now();
+    if (absl::Status status = run->client->Step(); !status.ok()) return status;
+    if (!retrieves) continue;
+    while (run->client->stats().retrievals_completed == completed) {
+      if (Seconds(start) > 60) return absl::DeadlineExceededError("retrieval did not complete");
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+    if (run->client->backend() == kvstar::BackendKind::kCuda) cudaDeviceSynchronize();
+    if (timed) {
+      run->seconds += Seconds(start);
+      run->bytes += run->sequence->stats().bytes_loaded - loaded_bytes;
+      run->blocks += run->sequence->stats().blocks_loaded - loaded_blocks;
+      ++run->retrievals;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Shared-memory vs gRPC-bytes delivery of the same retrievals against a real in-process server.
+PlaneResult MeasureDataPlanes() {
+  PlaneResult result;
+  std::unique_ptr<kvstar::storage::BlockStore> store = kvstar::storage::NewMemoryStore();
+  absl::StatusOr<std::unique_ptr<kvstar::server::SharedMemoryArena>> arena =
+      kvstar::server::SharedMemoryArena::Create(absl::GetFlag(FLAGS_shm_mib) << 20);
+  if (!arena.ok()) {
+    std::fprintf(stderr, "shared-memory segment: %s\n", arena.status().ToString().c_str());
+    return result;
+  }
+  kvstar::server::ServiceOptions service_options;
+  service_options.shared_memory = arena->get();
+  absl::StatusOr<std::unique_ptr<kvstar::server::KvStoreService>> service =
+      kvstar::server::KvStoreService::Create(store.get(), service_options);
+  if (!service.ok()) {
+    std::fprintf(stderr, "service: %s\n", service.status().ToString().c_str());
+    return result;
+  }
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service->get());
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr) {
+    std::fprintf(stderr, "cannot start the in-process server\n");
+    return result;
+  }
+  const std::string address = absl::StrCat("127.0.0.1:", port);
+
+  kvstar::ModelProfile profile;  // a Qwen2.5-14B layer: 8 KV heads of 128, bf16, 128-token blocks
+  profile.num_layers = absl::GetFlag(FLAGS_plane_layers);
+  profile.num_q_heads = 40;
+  profile.num_kv_heads = 8;
+  profile.head_dim = 128;
+  profile.dtype = kvstar::DType::kBf16;
+  kvstar::KvstarConfig config;
+  config.retrieval_stride = 8;
+  const uint32_t blocks = absl::GetFlag(FLAGS_plane_blocks);
+  PlaneRun shm, grpc_bytes;
+  shm.requested = kvstar::DataPlane::kSharedMemory;
+  grpc_bytes.requested = kvstar::DataPlane::kGrpcBytes;
+  for (auto [run, id] : {std::pair{&shm, "plane-shm"}, std::pair{&grpc_bytes, "plane-bytes"}}) {
+    absl::Status status = StartPlaneRun(address, id, profile, config, blocks, run);
+    if (!status.ok()) {
+      std::fprintf(stderr, "data plane %s: %s\n", kvstar::DataPlaneName(run->requested),
+                   status.ToString().c_str());
+      server->Shutdown();
+      return result;
+    }
+  }
+  result.backend = kvstar::BackendName(shm.client->backend());
+  // Alternating windows, so both planes see the machine in the same state; the first is warm-up.
+  const int retrievals = absl::GetFlag(FLAGS_plane_retrievals);
+  for (int r = 0; r <= retrievals; ++r) {
+    for (PlaneRun* run : {&shm, &grpc_bytes}) {
+      absl::Status status = DecodeWindow(profile, config.retrieval_stride, r > 0, run);
+      if (!status.ok()) {
+        std::fprintf(stderr, "data plane %s, retrieval %d: %s\n",
+                     kvstar::DataPlaneName(run->requested), r, status.ToString().c_str());
+        server->Shutdown();
+        return result;
+      }
+    }
+  }
+  for (PlaneRun* run : {&shm, &grpc_bytes}) {
+    const kvstar::ClientStats stats = run->client->stats();
+    const double gbps = run->seconds > 0 ? run->bytes / run->seconds / 1e9 : 0;
+    std::printf(
+        "data plane %s (%s backend, %u layers x %u blocks of %llu KiB K+V, stride %u): %d "
+        "retrievals, %.1f blocks and %.1f MiB into slots each, %.2f ms each from Step to loaded: "
+        "%.2f GB/s; blocks received %llu via shared memory, %llu as bytes\n",
+        kvstar::DataPlaneName(run->client->data_plane()), result.backend.c_str(),
+        profile.num_layers, blocks,
+        static_cast<unsigned long long>(2 * profile.block_key_bytes() >> 10),
+        config.retrieval_stride, run->retrievals,
+        double(run->blocks) / std::max(1, run->retrievals),
+        run->bytes / 1048576.0 / std::max(1, run->retrievals),
+        run->seconds * 1e3 / std::max(1, run->retrievals), gbps,
+        static_cast<unsigned long long>(stats.blocks_received_shared),
+        static_cast<unsigned long long>(stats.blocks_received_bytes));
+  }
+  result.shm_gbps = shm.bytes / std::max(shm.seconds, 1e-9) / 1e9;
+  result.grpc_bytes_gbps = grpc_bytes.bytes / std::max(grpc_bytes.seconds, 1e-9) / 1e9;
+  result.same_selections = shm.bytes == grpc_bytes.bytes && shm.blocks == grpc_bytes.blocks;
+  std::printf("data planes: shared memory / gRPC bytes = %.2f (same selections: %s)\n",
+              result.shm_gbps / std::max(result.grpc_bytes_gbps, 1e-9),
+              result.same_selections ? "yes" : "NO");
+  result.ok = shm.client->data_plane() == kvstar::DataPlane::kSharedMemory && shm.bytes > 0;
+  shm.client.reset();
+  grpc_bytes.client.reset();
+  server->Shutdown();
+  return result;
 }
 
 }  // namespace
@@ -323,13 +535,14 @@ int main(int argc, char** argv) {
   } else {
     std::printf(
         "transfer_bench needs a GPU for the link measurements (%s); measuring the "
-        "host-backend critical path only\n",
+        "host-backend critical path and data planes only\n",
         std::string(cuda.message()).c_str());
   }
   std::string backend_name;
   int max_staleness = -1;
   const double critical_us =
       MeasureCriticalPath(kvstar::BackendKind::kAuto, &backend_name, &max_staleness);
+  const PlaneResult planes = MeasureDataPlanes();
   std::string per_size;
   bool verified = true;
   for (const SizeResult& size : link.sizes) {
@@ -346,11 +559,15 @@ int main(int argc, char** argv) {
               absl::StrFormat("{\"gpu\": %s, \"backend\": \"%s\", \"bulk_h2d_gbps\": %.2f, "
                               "\"scattered_h2d_gbps\": %.2f, \"ratio\": %.3f, "
                               "\"critical_path_us_per_layer\": %.3f, \"max_staleness_steps\": %d, "
-                              "\"slots_verified\": %s, \"ratios_by_block_kib\": {%s}}",
+                              "\"slots_verified\": %s, \"ratios_by_block_kib\": {%s}, "
+                              "\"step_ms\": %d, \"shm_gbps\": %.3f, \"grpc_bytes_gbps\": %.3f, "
+                              "\"shm_over_grpc_bytes\": %.3f}",
                               cuda.ok() ? "true" : "false", backend_name, link.bulk_gbps,
                               link.scattered_gbps, link.ratio, critical_us, max_staleness,
-                              verified ? "true" : "false", per_size)
+                              verified ? "true" : "false", per_size, absl::GetFlag(FLAGS_step_ms),
+                              planes.shm_gbps, planes.grpc_bytes_gbps,
+                              planes.shm_gbps / std::max(planes.grpc_bytes_gbps, 1e-9))
                   .c_str());
-  if (!verified) return 1;
+  if (!verified || !planes.ok || !planes.same_selections) return 1;
   return critical_us < 0 ? 1 : 0;
 }

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/client_impl.h"
+#include "spdlog/spdlog.h"
 
 namespace kvstar {
 
@@ -37,6 +38,18 @@ const char* BackendName(BackendKind kind) {
       return "host";
     case BackendKind::kCuda:
       return "cuda";
+  }
+  return "unknown";
+}
+
+const char* DataPlaneName(DataPlane plane) {
+  switch (plane) {
+    case DataPlane::kAuto:
+      return "auto";
+    case DataPlane::kSharedMemory:
+      return "shared-memory";
+    case DataPlane::kGrpcBytes:
+      return "grpc-bytes";
   }
   return "unknown";
 }
@@ -131,6 +144,10 @@ ClientImpl::~ClientImpl() {
     sequences = std::move(sequences_);
   }
   sequences.clear();
+  {
+    absl::MutexLock lock(&mu_);
+    segment_.reset();  // every copy from it completed with its sequence
+  }
   if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);
   staging_.reset();
 }
@@ -176,6 +193,11 @@ absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence
   knobs->set_blk_repre_dim_prune_ratio(config.blk_repre_dim_prune_ratio);
   knobs->set_blk_repre_inner_token_merge(config.blk_repre_inner_token_merge);
 
+  if (absl::Status status = EnsureDataPlane();
+      !status.ok() && options_.data_plane == DataPlane::kSharedMemory) {
+    return status;
+  }
+  // Otherwise a failed choice leaves bytes for now; it is tried again before the next retrieval.
   auto sequence = std::make_unique<SequenceImpl>(this, sequence_id, profile, config);
   if (absl::Status status = sequence->Init(options); !status.ok()) return status;
   grpc::ClientContext context;
@@ -262,7 +284,103 @@ absl::Status ClientImpl::Reconnect(const std::string& address) {
   absl::MutexLock lock(&mu_);
   channel_ = channel;
   stub_ = v1::KvStore::NewStub(channel_);
+  // Another server: choose again (loads in flight keep the old mapping alive until they end).
+  data_plane_ = DataPlane::kAuto;
+  segment_.reset();
   return absl::OkStatus();
+}
+
+DataPlane ClientImpl::data_plane() const {
+  absl::MutexLock lock(&mu_);
+  return data_plane_;
+}
+
+absl::Status ClientImpl::EnsureDataPlane() {
+  absl::MutexLock resolving(&resolve_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    if (data_plane_ != DataPlane::kAuto) return absl::OkStatus();
+  }
+  return ResolveDataPlane();
+}
+
+absl::Status ClientImpl::ResolveDataPlane() {
+  DataPlane plane = DataPlane::kGrpcBytes;
+  std::unique_ptr<SharedSegment> segment;
+  std::string why;
+  if (options_.data_plane == DataPlane::kGrpcBytes) {
+    why = "requested";
+  } else {
+    absl::StatusOr<std::unique_ptr<SharedSegment>> mapped = MapServerSegment(&why);
+    if (!mapped.ok()) {
+      if (options_.data_plane != DataPlane::kSharedMemory) return mapped.status();
+      return absl::Status(mapped.status().code(),
+                          absl::StrCat("data_plane shared-memory requested, but the server could "
+                                       "not be asked: ",
+                                       mapped.status().message()));
+    }
+    if (*mapped != nullptr) {
+      segment = *std::move(mapped);
+      plane = DataPlane::kSharedMemory;
+      why = absl::StrCat("the server runs on this host; segment ", segment->name(), " of ",
+                         segment->size(), " bytes mapped read-only",
+                         backend_->kind() == BackendKind::kCuda ? " and registered with CUDA" : "");
+    } else if (options_.data_plane == DataPlane::kSharedMemory) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("data_plane shared-memory requested, but ", why));
+    }
+  }
+  std::shared_ptr<const SharedSegment> installed = std::move(segment);
+  bool changed = false;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string old_name = segment_ != nullptr ? segment_->name() : "";
+    const std::string new_name = installed != nullptr ? installed->name() : "";
+    changed = data_plane_ != plane || old_name != new_name;
+    data_plane_ = plane;
+    segment_ = installed;
+  }
+  if (changed) {
+    spdlog::info("kvstar client: {} data plane ({})", DataPlaneName(plane), why);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SharedSegment>> ClientImpl::MapServerSegment(std::string* why_not) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::ServerInfoResponse info;
+  grpc::Status rpc = stub()->GetServerInfo(&context, v1::ServerInfoRequest(), &info);
+  if (rpc.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+    *why_not = "the server has no GetServerInfo (an older server)";
+    return nullptr;
+  }
+  if (!rpc.ok()) return FromGrpc(rpc, "GetServerInfo");
+  absl::StatusOr<std::string> host_id = ThisHostId();
+  if (!host_id.ok()) {
+    *why_not = std::string(host_id.status().message());
+    return nullptr;
+  }
+  if (info.host_id() != *host_id) {
+    *why_not = absl::StrCat("the server runs on another host (host_id ", info.host_id(),
+                            ", this host's boot_id ", *host_id, ")");
+    return nullptr;
+  }
+  if (info.shared_memory_segment().empty() || info.shared_memory_bytes() == 0) {
+    *why_not =
+        "the server exports no shared-memory segment (--shared_memory_bytes=0, or it "
+        "could not create one)";
+    return nullptr;
+  }
+  absl::StatusOr<std::unique_ptr<SharedSegment>> segment =
+      SharedSegment::Map(info.shared_memory_segment(), info.shared_memory_bytes(), backend_.get());
+  if (!segment.ok()) {
+    *why_not = absl::StrCat("the server runs on this host but its segment is unusable: ",
+                            segment.status().message());
+    spdlog::warn("kvstar client: {}; block bytes travel in gRPC replies", *why_not);
+    return nullptr;
+  }
+  return segment;
 }
 
 ClientStats ClientImpl::stats() const {
@@ -378,6 +496,7 @@ void ClientImpl::RetrievalLoop() {
     }
     absl::Status status = RunRetrieval(due);
     absl::MutexLock lock(&mu_);
+    ++stats_.retrievals_completed;
     retrieval_in_flight_ = false;
     snapshot_pending_ = false;
     if (!status.ok() && error_.ok()) error_ = status;
@@ -405,6 +524,32 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
     ++stats_.retrievals_sent;
   }
   if (request.sequences_size() == 0) return first;
+  // The engine goes on meanwhile: what follows may wait for the server and the device.
+  if (absl::Status status = EnsureDataPlane(); !status.ok()) {
+    if (options_.data_plane == DataPlane::kSharedMemory) return status;
+  }
+  std::shared_ptr<const SharedSegment> segment;
+  {
+    absl::MutexLock lock(&mu_);
+    segment = segment_;
+  }
+  // The server reuses a sequence's regions as soon as its next Retrieve arrives.
+  {
+    v1::RetrieveRequest ready;
+    for (v1::SequenceQueries& part : *request.mutable_sequences()) {
+      SequenceImpl* sequence = known_blocks.at(part.sequence_id()).first;
+      if (absl::Status status = sequence->WaitSegmentReads(); !status.ok()) {
+        if (first.ok()) first = status;
+        known_blocks.erase(part.sequence_id());
+        continue;
+      }
+      part.set_shared_memory(segment != nullptr);
+      *ready.add_sequences() = std::move(part);
+    }
+    request = std::move(ready);
+  }
+  if (request.sequences_size() == 0) return first;
+  bool segment_checked = false;  // re-resolved after a reply named an unknown segment
   grpc::ClientContext context;
   PrepareContext(&context);
   std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
@@ -427,7 +572,31 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
     }
     const uint32_t layer = reply.selection().layer();
     std::vector<v1::Block>& data = partial[{reply.sequence_id(), layer}];
-    for (v1::Block& block : *reply.mutable_new_blocks()) data.push_back(std::move(block));
+    uint64_t shared_blocks = 0;
+    for (v1::Block& block : *reply.mutable_new_blocks()) {
+      if (block.has_shared()) {
+        ++shared_blocks;
+        // A server restarted on the same address (the channel reconnects by itself) has a new
+        // segment: map it.
+        if (!segment_checked &&
+            (segment == nullptr || block.shared().segment() != segment->name())) {
+          segment_checked = true;
+          absl::Status resolved;
+          {
+            absl::MutexLock resolving(&resolve_mu_);
+            resolved = ResolveDataPlane();
+          }
+          absl::MutexLock lock(&mu_);
+          if (resolved.ok()) segment = segment_;
+        }
+      }
+      data.push_back(std::move(block));
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      stats_.blocks_received_shared += shared_blocks;
+      stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
+    }
     if (reply.more()) continue;
     SequenceImpl* sequence = found->second.first;
     const std::vector<uint32_t>& known = found->second.second;
@@ -435,7 +604,7 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
                                  reply.selection().block_indices().end());
     absl::Status status =
         sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
-                                reply.decode_step(), std::move(data));
+                                reply.decode_step(), std::move(data), segment);
     partial.erase({reply.sequence_id(), layer});
     if (!status.ok() && first.ok()) first = status;
   }

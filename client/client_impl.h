@@ -2,7 +2,9 @@
 // staging pool, the background threads and the sequences; SequenceImpl owns one sequence's slots,
 // double-buffered slot tables and query ring.
 //
-// Lock order: ClientImpl::mu_ before SequenceImpl::mu_. No lock is held across an RPC.
+// Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before SequenceImpl::mu_. No lock is
+// held across an RPC, except resolve_mu_, which serializes choices of the data plane
+// (GetServerInfo) between CreateSequence and the retrieval thread.
 #ifndef KVSTAR_CLIENT_CLIENT_IMPL_H_
 #define KVSTAR_CLIENT_CLIENT_IMPL_H_
 
@@ -20,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "client/device_backend.h"
+#include "client/shared_segment.h"
 #include "client/staging_pool.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
@@ -58,6 +61,8 @@ struct PendingSelection {
   std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
   EventHandle load_event = nullptr;
   void* staging = nullptr;
+  // The segment some of its copies read: mapped at least until load_event completed.
+  std::shared_ptr<const SharedSegment> segment;
 };
 
 // A decode-generated block copied into a slot; joins the tables once its copy completed.
@@ -113,9 +118,15 @@ class SequenceImpl : public Sequence {
   bool AdvanceStep();
   // Appends this sequence's part of a Retrieve (queries of the window that just ended).
   absl::Status BuildRetrieval(v1::SequenceQueries* request, std::vector<uint32_t>* known_blocks);
+  // Waits until every copy that read the shared-memory regions of earlier Retrieve replies
+  // completed: the server reuses them once the sequence's next Retrieve arrives.
+  absl::Status WaitSegmentReads();
   // Loads a selection (from Seal or a Retrieve reply) into slots as this layer's pending selection.
+  // Blocks of `data` that arrived as regions of `segment` are copied from it straight into slots;
+  // those naming another segment (or with `segment` null) are fetched as bytes with GetBlocks.
   absl::Status LoadSelection(uint32_t layer, std::vector<uint32_t> blocks, uint32_t known_blocks,
-                             uint64_t selection_step, std::vector<v1::Block> data);
+                             uint64_t selection_step, std::vector<v1::Block> data,
+                             std::shared_ptr<const SharedSegment> segment);
   // Outcome of a PutBlocks batch of `blocks` of this sequence.
   void OffloadDone(uint64_t blocks, const absl::Status& status);
   // Remembers a background error to surface on the next call.
@@ -169,6 +180,8 @@ class SequenceImpl : public Sequence {
   bool sealed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t decode_step_ ABSL_GUARDED_BY(mu_) = 0;
   EventHandle query_events_[2] ABSL_GUARDED_BY(mu_) = {nullptr, nullptr};
+  // Recorded on load_stream_ after the latest copy from the shared-memory segment.
+  EventHandle segment_reads_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   SequenceStats stats_ ABSL_GUARDED_BY(mu_);
 };
@@ -190,6 +203,7 @@ class ClientImpl : public Client {
   absl::Status Init();
 
   BackendKind backend() const override { return backend_->kind(); }
+  DataPlane data_plane() const override;
   absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                            const ModelProfile& profile, const KvstarConfig& config,
                                            const SequenceOptions& options) override;
@@ -217,13 +231,27 @@ class ClientImpl : public Client {
   void RetrievalLoop();
   absl::Status SendBatch(std::vector<OffloadItem>& batch);
   absl::Status RunRetrieval(const std::vector<SequenceImpl*>& due);
+  // Chooses the data plane when none is chosen yet (see ResolveDataPlane).
+  absl::Status EnsureDataPlane() ABSL_LOCKS_EXCLUDED(resolve_mu_, mu_);
+  // Asks the server (GetServerInfo) and chooses the data plane again, mapping its segment when
+  // co-located. An error leaves no plane chosen: the RPC failed, or kSharedMemory was requested
+  // and is impossible (FAILED_PRECONDITION with the reason).
+  absl::Status ResolveDataPlane() ABSL_LOCKS_EXCLUDED(mu_)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(resolve_mu_);
+  // The server's segment mapped and registered; nullptr with *why_not set when this client cannot
+  // use it; an error when the server could not be asked.
+  absl::StatusOr<std::unique_ptr<SharedSegment>> MapServerSegment(std::string* why_not);
 
   const ClientOptions options_;
   std::unique_ptr<DeviceBackend> backend_;
   std::unique_ptr<StagingPool> staging_;
   StreamHandle query_stream_ = nullptr;
 
+  absl::Mutex resolve_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
+  // kAuto until chosen; segment_ is set exactly when data_plane_ is kSharedMemory.
+  DataPlane data_plane_ ABSL_GUARDED_BY(mu_) = DataPlane::kAuto;
+  std::shared_ptr<const SharedSegment> segment_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<grpc::Channel> channel_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);

@@ -58,6 +58,25 @@ class CudaBackend : public DeviceBackend {
   }
   void FreePinned(void* ptr) override { cudaFreeHost(ptr); }
 
+  absl::Status RegisterHost(void* ptr, uint64_t bytes, bool read_only) override {
+    cudaSetDevice(device_);
+    unsigned int flags = cudaHostRegisterDefault;
+#ifdef cudaHostRegisterReadOnly
+    // Without it, registering a PROT_READ mapping fails (the driver pins pages for writing).
+    if (read_only) flags |= cudaHostRegisterReadOnly;
+#endif
+    cudaError_t error = cudaHostRegister(ptr, bytes, flags);
+    if (error != cudaSuccess) {
+      cudaGetLastError();  // not sticky, but leave no error behind for the next call to report
+      return CudaError(error, read_only ? "cudaHostRegister (read-only)" : "cudaHostRegister");
+    }
+    return absl::OkStatus();
+  }
+  void UnregisterHost(void* ptr) override {
+    cudaSetDevice(device_);
+    cudaHostUnregister(ptr);
+  }
+
   absl::StatusOr<StreamHandle> CreateStream() override {
     cudaSetDevice(device_);
     cudaStream_t stream = nullptr;

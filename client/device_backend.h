@@ -37,6 +37,11 @@ class DeviceBackend {
   // Page-locked host memory (plain host memory on the host backend).
   virtual absl::StatusOr<void*> AllocPinned(uint64_t bytes) = 0;
   virtual void FreePinned(void* ptr) = 0;
+  // Page-locks host memory the library did not allocate (the server's mapped shared-memory
+  // segment), so async copies read it like pinned memory. `read_only`: the mapping is PROT_READ.
+  // A no-op on the host backend. REQUIRES: UnregisterHost(ptr) before the memory is unmapped.
+  virtual absl::Status RegisterHost(void* ptr, uint64_t bytes, bool read_only) = 0;
+  virtual void UnregisterHost(void* ptr) = 0;
 
   // A stream that does not synchronize with the legacy default stream.
   virtual absl::StatusOr<StreamHandle> CreateStream() = 0;

@@ -19,6 +19,8 @@ class HostBackend : public DeviceBackend {
   void FreeDevice(void* ptr) override { std::free(ptr); }
   absl::StatusOr<void*> AllocPinned(uint64_t bytes) override { return Allocate(bytes); }
   void FreePinned(void* ptr) override { std::free(ptr); }
+  absl::Status RegisterHost(void*, uint64_t, bool) override { return absl::OkStatus(); }
+  void UnregisterHost(void*) override {}
 
   absl::StatusOr<StreamHandle> CreateStream() override { return nullptr; }
   void DestroyStream(StreamHandle) override {}

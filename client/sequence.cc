@@ -55,6 +55,8 @@ SequenceImpl::~SequenceImpl() {
     }
   }
   for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
+  backend_->WaitEvent(segment_reads_).IgnoreError();
+  backend_->ReleaseEvent(segment_reads_);
   if (load_stream_ != nullptr) backend_->DestroyStream(load_stream_);
   if (owns_pool_ && slot_pool_ != nullptr) backend_->FreeDevice(slot_pool_);
   if (device_tables_ != nullptr) backend_->FreeDevice(device_tables_);
@@ -329,8 +331,8 @@ absl::Status SequenceImpl::LoadSealSelections(const v1::SealResponse& response,
     selected[selection.layer()] = true;
     std::vector<uint32_t> blocks(selection.block_indices().begin(),
                                  selection.block_indices().end());
-    absl::Status status = LoadSelection(selection.layer(), std::move(blocks),
-                                        response.num_blocks(), selection_step, {});
+    absl::Status status = LoadSelection(selection.layer(), std::move(blocks), response.num_blocks(),
+                                        selection_step, {}, nullptr);
     if (!status.ok()) return status;
   }
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
@@ -623,6 +625,18 @@ absl::Status SequenceImpl::BuildRetrieval(v1::SequenceQueries* request,
   return absl::OkStatus();
 }
 
+absl::Status SequenceImpl::WaitSegmentReads() {
+  EventHandle reads = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    std::swap(reads, segment_reads_);
+  }
+  // Loads are issued a stride before the next Retrieve: normally long complete.
+  absl::Status status = backend_->WaitEvent(reads);
+  backend_->ReleaseEvent(reads);
+  return status;
+}
+
 void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep) {
   PendingSelection pending = std::move(*state.pending);
   state.pending.reset();
@@ -644,7 +658,8 @@ void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>
 
 absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> blocks,
                                          uint32_t known_blocks, uint64_t selection_step,
-                                         std::vector<v1::Block> data) {
+                                         std::vector<v1::Block> data,
+                                         std::shared_ptr<const SharedSegment> segment) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
@@ -656,10 +671,15 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
       if (state.resident.count(block) == 0) needed.push_back(block);
     }
   }
-  // Bytes of each needed block: from the reply, else fetched.
+  // Bytes of each needed block: from the reply (in it or in the segment), else fetched.
   std::map<uint32_t, const v1::Block*> by_index;
   for (const v1::Block& block : data) {
-    if (block.layer() == layer) by_index[block.block_index()] = &block;
+    if (block.layer() != layer) continue;
+    // A region of a segment this client has not mapped (the server restarted): fetch it.
+    if (block.has_shared() && (segment == nullptr || block.shared().segment() != segment->name())) {
+      continue;
+    }
+    by_index[block.block_index()] = &block;
   }
   std::vector<uint32_t> missing;
   for (uint32_t block : needed) {
@@ -680,7 +700,16 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
                                               " was selected but its bytes never came"));
     }
     const v1::Block& bytes = *found->second;
-    if (bytes.key().size() != key_bytes_ || bytes.value().size() != key_bytes_) {
+    if (bytes.has_shared()) {
+      const v1::SharedMemoryRef& region = bytes.shared();
+      if (region.length() != key_bytes_ ||
+          segment->Region(region.offset(), key_bytes_) == nullptr) {
+        return absl::DataLossError(absl::StrCat(
+            "block ", block, " of layer ", layer, ": shared region at offset ", region.offset(),
+            " of ", region.length(), " bytes per K/V (expected ", key_bytes_,
+            ") does not fit segment ", segment->name(), " of ", segment->size(), " bytes"));
+      }
+    } else if (bytes.key().size() != key_bytes_ || bytes.value().size() != key_bytes_) {
       return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer, ": K/V of ",
                                               bytes.key().size(), "/", bytes.value().size(),
                                               " bytes, expected ", key_bytes_));
@@ -698,35 +727,56 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
                        slots_per_layer_, ")"));
     }
   }
+  // Blocks in the segment are copied from it as they lie (K then V, like a slot); blocks that
+  // came as bytes are staged in pinned memory first.
+  size_t shared_count = 0;
+  for (uint32_t block : needed) shared_count += by_index[block]->has_shared() ? 1 : 0;
+  const size_t staged_count = needed.size() - shared_count;
   void* staging = nullptr;
   EventHandle loaded = nullptr;
+  EventHandle segment_read = nullptr;
   absl::Status status;
-  if (!needed.empty()) {
-    absl::StatusOr<void*> buffer = client_->staging()->Acquire(needed.size() * slot_bytes_);
+  if (staged_count > 0) {
+    absl::StatusOr<void*> buffer = client_->staging()->Acquire(staged_count * slot_bytes_);
     status = buffer.status();
-    if (status.ok()) {
-      staging = *buffer;
-      std::vector<CopySegment> segments;
-      for (size_t i = 0; i < needed.size(); ++i) {
-        const v1::Block& block = *by_index[needed[i]];
-        char* staged = static_cast<char*>(staging) + i * slot_bytes_;
-        std::memcpy(staged, block.key().data(), key_bytes_);
-        std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
-        segments.push_back({SlotAddress(layer, slots[i]), staged, slot_bytes_});
+    if (status.ok()) staging = *buffer;
+  }
+  if (status.ok() && !needed.empty()) {
+    std::vector<CopySegment> segments;
+    char* staged = static_cast<char*>(staging);
+    for (size_t i = 0; i < needed.size(); ++i) {
+      const v1::Block& block = *by_index[needed[i]];
+      if (block.has_shared()) {
+        segments.push_back({SlotAddress(layer, slots[i]),
+                            segment->Region(block.shared().offset(), key_bytes_), slot_bytes_});
+        continue;
       }
-      status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
+      std::memcpy(staged, block.key().data(), key_bytes_);
+      std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
+      segments.push_back({SlotAddress(layer, slots[i]), staged, slot_bytes_});
+      staged += slot_bytes_;
     }
+    status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
     if (status.ok()) {
       absl::StatusOr<EventHandle> event = backend_->RecordEvent(load_stream_);
       status = event.status();
       if (event.ok()) loaded = *event;
     }
+    if (status.ok() && shared_count > 0) {
+      absl::StatusOr<EventHandle> event = backend_->RecordEvent(load_stream_);
+      status = event.status();
+      if (event.ok()) segment_read = *event;
+    }
   }
   absl::MutexLock lock(&mu_);
   LayerState& state = layers_[layer];
   if (!status.ok()) {
-    // A failed copy may have been partly issued: wait for the stream before reusing the slots.
-    backend_->WaitEvent(backend_->RecordEvent(load_stream_).value_or(nullptr)).IgnoreError();
+    // A failed copy may have been partly issued: wait for the stream before reusing the slots
+    // (or letting the server reuse the regions).
+    EventHandle issued = backend_->RecordEvent(load_stream_).value_or(nullptr);
+    backend_->WaitEvent(issued).IgnoreError();
+    backend_->ReleaseEvent(issued);
+    backend_->ReleaseEvent(loaded);
     for (int32_t slot : slots) state.free_slots.push_back(slot);
     if (staging != nullptr) client_->staging()->Release(staging);
     ++stats_.selections_dropped;
@@ -746,7 +796,13 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   pending.new_blocks = std::move(needed);
   pending.load_event = loaded;
   pending.staging = staging;
+  if (shared_count > 0) pending.segment = std::move(segment);
   state.pending = std::move(pending);
+  if (segment_read != nullptr) {
+    // The stream is in order: the latest event covers every earlier copy from the segment.
+    backend_->ReleaseEvent(segment_reads_);
+    segment_reads_ = segment_read;
+  }
   return absl::OkStatus();
 }
 

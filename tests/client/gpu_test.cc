@@ -1,7 +1,9 @@
 // The client on the CUDA backend: offload from device memory, Seal, per-step loads into device
 // slots (64 KiB slots: one landing copy plus the scatter kernel per layer), the backend's
 // scattered copy on every path, and a race test: cudaMemcpy readers on the engine's stream read
-// every slot of every table while the next selections load. Skipped without a usable GPU.
+// every slot of every table while the next selections load; and the shared-memory data plane
+// against the real server (device slots loaded from the registered segment equal those loaded
+// from gRPC bytes). Skipped without a usable GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,12 +15,14 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/device_backend.h"
 #include "client/scatter_plan.h"
 #include "gtest/gtest.h"
 #include "kvstar/client.h"
 #include "tests/client/client_test_util.h"
 #include "tests/client/fake_kv_store.h"
+#include "tests/integration/server_process.h"
 
 namespace kvstar::testing {
 namespace {
@@ -264,6 +268,87 @@ TEST(GpuScatterTest, ScatteredCopiesAreBitExactOnEveryPath) {
     backend->DestroyStream(*stream);
     backend->FreeDevice(*device);
     backend->FreePinned(*pinned);
+  }
+}
+
+// The CUDA backend against the real server in both data planes, with a segment that holds every
+// retrieval and one that holds 3 blocks (mixed): every table's device slots hold its blocks.
+TEST(GpuDataPlaneTest, SharedMemoryAndBytesLoadTheSameDeviceSlots) {
+  absl::Status usable = client_internal::CudaUsable(0);
+  if (!usable.ok()) GTEST_SKIP() << "no usable GPU: " << usable;
+  const uint64_t key_bytes = SmallProfile().block_key_bytes();
+  for (uint64_t segment_bytes : {uint64_t{64} << 20, 3 * 2 * key_bytes}) {
+    for (DataPlane plane : {DataPlane::kSharedMemory, DataPlane::kGrpcBytes}) {
+      SCOPED_TRACE(absl::StrCat(DataPlaneName(plane), ", segment of ", segment_bytes, " bytes"));
+      ServerProcess server({"--backend=memory", "--data_dir=" + MakeTempDir("gpu_plane"),
+                            "--log_level=warn",
+                            absl::StrCat("--shared_memory_bytes=", segment_bytes)});
+      ASSERT_TRUE(server.Start().ok());
+      ClientOptions options;
+      options.address = server.address();
+      options.backend = BackendKind::kCuda;
+      options.data_plane = plane;
+      absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+      ASSERT_TRUE(client.ok()) << client.status();
+      absl::StatusOr<Sequence*> sequence =
+          (*client)->CreateSequence("seq", SmallProfile(), SmallConfig(kStride), {0, kBlocks + 8});
+      ASSERT_TRUE(sequence.ok()) << sequence.status();  // kSharedMemory: registration worked
+      ASSERT_EQ((*client)->data_plane(), plane);
+      ASSERT_TRUE(OffloadBlocks(*sequence, 0, kBlocks).ok());
+      const std::string queries = MakeQueries(SmallProfile(), kStride, 3);
+      ASSERT_TRUE((*sequence)->Seal(queries.data(), kStride, MemoryKind::kHost, nullptr).ok());
+      cudaStream_t stream = nullptr;
+      ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      for (uint32_t step = 0; step < 10 * kStride; ++step) {
+        const std::string query = MakeQueries(SmallProfile(), 1, 1000 + step);
+        std::vector<std::vector<char>> bytes(kLayers);
+        std::vector<std::vector<uint32_t>> blocks(kLayers);
+        for (uint32_t layer = 0; layer < kLayers; ++layer) {
+          absl::StatusOr<SlotTable> table = (*sequence)->Acquire(layer, stream);
+          ASSERT_TRUE(table.ok()) << table.status();
+          blocks[layer].assign(table->block_indices, table->block_indices + table->count);
+          bytes[layer].resize(table->count * table->slot_bytes);
+          for (uint32_t i = 0; i < table->count; ++i) {
+            const char* slot = static_cast<const char*>(table->slot_pool) +
+                               (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) *
+                                   table->slot_bytes;
+            ASSERT_CUDA(cudaMemcpyAsync(bytes[layer].data() + i * table->slot_bytes, slot,
+                                        table->slot_bytes, cudaMemcpyDeviceToHost, stream));
+          }
+          const char* row = query.data() + layer * SmallProfile().query_bytes();
+          ASSERT_TRUE((*sequence)->RecordQuery(layer, row, MemoryKind::kHost, stream).ok());
+          ASSERT_TRUE((*sequence)->Release(layer, stream).ok());
+        }
+        absl::Status stepped = (*client)->Step();
+        ASSERT_TRUE(stepped.ok()) << stepped;
+        ASSERT_CUDA(cudaStreamSynchronize(stream));
+        for (uint32_t layer = 0; layer < kLayers; ++layer) {
+          for (size_t i = 0; i < blocks[layer].size(); ++i) {
+            const v1::Block expected = TestBlock(kSeed, layer, blocks[layer][i], key_bytes);
+            const char* got = bytes[layer].data() + i * 2 * key_bytes;
+            ASSERT_EQ(std::memcmp(got, expected.key().data(), key_bytes), 0)
+                << "K of layer " << layer << " block " << blocks[layer][i] << " step " << step;
+            ASSERT_EQ(std::memcmp(got + key_bytes, expected.value().data(), key_bytes), 0)
+                << "V of layer " << layer << " block " << blocks[layer][i] << " step " << step;
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      ASSERT_CUDA(cudaStreamDestroy(stream));
+      const ClientStats stats = (*client)->stats();
+      EXPECT_GE((*sequence)->stats().selections_published, 8u * kLayers);
+      if (plane == DataPlane::kSharedMemory) {
+        EXPECT_GT(stats.blocks_received_shared, 0u);
+      } else {
+        EXPECT_EQ(stats.blocks_received_shared, 0u);
+      }
+      grpc::ClientContext context;
+      v1::StatsResponse server_stats;
+      ASSERT_TRUE(server.stub().Stats(&context, v1::StatsRequest(), &server_stats).ok());
+      EXPECT_EQ(server_stats.blocks_sent_shared(), stats.blocks_received_shared);
+      client->reset();  // unregisters and unmaps the segment
+      EXPECT_TRUE(server.Stop().ok());  // a clean stop unlinks it
+    }
   }
 }
 

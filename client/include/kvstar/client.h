@@ -22,6 +22,15 @@
 // starts at slot_pool + (l * slots_per_layer + s) * slot_bytes. The pool is allocated by the library
 // or handed in by the engine (e.g. a torch tensor's data pointer).
 //
+// Data planes. Retrieve replies carry new blocks' bytes either in the gRPC messages (remote node)
+// or, for a client on the server's host (the co-located sidecar), as regions of the server's
+// shared-memory segment, which the client maps read-only (and on CUDA registers as pinned memory)
+// and copies straight into slots. Blocks that do not fit the segment still come as bytes. Both
+// give bit-identical slots. The plane is chosen at the first CreateSequence (see
+// ClientOptions::data_plane) and logged with the reason; the Client's destruction unmaps the
+// segment. The Retrieve after a reply is sent only once the copies from that reply's regions
+// completed: the server reuses them then.
+//
 // Backends. With a usable CUDA device, slots live in device memory and copies are CUDA async copies
 // through pinned staging. When CUDA is unusable at start-up (no device, "driver insufficient", ...)
 // and the backend is kAuto, the same code runs on a host-memory backend: "device" pointers are plain
@@ -93,6 +102,16 @@ enum class BackendKind : uint32_t { kAuto = 0, kHost = 1, kCuda = 2 };
 
 const char* BackendName(BackendKind kind);
 
+// How Retrieve replies deliver block bytes (see "Data planes" above).
+//   kAuto: shared memory when the server runs on this host (its GetServerInfo host_id equals this
+//     host's /proc/sys/kernel/random/boot_id) and its segment can be mapped (and, on CUDA,
+//     registered); else gRPC bytes.
+//   kSharedMemory: shared memory or CreateSequence fails with FAILED_PRECONDITION saying why.
+//   kGrpcBytes: always bytes in the reply.
+enum class DataPlane : uint32_t { kAuto = 0, kSharedMemory = 1, kGrpcBytes = 2 };
+
+const char* DataPlaneName(DataPlane plane);
+
 // Where a pointer handed to the library points.
 enum class MemoryKind : uint32_t { kHost = 0, kDevice = 1 };
 
@@ -112,6 +131,7 @@ struct ClientOptions {
   int rpc_timeout_ms = 30000;
   // Largest PutBlocks message the library sends (the server's --max_message_bytes bounds it).
   uint64_t max_message_bytes = uint64_t{4} << 20;
+  DataPlane data_plane = DataPlane::kAuto;
 };
 
 struct SequenceOptions {
@@ -159,6 +179,12 @@ struct ClientStats {
   uint64_t retrievals_sent = 0;
   uint64_t retrievals_skipped = 0;  // due while the previous one was still in flight
   uint64_t retrieve_replies = 0;
+  // Retrievals whose replies were all read and their loads issued (or that failed); on the host
+  // backend the loads are then complete.
+  uint64_t retrievals_completed = 0;
+  // New blocks of Retrieve replies, by how their bytes came (all sequences, since Connect).
+  uint64_t blocks_received_shared = 0;  // as regions of the server's shared-memory segment
+  uint64_t blocks_received_bytes = 0;   // as bytes in the reply
 };
 
 // One sequence. Owned by its Client; valid until DropSequence or the Client's destruction.
@@ -230,9 +256,16 @@ class Client {
 
   virtual BackendKind backend() const = 0;
 
-  // Registers a sequence on the server (idempotent for the same profile and knobs) and allocates its
-  // slots. Errors: the server's (ALREADY_EXISTS for a different profile), INVALID_ARGUMENT for bad
-  // options, RESOURCE_EXHAUSTED when slots cannot be allocated.
+  // The data plane in use: kSharedMemory or kGrpcBytes once chosen, kAuto before (the choice is
+  // made by the first CreateSequence, and made again after Reconnect or when the server's segment
+  // changed because it restarted).
+  virtual DataPlane data_plane() const = 0;
+
+  // Registers a sequence on the server (idempotent for the same profile and knobs) and allocates
+  // its slots; the first call also chooses the data plane (one GetServerInfo RPC). Errors: the
+  // server's (ALREADY_EXISTS for a different profile), INVALID_ARGUMENT for bad options,
+  // RESOURCE_EXHAUSTED when slots cannot be allocated, FAILED_PRECONDITION when data_plane is
+  // kSharedMemory and the server's segment cannot be used (the message says why).
   virtual absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                                    const ModelProfile& profile,
                                                    const KvstarConfig& config,
@@ -249,7 +282,8 @@ class Client {
   // Flush() of every sequence.
   virtual absl::Status Flush() = 0;
 
-  // Points the client at another address (a restarted server); clears nothing else.
+  // Points the client at another address (a restarted server); the data plane is chosen again at
+  // the next CreateSequence or retrieval. Clears nothing else.
   virtual absl::Status Reconnect(const std::string& address) = 0;
 
   virtual ClientStats stats() const = 0;

@@ -1,0 +1,237 @@
+// The co-located data plane against the real kvstar_server on a loopback port (host backend): the
+// same decode flow with Retrieve's new blocks in the server's shared-memory segment and as gRPC
+// bytes gives bit-identical slots, the client's counts match the server's, kAuto picks shared
+// memory on this host and falls back to bytes without a segment, and a segment too small for a
+// retrieval mixes both kinds of blocks.
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvstar/client.h"
+#include "tests/client/client_test_util.h"
+#include "tests/integration/server_process.h"
+
+namespace kvstar::testing {
+namespace {
+
+constexpr uint32_t kStride = 4;
+
+// One server, one client on it, one sealed sequence. The server is stopped cleanly, so it unlinks
+// its segment (a killed one leaves it in /dev/shm).
+struct DecodeRun {
+  ~DecodeRun() {
+    client.reset();
+    if (server != nullptr) server->Stop().IgnoreError();
+  }
+  std::unique_ptr<ServerProcess> server;
+  std::unique_ptr<Client> client;
+  Sequence* sequence = nullptr;
+};
+
+// K and V of every slot of `table`, in table order.
+std::string TableBytes(const SlotTable& table) {
+  std::string bytes;
+  for (uint32_t i = 0; i < table.count; ++i) {
+    const char* slot =
+        static_cast<const char*>(table.slot_pool) +
+        (uint64_t{table.layer} * table.slots_per_layer + table.host_slots[i]) * table.slot_bytes;
+    bytes.append(slot, table.slot_bytes);
+  }
+  return bytes;
+}
+
+class DataPlaneTest : public ::testing::Test {
+ protected:
+  // A memory-backend server with a segment of `shared_memory_bytes` (0: none).
+  std::unique_ptr<ServerProcess> StartServer(uint64_t shared_memory_bytes) {
+    auto server = std::make_unique<ServerProcess>(std::vector<std::string>{
+        "--backend=memory", "--data_dir=" + MakeTempDir("data_plane"), "--log_level=warn",
+        absl::StrCat("--shared_memory_bytes=", shared_memory_bytes)});
+    absl::Status started = server->Start();
+    EXPECT_TRUE(started.ok()) << started;
+    return started.ok() ? std::move(server) : nullptr;
+  }
+
+  std::unique_ptr<Client> ConnectTo(ServerProcess& server, DataPlane plane) {
+    ClientOptions options;
+    options.address = server.address();
+    options.backend = BackendKind::kHost;
+    options.rpc_timeout_ms = 10000;
+    options.data_plane = plane;
+    absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? std::move(*client) : nullptr;
+  }
+
+  // Server, client and the prompt offloaded and sealed.
+  void StartRun(uint64_t shared_memory_bytes, DataPlane plane, DecodeRun* run) {
+    run->server = StartServer(shared_memory_bytes);
+    ASSERT_NE(run->server, nullptr);
+    grpc::ClientContext context;
+    v1::ServerInfoResponse info;
+    ASSERT_TRUE(run->server->stub().GetServerInfo(&context, v1::ServerInfoRequest(), &info).ok());
+    ASSERT_EQ(info.shared_memory_bytes(), shared_memory_bytes)
+        << "the server did not create its segment (see its log)";
+    run->client = ConnectTo(*run->server, plane);
+    ASSERT_NE(run->client, nullptr);
+    absl::StatusOr<Sequence*> sequence = run->client->CreateSequence(
+        "seq", SmallProfile(), SmallConfig(kStride), {0, kPromptBlocks + 16});
+    ASSERT_TRUE(sequence.ok()) << sequence.status();
+    run->sequence = *sequence;
+    ASSERT_TRUE(OffloadBlocks(run->sequence, 0, kPromptBlocks).ok());
+    const std::string queries = MakeQueries(SmallProfile(), kStride, 3);
+    absl::Status sealed = run->sequence->Seal(queries.data(), kStride, MemoryKind::kHost, nullptr);
+    ASSERT_TRUE(sealed.ok()) << sealed;
+  }
+
+  // Decodes `steps` steps of both runs in lockstep with the same queries. At every step, each
+  // layer's tables hold their blocks' bytes, and where both runs show the selection made at the
+  // same step, the tables are equal and their slots bit-identical. Returns how many visible
+  // switches (new selections, per layer) were compared.
+  int DecodeInLockstep(DecodeRun& a, DecodeRun& b, int steps) {
+    std::vector<int64_t> compared_step(kLayers, -1);
+    int switches = 0;
+    for (int step = 0; step < steps; ++step) {
+      const std::string query = MakeQueries(SmallProfile(), 1, 1000 + step);
+      for (uint32_t layer = 0; layer < kLayers; ++layer) {
+        absl::StatusOr<SlotTable> table_a = a.sequence->Acquire(layer, nullptr);
+        absl::StatusOr<SlotTable> table_b = b.sequence->Acquire(layer, nullptr);
+        EXPECT_TRUE(table_a.ok() && table_b.ok());
+        if (!table_a.ok() || !table_b.ok()) return switches;
+        const uint64_t key_bytes = SmallProfile().block_key_bytes();
+        ExpectTableHoldsBlocks(*table_a, key_bytes);
+        ExpectTableHoldsBlocks(*table_b, key_bytes);
+        if (table_a->selection_step == table_b->selection_step) {
+          EXPECT_EQ(Blocks(*table_a), Blocks(*table_b))
+              << "step " << step << " layer " << layer << " selection of step "
+              << table_a->selection_step;
+          EXPECT_TRUE(TableBytes(*table_a) == TableBytes(*table_b))
+              << "slots differ at step " << step << " layer " << layer;
+          if (static_cast<int64_t>(table_a->selection_step) != compared_step[layer]) {
+            compared_step[layer] = static_cast<int64_t>(table_a->selection_step);
+            ++switches;
+          }
+        }
+        const char* row = query.data() + layer * SmallProfile().query_bytes();
+        for (DecodeRun* run : {&a, &b}) {
+          EXPECT_TRUE(run->sequence->RecordQuery(layer, row, MemoryKind::kHost, nullptr).ok());
+          EXPECT_TRUE(run->sequence->Release(layer, nullptr).ok());
+        }
+      }
+      for (DecodeRun* run : {&a, &b}) {
+        absl::Status stepped = run->client->Step();
+        EXPECT_TRUE(stepped.ok()) << stepped;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a decode step's time
+    }
+    return switches;
+  }
+
+  static v1::StatsResponse ServerStats(ServerProcess& server) {
+    grpc::ClientContext context;
+    v1::StatsResponse stats;
+    EXPECT_TRUE(server.stub().Stats(&context, v1::StatsRequest(), &stats).ok());
+    return stats;
+  }
+};
+
+TEST_F(DataPlaneTest, SharedMemoryAndGrpcBytesGiveBitIdenticalSlotsAndMatchTheServersCounts) {
+  DecodeRun shared, bytes;
+  ASSERT_NO_FATAL_FAILURE(StartRun(uint64_t{64} << 20, DataPlane::kSharedMemory, &shared));
+  ASSERT_NO_FATAL_FAILURE(StartRun(uint64_t{64} << 20, DataPlane::kGrpcBytes, &bytes));
+  EXPECT_EQ(shared.client->data_plane(), DataPlane::kSharedMemory);
+  EXPECT_EQ(bytes.client->data_plane(), DataPlane::kGrpcBytes);
+
+  const int switches = DecodeInLockstep(shared, bytes, 10 * kStride);
+  // The Seal selection and most of the 10 retrievals, on every layer.
+  EXPECT_GE(switches, 6 * static_cast<int>(kLayers));
+  EXPECT_GT(shared.sequence->stats().selections_published, 5u * kLayers);
+
+  const ClientStats shared_stats = shared.client->stats();
+  const v1::StatsResponse shared_server = ServerStats(*shared.server);
+  EXPECT_GT(shared_stats.blocks_received_shared, 0u);
+  EXPECT_EQ(shared_stats.blocks_received_bytes, 0u);  // the segment had room for all
+  EXPECT_EQ(shared_server.blocks_sent_shared(), shared_stats.blocks_received_shared);
+  EXPECT_EQ(shared_server.blocks_sent(), shared_stats.blocks_received_shared);
+
+  const ClientStats bytes_stats = bytes.client->stats();
+  const v1::StatsResponse bytes_server = ServerStats(*bytes.server);
+  EXPECT_EQ(bytes_stats.blocks_received_shared, 0u);
+  EXPECT_EQ(bytes_server.blocks_sent_shared(), 0u);
+  EXPECT_EQ(bytes_server.blocks_sent(), bytes_stats.blocks_received_bytes);
+  // The same selections moved the same blocks.
+  EXPECT_EQ(bytes_stats.blocks_received_bytes, shared_stats.blocks_received_shared);
+}
+
+TEST_F(DataPlaneTest, ASegmentTooSmallForARetrievalMixesSharedAndByteBlocksWithIdenticalSlots) {
+  DecodeRun shared, bytes;
+  // Room for 3 blocks (64 KiB of K + V each): retrievals that move more send the rest as bytes.
+  constexpr uint64_t kTinySegment = 3 * 2 * 32768;
+  ASSERT_NO_FATAL_FAILURE(StartRun(kTinySegment, DataPlane::kSharedMemory, &shared));
+  ASSERT_NO_FATAL_FAILURE(StartRun(kTinySegment, DataPlane::kGrpcBytes, &bytes));
+  const int switches = DecodeInLockstep(shared, bytes, 10 * kStride);
+  EXPECT_GE(switches, 6 * static_cast<int>(kLayers));
+
+  const ClientStats stats = shared.client->stats();
+  const v1::StatsResponse server = ServerStats(*shared.server);
+  EXPECT_GT(stats.blocks_received_shared, 0u);
+  EXPECT_GT(stats.blocks_received_bytes, 0u);
+  EXPECT_EQ(server.blocks_sent_shared(), stats.blocks_received_shared);
+  EXPECT_EQ(server.blocks_sent(), stats.blocks_received_shared + stats.blocks_received_bytes);
+}
+
+TEST_F(DataPlaneTest, AutoPicksSharedMemoryAgainstAServerOnThisHost) {
+  DecodeRun run;
+  ASSERT_NO_FATAL_FAILURE(StartRun(uint64_t{64} << 20, DataPlane::kAuto, &run));
+  EXPECT_EQ(run.client->data_plane(), DataPlane::kSharedMemory);
+  for (int step = 0; step < 3 * static_cast<int>(kStride); ++step) {
+    const std::string query = MakeQueries(SmallProfile(), 1, 1000 + step);
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      absl::StatusOr<SlotTable> table = run.sequence->Acquire(layer, nullptr);
+      ASSERT_TRUE(table.ok()) << table.status();
+      ExpectTableHoldsBlocks(*table, SmallProfile().block_key_bytes());
+      const char* row = query.data() + layer * SmallProfile().query_bytes();
+      ASSERT_TRUE(run.sequence->RecordQuery(layer, row, MemoryKind::kHost, nullptr).ok());
+      ASSERT_TRUE(run.sequence->Release(layer, nullptr).ok());
+    }
+    absl::Status stepped = run.client->Step();
+    ASSERT_TRUE(stepped.ok()) << stepped;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_GT(run.client->stats().blocks_received_shared, 0u);
+  EXPECT_EQ(ServerStats(*run.server).blocks_sent_shared(),
+            run.client->stats().blocks_received_shared);
+}
+
+TEST_F(DataPlaneTest, WithoutASegmentAutoFallsBackToBytesAndSharedMemoryFailsClearly) {
+  std::unique_ptr<ServerProcess> server = StartServer(0);
+  ASSERT_NE(server, nullptr);
+
+  std::unique_ptr<Client> automatic = ConnectTo(*server, DataPlane::kAuto);
+  ASSERT_NE(automatic, nullptr);
+  EXPECT_EQ(automatic->data_plane(), DataPlane::kAuto);  // not chosen before CreateSequence
+  ASSERT_TRUE(
+      automatic->CreateSequence("auto", SmallProfile(), SmallConfig(kStride), {0, 64}).ok());
+  EXPECT_EQ(automatic->data_plane(), DataPlane::kGrpcBytes);
+
+  std::unique_ptr<Client> forced = ConnectTo(*server, DataPlane::kSharedMemory);
+  ASSERT_NE(forced, nullptr);
+  absl::StatusOr<Sequence*> sequence =
+      forced->CreateSequence("forced", SmallProfile(), SmallConfig(kStride), {0, 64});
+  EXPECT_EQ(sequence.status().code(), absl::StatusCode::kFailedPrecondition) << sequence.status();
+  EXPECT_THAT(std::string(sequence.status().message()),
+              ::testing::HasSubstr("exports no shared-memory segment"));
+  EXPECT_EQ(forced->data_plane(), DataPlane::kAuto);
+  automatic.reset();
+  forced.reset();
+  EXPECT_TRUE(server->Stop().ok());
+}
+
+}  // namespace
+}  // namespace kvstar::testing
