@@ -1,18 +1,17 @@
 #include "server/shared_memory_arena.h"
 
 #include <fcntl.h>
-#include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "spdlog/spdlog.h"
 
 namespace kvstar::server {
@@ -23,29 +22,42 @@ constexpr char kPrefix[] = "kvstar-";
 
 uint64_t AlignUp(uint64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
 
-// Segments are named kvstar-<pid>-<n>; one whose pid no longer runs was left by a crash.
+// A live server holds a shared flock on its segment for as long as it runs; a segment whose
+// exclusive lock can be taken was left by a server that died. (Pids do not tell: servers in other
+// PID namespaces — containers, sandboxes — share /dev/shm and reuse pids.)
 void RemoveStaleSegments() {
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
     const std::string name = entry.path().filename().string();
     if (name.rfind(kPrefix, 0) != 0) continue;
-    std::vector<std::string> parts = absl::StrSplit(name.substr(sizeof(kPrefix) - 1), '-');
-    int pid = 0;
-    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &pid) || pid <= 0) continue;
-    if (kill(pid, 0) == 0 || errno != ESRCH) continue;
-    if (shm_unlink(("/" + name).c_str()) == 0) {
-      spdlog::info("removed shared-memory segment {} left by process {}", name, pid);
+    const int fd = shm_open(("/" + name).c_str(), O_RDONLY, 0);
+    if (fd < 0) continue;
+    if (flock(fd, LOCK_EX | LOCK_NB) == 0 && shm_unlink(("/" + name).c_str()) == 0) {
+      spdlog::info("removed shared-memory segment {} left by a server that is gone", name);
     }
+    close(fd);
   }
+}
+
+std::string RandomSegmentName() {
+  uint64_t bits = 0;
+  std::ifstream("/dev/urandom", std::ios::binary).read(reinterpret_cast<char*>(&bits),
+                                                      sizeof(bits));
+  bits ^= static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  return absl::StrCat("/", kPrefix, absl::Hex(bits, absl::kZeroPad16));
 }
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SharedMemoryArena>> SharedMemoryArena::Create(uint64_t bytes) {
   RemoveStaleSegments();
-  static std::atomic<int> counter{0};
-  const std::string name = absl::StrCat("/", kPrefix, getpid(), "-", counter++);
-  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  std::string name;
+  int fd = -1;
+  for (int attempt = 0; attempt < 8 && fd < 0; ++attempt) {
+    name = RandomSegmentName();
+    fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0 && errno != EEXIST) break;
+  }
   if (fd < 0) {
     return absl::InternalError(absl::StrCat("shm_open ", name, ": ", std::strerror(errno)));
   }
@@ -55,29 +67,27 @@ absl::StatusOr<std::unique_ptr<SharedMemoryArena>> SharedMemoryArena::Create(uin
     return absl::ResourceExhaustedError(
         absl::StrCat(what, " of ", bytes, " bytes for ", name, ": ", std::strerror(err)));
   };
+  // Held until the arena is destroyed (or the process dies): marks the segment as live.
+  if (flock(fd, LOCK_SH) != 0) return fail("flock", errno);
   if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) return fail("ftruncate", errno);
   if (int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes)); err != 0) {
     return fail("posix_fallocate", err);
   }
   void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  const int mmap_errno = errno;
-  close(fd);
-  if (base == MAP_FAILED) {
-    shm_unlink(name.c_str());
-    return absl::InternalError(absl::StrCat("mmap ", name, ": ", std::strerror(mmap_errno)));
-  }
+  if (base == MAP_FAILED) return fail("mmap", errno);
   return std::unique_ptr<SharedMemoryArena>(
-      new SharedMemoryArena(name, static_cast<char*>(base), bytes));
+      new SharedMemoryArena(name, fd, static_cast<char*>(base), bytes));
 }
 
-SharedMemoryArena::SharedMemoryArena(std::string name, char* base, uint64_t size)
-    : name_(std::move(name)), base_(base), size_(size) {
+SharedMemoryArena::SharedMemoryArena(std::string name, int fd, char* base, uint64_t size)
+    : name_(std::move(name)), fd_(fd), base_(base), size_(size) {
   free_[0] = size;
 }
 
 SharedMemoryArena::~SharedMemoryArena() {
   munmap(base_, size_);
   shm_unlink(name_.c_str());
+  close(fd_);
 }
 
 std::optional<uint64_t> SharedMemoryArena::Allocate(uint64_t bytes) {

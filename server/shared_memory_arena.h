@@ -20,9 +20,10 @@ namespace kvstar::server {
 
 class SharedMemoryArena {
  public:
-  // Creates segment "/kvstar-<pid>-<n>" of `bytes` (mode 0600: the client runs as the server's
-  // user), with its pages reserved up front so a full /dev/shm fails here instead of as SIGBUS
-  // later. Removes segments left by kvstar processes that no longer run.
+  // Creates segment "/kvstar-<16 random hex digits>" of `bytes` (mode 0600: the client runs as
+  // the server's user), with its pages reserved up front so a full /dev/shm fails here instead of
+  // as SIGBUS later. The arena holds a shared flock on it while it lives; segments nobody holds
+  // (left by servers that died) are removed first.
   static absl::StatusOr<std::unique_ptr<SharedMemoryArena>> Create(uint64_t bytes);
   ~SharedMemoryArena();  // unmaps and unlinks the segment
 
@@ -37,9 +38,10 @@ class SharedMemoryArena {
   uint64_t free_bytes() const;
 
  private:
-  SharedMemoryArena(std::string name, char* base, uint64_t size);
+  SharedMemoryArena(std::string name, int fd, char* base, uint64_t size);
 
   const std::string name_;
+  const int fd_;  // keeps the liveness lock
   char* const base_;
   const uint64_t size_;
   mutable absl::Mutex mu_;

@@ -54,6 +54,24 @@ TEST(SharedMemoryArenaTest, AllocatesAlignedFirstFitAndCoalescesFreedNeighbours)
   EXPECT_EQ(a.Allocate(4096), std::optional<uint64_t>(0));
 }
 
+TEST(SharedMemoryArenaTest, RemovesSegmentsOfDeadServersButNotOfLiveOnes) {
+  // A segment nobody holds a lock on: what a server killed with SIGKILL leaves behind.
+  const std::string stale = "/kvstar-00000000deadbeef";
+  const int fd = shm_open(stale.c_str(), O_CREAT | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  auto live = SharedMemoryArena::Create(4096);
+  ASSERT_TRUE(live.ok());
+  EXPECT_LT(shm_open(stale.c_str(), O_RDONLY, 0), 0) << "the stale segment is still there";
+
+  auto another = SharedMemoryArena::Create(4096);  // runs the cleanup again
+  ASSERT_TRUE(another.ok());
+  EXPECT_NE((*another)->name(), (*live)->name());
+  const int live_fd = shm_open((*live)->name().c_str(), O_RDONLY, 0);
+  EXPECT_GE(live_fd, 0) << "a live server's segment was removed";
+  if (live_fd >= 0) close(live_fd);
+}
+
 TEST(SharedMemoryArenaTest, FreeingAnUnknownOffsetChangesNothing) {
   auto arena = SharedMemoryArena::Create(4096);
   ASSERT_TRUE(arena.ok());
