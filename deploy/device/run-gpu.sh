@@ -16,11 +16,12 @@ summary=()
 for part in "${parts[@]}"; do
   case "$part" in
     gpu)
-      "$bin/gpu_test" --gtest_brief=0 2>&1 | tee "$out/gpu_test.log" | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure" 
+      # Tests that start the real server find it the way Bazel lays out runfiles.
+      export TEST_SRCDIR="$PWD/out/device/runfiles" TEST_WORKSPACE=kvstar
+      TEST_TMPDIR="$(mktemp -d)" "$bin/gpu_test" --gtest_brief=0 2>&1 | tee "$out/gpu_test.log" | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure" 
       summary+=("gpu_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/gpu_test.log" | tr '\n' ' ')")
       # The client against the real server, now with the CUDA backend.
-      TEST_SRCDIR="$PWD/out/device/runfiles" TEST_WORKSPACE=kvstar TEST_TMPDIR="$(mktemp -d)" \
-        "$bin/client_server_test" 2>&1 | tee "$out/client_server_test.log" |
+      TEST_TMPDIR="$(mktemp -d)" "$bin/client_server_test" 2>&1 | tee "$out/client_server_test.log" |
         grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure|backend"
       summary+=("client_server_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/client_server_test.log" | tr '\n' ' ')")
       ;;
