@@ -20,7 +20,7 @@ for part in "${parts[@]}"; do
       export TEST_SRCDIR="$PWD/out/device/runfiles" TEST_WORKSPACE=kvstar
       TEST_TMPDIR="$(mktemp -d)" "$bin/gpu_test" --gtest_brief=0 2>&1 | tee "$out/gpu_test.log" | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure" 
       summary+=("gpu_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/gpu_test.log" | tr '\n' ' ')")
-      # The client against the real server, now with the CUDA backend.
+      # The client/server integration test as CI runs it (host backend), on this machine.
       TEST_TMPDIR="$(mktemp -d)" "$bin/client_server_test" 2>&1 | tee "$out/client_server_test.log" |
         grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) *\]|Failure|backend"
       summary+=("client_server_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/client_server_test.log" | tr '\n' ' ')")
