@@ -61,24 +61,27 @@ double MemcpyGbps() {
   return best;
 }
 
-// Sequential write + fsync of a 256 MiB file in `dir`: what the disk under the durable backends
-// can absorb, the ceiling for an acknowledged (fsynced) PutBlocks.
+// Sequential write of a 256 MiB file in `dir` and one fsync, best of three: the most the disk
+// under the durable backends can absorb durably — the ceiling for an acknowledged PutBlocks.
 double DiskWriteGbps(const std::string& dir) {
   const std::string path = dir + "/disk-baseline";
   const size_t chunk = size_t{8} << 20, total = size_t{256} << 20;
   std::vector<char> buffer(chunk, 7);
-  auto start = Clock::now();
-  FILE* file = std::fopen(path.c_str(), "wb");
-  if (file == nullptr) return 0;
-  for (size_t written = 0; written < total; written += chunk) {
-    std::fwrite(buffer.data(), 1, chunk, file);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    auto start = Clock::now();
+    FILE* file = std::fopen(path.c_str(), "wb");
+    if (file == nullptr) return 0;
+    for (size_t written = 0; written < total; written += chunk) {
+      std::fwrite(buffer.data(), 1, chunk, file);
+    }
     std::fflush(file);
-    fsync(fileno(file));  // like the stores: every 8 MiB acknowledged durably
+    fsync(fileno(file));
+    std::fclose(file);
+    best = std::max(best, total / Seconds(start) / 1e9);
+    std::remove(path.c_str());
   }
-  std::fclose(file);
-  const double gbps = total / Seconds(start) / 1e9;
-  std::remove(path.c_str());
-  return gbps;
+  return best;
 }
 
 struct Result {
@@ -214,7 +217,7 @@ int Main(int argc, char** argv) {
   }
   const double memcpy_gbps = MemcpyGbps();
   const double disk_gbps = DiskWriteGbps(root);
-  std::printf("memcpy (1 thread, 512 MiB): %.2f GB/s; disk write+fsync every 8 MiB: %.2f GB/s\n",
+  std::printf("memcpy (1 thread, 512 MiB): %.2f GB/s; disk write 256 MiB + fsync: %.2f GB/s\n",
               memcpy_gbps, disk_gbps);
   std::string json =
       absl::StrFormat("{\"memcpy_gbps\":%.3f,\"disk_write_gbps\":%.3f", memcpy_gbps, disk_gbps);

@@ -148,51 +148,104 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-absl::Status KvStoreService::PutMessage(const v1::PutBlocksRequest& message,
-                                        v1::PutBlocksResponse* response) {
+namespace {
+
+// Consecutive PutBlocks messages of one sequence are written to the store together, up to this
+// many bytes: the store makes each write durable (an fsync), and one per 2 MiB message would
+// bind a stream to the disk's sync rate rather than its bandwidth.
+constexpr uint64_t kPutBatchBytes = 32 << 20;
+
+}  // namespace
+
+// Messages of one PutBlocks stream waiting to be written as one store batch. The writes point
+// into `messages`, which a deque keeps at stable addresses.
+struct KvStoreService::PendingPut {
+  std::string key;
+  std::deque<v1::PutBlocksRequest> messages;
+  std::vector<storage::BlockWrite> writes;
+  absl::flat_hash_set<storage::BlockId> ids;
+  uint64_t bytes = 0;
+  uint64_t first_message = 0;
+};
+
+absl::Status KvStoreService::CheckMessage(const v1::PutBlocksRequest& message) {
   absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(message.sequence_id());
   if (!sequence.ok()) return sequence.status();
-  const v1::ModelProfile& profile = (*sequence)->profile;
-
-  std::vector<storage::BlockWrite> writes;
-  writes.reserve(message.blocks_size());
-  uint64_t bytes = 0;
   for (int i = 0; i < message.blocks_size(); ++i) {
     const v1::Block& block = message.blocks(i);
-    if (auto s = ValidateBlock(block, profile, absl::StrCat("blocks[", i, "]"));
-        !s.ok()) {
-      return s;
+    const std::string where = absl::StrCat("blocks[", i, "]");
+    if (auto s = ValidateBlock(block, (*sequence)->profile, where); !s.ok()) return s;
+    if (storage::BlockChecksum(block.key(), block.value()) != block.checksum()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, " (layer ", block.layer(), ", block ", block.block_index(),
+          "): checksum does not match its bytes (XXH3-64 of key then value)"));
     }
-    writes.push_back(storage::BlockWrite{{block.layer(), block.block_index()},
-                                         block.key(),
-                                         block.value(),
-                                         block.checksum()});
-    bytes += block.key().size() + block.value().size();
   }
-  if (writes.empty()) return absl::OkStatus();
-  if (auto s = store_->PutBlocks(SequenceKey(message.sequence_id()), writes); !s.ok()) return s;
-  response->set_blocks_written(response->blocks_written() + writes.size());
-  response->set_bytes_written(response->bytes_written() + bytes);
-  blocks_put_.fetch_add(writes.size(), std::memory_order_relaxed);
   return absl::OkStatus();
+}
+
+absl::Status KvStoreService::FlushPut(PendingPut& pending, v1::PutBlocksResponse* response) {
+  if (pending.writes.empty()) return absl::OkStatus();
+  absl::Status stored = store_->PutBlocks(pending.key, pending.writes);
+  if (stored.ok()) {
+    response->set_blocks_written(response->blocks_written() + pending.writes.size());
+    response->set_bytes_written(response->bytes_written() + pending.bytes);
+    blocks_put_.fetch_add(pending.writes.size(), std::memory_order_relaxed);
+  } else {
+    stored = absl::Status(stored.code(),
+                          absl::StrCat("messages ", pending.first_message, "..",
+                                       pending.first_message + pending.messages.size() - 1, ": ",
+                                       stored.message()));
+  }
+  pending.messages.clear();
+  pending.writes.clear();
+  pending.ids.clear();
+  pending.bytes = 0;
+  return stored;
 }
 
 grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
                                        grpc::ServerReader<v1::PutBlocksRequest>* reader,
                                        v1::PutBlocksResponse* response) {
-  v1::PutBlocksRequest message;
-  uint64_t messages = 0;
-  while (reader->Read(&message)) {
-    absl::Status s = PutMessage(message, response);
-    if (!s.ok()) {
-      spdlog::warn("PutBlocks message {} rejected: {}", messages, s.ToString());
-      return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
-                          absl::StrCat("PutBlocks message ", messages, ": ", s.message()));
+  PendingPut pending;
+  uint64_t index = 0;
+  auto fail = [&](const absl::Status& s) {
+    spdlog::warn("PutBlocks rejected: {}", s.ToString());
+    return ToGrpc(s);
+  };
+  for (v1::PutBlocksRequest message; reader->Read(&message); ++index) {
+    if (absl::Status s = CheckMessage(message); !s.ok()) {
+      return fail(absl::Status(s.code(), absl::StrCat("PutBlocks message ", index, ": ",
+                                                      s.message())));
     }
-    ++messages;
+    // A batch holds one sequence, each block at most once, and a bounded number of bytes.
+    const std::string key = SequenceKey(message.sequence_id());
+    bool repeats = false;
+    for (const v1::Block& block : message.blocks()) {
+      repeats = repeats || pending.ids.contains({block.layer(), block.block_index()});
+    }
+    if (key != pending.key || repeats || pending.bytes >= kPutBatchBytes) {
+      if (absl::Status s = FlushPut(pending, response); !s.ok()) return fail(s);
+      pending.key = key;
+      pending.first_message = index;
+    }
+    const v1::PutBlocksRequest& kept = pending.messages.emplace_back(std::move(message));
+    for (const v1::Block& block : kept.blocks()) {
+      if (!pending.ids.insert({block.layer(), block.block_index()}).second) {
+        return fail(absl::InvalidArgumentError(absl::StrCat(
+            "PutBlocks message ", index, ": block (layer ", block.layer(), ", block ",
+            block.block_index(), ") appears twice in the message")));
+      }
+      pending.writes.push_back(storage::BlockWrite{{block.layer(), block.block_index()},
+                                                   block.key(),
+                                                   block.value(),
+                                                   block.checksum()});
+      pending.bytes += block.key().size() + block.value().size();
+    }
   }
+  if (absl::Status s = FlushPut(pending, response); !s.ok()) return fail(s);
   spdlog::debug("PutBlocks stored {} blocks ({} bytes) from {} messages",
-                response->blocks_written(), response->bytes_written(), messages);
+                response->blocks_written(), response->bytes_written(), index);
   return grpc::Status::OK;
 }
 

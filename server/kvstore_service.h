@@ -88,7 +88,11 @@ class KvStoreService final : public v1::KvStore::Service {
 
   absl::StatusOr<std::shared_ptr<Sequence>> Find(absl::string_view sequence_id) const
       ABSL_LOCKS_EXCLUDED(mu_);
-  absl::Status PutMessage(const v1::PutBlocksRequest& message, v1::PutBlocksResponse* response);
+  struct PendingPut;
+  // Validates one PutBlocks message (sequence, shapes, checksums) without storing anything.
+  absl::Status CheckMessage(const v1::PutBlocksRequest& message);
+  // Writes the pending messages as one durable store batch and clears them.
+  absl::Status FlushPut(PendingPut& pending, v1::PutBlocksResponse* response);
   // Appends stored blocks beyond what the index holds (decode-generated blocks) to the index.
   absl::Status CatchUp(const std::string& key, Sequence& sequence)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
