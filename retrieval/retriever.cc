@@ -1,6 +1,8 @@
 #include "retrieval/retriever.h"
 
+#include <algorithm>
 #include <atomic>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 
@@ -10,10 +12,49 @@ Retriever::Retriever(size_t num_threads) : pool_(num_threads), scratch_(pool_.nu
 
 namespace {
 
-// Per (request, layer): head scores [num_kv_heads][num_blocks] and how many heads are done.
+// Who gathers a head's queries into the shared buffer: the first of its chunks to start. Chunks
+// starting while it gathers gather their own copy (the same values) rather than wait.
+enum GatherState : uint32_t { kNotGathered, kGathering, kGathered };
+
+struct HeadWork {
+  std::atomic<uint32_t> chunks_done{0};
+  std::atomic<uint32_t> gather_state{kNotGathered};
+};
+
+// Per (request, layer): where its buffers are and how many heads are merged. Its region of the
+// layer buffers is [heads][gathered] [heads][partials] [heads][head scores], each entry a
+// multiple of 16 floats so every one starts 64-byte aligned.
 struct LayerWork {
-  std::vector<float> head_scores;
+  uint32_t request = 0;
+  uint32_t layer = 0;
+  uint32_t num_blocks = 0;
+  uint32_t num_heads = 0;
+  uint32_t num_chunks = 0;
+  size_t num_rows = 0;
+  size_t gathered_floats = 0;  // per head: GatheredQueryFloats
+  size_t partials_floats = 0;  // per head: HeadPartialsFloats
+  size_t scores_floats = 0;    // per head: num_blocks
+  float* region = nullptr;
+  HeadWork* heads = nullptr;
   std::atomic<uint32_t> heads_done{0};
+
+  size_t RegionFloats() const {
+    return size_t{num_heads} *
+           (Rounded(gathered_floats) + partials_floats + Rounded(scores_floats));
+  }
+  absl::Span<float> Gathered(uint32_t h) const {
+    return absl::MakeSpan(region + h * Rounded(gathered_floats), gathered_floats);
+  }
+  absl::Span<float> Partials(uint32_t h) const {
+    return absl::MakeSpan(region + num_heads * Rounded(gathered_floats) + h * partials_floats,
+                          partials_floats);
+  }
+  absl::Span<float> HeadScores(uint32_t h) const {
+    return absl::MakeSpan(region + num_heads * (Rounded(gathered_floats) + partials_floats) +
+                              h * Rounded(scores_floats),
+                          scores_floats);
+  }
+  static size_t Rounded(size_t floats) { return (floats + 15) / 16 * 16; }
 };
 
 }  // namespace
@@ -21,8 +62,19 @@ struct LayerWork {
 absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
                                  const LayerCallback& on_layer,
                                  const CancelPredicate& is_cancelled) {
+  return RetrieveWithScores(
+      requests,
+      [&on_layer](size_t request, uint32_t layer, absl::Span<const float>,
+                  absl::Span<const uint32_t> selected) { on_layer(request, layer, selected); },
+      is_cancelled);
+}
+
+absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> requests,
+                                           const LayerScoresCallback& on_layer,
+                                           const CancelPredicate& is_cancelled) {
   // Validate everything first, so an error leaves no partial result behind.
   uint32_t max_layers = 0;
+  size_t total_layers = 0, total_heads = 0;
   for (size_t r = 0; r < requests.size(); ++r) {
     const RetrievalRequest& request = requests[r];
     if (request.index == nullptr) {
@@ -42,30 +94,55 @@ absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
       }
     }
     max_layers = std::max(max_layers, shape.num_layers);
+    total_layers += shape.num_layers;
+    total_heads += size_t{shape.num_layers} * shape.num_kv_heads;
   }
 
-  // Tasks ordered layer-major so early layers finish (and stream) first.
-  struct Task {
-    uint32_t request;
-    uint32_t layer;
-    uint32_t kv_head;
-  };
-  std::vector<Task> tasks;
-  std::vector<std::vector<LayerWork>> work(requests.size());
-  for (size_t r = 0; r < requests.size(); ++r) {
-    const SequenceIndex& index = *requests[r].index;
-    work[r] = std::vector<LayerWork>(index.shape().num_layers);
-    for (uint32_t layer = 0; layer < index.shape().num_layers; ++layer) {
-      work[r][layer].head_scores.resize(size_t{index.shape().num_kv_heads} *
-                                        index.num_blocks(layer));
+  absl::MutexLock retrieve_lock(&retrieve_mu_);
+  // Per-call bookkeeping (a few allocations per call, none per task).
+  std::unique_ptr<LayerWork[]> works(new LayerWork[total_layers]);
+  std::unique_ptr<HeadWork[]> heads(new HeadWork[total_heads]);
+  std::vector<size_t> first_work(requests.size());  // works index of (request, layer 0)
+  size_t buffer_floats = 0;
+  {
+    size_t w = 0, head = 0;
+    for (size_t r = 0; r < requests.size(); ++r) {
+      const SequenceIndex& index = *requests[r].index;
+      first_work[r] = w;
+      for (uint32_t layer = 0; layer < index.shape().num_layers; ++layer, ++w) {
+        LayerWork& work = works[w];
+        work.request = static_cast<uint32_t>(r);
+        work.layer = layer;
+        work.num_blocks = index.num_blocks(layer);
+        work.num_heads = index.shape().num_kv_heads;
+        work.num_chunks = ChunksPerHead(work.num_blocks);
+        work.num_rows = NumQueryRows(index, requests[r].num_queries);
+        work.gathered_floats = GatheredQueryFloats(index, requests[r].num_queries);
+        work.partials_floats = HeadPartialsFloats(work.num_blocks, work.num_rows, work.num_chunks);
+        work.scores_floats = work.num_blocks;
+        work.heads = &heads[head];
+        head += work.num_heads;
+        buffer_floats += work.RegionFloats();
+      }
     }
   }
+  float* buffer = layer_buffers_.Get(buffer_floats);
+  for (size_t w = 0; w < total_layers; ++w) {
+    works[w].region = buffer;
+    buffer += works[w].RegionFloats();
+  }
+  // Tasks ordered layer-major so early layers finish (and stream) first; a head's chunks are
+  // adjacent so it merges as soon as possible.
+  std::vector<Task>& tasks = tasks_;
+  tasks.clear();
   for (uint32_t layer = 0; layer < max_layers; ++layer) {
     for (size_t r = 0; r < requests.size(); ++r) {
-      const ModelShape& shape = requests[r].index->shape();
-      if (layer >= shape.num_layers) continue;
-      for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
-        tasks.push_back({static_cast<uint32_t>(r), layer, h});
+      if (layer >= requests[r].index->shape().num_layers) continue;
+      const uint32_t w = static_cast<uint32_t>(first_work[r] + layer);
+      for (uint32_t h = 0; h < works[w].num_heads; ++h) {
+        for (uint32_t chunk = 0; chunk < works[w].num_chunks; ++chunk) {
+          tasks.push_back({w, h, chunk});
+        }
       }
     }
   }
@@ -78,27 +155,45 @@ absl::Status Retriever::Retrieve(absl::Span<const RetrievalRequest> requests,
       return;
     }
     const Task& task = tasks[t];
-    const RetrievalRequest& request = requests[task.request];
+    LayerWork& work = works[task.layer_work];
+    const RetrievalRequest& request = requests[work.request];
     const SequenceIndex& index = *request.index;
-    const uint32_t num_blocks = index.num_blocks(task.layer);
-    const uint32_t num_heads = index.shape().num_kv_heads;
-    LayerWork& layer_work = work[task.request][task.layer];
-    ScoreKvHead(index, task.layer, task.kv_head, request.layer_queries[task.layer],
-                request.num_queries,
-                absl::MakeSpan(layer_work.head_scores)
-                    .subspan(size_t{task.kv_head} * num_blocks, num_blocks),
-                scratch_[thread]);
-    // The last head of a layer sums the heads in head order (deterministic) and selects.
-    if (layer_work.heads_done.fetch_add(1, std::memory_order_acq_rel) + 1 != num_heads) return;
-    std::vector<float> block_scores(layer_work.head_scores.begin(),
-                                    layer_work.head_scores.begin() + num_blocks);
-    for (uint32_t h = 1; h < num_heads; ++h) {
-      const float* head = &layer_work.head_scores[size_t{h} * num_blocks];
-      for (uint32_t b = 0; b < num_blocks; ++b) block_scores[b] += head[b];
+    const absl::Span<const uint8_t> queries = request.layer_queries[work.layer];
+    ThreadScratch& scratch = scratch_[thread];
+    HeadWork& head = work.heads[task.kv_head];
+
+    absl::Span<const float> gathered = work.Gathered(task.kv_head);
+    uint32_t gather_state = head.gather_state.load(std::memory_order_acquire);
+    if (gather_state == kNotGathered && head.gather_state.compare_exchange_strong(
+                                            gather_state, kGathering, std::memory_order_acquire)) {
+      GatherHeadQueries(index, work.layer, task.kv_head, queries, request.num_queries,
+                        work.Gathered(task.kv_head));
+      head.gather_state.store(kGathered, std::memory_order_release);
+    } else if (gather_state != kGathered) {
+      scratch.gathered.resize(work.gathered_floats);
+      GatherHeadQueries(index, work.layer, task.kv_head, queries, request.num_queries,
+                        absl::MakeSpan(scratch.gathered));
+      gathered = scratch.gathered;
     }
-    const std::vector<uint32_t> selected = SelectBlocks(block_scores, index.knobs());
+    ScoreChunk(index, work.layer, task.kv_head, gathered, work.num_rows, task.chunk,
+               work.num_chunks, work.Partials(task.kv_head), scratch.score);
+
+    // The last chunk of a head merges it; the last head of a layer sums the heads in head order
+    // (deterministic) and selects.
+    if (head.chunks_done.fetch_add(1, std::memory_order_acq_rel) + 1 != work.num_chunks) return;
+    MergeChunks(work.num_blocks, work.num_rows, work.num_chunks, work.Partials(task.kv_head),
+                work.HeadScores(task.kv_head), scratch.score);
+    if (work.heads_done.fetch_add(1, std::memory_order_acq_rel) + 1 != work.num_heads) return;
+    const absl::Span<const float> first_head = work.HeadScores(0);
+    std::vector<float>& block_scores = scratch.block_scores;
+    block_scores.assign(first_head.begin(), first_head.end());
+    for (uint32_t h = 1; h < work.num_heads; ++h) {
+      const float* head_scores = work.HeadScores(h).data();
+      for (uint32_t b = 0; b < work.num_blocks; ++b) block_scores[b] += head_scores[b];
+    }
+    SelectBlocksInto(block_scores, index.knobs(), scratch.select, scratch.selected);
     absl::MutexLock lock(&callback_mu_);
-    on_layer(task.request, task.layer, selected);
+    on_layer(work.request, work.layer, block_scores, scratch.selected);
   });
   if (cancelled.load()) return absl::CancelledError("retrieval cancelled");
   return absl::OkStatus();

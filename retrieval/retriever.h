@@ -32,7 +32,13 @@ struct RetrievalRequest {
 using LayerCallback =
     std::function<void(size_t request, uint32_t layer, absl::Span<const uint32_t> selected)>;
 
-// Returns true when the retrieval should stop; checked before every (layer, KV head) task.
+// As LayerCallback, with the layer's block scores (summed over KV heads) the selection came from.
+using LayerScoresCallback =
+    std::function<void(size_t request, uint32_t layer, absl::Span<const float> block_scores,
+                       absl::Span<const uint32_t> selected)>;
+
+// Returns true when the retrieval should stop; checked before every task (a chunk of the blocks
+// of one (layer, KV head)).
 using CancelPredicate = std::function<bool()>;
 
 // Owns the scoring threads. Thread-safe: concurrent Retrieve calls run one after another, each
@@ -45,12 +51,20 @@ class Retriever {
   size_t num_threads() const { return pool_.num_threads(); }
 
   // Scores every layer of every request and calls on_layer for each (request, layer), layers in
-  // roughly increasing order. Work is split into (request, layer, KV head) tasks so a single
-  // sequence uses every core. Returns InvalidArgument / FailedPrecondition (checked before any
-  // work: bad queries, unsealed layers, null index), or Cancelled if is_cancelled returned true
-  // (some layers may have been delivered).
+  // roughly increasing order. Work is split into (request, layer, KV head, chunk of blocks) tasks
+  // (split-K, see ChunksPerHead) so a single sequence uses every core; the last chunk of a head
+  // merges the head, the last head of a layer sums the heads and selects. Scores and selections
+  // are bit-identical whatever the number of threads (and equal ScoreLayer's). Returns
+  // InvalidArgument / FailedPrecondition (checked before any work: bad queries, unsealed layers,
+  // null index), or Cancelled if is_cancelled returned true (some layers may have been
+  // delivered).
   absl::Status Retrieve(absl::Span<const RetrievalRequest> requests, const LayerCallback& on_layer,
                         const CancelPredicate& is_cancelled = nullptr);
+
+  // As Retrieve, also passing each layer's block scores to the callback (tests, tools).
+  absl::Status RetrieveWithScores(absl::Span<const RetrievalRequest> requests,
+                                  const LayerScoresCallback& on_layer,
+                                  const CancelPredicate& is_cancelled = nullptr);
 
   // Seals layers[i] of `index` from key_blocks_per_layer[i] (as SequenceIndex::SealLayer), the
   // layers in parallel on the pool; the result equals sealing them one by one. Checks everything
@@ -62,8 +76,28 @@ class Retriever {
       absl::Span<const std::vector<absl::Span<const uint8_t>>> key_blocks_per_layer);
 
  private:
+  // Working memory of one pool thread, reused across tasks and calls.
+  struct ThreadScratch {
+    ScoreScratch score;
+    std::vector<float> gathered;      // queries of a head when another thread gathers them
+    std::vector<float> block_scores;  // a layer's sum over heads
+    SelectScratch select;
+    std::vector<uint32_t> selected;
+  };
+  // One task: a chunk of one (request, layer, KV head).
+  struct Task {
+    uint32_t layer_work;  // index into the call's per-(request, layer) work
+    uint32_t kv_head;
+    uint32_t chunk;
+  };
+
   ThreadPool pool_;
-  std::vector<ScoreScratch> scratch_;  // one per pool thread
+  std::vector<ThreadScratch> scratch_;  // one per pool thread
+  absl::Mutex retrieve_mu_;             // serializes Retrieve calls: they share the buffers below
+  // Every layer's gathered queries, chunk partials and head scores; grows, never shrinks, so
+  // steady-state calls touch no fresh pages.
+  ScoreScratch layer_buffers_ ABSL_GUARDED_BY(retrieve_mu_);
+  std::vector<Task> tasks_ ABSL_GUARDED_BY(retrieve_mu_);
   absl::Mutex callback_mu_;
 };
 

@@ -15,6 +15,37 @@
 #include "hwy/cache_control.h"
 #include "retrieval/convert.h"
 
+#ifndef KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
+#define KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
+namespace kvstar::retrieval {
+namespace {
+
+// Offsets (floats) in one head's partials buffer: per lane chunk of every group, the rows'
+// numerators [groups][kBlocksPerGroup / lanes][rows][lanes] (so [groups][rows][16] floats
+// whatever the target's lanes); per chunk the rows' reference and denominator [chunks][rows].
+struct PartialsLayout {
+  PartialsLayout(size_t num_blocks, size_t num_rows, size_t num_chunks)
+      : num_groups((num_blocks + SequenceIndex::kBlocksPerGroup - 1) /
+                   SequenceIndex::kBlocksPerGroup),
+        num_chunks(num_chunks),
+        reference(num_groups * num_rows * SequenceIndex::kBlocksPerGroup),
+        denominator(reference + num_chunks * num_rows),
+        floats(hwy::RoundUpTo(denominator + num_chunks * num_rows, 16)) {}
+  // First group of chunk `chunk`; FirstGroup(num_chunks) == num_groups.
+  size_t FirstGroup(size_t chunk) const { return chunk * num_groups / num_chunks; }
+
+  size_t num_groups;
+  size_t num_chunks;
+  static constexpr size_t sums = 0;
+  size_t reference;
+  size_t denominator;
+  size_t floats;
+};
+
+}  // namespace
+}  // namespace kvstar::retrieval
+#endif  // KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
+
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "retrieval/scorer.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -77,13 +108,13 @@ HWY_INLINE VF Exp2(DF df, VF x) {
 }
 #endif
 
-// Per-row softmax state while scanning one head. Scores are kept relative to `reference`, an
+// Per-row softmax state while scanning one chunk. Scores are kept relative to `reference`, an
 // actual score of the row no lower than its running max minus kHeadroom; sums are relative to it.
 struct RowState {
   float* reference;    // [rows] reference max, log2 units
   float* threshold;    // [rows] -inf until the row saw a score, then kHeadroom
-  float* chunk_sum;    // [rows][lanes] this chunk's sum of exp2(score - reference) per block
-  float* denominator;  // [rows][lanes] all chunks' sums so far, per lane
+  float* chunk_sum;    // [rows][lanes] this lane chunk's sum of exp2(score - reference) per block
+  float* denominator;  // [rows][lanes] the chunk's lane chunks' sums so far, per lane
 };
 
 // Moves row `row`'s reference when a score in accumulator column r exceeds it by kHeadroom (or
@@ -200,75 +231,82 @@ HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const flo
 }
 
 // `queries`: [num_rows][kept] fp32, already scaled by log2(e) / sqrt(head_dim) so that the
-// softmax is computed with exp2. `rep`: bf16 in SequenceIndex's stored order.
+// softmax is computed with exp2; `query_norm`: their L2 norms. `rep`: bf16 in SequenceIndex's
+// stored order.
 //
-// One pass over the representation with an online softmax per query row. Blocks are in lanes,
-// so every exp and FMA lane does useful work and a block's sum over its M vectors is a vertical
-// add. Per chunk of `lanes` blocks and per row, the sum of exp2(score - reference) is kept with
-// the reference it is relative to; the final pass weights it by 2^(reference - final reference)
-// / denominator. The reference only moves when a score exceeds it by kHeadroom, so the hot loop
-// has no per-block max and no rescaling.
+// One pass over the chunk's groups with an online softmax per query row. Blocks are in lanes, so
+// every exp and FMA lane does useful work and a block's sum over its M vectors is a vertical add.
+// Per lane chunk (`lanes` blocks) and per row, the sum of exp2(score - reference) is stored in
+// the partials; the reference only moves when a score exceeds it by kHeadroom, so the hot loop
+// has no per-block max and no rescaling. At the end the lane chunks summed against an older
+// reference are rescaled to the chunk's final one (rare), and the chunk's reference and
+// denominator are stored for MergeChunksImpl.
 //
-// A chunk skips the per-row max entirely when |q_row| * (its group's largest vector norm), a bound
-// on every score by Cauchy-Schwarz, is within kHeadroom of every row's reference.
-void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT group_norms,
-                   size_t num_blocks, size_t vectors, size_t kept,
-                   const float* HWY_RESTRICT queries, size_t num_rows,
-                   float* HWY_RESTRICT head_scores, ScoreScratch* scratch) {
+// A group skips the per-row max entirely when |q_row| * (its largest vector norm), a bound on
+// every score by Cauchy-Schwarz, is within kHeadroom of every row's reference; the check is
+// repeated after each tile until it holds, so a chunk's first group pays only for its first tile.
+void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT group_norms,
+                    size_t num_blocks, size_t vectors, size_t kept,
+                    const float* HWY_RESTRICT queries, const float* HWY_RESTRICT query_norm,
+                    size_t num_rows, size_t chunk, size_t num_chunks, float* HWY_RESTRICT partials,
+                    ScoreScratch* scratch) {
   const DF df;
   const DU du;
   const size_t lanes = hn::Lanes(df);
   const size_t group_blocks = SequenceIndex::kBlocksPerGroup;
   const size_t chunks_per_group = group_blocks / lanes;
-  const size_t num_groups = (num_blocks + group_blocks - 1) / group_blocks;
-  const size_t num_chunks = num_groups * chunks_per_group;
+  const PartialsLayout layout(num_blocks, num_rows, num_chunks);
+  const size_t first_group = layout.FirstGroup(chunk);
+  const size_t end_group = layout.FirstGroup(chunk + 1);
+  const size_t first_lane_chunk = first_group * chunks_per_group;
+  const size_t num_lane_chunks = (end_group - first_group) * chunks_per_group;
   const size_t kept_pairs = (kept + 1) / 2;
   const size_t align = 64 / sizeof(float);
   const size_t widened_size = hwy::RoundUpTo(kMaxVectors * 2 * kept_pairs * lanes, align);
   const size_t row_vectors_size = hwy::RoundUpTo(num_rows * lanes, align);
   const size_t row_scalars_size = hwy::RoundUpTo(num_rows, align);
-  float* widened = scratch->Get(widened_size + 2 * row_vectors_size + 4 * row_scalars_size +
-                                num_chunks * (num_rows * lanes + num_rows) + lanes);
+  float* widened = scratch->Get(widened_size + 2 * row_vectors_size + 2 * row_scalars_size +
+                                num_lane_chunks * num_rows);
   RowState state;
   state.chunk_sum = widened + widened_size;
   state.denominator = state.chunk_sum + row_vectors_size;
   state.reference = state.denominator + row_vectors_size;
   state.threshold = state.reference + row_scalars_size;
-  float* weight = state.threshold + row_scalars_size;
-  float* query_norm = weight + row_scalars_size;
-  float* partial_sum = query_norm + row_scalars_size;                      // [chunks][rows][lanes]
-  float* partial_reference = partial_sum + num_chunks * num_rows * lanes;  // [chunks][rows]
-  float* ragged_scores = partial_reference + num_chunks * num_rows;        // [lanes]
+  float* lane_chunk_reference = state.threshold + row_scalars_size;  // [lane chunks][rows]
+  float* partial_sum = partials + layout.sums;                       // [lane chunks][rows][lanes]
 
   for (size_t row = 0; row < num_rows; ++row) {
     state.reference[row] = 0.0f;
     state.threshold[row] = -HUGE_VALF;
-    double squares = 0.0;
-    for (size_t c = 0; c < kept; ++c) {
-      squares += double{queries[row * kept + c]} * queries[row * kept + c];
-    }
-    query_norm[row] = static_cast<float>(std::sqrt(squares));
     hn::Store(hn::Zero(df), df, state.denominator + row * lanes);
   }
   const size_t group_values = vectors * kept_pairs * group_blocks * 2;
   const size_t vector_values = kept_pairs * group_blocks * 2;
   const auto high_half = hn::Set(du, 0xFFFF0000u);
+  // Rounding may let a score pass the bound by ulps; exp2 just above kHeadroom is harmless.
+  auto rows_bounded = [&](size_t group) {
+    for (size_t row = 0; row < num_rows; ++row) {
+      if (state.threshold[row] != kHeadroom ||
+          query_norm[row] * group_norms[group] > state.reference[row] + kHeadroom) {
+        return false;
+      }
+    }
+    return true;
+  };
 
-  for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const size_t group = chunk / chunks_per_group;
-    const size_t first_lane = (chunk % chunks_per_group) * lanes;
+  for (size_t local = 0; local < num_lane_chunks; ++local) {
+    const size_t lane_chunk = first_lane_chunk + local;
+    const size_t group = lane_chunk / chunks_per_group;
+    const size_t first_lane = (lane_chunk % chunks_per_group) * lanes;
     const size_t first_block = group * group_blocks + first_lane;
     if (first_block >= num_blocks) continue;
     const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
     const bool ragged = valid_lanes < lanes;
     const VF valid = hn::VecFromMask(df, hn::FirstN(df, valid_lanes));
-    bool bounded = true;
     for (size_t row = 0; row < num_rows; ++row) {
       hn::Store(hn::Zero(df), df, state.chunk_sum + row * lanes);
-      // Rounding may let a score pass the bound by ulps; exp2 just above kHeadroom is harmless.
-      bounded = bounded && state.threshold[row] == kHeadroom &&
-                query_norm[row] * group_norms[group] <= state.reference[row] + kHeadroom;
     }
+    bool bounded = rows_bounded(group);
     // Read as 32-bit words (channel pairs); Highway loads do not assume the pointee type.
     const uint32_t* group_rep =
         reinterpret_cast<const uint32_t*>(rep + group * group_values) + first_lane;
@@ -309,40 +347,86 @@ void ScoreHeadImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT g
                           next_bytes);
           break;
       }
+      if (!bounded) bounded = rows_bounded(group);
     }
     for (size_t row = 0; row < num_rows; ++row) {
       VF sum = hn::Load(df, state.chunk_sum + row * lanes);
       if (ragged) sum = hn::And(sum, valid);
-      hn::Store(sum, df, partial_sum + (chunk * num_rows + row) * lanes);
-      partial_reference[chunk * num_rows + row] = state.reference[row];
+      hn::Store(sum, df, partial_sum + (lane_chunk * num_rows + row) * lanes);
+      lane_chunk_reference[local * num_rows + row] = state.reference[row];
       float* denominator = state.denominator + row * lanes;
       hn::Store(hn::Add(hn::Load(df, denominator), sum), df, denominator);
     }
   }
 
-  // head_scores[b] = sum over rows of partial * 2^(partial reference - final reference) /
-  // denominator.
-  for (size_t row = 0; row < num_rows; ++row) {
-    weight[row] =
-        1.0f / hn::GetLane(hn::SumOfLanes(df, hn::Load(df, state.denominator + row * lanes)));
-  }
-  for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const size_t group = chunk / chunks_per_group;
-    const size_t first_block = group * group_blocks + (chunk % chunks_per_group) * lanes;
+  // Everything relative to the chunk's final reference.
+  for (size_t local = 0; local < num_lane_chunks; ++local) {
+    const size_t lane_chunk = first_lane_chunk + local;
+    const size_t first_block =
+        lane_chunk / chunks_per_group * group_blocks + (lane_chunk % chunks_per_group) * lanes;
     if (first_block >= num_blocks) continue;
-    VF acc = hn::Zero(df);
     for (size_t row = 0; row < num_rows; ++row) {
-      const float moved = partial_reference[chunk * num_rows + row] - state.reference[row];
-      const float scale = moved == 0.0f ? weight[row] : weight[row] * std::exp2(moved);
-      acc = hn::MulAdd(hn::Load(df, partial_sum + (chunk * num_rows + row) * lanes),
-                       hn::Set(df, scale), acc);
+      const float moved = lane_chunk_reference[local * num_rows + row] - state.reference[row];
+      if (moved == 0.0f) continue;
+      float* sum = partial_sum + (lane_chunk * num_rows + row) * lanes;
+      hn::Store(hn::Mul(hn::Load(df, sum), hn::Set(df, std::exp2(moved))), df, sum);
     }
-    const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
-    if (valid_lanes == lanes) {
-      hn::StoreU(acc, df, head_scores + first_block);
-    } else {
-      hn::StoreU(acc, df, ragged_scores);
-      std::copy(ragged_scores, ragged_scores + valid_lanes, head_scores + first_block);
+  }
+  for (size_t row = 0; row < num_rows; ++row) {
+    partials[layout.reference + chunk * num_rows + row] = state.reference[row];
+    partials[layout.denominator + chunk * num_rows + row] =
+        hn::GetLane(hn::SumOfLanes(df, hn::Load(df, state.denominator + row * lanes)));
+  }
+}
+
+// head_scores[b] = sum over rows of partial * 2^(chunk reference - common reference) /
+// denominator, where the common reference is the rows' max over chunks and the denominator the
+// chunks' denominators rescaled to it, summed in chunk order.
+void MergeChunksImpl(size_t num_blocks, size_t num_rows, size_t num_chunks,
+                     const float* HWY_RESTRICT partials, float* HWY_RESTRICT head_scores,
+                     ScoreScratch* scratch) {
+  const DF df;
+  const size_t lanes = hn::Lanes(df);
+  const size_t group_blocks = SequenceIndex::kBlocksPerGroup;
+  const size_t chunks_per_group = group_blocks / lanes;
+  const PartialsLayout layout(num_blocks, num_rows, num_chunks);
+  float* weight = scratch->Get(num_chunks * num_rows + lanes);  // [chunks][rows]
+  float* ragged_scores = weight + num_chunks * num_rows;        // [lanes]
+  const float* reference = partials + layout.reference;
+  const float* denominator = partials + layout.denominator;
+  for (size_t row = 0; row < num_rows; ++row) {
+    float common = reference[row];
+    for (size_t c = 1; c < num_chunks; ++c)
+      common = std::max(common, reference[c * num_rows + row]);
+    float total = 0.0f;
+    for (size_t c = 0; c < num_chunks; ++c) {
+      const float moved = reference[c * num_rows + row] - common;
+      weight[c * num_rows + row] = moved == 0.0f ? 1.0f : std::exp2(moved);
+      total += denominator[c * num_rows + row] * weight[c * num_rows + row];
+    }
+    const float inverse = 1.0f / total;
+    for (size_t c = 0; c < num_chunks; ++c) weight[c * num_rows + row] *= inverse;
+  }
+  const float* partial_sum = partials + layout.sums;
+  for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const float* chunk_weight = weight + chunk * num_rows;
+    for (size_t lane_chunk = layout.FirstGroup(chunk) * chunks_per_group;
+         lane_chunk < layout.FirstGroup(chunk + 1) * chunks_per_group; ++lane_chunk) {
+      const size_t first_block =
+          lane_chunk / chunks_per_group * group_blocks + (lane_chunk % chunks_per_group) * lanes;
+      if (first_block >= num_blocks) continue;
+      VF acc = hn::Zero(df);
+      for (size_t row = 0; row < num_rows; ++row) {
+        acc = hn::MulAdd(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
+                         hn::Set(df, chunk_weight[row]), acc);
+      }
+      const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
+      if (valid_lanes == lanes) {
+        hn::StoreU(acc, df, head_scores + first_block);
+      } else {
+        hn::StoreU(acc, df, ragged_scores);
+        std::copy(ragged_scores, ragged_scores + valid_lanes, head_scores + first_block);
+      }
     }
   }
 }
@@ -356,7 +440,8 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace kvstar::retrieval {
 
-HWY_EXPORT(ScoreHeadImpl);
+HWY_EXPORT(ScoreChunkImpl);
+HWY_EXPORT(MergeChunksImpl);
 HWY_EXPORT(TargetImpl);
 
 const char* DispatchedTargetName() { return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetImpl)()); }
@@ -393,16 +478,45 @@ absl::Status CheckScoreArgs(const SequenceIndex& index, uint32_t layer,
   return absl::OkStatus();
 }
 
-void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
-                 absl::Span<const uint8_t> queries, uint32_t num_queries,
-                 absl::Span<float> head_scores, ScoreScratch& scratch) {
+namespace {
+
+// Flushes denormals while alive: exp2 far below the max may produce them, and each one costs a
+// microcode assist. They are below 2^-126 of the row max, so flushing does not change any score.
+class FlushDenormals {
+ public:
+#if HWY_ARCH_X86
+  FlushDenormals() : saved_csr_(_mm_getcsr()) {
+    _mm_setcsr(saved_csr_ | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
+  }
+  ~FlushDenormals() { _mm_setcsr(saved_csr_); }
+
+ private:
+  unsigned int saved_csr_;
+#endif
+};
+
+}  // namespace
+
+uint32_t ChunksPerHead(uint32_t num_blocks) {
+  const uint32_t groups =
+      (num_blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
+  return std::clamp(groups / kMinGroupsPerChunk, 1u, kMaxChunksPerHead);
+}
+
+size_t NumQueryRows(const SequenceIndex& index, uint32_t num_queries) {
+  return size_t{num_queries} * index.shape().group_size();
+}
+
+size_t GatheredQueryFloats(const SequenceIndex& index, uint32_t num_queries) {
+  return NumQueryRows(index, num_queries) * (index.kept() + 1);
+}
+
+void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
+                       absl::Span<const uint8_t> queries, uint32_t num_queries,
+                       absl::Span<float> gathered) {
   const ModelShape& shape = index.shape();
   const uint32_t group = shape.group_size();
   const uint32_t kept = index.kept();
-  const size_t num_rows = size_t{num_queries} * group;
-  // Gather the group's queries on the kept channels, pre-scaled for the exp2 softmax.
-  thread_local std::vector<float> gathered;
-  gathered.resize(num_rows * kept);
   const float scale = static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(shape.head_dim)));
   const absl::Span<const uint32_t> channels = index.kept_channels(layer, kv_head);
   for (uint32_t token = 0; token < num_queries; ++token) {
@@ -410,24 +524,56 @@ void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
       const size_t q_head = size_t{kv_head} * group + g;
       const size_t base = (size_t{token} * shape.num_q_heads + q_head) * shape.head_dim;
       float* row = &gathered[(size_t{token} * group + g) * kept];
+      double squares = 0.0;
       for (uint32_t j = 0; j < kept; ++j) {
         row[j] = scale * LoadAsF32(shape.dtype, queries.data(), base + channels[j]);
+        squares += double{row[j]} * row[j];
       }
+      gathered[NumQueryRows(index, num_queries) * kept + size_t{token} * group + g] =
+          static_cast<float>(std::sqrt(squares));
     }
   }
-#if HWY_ARCH_X86
-  // Flush denormals: exp2 far below the max may produce them, and each one costs a microcode
-  // assist. They are below 2^-126 of the row max, so flushing does not change any score.
-  const unsigned int saved_csr = _mm_getcsr();
-  _mm_setcsr(saved_csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
-#endif
-  HWY_DYNAMIC_DISPATCH(ScoreHeadImpl)
+}
+
+size_t HeadPartialsFloats(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks) {
+  return PartialsLayout(num_blocks, num_rows, num_chunks).floats;
+}
+
+void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
+                absl::Span<const float> gathered, size_t num_rows, uint32_t chunk,
+                uint32_t num_chunks, absl::Span<float> partials, ScoreScratch& scratch) {
+  const FlushDenormals flush;
+  HWY_DYNAMIC_DISPATCH(ScoreChunkImpl)
   (index.representation(layer, kv_head).data(), index.group_norms(layer, kv_head).data(),
-   index.num_blocks(layer), index.vectors_per_block(), kept, gathered.data(), num_rows,
-   head_scores.data(), &scratch);
-#if HWY_ARCH_X86
-  _mm_setcsr(saved_csr);
-#endif
+   index.num_blocks(layer), index.vectors_per_block(), index.kept(), gathered.data(),
+   gathered.data() + num_rows * index.kept(), num_rows, chunk, num_chunks, partials.data(),
+   &scratch);
+}
+
+void MergeChunks(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks,
+                 absl::Span<const float> partials, absl::Span<float> head_scores,
+                 ScoreScratch& scratch) {
+  const FlushDenormals flush;
+  HWY_DYNAMIC_DISPATCH(MergeChunksImpl)
+  (num_blocks, num_rows, num_chunks, partials.data(), head_scores.data(), &scratch);
+}
+
+void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
+                 absl::Span<const uint8_t> queries, uint32_t num_queries,
+                 absl::Span<float> head_scores, ScoreScratch& scratch) {
+  const uint32_t num_blocks = index.num_blocks(layer);
+  const size_t num_rows = NumQueryRows(index, num_queries);
+  const uint32_t num_chunks = ChunksPerHead(num_blocks);
+  std::vector<float> gathered(GatheredQueryFloats(index, num_queries));
+  GatherHeadQueries(index, layer, kv_head, queries, num_queries, absl::MakeSpan(gathered));
+  const size_t partials_floats = HeadPartialsFloats(num_blocks, num_rows, num_chunks);
+  auto partials = hwy::AllocateAligned<float>(partials_floats);
+  for (uint32_t chunk = 0; chunk < num_chunks; ++chunk) {
+    ScoreChunk(index, layer, kv_head, gathered, num_rows, chunk, num_chunks,
+               absl::MakeSpan(partials.get(), partials_floats), scratch);
+  }
+  MergeChunks(num_blocks, num_rows, num_chunks,
+              absl::MakeConstSpan(partials.get(), partials_floats), head_scores, scratch);
 }
 
 absl::Status ScoreLayer(const SequenceIndex& index, uint32_t layer,

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
@@ -29,11 +30,56 @@ class ScoreScratch {
 // `queries`: [num_queries][num_q_heads][head_dim] in the index's dtype.
 // REQUIRES: the layer is sealed, queries has shape().query_bytes(num_queries) bytes,
 // head_scores.size() == num_blocks(layer). Fused: each representation row is read once and
-// dotted with every query row in registers; the score matrix is never materialised.
-// Thread-safe for concurrent calls with distinct scratch.
+// dotted with every query row in registers; the score matrix is never materialised. Split into
+// ChunksPerHead(num_blocks) chunks exactly as Retriever does, so the scores are bit-identical.
+// Allocates. Thread-safe for concurrent calls with distinct scratch.
 void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
                  absl::Span<const uint8_t> queries, uint32_t num_queries,
                  absl::Span<float> head_scores, ScoreScratch& scratch);
+
+// Split-K scoring, for spreading one (layer, KV head) over several threads. Its blocks are cut
+// into `num_chunks` chunks of whole groups of kBlocksPerGroup blocks (balanced). ScoreChunk scans
+// one chunk with its own online softmax per query row (reference max, denominator, per-block
+// numerators relative to that max) into the head's partials buffer; chunks may run on any
+// thread in any order. When every chunk is done, MergeChunks rescales them to each row's common
+// max and writes the head's scores. The result depends on num_chunks (rounding only), never on
+// which thread ran which chunk.
+
+// Chunks of a head of num_blocks blocks: at least kMinGroupsPerChunk groups each (so a chunk
+// amortises its setup), at most kMaxChunksPerHead. Depends on num_blocks only, so scores do not
+// depend on the number of threads.
+inline constexpr uint32_t kMinGroupsPerChunk = 4;
+inline constexpr uint32_t kMaxChunksPerHead = 4;
+uint32_t ChunksPerHead(uint32_t num_blocks);
+
+// Query rows of one KV head: num_queries * group size.
+size_t NumQueryRows(const SequenceIndex& index, uint32_t num_queries);
+// Floats of one head's gathered queries: the rows [NumQueryRows][kept()], then their norms.
+size_t GatheredQueryFloats(const SequenceIndex& index, uint32_t num_queries);
+
+// Gathers kv_head's query rows on its kept channels, pre-scaled for the scorer, and their L2
+// norms into `gathered` (GatheredQueryFloats floats), once per head for all its chunks.
+// REQUIRES: as ScoreKvHead. Thread-safe.
+void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
+                       absl::Span<const uint8_t> queries, uint32_t num_queries,
+                       absl::Span<float> gathered);
+
+// Floats of one head's partials buffer (a multiple of 16, so consecutive buffers of a 64-byte
+// aligned array stay 64-byte aligned).
+size_t HeadPartialsFloats(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks);
+
+// Scans chunk `chunk` (< num_chunks <= groups) of (layer, kv_head) into its part of `partials`
+// (HeadPartialsFloats floats, 64-byte aligned, shared by the head's chunks: each writes only its
+// own part). `gathered`: from GatherHeadQueries. Thread-safe for distinct chunks and scratch.
+void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
+                absl::Span<const float> gathered, size_t num_rows, uint32_t chunk,
+                uint32_t num_chunks, absl::Span<float> partials, ScoreScratch& scratch);
+
+// Merges the num_chunks chunks of `partials` (all scored) into head_scores (num_blocks floats);
+// merges in chunk order, so the result does not depend on the order the chunks ran in.
+void MergeChunks(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks,
+                 absl::Span<const float> partials, absl::Span<float> head_scores,
+                 ScoreScratch& scratch);
 
 // Checks what ScoreKvHead requires, for every head of `layer`: InvalidArgument (bad layer, query
 // bytes, num_queries outside [1, retrieval_stride]) or FailedPrecondition (layer not sealed).

@@ -15,17 +15,26 @@ uint32_t NumSelectedMiddle(uint32_t num_blocks, const Knobs& knobs) {
 }
 
 std::vector<uint32_t> SelectBlocks(absl::Span<const float> block_scores, const Knobs& knobs) {
-  const uint32_t n = static_cast<uint32_t>(block_scores.size());
+  SelectScratch scratch;
   std::vector<uint32_t> selected;
+  SelectBlocksInto(block_scores, knobs, scratch, selected);
+  return selected;
+}
+
+void SelectBlocksInto(absl::Span<const float> block_scores, const Knobs& knobs,
+                      SelectScratch& scratch, std::vector<uint32_t>& selected) {
+  const uint32_t n = static_cast<uint32_t>(block_scores.size());
+  selected.clear();
   if (n <= uint64_t{knobs.init_window_sz} + knobs.local_window_sz) {
     selected.resize(n);
     std::iota(selected.begin(), selected.end(), 0u);
-    return selected;
+    return;
   }
   const uint32_t init = knobs.init_window_sz;
   const uint32_t local_begin = n - knobs.local_window_sz;
   const uint32_t k = NumSelectedMiddle(n, knobs);
-  std::vector<uint32_t> middle(local_begin - init);
+  std::vector<uint32_t>& middle = scratch.middle;
+  middle.resize(local_begin - init);
   std::iota(middle.begin(), middle.end(), init);
   // Total order: higher score first, then lower id; NaN ranks last.
   auto better = [&](uint32_t a, uint32_t b) {
@@ -41,7 +50,6 @@ std::vector<uint32_t> SelectBlocks(absl::Span<const float> block_scores, const K
   selected.insert(selected.end(), middle.begin(), middle.begin() + k);
   for (uint32_t b = local_begin; b < n; ++b) selected.push_back(b);
   std::sort(selected.begin() + init, selected.begin() + init + k);
-  return selected;
 }
 
 }  // namespace kvstar::retrieval

@@ -19,6 +19,15 @@ uint32_t NumSelectedMiddle(uint32_t num_blocks, const Knobs& knobs);
 // block id wins). With no more blocks than the windows hold, every block. Thread-safe.
 std::vector<uint32_t> SelectBlocks(absl::Span<const float> block_scores, const Knobs& knobs);
 
+// Reusable working memory of SelectBlocksInto. Not thread-safe.
+struct SelectScratch {
+  std::vector<uint32_t> middle;
+};
+
+// As SelectBlocks, into `selected` (replaced), allocating only when a buffer must grow.
+void SelectBlocksInto(absl::Span<const float> block_scores, const Knobs& knobs,
+                      SelectScratch& scratch, std::vector<uint32_t>& selected);
+
 }  // namespace kvstar::retrieval
 
 #endif  // KVSTAR_RETRIEVAL_TOPK_H_

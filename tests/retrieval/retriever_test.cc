@@ -72,6 +72,56 @@ TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
   }
 }
 
+// Layers of 300, 130, 40 and 9 blocks split into 4, 2, 1 and 1 chunks per head: whatever the
+// number of threads, every layer's scores (hence selection) are the same bits, and equal
+// ScoreLayer's.
+TEST(RetrieverTest, ScoresAreBitIdenticalForAnyThreadCount) {
+  std::mt19937 rng(23);
+  const ModelShape shape{4, 6, 2, 32, 16, DType::kBf16};
+  const uint32_t num_queries = 5;
+  auto index = SequenceIndex::Create(shape, Knobs()).value();
+  std::vector<std::vector<uint8_t>> queries;
+  RetrievalRequest request;
+  request.index = index.get();
+  request.num_queries = num_queries;
+  const uint32_t blocks[] = {300, 130, 40, 9};
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+    testing::KeyBlocks keys(shape, blocks[layer], rng);
+    ASSERT_TRUE(index->SealLayer(layer, keys.spans).ok());
+    queries.push_back(testing::RandomElements(
+        shape.dtype, size_t{num_queries} * shape.num_q_heads * shape.head_dim, rng, 2.0f));
+  }
+  for (const auto& q : queries) request.layer_queries.emplace_back(q);
+  ASSERT_EQ(ChunksPerHead(blocks[0]), 4u);
+  ASSERT_EQ(ChunksPerHead(blocks[1]), 2u);
+
+  std::vector<std::vector<float>> want_scores(shape.num_layers);
+  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+    ASSERT_TRUE(ScoreLayer(*index, layer, queries[layer], num_queries, want_scores[layer]).ok());
+  }
+  for (size_t threads : {1u, 2u, 3u, 7u}) {
+    SCOPED_TRACE(threads);
+    Retriever retriever(threads);
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      std::vector<std::vector<float>> scores(shape.num_layers);
+      std::vector<std::vector<uint32_t>> selected(shape.num_layers);
+      ASSERT_TRUE(retriever
+                      .RetrieveWithScores(
+                          {request},
+                          [&](size_t, uint32_t layer, absl::Span<const float> block_scores,
+                              absl::Span<const uint32_t> layer_selected) {
+                            scores[layer].assign(block_scores.begin(), block_scores.end());
+                            selected[layer].assign(layer_selected.begin(), layer_selected.end());
+                          })
+                      .ok());
+      for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+        EXPECT_EQ(scores[layer], want_scores[layer]) << "layer " << layer;
+        EXPECT_EQ(selected[layer], SelectBlocks(want_scores[layer], Knobs())) << "layer " << layer;
+      }
+    }
+  }
+}
+
 TEST(RetrieverTest, CancellationStopsBetweenTasks) {
   std::mt19937 rng(4);
   Sequence seq = MakeSequence({16, 4, 2, 32, 16, DType::kBf16}, 10, 2, rng);

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "hwy/aligned_allocator.h"
 #include "hwy/targets.h"
 #include "retrieval/reference.h"
 #include "retrieval/representation.h"
@@ -125,6 +126,98 @@ TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapesForEveryTarget)
     ExpectFusedScoresMatchReference();
   }
   hwy::SetSupportedTargetsForTest(0);
+}
+
+// Scores one layer by split-K with `num_chunks` chunks per head, running the chunks in reverse
+// order (any order must give the same bits).
+std::vector<float> SplitLayerScores(const SequenceIndex& index, uint32_t layer,
+                                    absl::Span<const uint8_t> queries, uint32_t num_queries,
+                                    uint32_t num_chunks, bool reverse) {
+  const uint32_t num_blocks = index.num_blocks(layer);
+  const size_t num_rows = NumQueryRows(index, num_queries);
+  std::vector<float> gathered(GatheredQueryFloats(index, num_queries)), head_scores(num_blocks);
+  std::vector<float> block_scores(num_blocks, 0.0f);
+  const size_t partials_floats = HeadPartialsFloats(num_blocks, num_rows, num_chunks);
+  auto partials = hwy::AllocateAligned<float>(partials_floats);
+  ScoreScratch scratch;
+  for (uint32_t h = 0; h < index.shape().num_kv_heads; ++h) {
+    GatherHeadQueries(index, layer, h, queries, num_queries, absl::MakeSpan(gathered));
+    for (uint32_t i = 0; i < num_chunks; ++i) {
+      ScoreChunk(index, layer, h, gathered, num_rows, reverse ? num_chunks - 1 - i : i, num_chunks,
+                 absl::MakeSpan(partials.get(), partials_floats), scratch);
+    }
+    MergeChunks(num_blocks, num_rows, num_chunks,
+                absl::MakeConstSpan(partials.get(), partials_floats), absl::MakeSpan(head_scores),
+                scratch);
+    for (uint32_t b = 0; b < num_blocks; ++b) block_scores[b] += head_scores[b];
+  }
+  return block_scores;
+}
+
+// Split-K: every chunk count from 1 to one chunk per group matches the reference, including
+// chunks whose maxima lie far apart (a dominant block in the first or the last chunk), and the
+// order the chunks run in changes no bit.
+void ExpectSplitScoresMatchReference() {
+  const ModelShape shape = Shape(6, 2, 40, 16, DType::kFp32);
+  const Knobs knobs = MakeKnobs(0.3f, 2);
+  std::mt19937 rng(29);
+  const uint32_t num_blocks = 75, nq = 3;  // 5 groups, the last one ragged
+  for (int planted : {-1, 2, 73}) {
+    SCOPED_TRACE(planted);
+    KeyBlocks keys(shape, num_blocks, rng);
+    const std::vector<uint8_t> queries =
+        RandomElements(shape.dtype, size_t{nq} * shape.num_q_heads * shape.head_dim, rng, 2.0f);
+    if (planted >= 0) {
+      for (uint32_t t = 0; t < shape.block_size; ++t) {
+        for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+          for (uint32_t c = 0; c < shape.head_dim; ++c) {
+            const float q = LoadAsF32(shape.dtype, queries.data(),
+                                      (h * shape.group_size()) * shape.head_dim + c);
+            testing::StoreAs(shape.dtype, keys.bytes[planted].data(),
+                             (size_t{t} * shape.num_kv_heads + h) * shape.head_dim + c, 20.0f * q);
+          }
+        }
+      }
+      keys.Refresh();
+    }
+    auto index = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(index.ok());
+    ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+    const std::vector<uint32_t> channels = ReferenceKeptChannels(shape, knobs, keys.spans);
+    const std::vector<float> want =
+        ReferenceScores(shape, knobs, ReferenceRepresentation(shape, knobs, keys.spans, channels),
+                        channels, num_blocks, queries, nq);
+    const float total = static_cast<float>(nq) * shape.num_q_heads;
+    for (uint32_t num_chunks = 1; num_chunks <= 5; ++num_chunks) {
+      SCOPED_TRACE(num_chunks);
+      const std::vector<float> scores =
+          SplitLayerScores(**index, 0, queries, nq, num_chunks, /*reverse=*/false);
+      EXPECT_EQ(scores, SplitLayerScores(**index, 0, queries, nq, num_chunks, /*reverse=*/true));
+      for (uint32_t b = 0; b < num_blocks; ++b) {
+        EXPECT_NEAR(scores[b], want[b], 1e-4f * want[b] + 1e-6f * total) << "block " << b;
+      }
+      if (planted >= 0) {
+        EXPECT_EQ(std::max_element(scores.begin(), scores.end()) - scores.begin(), planted);
+      }
+    }
+  }
+}
+
+TEST(ScorerTest, SplitKScoresMatchReferenceForEveryChunkCountAndTarget) {
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    SCOPED_TRACE(hwy::TargetName(target));
+    hwy::SetSupportedTargetsForTest(target);
+    ExpectSplitScoresMatchReference();
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+TEST(ScorerTest, ChunksPerHeadKeepsChunksOfAtLeastFourGroups) {
+  EXPECT_EQ(ChunksPerHead(1), 1u);
+  EXPECT_EQ(ChunksPerHead(112), 1u);   // 7 groups
+  EXPECT_EQ(ChunksPerHead(128), 2u);   // 8 groups
+  EXPECT_EQ(ChunksPerHead(256), 4u);   // 32K context at block 128: 16 groups
+  EXPECT_EQ(ChunksPerHead(1024), 4u);  // 128K: chunks of 16 groups
 }
 
 TEST(ScorerTest, PlantedBlockMatchingTheQueriesIsSelected) {
