@@ -12,18 +12,19 @@ Retriever::Retriever(size_t num_threads) : pool_(num_threads), scratch_(pool_.nu
 
 namespace {
 
-// Who gathers a head's queries into the shared buffer: the first of its chunks to start. Chunks
-// starting while it gathers gather their own copy (the same values) rather than wait.
+constexpr uint32_t kNoSlot = ~0u;
+
+// Who gathers a head's queries into its slot: the first of its chunks to start. Chunks starting
+// while it gathers gather their own copy (the same values) rather than wait.
 enum GatherState : uint32_t { kNotGathered, kGathering, kGathered };
 
 struct HeadWork {
+  std::atomic<uint32_t> slot{kNoSlot};
   std::atomic<uint32_t> chunks_done{0};
   std::atomic<uint32_t> gather_state{kNotGathered};
 };
 
-// Per (request, layer): where its buffers are and how many heads are merged. Its region of the
-// layer buffers is [heads][gathered] [heads][partials] [heads][head scores], each entry a
-// multiple of 16 floats so every one starts 64-byte aligned.
+// Per (request, layer): sizes, its head scores and how many heads are merged.
 struct LayerWork {
   uint32_t request = 0;
   uint32_t layer = 0;
@@ -31,30 +32,53 @@ struct LayerWork {
   uint32_t num_heads = 0;
   uint32_t num_chunks = 0;
   size_t num_rows = 0;
-  size_t gathered_floats = 0;  // per head: GatheredQueryFloats
-  size_t partials_floats = 0;  // per head: HeadPartialsFloats
-  size_t scores_floats = 0;    // per head: num_blocks
-  float* region = nullptr;
+  size_t gathered_floats = 0;    // per head: GatheredQueryFloats
+  size_t partials_floats = 0;    // per head: HeadPartialsFloats
+  float* head_scores = nullptr;  // [num_heads][num_blocks]
   HeadWork* heads = nullptr;
   std::atomic<uint32_t> heads_done{0};
+};
 
-  size_t RegionFloats() const {
-    return size_t{num_heads} *
-           (Rounded(gathered_floats) + partials_floats + Rounded(scores_floats));
+size_t RoundedTo16(size_t floats) { return (floats + 15) / 16 * 16; }
+
+// Working memory of the heads being scored: a head takes a slot (its gathered queries and chunk
+// partials) when its first chunk starts and returns it after its merge, so slots are reused
+// while still in cache. Open heads are at most threads + 1 (claimed chunks, plus the head whose
+// chunks are being claimed), and each thread may hold one more slot for a moment while racing
+// to open a head, hence 2 * threads + 2 slots.
+class HeadSlots {
+ public:
+  HeadSlots(float* memory, size_t slot_floats, uint32_t num_slots)
+      : memory_(memory), slot_floats_(slot_floats) {
+    free_.reserve(num_slots);
+    for (uint32_t s = num_slots; s > 0; --s) free_.push_back(s - 1);
   }
-  absl::Span<float> Gathered(uint32_t h) const {
-    return absl::MakeSpan(region + h * Rounded(gathered_floats), gathered_floats);
+  float* Memory(uint32_t slot) const { return memory_ + slot * slot_floats_; }
+
+  // The slot of `head`, taking a free one if it has none yet.
+  uint32_t Open(HeadWork& head) {
+    uint32_t slot = head.slot.load(std::memory_order_acquire);
+    if (slot != kNoSlot) return slot;
+    uint32_t mine;
+    {
+      absl::MutexLock lock(&mu_);
+      mine = free_.back();  // never empty, see above
+      free_.pop_back();
+    }
+    if (head.slot.compare_exchange_strong(slot, mine, std::memory_order_acq_rel)) return mine;
+    Release(mine);
+    return slot;
   }
-  absl::Span<float> Partials(uint32_t h) const {
-    return absl::MakeSpan(region + num_heads * Rounded(gathered_floats) + h * partials_floats,
-                          partials_floats);
+  void Release(uint32_t slot) {
+    absl::MutexLock lock(&mu_);
+    free_.push_back(slot);
   }
-  absl::Span<float> HeadScores(uint32_t h) const {
-    return absl::MakeSpan(region + num_heads * (Rounded(gathered_floats) + partials_floats) +
-                              h * Rounded(scores_floats),
-                          scores_floats);
-  }
-  static size_t Rounded(size_t floats) { return (floats + 15) / 16 * 16; }
+
+ private:
+  float* const memory_;
+  const size_t slot_floats_;
+  absl::Mutex mu_;
+  std::vector<uint32_t> free_ ABSL_GUARDED_BY(mu_);  // most recently released last
 };
 
 }  // namespace
@@ -103,7 +127,7 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
   std::unique_ptr<LayerWork[]> works(new LayerWork[total_layers]);
   std::unique_ptr<HeadWork[]> heads(new HeadWork[total_heads]);
   std::vector<size_t> first_work(requests.size());  // works index of (request, layer 0)
-  size_t buffer_floats = 0;
+  size_t scores_floats = 0, slot_floats = 0;
   {
     size_t w = 0, head = 0;
     for (size_t r = 0; r < requests.size(); ++r) {
@@ -119,29 +143,39 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
         work.num_rows = NumQueryRows(index, requests[r].num_queries);
         work.gathered_floats = GatheredQueryFloats(index, requests[r].num_queries);
         work.partials_floats = HeadPartialsFloats(work.num_blocks, work.num_rows, work.num_chunks);
-        work.scores_floats = work.num_blocks;
         work.heads = &heads[head];
         head += work.num_heads;
-        buffer_floats += work.RegionFloats();
+        scores_floats += size_t{work.num_heads} * work.num_blocks;
+        slot_floats =
+            std::max(slot_floats, RoundedTo16(work.gathered_floats) + work.partials_floats);
       }
     }
   }
-  float* buffer = layer_buffers_.Get(buffer_floats);
+  const uint32_t num_slots = 2 * static_cast<uint32_t>(pool_.num_threads()) + 2;
+  float* buffer = layer_buffers_.Get(num_slots * slot_floats + scores_floats);
+  HeadSlots slots(buffer, slot_floats, num_slots);
+  buffer += num_slots * slot_floats;
   for (size_t w = 0; w < total_layers; ++w) {
-    works[w].region = buffer;
-    buffer += works[w].RegionFloats();
+    works[w].head_scores = buffer;
+    buffer += size_t{works[w].num_heads} * works[w].num_blocks;
   }
-  // Tasks ordered layer-major so early layers finish (and stream) first; a head's chunks are
+  // Tasks ordered layer-major so early layers finish (and stream) first; a head's tasks are
   // adjacent so it merges as soon as possible.
+  const size_t wanted_tasks_per_head =
+      (kTasksPerThread * pool_.num_threads() + total_heads - 1) / std::max<size_t>(total_heads, 1);
   std::vector<Task>& tasks = tasks_;
   tasks.clear();
   for (uint32_t layer = 0; layer < max_layers; ++layer) {
     for (size_t r = 0; r < requests.size(); ++r) {
       if (layer >= requests[r].index->shape().num_layers) continue;
       const uint32_t w = static_cast<uint32_t>(first_work[r] + layer);
+      const uint32_t num_chunks = works[w].num_chunks;
+      const uint32_t tasks_per_head =
+          static_cast<uint32_t>(std::min<size_t>(num_chunks, wanted_tasks_per_head));
       for (uint32_t h = 0; h < works[w].num_heads; ++h) {
-        for (uint32_t chunk = 0; chunk < works[w].num_chunks; ++chunk) {
-          tasks.push_back({w, h, chunk});
+        for (uint32_t i = 0; i < tasks_per_head; ++i) {
+          tasks.push_back(
+              {w, h, i * num_chunks / tasks_per_head, (i + 1) * num_chunks / tasks_per_head});
         }
       }
     }
@@ -161,13 +195,18 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
     const absl::Span<const uint8_t> queries = request.layer_queries[work.layer];
     ThreadScratch& scratch = scratch_[thread];
     HeadWork& head = work.heads[task.kv_head];
+    const uint32_t slot = slots.Open(head);
+    const absl::Span<float> slot_gathered =
+        absl::MakeSpan(slots.Memory(slot), work.gathered_floats);
+    const absl::Span<float> partials = absl::MakeSpan(
+        slots.Memory(slot) + RoundedTo16(work.gathered_floats), work.partials_floats);
 
-    absl::Span<const float> gathered = work.Gathered(task.kv_head);
+    absl::Span<const float> gathered = slot_gathered;
     uint32_t gather_state = head.gather_state.load(std::memory_order_acquire);
     if (gather_state == kNotGathered && head.gather_state.compare_exchange_strong(
                                             gather_state, kGathering, std::memory_order_acquire)) {
       GatherHeadQueries(index, work.layer, task.kv_head, queries, request.num_queries,
-                        work.Gathered(task.kv_head));
+                        slot_gathered);
       head.gather_state.store(kGathered, std::memory_order_release);
     } else if (gather_state != kGathered) {
       scratch.gathered.resize(work.gathered_floats);
@@ -175,20 +214,28 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
                         absl::MakeSpan(scratch.gathered));
       gathered = scratch.gathered;
     }
-    ScoreChunk(index, work.layer, task.kv_head, gathered, work.num_rows, task.chunk,
-               work.num_chunks, work.Partials(task.kv_head), scratch.score);
+    for (uint32_t chunk = task.first_chunk; chunk < task.end_chunk; ++chunk) {
+      ScoreChunk(index, work.layer, task.kv_head, gathered, work.num_rows, chunk, work.num_chunks,
+                 partials, scratch.score);
+    }
 
-    // The last chunk of a head merges it; the last head of a layer sums the heads in head order
+    // The last task of a head merges it; the last head of a layer sums the heads in head order
     // (deterministic) and selects.
-    if (head.chunks_done.fetch_add(1, std::memory_order_acq_rel) + 1 != work.num_chunks) return;
-    MergeChunks(work.num_blocks, work.num_rows, work.num_chunks, work.Partials(task.kv_head),
-                work.HeadScores(task.kv_head), scratch.score);
+    const uint32_t chunks = task.end_chunk - task.first_chunk;
+    if (head.chunks_done.fetch_add(chunks, std::memory_order_acq_rel) + chunks != work.num_chunks) {
+      return;
+    }
+    float* const all_head_scores = work.head_scores;
+    MergeChunks(
+        work.num_blocks, work.num_rows, work.num_chunks, partials,
+        absl::MakeSpan(all_head_scores + size_t{task.kv_head} * work.num_blocks, work.num_blocks),
+        scratch.score);
+    slots.Release(slot);
     if (work.heads_done.fetch_add(1, std::memory_order_acq_rel) + 1 != work.num_heads) return;
-    const absl::Span<const float> first_head = work.HeadScores(0);
     std::vector<float>& block_scores = scratch.block_scores;
-    block_scores.assign(first_head.begin(), first_head.end());
+    block_scores.assign(all_head_scores, all_head_scores + work.num_blocks);
     for (uint32_t h = 1; h < work.num_heads; ++h) {
-      const float* head_scores = work.HeadScores(h).data();
+      const float* head_scores = all_head_scores + size_t{h} * work.num_blocks;
       for (uint32_t b = 0; b < work.num_blocks; ++b) block_scores[b] += head_scores[b];
     }
     SelectBlocksInto(block_scores, index.knobs(), scratch.select, scratch.selected);

@@ -50,11 +50,17 @@ class Retriever {
 
   size_t num_threads() const { return pool_.num_threads(); }
 
+  // Tasks per thread a retrieval aims for: enough that the last tasks of a call (and of each
+  // layer) are short next to the whole.
+  static constexpr size_t kTasksPerThread = 64;
+
   // Scores every layer of every request and calls on_layer for each (request, layer), layers in
-  // roughly increasing order. Work is split into (request, layer, KV head, chunk of blocks) tasks
-  // (split-K, see ChunksPerHead) so a single sequence uses every core; the last chunk of a head
-  // merges the head, the last head of a layer sums the heads and selects. Scores and selections
-  // are bit-identical whatever the number of threads (and equal ScoreLayer's). Returns
+  // roughly increasing order. Each head's blocks are scored in ChunksPerHead(num_blocks) chunks
+  // (split-K); a task scans one or more consecutive chunks of a head, as many tasks per head as
+  // it takes to give every thread about kTasksPerThread tasks (one per head on few threads, so a
+  // thread streams a head's blocks in order). The last task of a head merges it, the last head
+  // of a layer sums the heads and selects. Scores and selections are bit-identical whatever the
+  // number of threads (and equal ScoreLayer's). Returns
   // InvalidArgument / FailedPrecondition (checked before any work: bad queries, unsealed layers,
   // null index), or Cancelled if is_cancelled returned true (some layers may have been
   // delivered).
@@ -84,18 +90,19 @@ class Retriever {
     SelectScratch select;
     std::vector<uint32_t> selected;
   };
-  // One task: a chunk of one (request, layer, KV head).
+  // One task: consecutive chunks [first_chunk, end_chunk) of one (request, layer, KV head).
   struct Task {
     uint32_t layer_work;  // index into the call's per-(request, layer) work
     uint32_t kv_head;
-    uint32_t chunk;
+    uint32_t first_chunk;
+    uint32_t end_chunk;
   };
 
   ThreadPool pool_;
   std::vector<ThreadScratch> scratch_;  // one per pool thread
   absl::Mutex retrieve_mu_;             // serializes Retrieve calls: they share the buffers below
-  // Every layer's gathered queries, chunk partials and head scores; grows, never shrinks, so
-  // steady-state calls touch no fresh pages.
+  // The open heads' gathered queries and chunk partials, and every layer's head scores; grows,
+  // never shrinks, so steady-state calls touch no fresh pages.
   ScoreScratch layer_buffers_ ABSL_GUARDED_BY(retrieve_mu_);
   std::vector<Task> tasks_ ABSL_GUARDED_BY(retrieve_mu_);
   absl::Mutex callback_mu_;

@@ -72,12 +72,13 @@ TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
   }
 }
 
-// Layers of 300, 130, 40 and 9 blocks split into 4, 2, 1 and 1 chunks per head: whatever the
-// number of threads, every layer's scores (hence selection) are the same bits, and equal
-// ScoreLayer's.
+// Layers of 300, 130, 40 and 9 blocks split into 4, 2, 1 and 1 chunks per head, and 80 heads in
+// all, so one thread runs a head's chunks in one task and more threads split them over up to 4
+// tasks: whatever the number of threads, every layer's scores (hence selection) are the same
+// bits, and equal ScoreLayer's.
 TEST(RetrieverTest, ScoresAreBitIdenticalForAnyThreadCount) {
   std::mt19937 rng(23);
-  const ModelShape shape{4, 6, 2, 32, 16, DType::kBf16};
+  const ModelShape shape{40, 6, 2, 32, 16, DType::kBf16};
   const uint32_t num_queries = 5;
   auto index = SequenceIndex::Create(shape, Knobs()).value();
   std::vector<std::vector<uint8_t>> queries;
@@ -86,7 +87,7 @@ TEST(RetrieverTest, ScoresAreBitIdenticalForAnyThreadCount) {
   request.num_queries = num_queries;
   const uint32_t blocks[] = {300, 130, 40, 9};
   for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
-    testing::KeyBlocks keys(shape, blocks[layer], rng);
+    testing::KeyBlocks keys(shape, blocks[layer % 4], rng);
     ASSERT_TRUE(index->SealLayer(layer, keys.spans).ok());
     queries.push_back(testing::RandomElements(
         shape.dtype, size_t{num_queries} * shape.num_q_heads * shape.head_dim, rng, 2.0f));
@@ -94,6 +95,7 @@ TEST(RetrieverTest, ScoresAreBitIdenticalForAnyThreadCount) {
   for (const auto& q : queries) request.layer_queries.emplace_back(q);
   ASSERT_EQ(ChunksPerHead(blocks[0]), 4u);
   ASSERT_EQ(ChunksPerHead(blocks[1]), 2u);
+  static_assert(Retriever::kTasksPerThread < 80, "one thread must run whole heads");
 
   std::vector<std::vector<float>> want_scores(shape.num_layers);
   for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
