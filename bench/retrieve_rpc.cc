@@ -152,7 +152,11 @@ absl::StatusOr<RetrieveRpcResult> MeasureRetrieveRpc(
     v1::RetrieveResponse reply;
     uint32_t layers = 0;
     while (reader->Read(&reply)) ++layers;
-    if (auto s = FromGrpc(reader->Finish(), "Retrieve"); !s.ok()) return s;
+    if (auto s = FromGrpc(reader->Finish(), absl::StrCat("Retrieve call ", call, " after ", layers,
+                                                         " of ", shape.num_layers, " layers"));
+        !s.ok()) {
+      return s;
+    }
     if (layers != shape.num_layers) {
       return absl::InternalError(absl::StrCat("Retrieve answered ", layers, " layers of ",
                                               shape.num_layers));

@@ -524,7 +524,10 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
           queue.push_back({r, layer, std::vector<uint32_t>(selected.begin(), selected.end())});
           ready.Signal();
         },
-        [&] { return stop.load(std::memory_order_relaxed) || context->IsCancelled(); });
+        // Only this RPC's own thread may ask gRPC whether the call was cancelled: for sync calls
+        // IsCancelled plucks the call's completion queue, and concurrent plucks from the scoring
+        // threads exhaust gRPC's pluckers and break the reply stream's writes.
+        [&] { return stop.load(std::memory_order_relaxed); });
     absl::MutexLock lock(&queue_mu);
     scoring_done = true;
     ready.Signal();
@@ -535,7 +538,11 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
     ScoredLayer item;
     {
       absl::MutexLock lock(&queue_mu);
-      while (queue.empty() && !scoring_done) ready.Wait(&queue_mu);
+      while (queue.empty() && !scoring_done) {
+        if (ready.WaitWithTimeout(&queue_mu, absl::Milliseconds(2)) && context->IsCancelled()) {
+          stop.store(true);
+        }
+      }
       if (queue.empty()) break;
       item = std::move(queue.front());
       queue.pop_front();
@@ -545,7 +552,11 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
     sequence.mu.AssertHeld();
     written = WriteLayer(request->sequences(item.request), sequence, item.layer, item.selected,
                          held[item.request][item.layer], &sequence.shared_regions, writer);
-    if (!written.ok()) stop.store(true);
+    if (!written.ok()) {
+      spdlog::warn("Retrieve: writing layer {} of sequence {} failed ({}); stopping the retrieval",
+                   item.layer, sequence.id, written.ToString());
+      stop.store(true);
+    }
   }
   scorer.join();
   locks.clear();
