@@ -394,13 +394,14 @@ absl::Status KvStoreService::CatchUp(const std::string& key, Sequence& sequence)
   absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
   if (!stored.ok()) return stored.status();
   // Stored ids are sorted by (layer, index): per layer, take the run continuing the index.
+  std::vector<uint32_t> want(sequence.profile.num_layers());
+  for (uint32_t layer = 0; layer < want.size(); ++layer) want[layer] = index.num_blocks(layer);
   std::vector<storage::BlockId> next;
   for (const storage::BlockId& id : *stored) {
-    const uint32_t want = index.num_blocks(id.layer) +
-                          static_cast<uint32_t>(std::count_if(next.begin(), next.end(), [&](auto& n) {
-                            return n.layer == id.layer;
-                          }));
-    if (id.block_index == want) next.push_back(id);
+    if (id.block_index == want[id.layer]) {
+      next.push_back(id);
+      ++want[id.layer];
+    }
   }
   if (next.empty()) return absl::OkStatus();
   return ForEachBlockBatch(key, next, 2 * BlockKeyBytes(sequence.profile),
