@@ -179,6 +179,8 @@ class SequenceImpl : public Sequence {
   std::vector<LayerState> layers_ ABSL_GUARDED_BY(mu_);
   bool sealed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t decode_step_ ABSL_GUARDED_BY(mu_) = 0;
+  // The step at which the pending retrieval became due: its query window ends there.
+  uint64_t due_step_ ABSL_GUARDED_BY(mu_) = 0;
   EventHandle query_events_[2] ABSL_GUARDED_BY(mu_) = {nullptr, nullptr};
   // Recorded on load_stream_ after the latest copy from the shared-memory segment.
   EventHandle segment_reads_ ABSL_GUARDED_BY(mu_) = nullptr;

@@ -597,15 +597,19 @@ bool SequenceImpl::AdvanceStep() {
   if (!sealed_) return false;
   ++decode_step_;
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) PublishReadyLocked(layer);
-  return decode_step_ % config_.retrieval_stride == 0;
+  if (decode_step_ % config_.retrieval_stride != 0) return false;
+  due_step_ = decode_step_;
+  return true;
 }
 
 absl::Status SequenceImpl::BuildRetrieval(v1::SequenceQueries* request,
                                           std::vector<uint32_t>* known_blocks) {
+  // The window that was complete when the retrieval became due, even if the engine has stepped
+  // on since: its ring half is not overwritten before the next due step, which waits for us.
   uint64_t step = 0;
   {
     absl::MutexLock lock(&mu_);
-    step = decode_step_;
+    step = due_step_;
   }
   if (absl::Status status = CollectWindow(step, request->mutable_queries()); !status.ok()) {
     return status;
