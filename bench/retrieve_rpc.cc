@@ -158,8 +158,8 @@ absl::StatusOr<RetrieveRpcResult> MeasureRetrieveRpc(
       return s;
     }
     if (layers != shape.num_layers) {
-      return absl::InternalError(absl::StrCat("Retrieve answered ", layers, " layers of ",
-                                              shape.num_layers));
+      return absl::InternalError(
+          absl::StrCat("Retrieve answered ", layers, " layers of ", shape.num_layers));
     }
     if (call > 0) times_ms.push_back(Seconds(start) * 1e3);  // call 0 warms up
   }

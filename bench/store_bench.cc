@@ -10,6 +10,8 @@
 // Last line: JSON.
 //
 //   bazel run -c opt //bench:store_bench -- [--layers=28 --kv_heads=4 --head_dim=128 --tokens=4096]
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -17,8 +19,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -142,7 +142,8 @@ Result RunBackend(const std::string& backend, const std::string& dir) {
   const uint64_t total_blocks = uint64_t{layers} * blocks_per_layer;
   const uint64_t total_bytes = total_blocks * 2 * key_bytes;
   auto open = [&]() {
-    auto store = backend == "nfs" ? storage::OpenPosixDirStore(dir) : storage::OpenRocksDbStore(dir);
+    auto store =
+        backend == "nfs" ? storage::OpenPosixDirStore(dir) : storage::OpenRocksDbStore(dir);
     if (!store.ok()) {
       std::fprintf(stderr, "open %s: %s\n", dir.c_str(), store.status().ToString().c_str());
       std::exit(1);

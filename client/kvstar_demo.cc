@@ -42,7 +42,8 @@ int Fail(const char* what, const grpc::Status& status) {
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   const std::string id = absl::GetFlag(FLAGS_sequence_id);
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = kvstar::v1::KvStore::NewStub(channel);
 
   kvstar::v1::CreateSequenceRequest create;
@@ -129,8 +130,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("GetBlocks: %llu blocks read back bit-exact in %.2f s (%.2f GB/s)\n",
-              static_cast<unsigned long long>(checked), get_s,
-              put.bytes_written() / get_s / 1e9);
+              static_cast<unsigned long long>(checked), get_s, put.bytes_written() / get_s / 1e9);
 
   // Seal with the last prompt queries of every layer, then one decode-time retrieval. The queries
   // here are noise; a real engine sends its model's queries.
@@ -188,11 +188,12 @@ int main(int argc, char** argv) {
     }
     grpc::Status status = reader->Finish();
     if (!status.ok()) return Fail("Retrieve", status);
-    std::printf("Retrieve (step %u, all %u layers): %llu replies in %.1f ms; %llu blocks "
-                "selected, %llu sent, the rest already held\n",
-                stride, profile->num_layers(), static_cast<unsigned long long>(replies),
-                SecondsSince(start) * 1e3, static_cast<unsigned long long>(selected),
-                static_cast<unsigned long long>(sent));
+    std::printf(
+        "Retrieve (step %u, all %u layers): %llu replies in %.1f ms; %llu blocks "
+        "selected, %llu sent, the rest already held\n",
+        stride, profile->num_layers(), static_cast<unsigned long long>(replies),
+        SecondsSince(start) * 1e3, static_cast<unsigned long long>(selected),
+        static_cast<unsigned long long>(sent));
   }
 
   {
@@ -200,13 +201,14 @@ int main(int argc, char** argv) {
     kvstar::v1::StatsResponse stats;
     grpc::Status status = stub->Stats(&context, kvstar::v1::StatsRequest(), &stats);
     if (!status.ok()) return Fail("Stats", status);
-    std::printf("Stats: %llu sequences, %llu retrievals, %llu blocks scored, %llu sent, %llu "
-                "skipped as held\n",
-                static_cast<unsigned long long>(stats.sequences()),
-                static_cast<unsigned long long>(stats.retrievals()),
-                static_cast<unsigned long long>(stats.blocks_scored()),
-                static_cast<unsigned long long>(stats.blocks_sent()),
-                static_cast<unsigned long long>(stats.blocks_skipped_held()));
+    std::printf(
+        "Stats: %llu sequences, %llu retrievals, %llu blocks scored, %llu sent, %llu "
+        "skipped as held\n",
+        static_cast<unsigned long long>(stats.sequences()),
+        static_cast<unsigned long long>(stats.retrievals()),
+        static_cast<unsigned long long>(stats.blocks_scored()),
+        static_cast<unsigned long long>(stats.blocks_sent()),
+        static_cast<unsigned long long>(stats.blocks_skipped_held()));
     for (const auto& tier : stats.tiers()) {
       std::printf("  tier %-8s %8llu blocks %10.1f MiB  hits %llu misses %llu evictions %llu\n",
                   tier.name().c_str(), static_cast<unsigned long long>(tier.blocks()),

@@ -44,8 +44,8 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.log_level = absl::GetFlag(FLAGS_log_level);
 
   if (config.backend != "rocksdb" && config.backend != "nfs" && config.backend != "memory") {
-    return absl::InvalidArgumentError(absl::StrCat("--backend is \"", config.backend,
-                                                   "\", must be rocksdb, nfs or memory"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend is \"", config.backend, "\", must be rocksdb, nfs or memory"));
   }
   if (config.data_dir.empty()) return absl::InvalidArgumentError("--data_dir is empty");
   if (config.worker_threads < 0) {

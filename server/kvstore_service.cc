@@ -2,15 +2,14 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <deque>
 #include <fstream>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
-
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "server/validation.h"
@@ -29,8 +28,7 @@ std::string SequenceKey(absl::string_view sequence_id) {
 
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
 v1::Block ToProto(storage::BlockData&& data) {
@@ -69,8 +67,8 @@ KvStoreService::KvStoreService(storage::BlockStore* store, ServiceOptions option
   std::getline(boot_id, host_id_);
 }
 
-absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(
-    storage::BlockStore* store, ServiceOptions options) {
+absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::BlockStore* store,
+                                                                       ServiceOptions options) {
   std::unique_ptr<KvStoreService> service(new KvStoreService(store, options));
   absl::StatusOr<std::vector<std::string>> keys = store->ListSequences();
   if (!keys.ok()) return keys.status();
@@ -176,9 +174,9 @@ absl::Status KvStoreService::CheckMessage(const v1::PutBlocksRequest& message) {
     const std::string where = absl::StrCat("blocks[", i, "]");
     if (auto s = ValidateBlock(block, (*sequence)->profile, where); !s.ok()) return s;
     if (storage::BlockChecksum(block.key(), block.value()) != block.checksum()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, " (layer ", block.layer(), ", block ", block.block_index(),
-          "): checksum does not match its bytes (XXH3-64 of key then value)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, " (layer ", block.layer(), ", block ", block.block_index(),
+                       "): checksum does not match its bytes (XXH3-64 of key then value)"));
     }
   }
   return absl::OkStatus();
@@ -192,10 +190,10 @@ absl::Status KvStoreService::FlushPut(PendingPut& pending, v1::PutBlocksResponse
     response->set_bytes_written(response->bytes_written() + pending.bytes);
     blocks_put_.fetch_add(pending.writes.size(), std::memory_order_relaxed);
   } else {
-    stored = absl::Status(stored.code(),
-                          absl::StrCat("messages ", pending.first_message, "..",
-                                       pending.first_message + pending.messages.size() - 1, ": ",
-                                       stored.message()));
+    stored = absl::Status(
+        stored.code(),
+        absl::StrCat("messages ", pending.first_message, "..",
+                     pending.first_message + pending.messages.size() - 1, ": ", stored.message()));
   }
   pending.messages.clear();
   pending.writes.clear();
@@ -215,8 +213,8 @@ grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
   };
   for (v1::PutBlocksRequest message; reader->Read(&message); ++index) {
     if (absl::Status s = CheckMessage(message); !s.ok()) {
-      return fail(absl::Status(s.code(), absl::StrCat("PutBlocks message ", index, ": ",
-                                                      s.message())));
+      return fail(
+          absl::Status(s.code(), absl::StrCat("PutBlocks message ", index, ": ", s.message())));
     }
     // A batch holds one sequence, each block at most once, and a bounded number of bytes.
     const std::string key = SequenceKey(message.sequence_id());
@@ -232,14 +230,12 @@ grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
     const v1::PutBlocksRequest& kept = pending.messages.emplace_back(std::move(message));
     for (const v1::Block& block : kept.blocks()) {
       if (!pending.ids.insert({block.layer(), block.block_index()}).second) {
-        return fail(absl::InvalidArgumentError(absl::StrCat(
-            "PutBlocks message ", index, ": block (layer ", block.layer(), ", block ",
-            block.block_index(), ") appears twice in the message")));
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("PutBlocks message ", index, ": block (layer ", block.layer(), ", block ",
+                         block.block_index(), ") appears twice in the message")));
       }
-      pending.writes.push_back(storage::BlockWrite{{block.layer(), block.block_index()},
-                                                   block.key(),
-                                                   block.value(),
-                                                   block.checksum()});
+      pending.writes.push_back(storage::BlockWrite{
+          {block.layer(), block.block_index()}, block.key(), block.value(), block.checksum()});
       pending.bytes += block.key().size() + block.value().size();
     }
   }
@@ -274,10 +270,9 @@ absl::StatusOr<retrieval::RetrievalRequest> KvStoreService::ToRetrievalRequest(
           absl::StrCat(field, ".layer ", layer.layer(), " appears twice"));
     }
     if (i > 0 && layer.num_queries() != request.num_queries) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".num_queries is ",
-                                                     layer.num_queries(), ", layer ", queries[0].layer(),
-                                                     " has ", request.num_queries,
-                                                     "; all layers need the same count"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".num_queries is ", layer.num_queries(), ", layer ", queries[0].layer(), " has ",
+          request.num_queries, "; all layers need the same count"));
     }
     seen[layer.layer()] = true;
     request.num_queries = layer.num_queries();
@@ -324,16 +319,17 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest* r
     if (ids.size() != num_blocks || !contiguous) {
       return grpc::Status(
           grpc::StatusCode::FAILED_PRECONDITION,
-          absl::StrCat("cannot seal sequence_id ", sequence.id, ": layer ", layer, " holds ",
-                       ids.size(), " blocks", ids.empty() ? "" : absl::StrCat(
-                           " (highest index ", ids.back().block_index, ")"),
-                       ", layer 0 holds ", num_blocks,
-                       "; every layer needs blocks 0..n-1 stored before Seal"));
+          absl::StrCat(
+              "cannot seal sequence_id ", sequence.id, ": layer ", layer, " holds ", ids.size(),
+              " blocks",
+              ids.empty() ? "" : absl::StrCat(" (highest index ", ids.back().block_index, ")"),
+              ", layer 0 holds ", num_blocks,
+              "; every layer needs blocks 0..n-1 stored before Seal"));
     }
   }
 
-  auto index = retrieval::SequenceIndex::Create(ToModelShape(sequence.profile),
-                                                ToKnobs(sequence.config));
+  auto index =
+      retrieval::SequenceIndex::Create(ToModelShape(sequence.profile), ToKnobs(sequence.config));
   if (!index.ok()) return ToGrpc(index.status());
   // Layers are read a group at a time (one per scoring thread) and sealed in parallel, so the
   // K bytes held at once stay bounded whatever the sequence's length.
@@ -366,11 +362,11 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest* r
   absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
       ToRetrievalRequest(sequence, index->get(), request->queries(), "request");
   std::vector<std::vector<uint32_t>> selections(num_layers);
-  absl::Status scored = retriever_.Retrieve(
-      absl::MakeConstSpan(&*retrieval_request, 1),
-      [&](size_t, uint32_t layer, absl::Span<const uint32_t> selected) {
-        selections[layer].assign(selected.begin(), selected.end());
-      });
+  absl::Status scored =
+      retriever_.Retrieve(absl::MakeConstSpan(&*retrieval_request, 1),
+                          [&](size_t, uint32_t layer, absl::Span<const uint32_t> selected) {
+                            selections[layer].assign(selected.begin(), selected.end());
+                          });
   if (!scored.ok()) return ToGrpc(scored);
 
   {
@@ -404,18 +400,17 @@ absl::Status KvStoreService::CatchUp(const std::string& key, Sequence& sequence)
     }
   }
   if (next.empty()) return absl::OkStatus();
-  return ForEachBlockBatch(key, next, 2 * BlockKeyBytes(sequence.profile),
-                           [&](std::vector<storage::BlockData>& batch) {
-                             for (const storage::BlockData& block : batch) {
-                               auto span = absl::MakeConstSpan(
-                                   reinterpret_cast<const uint8_t*>(block.key.data()),
-                                   block.key.size());
-                               if (auto s = index.AppendBlock(block.id.layer, span); !s.ok()) {
-                                 return s;
-                               }
-                             }
-                             return absl::OkStatus();
-                           });
+  return ForEachBlockBatch(
+      key, next, 2 * BlockKeyBytes(sequence.profile), [&](std::vector<storage::BlockData>& batch) {
+        for (const storage::BlockData& block : batch) {
+          auto span = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(block.key.data()),
+                                          block.key.size());
+          if (auto s = index.AppendBlock(block.id.layer, span); !s.ok()) {
+            return s;
+          }
+        }
+        return absl::OkStatus();
+      });
 }
 
 namespace {
@@ -489,10 +484,10 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
     for (int h = 0; h < part.held_size(); ++h) {
       const v1::HeldBlocks& layer_held = part.held(h);
       if (layer_held.layer() >= sequence.profile.num_layers()) {
-        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                            absl::StrCat(where, ".held[", h, "].layer is ", layer_held.layer(),
-                                         ", the sequence has ", sequence.profile.num_layers(),
-                                         " layers"));
+        return grpc::Status(
+            grpc::StatusCode::INVALID_ARGUMENT,
+            absl::StrCat(where, ".held[", h, "].layer is ", layer_held.layer(),
+                         ", the sequence has ", sequence.profile.num_layers(), " layers"));
       }
       held[i][layer_held.layer()].insert(layer_held.block_indices().begin(),
                                          layer_held.block_indices().end());
@@ -680,8 +675,8 @@ grpc::Status KvStoreService::DropSequence(grpc::ServerContext*,
   }
   response->set_blocks_dropped(dropped->blocks);
   response->set_bytes_dropped(dropped->bytes);
-  spdlog::info("dropped sequence {} ({} blocks, {} bytes)", request->sequence_id(),
-               dropped->blocks, dropped->bytes);
+  spdlog::info("dropped sequence {} ({} blocks, {} bytes)", request->sequence_id(), dropped->blocks,
+               dropped->bytes);
   return grpc::Status::OK;
 }
 

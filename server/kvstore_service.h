@@ -41,7 +41,7 @@ class KvStoreService final : public v1::KvStore::Service {
  public:
   // Loads every stored sequence's profile from `store`, which must outlive the service.
   static absl::StatusOr<std::unique_ptr<KvStoreService>> Create(storage::BlockStore* store,
-                                                                 ServiceOptions options);
+                                                                ServiceOptions options);
 
   grpc::Status CreateSequence(grpc::ServerContext* context,
                               const v1::CreateSequenceRequest* request,
@@ -108,8 +108,8 @@ class KvStoreService final : public v1::KvStore::Service {
       const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume);
   // Writes the replies of one scored layer: its selection and the selected blocks not held.
   // `shared_regions` (the sequence's, its lock held) collects the regions it fills.
-  absl::Status WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence,
-                          uint32_t layer, const std::vector<uint32_t>& selected,
+  absl::Status WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence, uint32_t layer,
+                          const std::vector<uint32_t>& selected,
                           const absl::flat_hash_set<uint32_t>& held,
                           std::vector<uint64_t>* shared_regions,
                           grpc::ServerWriter<v1::RetrieveResponse>* writer);

@@ -72,7 +72,8 @@ int Run(int argc, char** argv) {
   }
   ServiceOptions options;
   options.shared_memory = shared_memory.get();
-  options.max_reply_bytes = std::min<uint64_t>(options.max_reply_bytes, config->max_message_bytes / 2);
+  options.max_reply_bytes =
+      std::min<uint64_t>(options.max_reply_bytes, config->max_message_bytes / 2);
   absl::StatusOr<std::unique_ptr<KvStoreService>> service =
       KvStoreService::Create(store->get(), options);
   if (!service.ok()) {
@@ -99,15 +100,14 @@ int Run(int argc, char** argv) {
   server->GetHealthCheckService()->SetServingStatus(kServiceName, true);
   server->GetHealthCheckService()->SetServingStatus("", true);
 
-  const std::string host =
-      config->listen_address.substr(0, config->listen_address.rfind(':'));
-  spdlog::info("kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-               "worker threads, shared memory {})",
-               kServiceName, host, port, config->backend, config->data_dir,
-               config->dram_budget_bytes, config->worker_threads,
-               shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(),
-                                            " bytes")
-                             : std::string("off"));
+  const std::string host = config->listen_address.substr(0, config->listen_address.rfind(':'));
+  spdlog::info(
+      "kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
+      "worker threads, shared memory {})",
+      kServiceName, host, port, config->backend, config->data_dir, config->dram_budget_bytes,
+      config->worker_threads,
+      shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(), " bytes")
+                    : std::string("off"));
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";

@@ -5,8 +5,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -41,8 +41,8 @@ void RemoveStaleSegments() {
 
 std::string RandomSegmentName() {
   uint64_t bits = 0;
-  std::ifstream("/dev/urandom", std::ios::binary).read(reinterpret_cast<char*>(&bits),
-                                                      sizeof(bits));
+  std::ifstream("/dev/urandom", std::ios::binary)
+      .read(reinterpret_cast<char*>(&bits), sizeof(bits));
   bits ^= static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   return absl::StrCat("/", kPrefix, absl::Hex(bits, absl::kZeroPad16));
 }

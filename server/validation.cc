@@ -62,9 +62,9 @@ absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profil
     return s;
   }
   if (out.num_q_heads() % out.num_kv_heads() != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("profile.num_q_heads (", out.num_q_heads(),
-                     ") is not a multiple of profile.num_kv_heads (", out.num_kv_heads(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("profile.num_q_heads (", out.num_q_heads(),
+                                                   ") is not a multiple of profile.num_kv_heads (",
+                                                   out.num_kv_heads(), ")"));
   }
   if (auto s = CheckRange("profile.head_dim", out.head_dim(), 1, kMaxHeadDim); !s.ok()) {
     return s;
@@ -156,22 +156,20 @@ absl::Status ValidateLayerQueries(const v1::LayerQueries& queries, const v1::Mod
   if (queries.queries().size() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
         where, ".queries is ", queries.queries().size(), " bytes; ", queries.num_queries(),
-        " queries x num_q_heads ", profile.num_q_heads(), " x head_dim ", profile.head_dim(),
-        " x ", DTypeBytes(profile.dtype()), " bytes need ", expected));
+        " queries x num_q_heads ", profile.num_q_heads(), " x head_dim ", profile.head_dim(), " x ",
+        DTypeBytes(profile.dtype()), " bytes need ", expected));
   }
   return absl::OkStatus();
 }
 
-absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index,
-                              const v1::ModelProfile& profile, absl::string_view where) {
+absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index, const v1::ModelProfile& profile,
+                              absl::string_view where) {
   if (layer >= profile.num_layers()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ".layer is ", layer,
-                                                   ", the sequence has ", profile.num_layers(),
-                                                   " layers"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ".layer is ", layer, ", the sequence has ", profile.num_layers(), " layers"));
   }
   if (block_index >= kMaxBlocksPerLayer) {
-    return OutOfRange(absl::StrCat(where, ".block_index"), block_index, 0,
-                      kMaxBlocksPerLayer - 1);
+    return OutOfRange(absl::StrCat(where, ".block_index"), block_index, 0, kMaxBlocksPerLayer - 1);
   }
   return absl::OkStatus();
 }

@@ -58,8 +58,8 @@ absl::Status ValidateBlock(const v1::Block& block, const v1::ModelProfile& profi
                            absl::string_view where);
 
 // Checks a block reference's layer and index ranges.
-absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index,
-                              const v1::ModelProfile& profile, absl::string_view where);
+absl::Status ValidateBlockRef(uint32_t layer, uint32_t block_index, const v1::ModelProfile& profile,
+                              absl::string_view where);
 
 }  // namespace kvstar::server
 

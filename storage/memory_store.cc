@@ -42,8 +42,8 @@ class MemoryStore final : public BlockStore {
     std::vector<std::shared_ptr<const BlockData>> copies;
     copies.reserve(blocks.size());
     for (const BlockWrite& write : blocks) {
-      copies.push_back(std::make_shared<const BlockData>(BlockData{
-          write.id, std::string(write.key), std::string(write.value), write.checksum}));
+      copies.push_back(std::make_shared<const BlockData>(
+          BlockData{write.id, std::string(write.key), std::string(write.value), write.checksum}));
     }
     absl::MutexLock lock(&mu_);
     auto found = sequences_.find(std::string(sequence_key));

@@ -65,7 +65,8 @@ struct SequenceData {
   void AddBlock(uint32_t layer, std::mt19937& rng) {
     std::normal_distribution<float> normal;
     std::vector<float> topic(kKvHeads * kHeadDim);
-    for (size_t i = 0; i < topic.size(); ++i) topic[i] = 1.5f * normal(rng) * ChannelScale(i % kHeadDim);
+    for (size_t i = 0; i < topic.size(); ++i)
+      topic[i] = 1.5f * normal(rng) * ChannelScale(i % kHeadDim);
     std::vector<float> k(kBlockSize * kKvHeads * kHeadDim), v(k.size());
     for (size_t i = 0; i < k.size(); ++i) {
       k[i] = topic[i % topic.size()] + normal(rng) * ChannelScale(i % kHeadDim);
@@ -139,9 +140,9 @@ class RetrieveTest : public ::testing::Test {
   void SetUp() override {
     data_dir_ = MakeTempDir("retrieve");
     // A small shared-memory segment: leaked regions would exhaust it within a few retrievals.
-    server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
-        "--data_dir=" + data_dir_, "--log_level=warn",
-        absl::StrCat("--shared_memory_bytes=", kSharedMemoryBytes)});
+    server_ = std::make_unique<ServerProcess>(
+        std::vector<std::string>{"--data_dir=" + data_dir_, "--log_level=warn",
+                                 absl::StrCat("--shared_memory_bytes=", kSharedMemoryBytes)});
     ASSERT_TRUE(server_->Start().ok());
     data_.keys.resize(kLayers);
     data_.values.resize(kLayers);
@@ -242,7 +243,8 @@ TEST_F(RetrieveTest, SixtyFourDecodeStepsFollowMovingAttentionLikeTheReference) 
   std::mt19937 rng(7);
   uint32_t sealed = kPromptBlocks;
   std::vector<std::string> queries(kLayers);
-  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 5, rng);
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    queries[layer] = QueriesFor(data_, layer, 5, rng);
   v1::SealResponse sealed_reply;
   grpc::Status status = Seal(queries, &sealed_reply);
   ASSERT_TRUE(status.ok()) << status.error_message();
@@ -320,7 +322,8 @@ TEST_F(RetrieveTest, SixtyFourDecodeStepsFollowMovingAttentionLikeTheReference) 
 TEST_F(RetrieveTest, BadRetrievesAreRejectedNamingTheField) {
   std::mt19937 rng(3);
   std::vector<std::string> queries(kLayers);
-  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 9, rng);
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    queries[layer] = QueriesFor(data_, layer, 9, rng);
   std::vector<std::vector<uint32_t>> held(kLayers);
   std::vector<v1::RetrieveResponse> replies;
 
@@ -394,7 +397,8 @@ TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) 
 
   std::mt19937 rng(11);
   std::vector<std::string> queries(kLayers);
-  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 4, rng);
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    queries[layer] = QueriesFor(data_, layer, 4, rng);
   v1::SealResponse sealed;
   ASSERT_TRUE(Seal(queries, &sealed).ok());
 
@@ -415,8 +419,8 @@ TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) 
       const uint32_t layer = reply.selection().layer();
       ASSERT_EQ(reply.new_blocks_size(), reply.selection().block_indices_size());
       for (const v1::Block& block : reply.new_blocks()) {
-        const std::string where = absl::StrCat("step ", step, " layer ", layer, " block ",
-                                               block.block_index());
+        const std::string where =
+            absl::StrCat("step ", step, " layer ", layer, " block ", block.block_index());
         ASSERT_TRUE(block.has_shared()) << where << ": sent as bytes, the segment ran out";
         EXPECT_TRUE(block.key().empty() && block.value().empty()) << where;
         EXPECT_EQ(block.shared().segment(), info.shared_memory_segment());

@@ -73,8 +73,8 @@ absl::Status ServerProcess::Start() {
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
-      return absl::InternalError(absl::StrCat("kvstar_server exited during start-up, status ",
-                                              status));
+      return absl::InternalError(
+          absl::StrCat("kvstar_server exited during start-up, status ", status));
     }
     std::ifstream in(port_file_);
     if (in >> port_ && port_ > 0) {

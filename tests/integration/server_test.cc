@@ -117,7 +117,8 @@ void ExpectWholeSequence(v1::KvStore::Stub& stub, const std::string& id) {
       ASSERT_EQ(blocks[i].layer(), layer);
       ASSERT_EQ(blocks[i].block_index(), index);
       ASSERT_EQ(blocks[i].checksum(), expected.checksum());
-      ASSERT_TRUE(blocks[i].key() == expected.key()) << "key of layer " << layer << " block " << index;
+      ASSERT_TRUE(blocks[i].key() == expected.key())
+          << "key of layer " << layer << " block " << index;
       ASSERT_TRUE(blocks[i].value() == expected.value())
           << "value of layer " << layer << " block " << index;
     }
@@ -132,8 +133,8 @@ class ServerTest : public ::testing::TestWithParam<std::string> {
     // A DRAM tier smaller than the sequence, so reads are served by both tiers.
     server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
         "--backend=" + GetParam(), "--data_dir=" + data_dir_,
-        absl::StrCat("--dram_budget_bytes=", 64 << 20), absl::StrCat("--max_message_bytes=", 8 << 20),
-        "--log_level=warn"});
+        absl::StrCat("--dram_budget_bytes=", 64 << 20),
+        absl::StrCat("--max_message_bytes=", 8 << 20), "--log_level=warn"});
     ASSERT_TRUE(server_->Start().ok());
   }
 
@@ -270,8 +271,8 @@ std::vector<BadRequest> BadRequests() {
        create(with([](auto& p) { p.set_num_q_heads(30); }))},
       {"zero layers", grpc::StatusCode::INVALID_ARGUMENT, "profile.num_layers is 0",
        create(with([](auto& p) { p.set_num_layers(0); }))},
-      {"profile differs from the stored one", grpc::StatusCode::ALREADY_EXISTS,
-       "different profile", create(with([](auto& p) { p.set_head_dim(64); }), "seq")},
+      {"profile differs from the stored one", grpc::StatusCode::ALREADY_EXISTS, "different profile",
+       create(with([](auto& p) { p.set_head_dim(64); }), "seq")},
       {"merge that does not divide the block size", grpc::StatusCode::INVALID_ARGUMENT,
        "blk_repre_inner_token_merge = 3",
        [good](v1::KvStore::Stub& stub) {
@@ -285,9 +286,8 @@ std::vector<BadRequest> BadRequests() {
        }},
       {"put to an unknown sequence", grpc::StatusCode::NOT_FOUND, "sequence_id nope is not stored",
        put({PutOf("nope", {MakeBlock(kSeed, 0, 1, kKeyBytes)})})},
-      {"wrong checksum, after a good block in the same message",
-       grpc::StatusCode::INVALID_ARGUMENT, "checksum",
-       put({PutOf("seq", {MakeBlock(kSeed, 0, 2, kKeyBytes), bad_checksum})})},
+      {"wrong checksum, after a good block in the same message", grpc::StatusCode::INVALID_ARGUMENT,
+       "checksum", put({PutOf("seq", {MakeBlock(kSeed, 0, 2, kKeyBytes), bad_checksum})})},
       {"key size does not match the profile", grpc::StatusCode::INVALID_ARGUMENT,
        "key is 131070 bytes", put({PutOf("seq", {short_key})})},
       {"layer out of range", grpc::StatusCode::INVALID_ARGUMENT, "layer is 28",
