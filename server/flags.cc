@@ -20,6 +20,9 @@ ABSL_FLAG(uint64_t, shared_memory_bytes, uint64_t{256} << 20,
           "Size of the shared-memory segment through which co-located clients receive block "
           "bytes without copying them through gRPC (0 disables; /dev/shm must have room).");
 ABSL_FLAG(int, worker_threads, 0, "gRPC worker threads; 0 means one per hardware thread.");
+ABSL_FLAG(int, retrieval_threads, 0,
+          "Threads that score Seal and Retrieve; 0 means one per hardware thread. Lower it to "
+          "leave cores to a co-located inference server.");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, port_file, "",
@@ -38,6 +41,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.data_dir = absl::GetFlag(FLAGS_data_dir);
   config.dram_budget_bytes = absl::GetFlag(FLAGS_dram_budget_bytes);
   config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  config.retrieval_threads = absl::GetFlag(FLAGS_retrieval_threads);
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
@@ -51,6 +55,10 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   if (config.worker_threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--worker_threads is ", config.worker_threads, ", must be >= 0"));
+  }
+  if (config.retrieval_threads < 0 || config.retrieval_threads > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("--retrieval_threads is ",
+                                                   config.retrieval_threads, ", must be in [0, 1024]"));
   }
   if (config.worker_threads == 0) {
     config.worker_threads = std::max(1u, std::thread::hardware_concurrency());

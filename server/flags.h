@@ -16,6 +16,7 @@ struct ServerConfig {
   uint64_t dram_budget_bytes = 0;
   uint64_t shared_memory_bytes = 0;  // co-located clients' segment; 0: none
   int worker_threads = 0;
+  int retrieval_threads = 0;  // 0: one per hardware thread
   uint64_t max_message_bytes = 0;
   std::string port_file;  // when set, the bound port is written here once serving
   std::string log_level;

@@ -72,6 +72,7 @@ int Run(int argc, char** argv) {
   }
   ServiceOptions options;
   options.shared_memory = shared_memory.get();
+  options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.max_reply_bytes =
       std::min<uint64_t>(options.max_reply_bytes, config->max_message_bytes / 2);
   absl::StatusOr<std::unique_ptr<KvStoreService>> service =

@@ -447,6 +447,28 @@ TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) 
   EXPECT_GT(shared_blocks * 2 * data_.keys[0][0].size(), 8 * kSharedMemoryBytes);
 }
 
+// More scoring threads than cores still stream every layer of every call. (On a 16-core host,
+// scoring threads that asked gRPC about cancellation themselves broke the reply stream; on two
+// cores this test does not reproduce that bug — the GPU machine's retrieval_bench did.)
+TEST_F(RetrieveTest, ManyScoringThreadsStreamEveryLayer) {
+  ASSERT_TRUE(server_->Stop().ok());
+  server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
+      "--data_dir=" + data_dir_, "--log_level=warn", "--retrieval_threads=24"});
+  ASSERT_TRUE(server_->Start().ok());
+  std::mt19937 rng(5);
+  std::vector<std::string> queries(kLayers);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 6, rng);
+  v1::SealResponse sealed;
+  ASSERT_TRUE(Seal(queries, &sealed).ok());
+  const std::vector<std::vector<uint32_t>> nothing_held(kLayers);
+  for (uint32_t step = 1; step <= 30; ++step) {
+    std::vector<v1::RetrieveResponse> replies;
+    grpc::Status status = Retrieve(MakeRetrieve(step, queries, nothing_held), &replies);
+    ASSERT_TRUE(status.ok()) << "step " << step << ": " << status.error_message();
+    ASSERT_EQ(replies.size(), kLayers) << "step " << step;
+  }
+}
+
 TEST_F(RetrieveTest, SealNeedsEveryLayersBlocksFromZero) {
   CreateSequence("gap");
   grpc::ClientContext seal_context;
