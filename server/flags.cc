@@ -25,6 +25,10 @@ ABSL_FLAG(int, retrieval_threads, 0,
           "leave cores to a co-located inference server.");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(std::string, auth_tokens_file, "",
+          "File of \"<token> <tenant>\" lines. When set, every kvstar call needs "
+          "\"authorization: Bearer <token>\" metadata and sees only its tenant's sequences; "
+          "unset, every caller is tenant \"default\".");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound port is written to this file once the server is serving.");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn or error.");
@@ -45,6 +49,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   config.log_level = absl::GetFlag(FLAGS_log_level);
 
   if (config.backend != "rocksdb" && config.backend != "nfs" && config.backend != "memory") {

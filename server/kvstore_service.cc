@@ -18,12 +18,12 @@
 namespace kvstar::server {
 namespace {
 
-// Until credentials map callers to tenants, every caller is this tenant. Keys are scoped now so
-// stored data keeps its layout when tenants arrive.
+// Without --auth_tokens_file every caller is this tenant.
 constexpr absl::string_view kDefaultTenant = "default";
 
-std::string SequenceKey(absl::string_view sequence_id) {
-  return absl::StrCat(kDefaultTenant, "/", sequence_id);
+// Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
+std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id) {
+  return absl::StrCat(tenant, "/", sequence_id);
 }
 
 grpc::Status ToGrpc(const absl::Status& status) {
@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::
       return absl::DataLossError(absl::StrCat("metadata of sequence ", key, " does not parse"));
     }
     auto sequence = std::make_shared<Sequence>();
+    sequence->key = key;
     sequence->id = record.sequence_id();
     sequence->profile = record.profile();
     sequence->config = record.config();
@@ -91,27 +92,39 @@ absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::
   return service;
 }
 
+absl::StatusOr<std::string> KvStoreService::Tenant(const grpc::ServerContext* context) const {
+  if (options_.auth == nullptr) return std::string(kDefaultTenant);
+  const auto& metadata = context->client_metadata();
+  auto found = metadata.find("authorization");
+  return options_.auth->TenantOf(found == metadata.end()
+                                     ? absl::string_view()
+                                     : absl::string_view(found->second.data(),
+                                                         found->second.size()));
+}
+
 absl::StatusOr<std::shared_ptr<KvStoreService::Sequence>> KvStoreService::Find(
-    absl::string_view sequence_id) const {
+    absl::string_view tenant, absl::string_view sequence_id) const {
   if (auto s = ValidateSequenceId(sequence_id); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(SequenceKey(sequence_id));
+  auto it = sequences_.find(SequenceKey(tenant, sequence_id));
   if (it == sequences_.end()) {
     return absl::NotFoundError(absl::StrCat("sequence_id ", sequence_id, " is not stored"));
   }
   return it->second;
 }
 
-grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
+grpc::Status KvStoreService::CreateSequence(grpc::ServerContext* context,
                                             const v1::CreateSequenceRequest* request,
                                             v1::CreateSequenceResponse* response) {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
   if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
   absl::StatusOr<v1::ModelProfile> profile = NormalizeProfile(request->profile());
   if (!profile.ok()) return ToGrpc(profile.status());
   absl::StatusOr<v1::KvstarConfig> config = NormalizeConfig(request->config(), *profile);
   if (!config.ok()) return ToGrpc(config.status());
 
-  const std::string key = SequenceKey(request->sequence_id());
+  const std::string key = SequenceKey(*tenant, request->sequence_id());
   *response->mutable_profile() = *profile;
   *response->mutable_config() = *config;
 
@@ -137,6 +150,7 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext*,
   *record.mutable_config() = *config;
   if (auto s = store_->PutSequence(key, record.SerializeAsString()); !s.ok()) return ToGrpc(s);
   auto sequence = std::make_shared<Sequence>();
+  sequence->key = key;
   sequence->id = request->sequence_id();
   sequence->profile = *profile;
   sequence->config = *config;
@@ -166,8 +180,9 @@ struct KvStoreService::PendingPut {
   uint64_t first_message = 0;
 };
 
-absl::Status KvStoreService::CheckMessage(const v1::PutBlocksRequest& message) {
-  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(message.sequence_id());
+absl::Status KvStoreService::CheckMessage(absl::string_view tenant,
+                                          const v1::PutBlocksRequest& message) {
+  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(tenant, message.sequence_id());
   if (!sequence.ok()) return sequence.status();
   for (int i = 0; i < message.blocks_size(); ++i) {
     const v1::Block& block = message.blocks(i);
@@ -202,9 +217,11 @@ absl::Status KvStoreService::FlushPut(PendingPut& pending, v1::PutBlocksResponse
   return stored;
 }
 
-grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
+grpc::Status KvStoreService::PutBlocks(grpc::ServerContext* context,
                                        grpc::ServerReader<v1::PutBlocksRequest>* reader,
                                        v1::PutBlocksResponse* response) {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
   PendingPut pending;
   uint64_t index = 0;
   auto fail = [&](const absl::Status& s) {
@@ -212,12 +229,12 @@ grpc::Status KvStoreService::PutBlocks(grpc::ServerContext*,
     return ToGrpc(s);
   };
   for (v1::PutBlocksRequest message; reader->Read(&message); ++index) {
-    if (absl::Status s = CheckMessage(message); !s.ok()) {
+    if (absl::Status s = CheckMessage(*tenant, message); !s.ok()) {
       return fail(
           absl::Status(s.code(), absl::StrCat("PutBlocks message ", index, ": ", s.message())));
     }
     // A batch holds one sequence, each block at most once, and a bounded number of bytes.
-    const std::string key = SequenceKey(message.sequence_id());
+    const std::string key = SequenceKey(*tenant, message.sequence_id());
     bool repeats = false;
     for (const v1::Block& block : message.blocks()) {
       repeats = repeats || pending.ids.contains({block.layer(), block.block_index()});
@@ -296,12 +313,14 @@ absl::Status KvStoreService::ForEachBlockBatch(
   return absl::OkStatus();
 }
 
-grpc::Status KvStoreService::Seal(grpc::ServerContext*, const v1::SealRequest* request,
+grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRequest* request,
                                   v1::SealResponse* response) {
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(request->sequence_id());
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
+  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(*tenant, request->sequence_id());
   if (!found.ok()) return ToGrpc(found.status());
   Sequence& sequence = **found;
-  const std::string key = SequenceKey(sequence.id);
+  const std::string& key = sequence.key;
   const uint32_t num_layers = sequence.profile.num_layers();
   if (auto r = ToRetrievalRequest(sequence, nullptr, request->queries(), "request"); !r.ok()) {
     return ToGrpc(r.status());
@@ -427,6 +446,8 @@ struct ScoredLayer {
 grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
                                       const v1::RetrieveRequest* request,
                                       grpc::ServerWriter<v1::RetrieveResponse>* writer) {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
   if (request->sequences().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "sequences is empty");
   }
@@ -435,7 +456,7 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
   absl::flat_hash_set<std::string> ids;
   for (size_t i = 0; i < n; ++i) {
     const v1::SequenceQueries& part = request->sequences(i);
-    absl::StatusOr<std::shared_ptr<Sequence>> found = Find(part.sequence_id());
+    absl::StatusOr<std::shared_ptr<Sequence>> found = Find(*tenant, part.sequence_id());
     if (!found.ok()) {
       return ToGrpc(absl::Status(found.status().code(),
                                  absl::StrCat("sequences[", i, "]: ", found.status().message())));
@@ -448,12 +469,12 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
     sequences[i] = *std::move(found);
   }
 
-  // Lock every sequence of the batch in one global order (by id), so two batches sharing
+  // Lock every sequence of the batch in one global order (by key), so two batches sharing
   // sequences cannot deadlock; hold the locks while their indexes are read.
   std::vector<size_t> order(n);
   for (size_t i = 0; i < n; ++i) order[i] = i;
   std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return sequences[a]->id < sequences[b]->id; });
+            [&](size_t a, size_t b) { return sequences[a]->key < sequences[b]->key; });
   std::vector<std::unique_ptr<absl::MutexLock>> locks;
   for (size_t i : order) locks.push_back(std::make_unique<absl::MutexLock>(&sequences[i]->mu));
 
@@ -495,7 +516,7 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
   }
   for (size_t i = 0; i < n; ++i) {
     Sequence& sequence = *sequences[i];
-    if (auto s = CatchUp(SequenceKey(sequence.id), sequence); !s.ok()) return ToGrpc(s);
+    if (auto s = CatchUp(sequence.key, sequence); !s.ok()) return ToGrpc(s);
     // The client asked again, so it is done with the previous reply's regions.
     FreeSharedRegions(sequence);
     sequence.last_decode_step = request->sequences(i).decode_step();
@@ -587,7 +608,7 @@ absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const S
   }
   size_t sent = 0;
   return ForEachBlockBatch(
-      SequenceKey(sequence.id), wanted, 2 * BlockKeyBytes(sequence.profile),
+      sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
       [&](std::vector<storage::BlockData>& batch) {
         reply.clear_new_blocks();
         for (storage::BlockData& data : batch) {
@@ -610,10 +631,12 @@ absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const S
 grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
                                        const v1::GetBlocksRequest* request,
                                        grpc::ServerWriter<v1::GetBlocksResponse>* writer) {
-  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(request->sequence_id());
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
+  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(*tenant, request->sequence_id());
   if (!sequence.ok()) return ToGrpc(sequence.status());
   const v1::ModelProfile& profile = (*sequence)->profile;
-  const std::string key = SequenceKey(request->sequence_id());
+  const std::string& key = (*sequence)->key;
 
   std::vector<storage::BlockId> ids;
   if (request->blocks().empty()) {
@@ -649,11 +672,13 @@ grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status KvStoreService::DropSequence(grpc::ServerContext*,
+grpc::Status KvStoreService::DropSequence(grpc::ServerContext* context,
                                           const v1::DropSequenceRequest* request,
                                           v1::DropSequenceResponse* response) {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return ToGrpc(tenant.status());
   if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
-  const std::string key = SequenceKey(request->sequence_id());
+  const std::string key = SequenceKey(*tenant, request->sequence_id());
   std::shared_ptr<Sequence> sequence;
   absl::StatusOr<storage::DropResult> dropped;
   {
@@ -680,8 +705,12 @@ grpc::Status KvStoreService::DropSequence(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status KvStoreService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
+grpc::Status KvStoreService::Stats(grpc::ServerContext* context, const v1::StatsRequest*,
                                    v1::StatsResponse* response) {
+  // Any tenant may read the node's counters; callers without credentials may not.
+  if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
+    return ToGrpc(tenant.status());
+  }
   {
     absl::MutexLock lock(&mu_);
     response->set_sequences(sequences_.size());
@@ -706,8 +735,12 @@ grpc::Status KvStoreService::Stats(grpc::ServerContext*, const v1::StatsRequest*
   return grpc::Status::OK;
 }
 
-grpc::Status KvStoreService::GetServerInfo(grpc::ServerContext*, const v1::ServerInfoRequest*,
+grpc::Status KvStoreService::GetServerInfo(grpc::ServerContext* context,
+                                           const v1::ServerInfoRequest*,
                                            v1::ServerInfoResponse* response) {
+  if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
+    return ToGrpc(tenant.status());
+  }
   response->set_host_id(host_id_);
   response->set_api_version("kvstar.v1");
   if (options_.shared_memory != nullptr) {

@@ -21,6 +21,7 @@
 #include "retrieval/representation.h"
 #include "retrieval/retriever.h"
 #include "server/shared_memory_arena.h"
+#include "server/token_auth.h"
 #include "storage/block_store.h"
 
 namespace kvstar::server {
@@ -35,6 +36,9 @@ struct ServiceOptions {
   // Segment for co-located clients' shared_memory replies; null: none (bytes in replies).
   // Not owned; must outlive the service.
   SharedMemoryArena* shared_memory = nullptr;
+  // Bearer tokens -> tenants; null: no authentication, every caller is tenant "default".
+  // Not owned; must outlive the service.
+  const TokenAuth* auth = nullptr;
 };
 
 class KvStoreService final : public v1::KvStore::Service {
@@ -71,6 +75,7 @@ class KvStoreService final : public v1::KvStore::Service {
   // One stored sequence. profile and config never change after creation; the retrieval state is
   // guarded by the sequence's own mutex so retrievals of different sequences never contend.
   struct Sequence {
+    std::string key;  // "<tenant>/<id>", the store's key
     std::string id;
     v1::ModelProfile profile;
     v1::KvstarConfig config;
@@ -86,11 +91,14 @@ class KvStoreService final : public v1::KvStore::Service {
 
   KvStoreService(storage::BlockStore* store, ServiceOptions options);
 
-  absl::StatusOr<std::shared_ptr<Sequence>> Find(absl::string_view sequence_id) const
+  // The caller's tenant (from its bearer token), or UNAUTHENTICATED.
+  absl::StatusOr<std::string> Tenant(const grpc::ServerContext* context) const;
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(absl::string_view tenant,
+                                                 absl::string_view sequence_id) const
       ABSL_LOCKS_EXCLUDED(mu_);
   struct PendingPut;
   // Validates one PutBlocks message (sequence, shapes, checksums) without storing anything.
-  absl::Status CheckMessage(const v1::PutBlocksRequest& message);
+  absl::Status CheckMessage(absl::string_view tenant, const v1::PutBlocksRequest& message);
   // Writes the pending messages as one durable store batch and clears them.
   absl::Status FlushPut(PendingPut& pending, v1::PutBlocksResponse* response);
   // Appends stored blocks beyond what the index holds (decode-generated blocks) to the index.

@@ -70,7 +70,18 @@ int Run(int argc, char** argv) {
                    arena.status().ToString());
     }
   }
+  std::unique_ptr<TokenAuth> auth;
+  if (!config->auth_tokens_file.empty()) {
+    absl::StatusOr<std::unique_ptr<TokenAuth>> loaded = TokenAuth::LoadFile(config->auth_tokens_file);
+    if (!loaded.ok()) {
+      spdlog::error("--auth_tokens_file: {}", loaded.status().ToString());
+      return 2;
+    }
+    auth = *std::move(loaded);
+    spdlog::info("bearer-token authentication on: {} tokens", auth->size());
+  }
   ServiceOptions options;
+  options.auth = auth.get();
   options.shared_memory = shared_memory.get();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.max_reply_bytes =

@@ -2,6 +2,7 @@
 // read-back of a 4K-token sequence, Seal/Retrieve end to end, error paths, and a server restart in
 // the middle of decoding.
 #include <chrono>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -112,6 +113,37 @@ TEST_F(ClientServerTest, OffloadsA4kTokenSequenceThatReadsBackBitExact) {
   EXPECT_EQ(blocks, kLayers * kPromptBlocks);
   EXPECT_TRUE(client_->DropSequence("doc").ok());
   EXPECT_EQ(client_->DropSequence("doc").code(), absl::StatusCode::kNotFound);
+}
+
+// A server that authenticates: the client's bearer token selects the tenant; without one, every
+// call fails UNAUTHENTICATED as a Status.
+TEST(ClientAuthTest, BearerTokenAuthenticatesAgainstTheRealServer) {
+  const std::string dir = MakeTempDir("client-auth");
+  const std::string tokens = dir + "/tokens";
+  std::ofstream(tokens) << "client-token-0123456789 engine\n";
+  ServerProcess server({"--data_dir=" + dir + "/data", "--auth_tokens_file=" + tokens,
+                        "--log_level=warn"});
+  ASSERT_TRUE(server.Start().ok());
+  for (const std::string token : {std::string(), std::string("client-token-0123456789")}) {
+    ClientOptions options;
+    options.address = server.address();
+    options.backend = BackendKind::kHost;
+    options.bearer_token = token;
+    absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    absl::StatusOr<Sequence*> sequence =
+        (*client)->CreateSequence("authed", SmallProfile(), SmallConfig(4), {0, 64});
+    if (token.empty()) {
+      EXPECT_EQ(sequence.status().code(), absl::StatusCode::kUnauthenticated) << sequence.status();
+      continue;
+    }
+    ASSERT_TRUE(sequence.ok()) << sequence.status();
+    const v1::Block block = TestBlock(kSeed, 0, 0, SmallProfile().block_key_bytes());
+    ASSERT_TRUE(
+        (*sequence)->Offload(0, 0, block.key().data(), block.value().data(), MemoryKind::kHost,
+                             nullptr).ok());
+    EXPECT_TRUE((*sequence)->Flush().ok());
+  }
 }
 
 TEST_F(ClientServerTest, ServerErrorsComeBackAsStatuses) {
