@@ -62,8 +62,8 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
         absl::StrCat("--worker_threads is ", config.worker_threads, ", must be >= 0"));
   }
   if (config.retrieval_threads < 0 || config.retrieval_threads > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("--retrieval_threads is ",
-                                                   config.retrieval_threads, ", must be in [0, 1024]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--retrieval_threads is ", config.retrieval_threads, ", must be in [0, 1024]"));
   }
   if (config.worker_threads == 0) {
     config.worker_threads = std::max(1u, std::thread::hardware_concurrency());

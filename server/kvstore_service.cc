@@ -96,10 +96,9 @@ absl::StatusOr<std::string> KvStoreService::Tenant(const grpc::ServerContext* co
   if (options_.auth == nullptr) return std::string(kDefaultTenant);
   const auto& metadata = context->client_metadata();
   auto found = metadata.find("authorization");
-  return options_.auth->TenantOf(found == metadata.end()
-                                     ? absl::string_view()
-                                     : absl::string_view(found->second.data(),
-                                                         found->second.size()));
+  return options_.auth->TenantOf(
+      found == metadata.end() ? absl::string_view()
+                              : absl::string_view(found->second.data(), found->second.size()));
 }
 
 absl::StatusOr<std::shared_ptr<KvStoreService::Sequence>> KvStoreService::Find(

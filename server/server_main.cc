@@ -72,7 +72,8 @@ int Run(int argc, char** argv) {
   }
   std::unique_ptr<TokenAuth> auth;
   if (!config->auth_tokens_file.empty()) {
-    absl::StatusOr<std::unique_ptr<TokenAuth>> loaded = TokenAuth::LoadFile(config->auth_tokens_file);
+    absl::StatusOr<std::unique_ptr<TokenAuth>> loaded =
+        TokenAuth::LoadFile(config->auth_tokens_file);
     if (!loaded.ok()) {
       spdlog::error("--auth_tokens_file: {}", loaded.status().ToString());
       return 2;

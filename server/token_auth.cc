@@ -45,8 +45,8 @@ absl::StatusOr<std::unique_ptr<TokenAuth>> TokenAuth::LoadFile(const std::string
                                                      " required"));
     }
     if (!ValidTenant(fields[1])) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": tenant \"", fields[1], "\" must be 1..16 of [A-Za-z0-9_.-]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": tenant \"", fields[1], "\" must be 1..16 of [A-Za-z0-9_.-]"));
     }
     if (!auth->tenants_.emplace(fields[0], fields[1]).second) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": token listed twice"));

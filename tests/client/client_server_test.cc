@@ -102,8 +102,8 @@ TEST_F(ClientServerTest, OffloadsA4kTokenSequenceThatReadsBackBitExact) {
   uint64_t blocks = 0;
   while (reader->Read(&reply)) {
     for (const v1::Block& block : reply.blocks()) {
-      const v1::Block expected = TestBlock(kSeed, block.layer(), block.block_index(),
-                                           SmallProfile().block_key_bytes());
+      const v1::Block expected =
+          TestBlock(kSeed, block.layer(), block.block_index(), SmallProfile().block_key_bytes());
       ASSERT_EQ(block.checksum(), expected.checksum());
       ASSERT_TRUE(block.key() == expected.key() && block.value() == expected.value());
       ++blocks;
@@ -121,8 +121,8 @@ TEST(ClientAuthTest, BearerTokenAuthenticatesAgainstTheRealServer) {
   const std::string dir = MakeTempDir("client-auth");
   const std::string tokens = dir + "/tokens";
   std::ofstream(tokens) << "client-token-0123456789 engine\n";
-  ServerProcess server({"--data_dir=" + dir + "/data", "--auth_tokens_file=" + tokens,
-                        "--log_level=warn"});
+  ServerProcess server(
+      {"--data_dir=" + dir + "/data", "--auth_tokens_file=" + tokens, "--log_level=warn"});
   ASSERT_TRUE(server.Start().ok());
   for (const std::string token : {std::string(), std::string("client-token-0123456789")}) {
     ClientOptions options;
@@ -140,8 +140,9 @@ TEST(ClientAuthTest, BearerTokenAuthenticatesAgainstTheRealServer) {
     ASSERT_TRUE(sequence.ok()) << sequence.status();
     const v1::Block block = TestBlock(kSeed, 0, 0, SmallProfile().block_key_bytes());
     ASSERT_TRUE(
-        (*sequence)->Offload(0, 0, block.key().data(), block.value().data(), MemoryKind::kHost,
-                             nullptr).ok());
+        (*sequence)
+            ->Offload(0, 0, block.key().data(), block.value().data(), MemoryKind::kHost, nullptr)
+            .ok());
     EXPECT_TRUE((*sequence)->Flush().ok());
   }
 }

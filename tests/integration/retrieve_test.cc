@@ -457,7 +457,8 @@ TEST_F(RetrieveTest, ManyScoringThreadsStreamEveryLayer) {
   ASSERT_TRUE(server_->Start().ok());
   std::mt19937 rng(5);
   std::vector<std::string> queries(kLayers);
-  for (uint32_t layer = 0; layer < kLayers; ++layer) queries[layer] = QueriesFor(data_, layer, 6, rng);
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    queries[layer] = QueriesFor(data_, layer, 6, rng);
   v1::SealResponse sealed;
   ASSERT_TRUE(Seal(queries, &sealed).ok());
   const std::vector<std::vector<uint32_t>> nothing_held(kLayers);
