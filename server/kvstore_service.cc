@@ -80,12 +80,7 @@ absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::
     if (!record.ParseFromString(*metadata)) {
       return absl::DataLossError(absl::StrCat("metadata of sequence ", key, " does not parse"));
     }
-    auto sequence = std::make_shared<Sequence>();
-    sequence->key = key;
-    sequence->id = record.sequence_id();
-    sequence->profile = record.profile();
-    sequence->config = record.config();
-    service->sequences_[key] = std::move(sequence);
+    service->sequences_[key] = std::make_shared<Sequence>(key, record);
   }
   spdlog::info("loaded {} sequences from the store; {} retrieval threads", keys->size(),
                service->retriever_.num_threads());
@@ -148,12 +143,7 @@ grpc::Status KvStoreService::CreateSequence(grpc::ServerContext* context,
   *record.mutable_profile() = *profile;
   *record.mutable_config() = *config;
   if (auto s = store_->PutSequence(key, record.SerializeAsString()); !s.ok()) return ToGrpc(s);
-  auto sequence = std::make_shared<Sequence>();
-  sequence->key = key;
-  sequence->id = request->sequence_id();
-  sequence->profile = *profile;
-  sequence->config = *config;
-  sequences_[key] = std::move(sequence);
+  sequences_[key] = std::make_shared<Sequence>(key, record);
   response->set_created(true);
   spdlog::info("created sequence {} ({})", request->sequence_id(), profile->ShortDebugString());
   return grpc::Status::OK;
@@ -321,9 +311,10 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRe
   Sequence& sequence = **found;
   const std::string& key = sequence.key;
   const uint32_t num_layers = sequence.profile.num_layers();
-  if (auto r = ToRetrievalRequest(sequence, nullptr, request->queries(), "request"); !r.ok()) {
-    return ToGrpc(r.status());
-  }
+  // Checked before any block is read; the index is attached once it is built.
+  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
+      ToRetrievalRequest(sequence, nullptr, request->queries(), "request");
+  if (!retrieval_request.ok()) return ToGrpc(retrieval_request.status());
 
   // Every layer must hold blocks 0..n-1, the same n: the prompt.
   absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
@@ -377,8 +368,7 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRe
     if (auto s = retriever_.SealLayers(**index, layers, spans); !s.ok()) return ToGrpc(s);
   }
 
-  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
-      ToRetrievalRequest(sequence, index->get(), request->queries(), "request");
+  retrieval_request->index = index->get();
   std::vector<std::vector<uint32_t>> selections(num_layers);
   absl::Status scored =
       retriever_.Retrieve(absl::MakeConstSpan(&*retrieval_request, 1),

@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -75,10 +76,17 @@ class KvStoreService final : public v1::KvStore::Service {
   // One stored sequence. profile and config never change after creation; the retrieval state is
   // guarded by the sequence's own mutex so retrievals of different sequences never contend.
   struct Sequence {
-    std::string key;  // "<tenant>/<id>", the store's key
-    std::string id;
-    v1::ModelProfile profile;
-    v1::KvstarConfig config;
+    // From the metadata record the store keeps (CreateSequence writes it, Create reads it back).
+    Sequence(std::string store_key, const v1::CreateSequenceRequest& record)
+        : key(std::move(store_key)),
+          id(record.sequence_id()),
+          profile(record.profile()),
+          config(record.config()) {}
+
+    const std::string key;  // "<tenant>/<id>", the store's key
+    const std::string id;
+    const v1::ModelProfile profile;
+    const v1::KvstarConfig config;
 
     absl::Mutex mu;
     // Built by Seal; null before.
