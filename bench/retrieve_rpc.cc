@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "bench/loopback_server.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
 #include "server/kvstore_service.h"
@@ -55,24 +56,12 @@ absl::StatusOr<RetrieveRpcResult> MeasureRetrieveRpc(
     absl::Span<const absl::Span<const uint8_t>> key_blocks,
     absl::Span<const std::vector<uint8_t>> queries, uint32_t num_queries, uint32_t calls,
     size_t threads) {
-  std::unique_ptr<storage::BlockStore> store = storage::NewMemoryStore();
   server::ServiceOptions options;
   options.retrieval_threads = threads;
-  auto service = server::KvStoreService::Create(store.get(), options);
-  if (!service.ok()) return service.status();
-  constexpr int kMaxMessage = 64 << 20;
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(service->get());
-  builder.SetMaxReceiveMessageSize(kMaxMessage);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) return absl::InternalError("cannot start the server");
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(kMaxMessage);
-  args.SetMaxSendMessageSize(kMaxMessage);
-  auto stub = v1::KvStore::NewStub(grpc::CreateCustomChannel(
-      absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args));
+  absl::StatusOr<std::unique_ptr<LoopbackServer>> loopback =
+      LoopbackServer::Start(storage::NewMemoryStore(), options);
+  if (!loopback.ok()) return loopback.status();
+  v1::KvStore::Stub* stub = &(*loopback)->stub();
 
   {
     grpc::ClientContext context;
@@ -163,7 +152,6 @@ absl::StatusOr<RetrieveRpcResult> MeasureRetrieveRpc(
     }
     if (call > 0) times_ms.push_back(Seconds(start) * 1e3);  // call 0 warms up
   }
-  server->Shutdown();
   std::sort(times_ms.begin(), times_ms.end());
   result.calls = times_ms.size();
   result.p50_ms = times_ms[times_ms.size() / 2];

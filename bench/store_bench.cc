@@ -24,6 +24,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/loopback_server.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
 #include "server/kvstore_service.h"
@@ -90,29 +91,17 @@ struct Result {
   double get_dram_gbps = 0;  // through a DRAM tier holding the whole sequence
 };
 
-struct Served {
-  std::unique_ptr<storage::BlockStore> store;
-  std::unique_ptr<server::KvStoreService> service;
-  std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<v1::KvStore::Stub> stub;
-};
+using bench::LoopbackServer;
 
-Served Serve(std::unique_ptr<storage::BlockStore> store) {
-  Served s;
-  s.store = std::move(store);
-  s.service = *server::KvStoreService::Create(s.store.get(), server::ServiceOptions());
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(s.service.get());
-  builder.SetMaxReceiveMessageSize(64 << 20);
-  builder.SetMaxSendMessageSize(64 << 20);
-  s.server = builder.BuildAndStart();
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(64 << 20);
-  s.stub = v1::KvStore::NewStub(grpc::CreateCustomChannel(
-      absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args));
-  return s;
+// The service over `store` on loopback; exits on failure (a bench has nothing to fall back to).
+std::unique_ptr<LoopbackServer> Serve(std::unique_ptr<storage::BlockStore> store) {
+  absl::StatusOr<std::unique_ptr<LoopbackServer>> loopback =
+      LoopbackServer::Start(std::move(store), server::ServiceOptions());
+  if (!loopback.ok()) {
+    std::fprintf(stderr, "%s\n", loopback.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(loopback);
 }
 
 double GetAllGbps(v1::KvStore::Stub& stub, uint64_t expected_blocks, uint64_t bytes) {
@@ -168,7 +157,7 @@ Result RunBackend(const std::string& backend, const std::string& dir) {
 
   Result result;
   {
-    Served s = Serve(open());
+    std::unique_ptr<LoopbackServer> s = Serve(open());
     grpc::ClientContext context;
     v1::CreateSequenceRequest create;
     create.set_sequence_id("bench");
@@ -179,12 +168,12 @@ Result RunBackend(const std::string& backend, const std::string& dir) {
     profile->set_head_dim(absl::GetFlag(FLAGS_head_dim));
     profile->set_dtype(v1::DTYPE_BF16);
     v1::CreateSequenceResponse created;
-    if (!s.stub->CreateSequence(&context, create, &created).ok()) std::exit(1);
+    if (!s->stub().CreateSequence(&context, create, &created).ok()) std::exit(1);
 
     auto start = Clock::now();
     grpc::ClientContext put_context;
     v1::PutBlocksResponse put;
-    auto writer = s.stub->PutBlocks(&put_context, &put);
+    auto writer = s->stub().PutBlocks(&put_context, &put);
     for (const auto& m : messages) writer->Write(m);
     writer->WritesDone();
     grpc::Status status = writer->Finish();
@@ -193,14 +182,13 @@ Result RunBackend(const std::string& backend, const std::string& dir) {
       std::exit(1);
     }
     result.put_gbps = total_bytes / Seconds(start) / 1e9;
-    result.get_gbps = GetAllGbps(*s.stub, total_blocks, total_bytes);
-    s.server->Shutdown();
+    result.get_gbps = GetAllGbps(s->stub(), total_blocks, total_bytes);
   }
   {
-    Served s = Serve(storage::NewDramTier(open(), total_bytes + (64 << 20)));
-    GetAllGbps(*s.stub, total_blocks, total_bytes);  // fills the DRAM tier
-    result.get_dram_gbps = GetAllGbps(*s.stub, total_blocks, total_bytes);
-    s.server->Shutdown();
+    std::unique_ptr<LoopbackServer> s =
+        Serve(storage::NewDramTier(open(), total_bytes + (64 << 20)));
+    GetAllGbps(s->stub(), total_blocks, total_bytes);  // fills the DRAM tier
+    result.get_dram_gbps = GetAllGbps(s->stub(), total_blocks, total_bytes);
   }
   std::printf("%-8s put %6.2f GB/s   get %6.2f GB/s   get via DRAM tier %6.2f GB/s   (%.0f MiB)\n",
               backend.c_str(), result.put_gbps, result.get_gbps, result.get_dram_gbps,

@@ -38,6 +38,7 @@
 #include "client/scatter_plan.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
+#include "bench/loopback_server.h"
 #include "server/kvstore_service.h"
 #include "server/shared_memory_arena.h"
 #include "storage/block_store.h"
@@ -429,7 +430,6 @@ absl::Status DecodeWindow(const kvstar::ModelProfile& profile, uint32_t stride, 
 // Shared-memory vs gRPC-bytes delivery of the same retrievals against a real in-process server.
 PlaneResult MeasureDataPlanes() {
   PlaneResult result;
-  std::unique_ptr<kvstar::storage::BlockStore> store = kvstar::storage::NewMemoryStore();
   absl::StatusOr<std::unique_ptr<kvstar::server::SharedMemoryArena>> arena =
       kvstar::server::SharedMemoryArena::Create(absl::GetFlag(FLAGS_shm_mib) << 20);
   if (!arena.ok()) {
@@ -438,23 +438,14 @@ PlaneResult MeasureDataPlanes() {
   }
   kvstar::server::ServiceOptions service_options;
   service_options.shared_memory = arena->get();
-  absl::StatusOr<std::unique_ptr<kvstar::server::KvStoreService>> service =
-      kvstar::server::KvStoreService::Create(store.get(), service_options);
-  if (!service.ok()) {
-    std::fprintf(stderr, "service: %s\n", service.status().ToString().c_str());
+  // Declared after the arena (which must outlive it) and before the clients (which go first).
+  absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> loopback =
+      kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);
+  if (!loopback.ok()) {
+    std::fprintf(stderr, "in-process server: %s\n", loopback.status().ToString().c_str());
     return result;
   }
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(service->get());
-  builder.SetMaxReceiveMessageSize(64 << 20);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) {
-    std::fprintf(stderr, "cannot start the in-process server\n");
-    return result;
-  }
-  const std::string address = absl::StrCat("127.0.0.1:", port);
+  const std::string address = (*loopback)->address();
 
   kvstar::ModelProfile profile;  // a Qwen2.5-14B layer: 8 KV heads of 128, bf16, 128-token blocks
   profile.num_layers = absl::GetFlag(FLAGS_plane_layers);
@@ -473,7 +464,6 @@ PlaneResult MeasureDataPlanes() {
     if (!status.ok()) {
       std::fprintf(stderr, "data plane %s: %s\n", kvstar::DataPlaneName(run->requested),
                    status.ToString().c_str());
-      server->Shutdown();
       return result;
     }
   }
@@ -486,7 +476,6 @@ PlaneResult MeasureDataPlanes() {
       if (!status.ok()) {
         std::fprintf(stderr, "data plane %s, retrieval %d: %s\n",
                      kvstar::DataPlaneName(run->requested), r, status.ToString().c_str());
-        server->Shutdown();
         return result;
       }
     }
@@ -515,9 +504,6 @@ PlaneResult MeasureDataPlanes() {
               result.shm_gbps / std::max(result.grpc_bytes_gbps, 1e-9),
               result.same_selections ? "yes" : "NO");
   result.ok = shm.client->data_plane() == kvstar::DataPlane::kSharedMemory && shm.bytes > 0;
-  shm.client.reset();
-  grpc_bytes.client.reset();
-  server->Shutdown();
   return result;
 }
 
