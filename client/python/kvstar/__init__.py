@@ -5,7 +5,8 @@ Buffers may be torch tensors (their data pointer; CUDA tensors count as device m
 arrays (.ctypes.data), bytes / bytearray / memoryview-able objects (host memory), or raw integer
 addresses (pass where=DEVICE for device memory). torch and numpy are never imported here.
 
-The library is found through $KVSTAR_LIB, next to this package, or the loader's search path.
+The library is found through $KVSTAR_LIB, next to this package, in the repository's bazel-bin, or
+on the loader's search path.
 """
 import ctypes
 import os
@@ -79,6 +80,8 @@ def _load():
         return _lib
     candidates = [os.environ.get("KVSTAR_LIB"),
                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "libkvstar_client.so"),
+                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                               "bazel-bin", "client", "libkvstar_client.so"),
                   "libkvstar_client.so"]
     errors = []
     for path in candidates:
