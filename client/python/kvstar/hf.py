@@ -111,7 +111,7 @@ class _SparseLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        if self.owner.measure:
+        if self.owner.measure or self.owner.keep_all_tokens:
             k, v = key_states[0], value_states[0]
             self.full_keys = k if self.full_keys is None else torch.cat([self.full_keys, k], 1)
             self.full_values = v if self.full_values is None else torch.cat([self.full_values, v], 1)
@@ -187,6 +187,7 @@ class SparseCache(Cache):
         super().__init__(layers=layers)
         self.sealed = False
         self.decode_step = 0
+        self.keep_all_tokens = False  # subclasses that select from local K/V set it
         self._prompt_queries = [None] * len(self.sparse_layers)
         self.recall = []  # dicts: layer, step, window_mass, middle_mass, capture, oracle, resident
 

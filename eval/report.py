@@ -1,0 +1,219 @@
+"""Turns the harness's JSON lines (eval/accuracy.py) into docs/ACCURACY.md and docs/accuracy.png.
+Every number in the report is computed here from the result files named in it."""
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ORDER = ("full", "kvstar", "oracle", "quest", "quest_stride", "meankey", "window")
+DEFAULTS = dict(sparse_ratio=0.25, retrieval_stride=8, blk_repre_dim_prune_ratio=0.25,
+                blk_repre_inner_token_merge=2)
+
+
+def load(paths):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    row["file"] = str(path)
+                    rows.append(row)
+    return rows
+
+
+def knob_label(knobs):
+    changed = [f"{k.replace('blk_repre_', '').replace('_ratio', '')}={v}"
+               for k, v in knobs.items() if DEFAULTS.get(k) != v]
+    return ", ".join(changed) or "defaults"
+
+
+def recall_means(rows):
+    """(window mass, capture, oracle capture, ratio) averaged over generations (each a mean over
+    its decode steps and layers)."""
+    with_recall = [r["recall"] for r in rows if r.get("recall")]
+    if not with_recall:
+        return None
+    window = statistics.mean(r["window_mass"] for r in with_recall)
+    capture = statistics.mean(r["capture"] for r in with_recall)
+    oracle = statistics.mean(r["oracle"] for r in with_recall)
+    return window, capture, oracle, capture / oracle if oracle > 0 else float("nan")
+
+
+def accuracy(rows):
+    return 100.0 * statistics.mean(r["correct"] for r in rows) if rows else float("nan")
+
+
+def fmt(value, digits=3):
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def main_tables(rows, model):
+    main = [r for r in rows if r.get("part") == "main" and r["model"] == model]
+    if not main:
+        return [], {}
+    targets = sorted({r["target"] for r in main})
+    text = [f"### {model}: task accuracy (%, greedy) at 25% of the middle blocks",
+            "", "Cases per cell: " + ", ".join(
+                f"{t}: {len([r for r in main if r['target'] == t and r['method'] == 'full'])}"
+                for t in targets) + " (passkey, multi-key and which-year tasks in equal parts).",
+            ""]
+    header = ["method"] + [f"{t} tok" for t in targets] + ["all"]
+    lines = []
+    for method in ORDER:
+        cells = [accuracy([r for r in main if r["method"] == method and r["target"] == t])
+                 for t in targets]
+        cells.append(accuracy([r for r in main if r["method"] == method]))
+        lines.append([method] + [fmt(c, 1) for c in cells])
+    text += [table(header, lines), ""]
+    kinds = sorted({r["kind"] for r in main})
+    header = ["method"] + [f"{k} {t}" for t in targets for k in kinds]
+    lines = [[m] + [fmt(accuracy([r for r in main if r["method"] == m and r["kind"] == k and
+                                  r["target"] == t]), 0) for t in targets for k in kinds]
+             for m in ORDER]
+    text += ["Per task kind:", "", table(header, lines), ""]
+    text += [f"### {model}: attention recall at 25% of the middle blocks", "",
+             "window mass: the share of attention in the init and local windows and the tail "
+             "(every method keeps them); capture: the share of the middle blocks' mass that the "
+             "resident middle blocks hold; oracle: the best possible capture with the same "
+             "number of blocks; ratio = capture / oracle. Means over decode steps and layers.", ""]
+    header = ["method"] + [f"{t}: window / capture / ratio" for t in targets]
+    lines = []
+    summary = {}
+    for method in ORDER[1:]:
+        cells = []
+        for t in targets:
+            means = recall_means([r for r in main if r["method"] == method and r["target"] == t])
+            summary[(method, t)] = means
+            cells.append("–" if not means else
+                         f"{means[0]:.3f} / {means[1]:.3f} / **{means[3]:.3f}**")
+        lines.append([method] + cells)
+    text += [table(header, lines), ""]
+    per_layer = defaultdict(lambda: defaultdict(list))
+    for r in main:
+        if r.get("recall") and r["method"] == "kvstar":
+            for layer, values in r["recall"]["layers"].items():
+                per_layer[r["target"]][int(layer)].append(values)
+    if per_layer:
+        text += ["kvstar's capture / oracle per layer (all main cases of a length):", ""]
+        layers = sorted({l for t in per_layer for l in per_layer[t]})
+        header = ["length"] + [str(l) for l in layers]
+        lines = []
+        for t in sorted(per_layer):
+            cells = []
+            for l in layers:
+                values = per_layer[t][l]
+                oracle = statistics.mean(v["oracle"] for v in values)
+                capture = statistics.mean(v["capture"] for v in values)
+                cells.append(fmt(capture / oracle if oracle else float("nan"), 2))
+            lines.append([t] + cells)
+        text += [table(header, lines), ""]
+    return text, summary
+
+
+def sweep_tables(rows, model):
+    sweeps = [r for r in rows if r.get("part") == "sweeps" and r["model"] == model]
+    if not sweeps:
+        return [], {}
+    full = [r for r in sweeps if r["method"] == "full"]
+    text = [f"### {model}: sweeps ({len(full)} cases of {sorted({r['target'] for r in full})} "
+            f"tokens, {max(r.get('steps', 0) for r in sweeps) or 'see command'} new tokens)", "",
+            f"Full attention's accuracy on these cases: {fmt(accuracy(full), 1)}%.", ""]
+    budgets = sorted({r["knobs"]["sparse_ratio"] for r in sweeps if r["method"] != "full"})
+    header = ["method"] + [f"{b}: capture / ratio / acc%" for b in budgets]
+    lines = []
+    curves = {}
+    for method in ORDER[1:]:
+        cells = []
+        for b in budgets:
+            chosen = [r for r in sweeps if r["method"] == method and r["knobs"] == dict(
+                DEFAULTS, sparse_ratio=b)]
+            means = recall_means(chosen)
+            curves.setdefault(method, []).append((b, means, accuracy(chosen) if chosen else None))
+            cells.append("–" if not means else
+                         f"{means[1]:.3f} / **{means[3]:.3f}** / {fmt(accuracy(chosen), 0)}")
+        lines.append([method] + cells)
+    text += ["Budget (sparse_ratio), every method:", "", table(header, lines), ""]
+    kv = [r for r in sweeps if r["method"] == "kvstar"]
+    configs = []
+    for r in kv:
+        if r["knobs"] not in configs:
+            configs.append(r["knobs"])
+    lines = []
+    for knobs in configs:
+        chosen = [r for r in kv if r["knobs"] == knobs]
+        means = recall_means(chosen)
+        oracle_rows = [r for r in sweeps if r["method"] == "oracle" and
+                       r["knobs"]["sparse_ratio"] == knobs["sparse_ratio"]]
+        lines.append([knob_label(knobs), fmt(means[0]), fmt(means[1]), fmt(means[3]),
+                      fmt(accuracy(chosen), 0),
+                      fmt(statistics.mean(r["blocks_loaded_per_step"] for r in chosen), 2),
+                      max(r["max_staleness_steps"] for r in chosen)])
+        del oracle_rows
+    text += ["kvstar's knobs (one changed at a time from the defaults: sparse_ratio 0.25, stride 8, "
+             "dim_prune 0.25, inner_token_merge 2):", "",
+             table(["knobs", "window mass", "capture", "ratio to oracle", "acc %",
+                    "blocks loaded / step / layer", "max staleness (steps)"], lines), ""]
+    return text, curves
+
+
+def plot(curves_by_model, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model, curves in curves_by_model.items():
+        for method, points in curves.items():
+            xs = [b for b, means, _ in points if means]
+            axes[0].plot(xs, [means[1] for _, means, _ in points if means], marker="o",
+                         label=f"{method} ({model})")
+            axes[1].plot([b for b, _, a in points if a is not None],
+                         [a for _, _, a in points if a is not None], marker="o",
+                         label=f"{method} ({model})")
+    axes[0].set_title("middle-block attention captured")
+    axes[1].set_title("task accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("budget: sparse_ratio of the middle blocks")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(paths, docs_dir, extra_sections=()):
+    rows = load(paths)
+    if not rows:
+        raise SystemExit("no results to report")
+    models = sorted({r["model"] for r in rows})
+    lines = ["# kvstar accuracy", "",
+             "Written by `python3 eval/accuracy.py --report` from the result files below; every "
+             "number is computed from them. How the harness works, the tasks and the methods: "
+             "eval/accuracy.py, eval/tasks.py, eval/methods.py.", ""]
+    meta = {}
+    for r in rows:
+        meta.setdefault(r["file"], r)
+    lines += ["## Runs", ""]
+    for file, r in meta.items():
+        lines.append(f"- `{Path(file).name}`: {r['model']} on {r.get('gpu') or r['device']}, "
+                     f"{r['dtype']}, torch {r['torch']}, transformers {r['transformers']}; "
+                     f"`{r['command']}`")
+    lines += ["", *extra_sections]
+    curves_by_model = {}
+    for model in models:
+        text, _ = main_tables(rows, model)
+        lines += text
+        text, curves = sweep_tables(rows, model)
+        lines += text
+        if curves:
+            curves_by_model[model] = curves
+    if curves_by_model:
+        plot(curves_by_model, Path(docs_dir) / "accuracy.png")
+        lines += ["![capture and accuracy against the budget](accuracy.png)", ""]
+    (Path(docs_dir) / "ACCURACY.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {Path(docs_dir) / 'ACCURACY.md'} from {len(rows)} results")
