@@ -198,15 +198,17 @@ def build_task_sets(profile_name, tokenizer):
     """{"main": [...], "sweeps": [...]} tasks of a profile, sized by the model's tokenizer."""
     import tasks as tasklib
     profile = PROFILES[profile_name]
-    count = tasklib.prompt_token_counter(tokenizer)
+    count, prompt_count = tasklib.token_counters(tokenizer)
     built = {"main": [], "sweeps": []}
     for length in profile["lengths"]:
         for kind in tasklib.KINDS:
-            for task in tasklib.build_tasks(kind, count, length, profile["cases"], seed=0):
+            for task in tasklib.build_tasks(kind, count, length, profile["cases"], seed=0,
+                                              prompt_count=prompt_count):
                 built["main"].append(dict(task, target_tokens=length))
     for kind in tasklib.KINDS:
         for task in tasklib.build_tasks(kind, count, profile["sweep_length"],
-                                        profile["sweep_cases"], seed=1):
+                                        profile["sweep_cases"], seed=1,
+                                        prompt_count=prompt_count):
             built["sweeps"].append(dict(task, target_tokens=profile["sweep_length"]))
     return built
 
@@ -219,6 +221,7 @@ def run(args):
     profile = PROFILES[args.profile]
     model, tokenizer, label = load_model(args.model, args.device, args.dtype)
     plan = build_plan(args, tokenizer)
+    plan = plan[args.skip:]
     if args.limit:
         plan = plan[:args.limit]
     backend = kvstar.BACKEND_CUDA if args.device.startswith("cuda") else kvstar.BACKEND_HOST
@@ -231,10 +234,10 @@ def run(args):
                 command=" ".join(sys.argv), profile=args.profile)
     with kvhf.StorageNode(data_dir=args.data_dir, backend=args.backend) as node, \
             kvstar.Client(node.address, backend=backend) as client, open(results, "w") as out:
-        for number, (task, method, knobs, new_tokens, part) in enumerate(plan):
+        for number, (task, method, knobs, new_tokens, part) in enumerate(plan, args.skip):
             row = run_case(model, tokenizer, task, method, knobs, new_tokens, client,
                            f"acc-{os.getpid()}-{number}")
-            row.update(meta, part=part)
+            row.update(meta, part=part, plan_index=number, new_tokens=new_tokens)
             out.write(json.dumps(row) + "\n")
             out.flush()
             recall = row.get("recall")
@@ -259,6 +262,8 @@ def main():
     parser.add_argument("--results", default=None,
                         help="JSON lines out (default eval/results/MODEL-PROFILE-PART.jsonl)")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N generations")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="skip the plan's first N generations (to resume a run)")
     parser.add_argument("--report", nargs="*", help="write docs/ACCURACY.md from these results")
     parser.add_argument("--tasks_file", help="tasks built by --write_tasks (JSON)")
     parser.add_argument("--write_tasks", help="build the profile's tasks, write them here, exit")

