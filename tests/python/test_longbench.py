@@ -1,9 +1,12 @@
 """eval/longbench.py: LongBench's QA F1 on hand-made cases, the reader and the prompt."""
 import json
+from pathlib import Path
 
 import pytest
 
 import longbench
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_exact_match_scores_one():
@@ -83,8 +86,6 @@ def test_prompt_puts_the_passage_before_the_question():
 
 
 def test_the_shipped_sample_file_reads_and_its_answers_are_in_its_contexts():
-    from conftest import REPO
-
     samples = longbench.read_jsonl(REPO / "examples" / "data" / "longbench_sample.jsonl")
     assert 3 <= len(samples) <= 5
     for record in samples:
