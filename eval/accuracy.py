@@ -16,7 +16,6 @@ into docs/ACCURACY.md and docs/accuracy.png.
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -27,15 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "client" / "python"))
 sys.path.insert(0, str(REPO / "eval"))
 
+from gguf_tokenizer import load_tokenizer  # noqa: E402
+
 METHODS_MAIN = ("full", "kvstar", "oracle", "quest", "quest_stride", "meankey", "window")
 KVSTAR_DEFAULTS = dict(sparse_ratio=0.25, retrieval_stride=8, blk_repre_dim_prune_ratio=0.25,
                        blk_repre_inner_token_merge=2)
 
 PROFILES = {
     # lengths: prompt tokens; cases: tasks per (kind, length); new: tokens generated.
-    "smoke": dict(lengths=(2048,), cases=1, new=12, sweep_length=2048, sweep_cases=1,
+    "smoke": dict(lengths=(2048,), cases=1, new=20, sweep_length=2048, sweep_cases=1,
                   sweep_new=24),
-    "full": dict(lengths=(2048, 4096, 8000), cases=4, new=12, sweep_length=4096, sweep_cases=2,
+    "full": dict(lengths=(2048, 4096, 8000), cases=4, new=20, sweep_length=4096, sweep_cases=2,
                  sweep_new=40),
 }
 
@@ -84,7 +85,7 @@ def load_model(name, device, dtype_name):
     extra = {"gguf_file": gguf} if gguf else {}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[dtype_name]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **extra)
+    tokenizer = load_tokenizer(directory, gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, attn_implementation=kvhf.ATTENTION_NAME, **extra)
     model.to(device).eval()
@@ -217,8 +218,6 @@ def run(args):
     import torch
     import kvstar
     import kvstar.hf as kvhf
-    import tasks as tasklib
-    profile = PROFILES[args.profile]
     model, tokenizer, label = load_model(args.model, args.device, args.dtype)
     plan = build_plan(args, tokenizer)
     plan = plan[args.skip:]
@@ -270,14 +269,12 @@ def main():
     args = parser.parse_args()
     if args.report is not None:
         import report
-        report.write(args.report or sorted(str(p) for p in (REPO / "eval" / "results").glob("*.jsonl")),
-                     REPO / "docs")
+        results = sorted(str(p) for p in (REPO / "eval" / "results").glob("*.jsonl"))
+        report.write(args.report or results, REPO / "docs")
         return
     if args.write_tasks:
-        import transformers
         directory, gguf, _ = resolve_model(args.model)
-        extra = {"gguf_file": gguf} if gguf else {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **extra)
+        tokenizer = load_tokenizer(directory, gguf)
         built = build_task_sets(args.profile, tokenizer)
         with open(args.write_tasks, "w") as f:
             json.dump(built, f)

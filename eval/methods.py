@@ -13,6 +13,10 @@ selection, as in kvstar's Retrieve.
   meankey       the mean key of each block (the original system's ESA representation), refreshed
                 every stride from its queries
   window        no scoring: the k middle blocks next to the local window (StreamingLLM-like)
+  stale_oracle  the true attention of the stride's queries (exact keys, no representation),
+                refreshed every stride: the best any stride-refreshed method can do
+  stale_oracle_max  the same, each block scored by its largest share in any query row and head
+                (instead of the sum over them)
 
 Scores of several query rows and heads are combined the way kvstar votes: a softmax over blocks
 per row and head (logits scaled by 1/sqrt(head_dim)), summed. The stride-refreshed methods select
@@ -25,7 +29,8 @@ import torch
 
 from kvstar.hf import SparseCache
 
-METHODS = ("oracle", "quest", "quest_stride", "meankey", "window")
+METHODS = ("oracle", "quest", "quest_stride", "meankey", "window", "stale_oracle",
+           "stale_oracle_max")
 PER_STEP = {"oracle", "quest"}
 
 
@@ -86,10 +91,14 @@ class LocalSelectionCache(SparseCache):
                                                            self.head_dim)
         q = torch.stack(rows).float()  # [s, Hq, D]
         q = q.view(q.shape[0], self.num_kv_heads, self.group, self.head_dim)
-        if self.method == "oracle":  # the true attention over every token, tail included
+        if self.method in ("oracle", "stale_oracle", "stale_oracle_max"):
+            # the true attention over every token, tail included
             every = layer.full_keys.float().view(self.num_kv_heads, 1, -1, self.head_dim)
             probs = torch.softmax(torch.einsum("sngd,nztd->sngt", q, every) * self.scale, -1)
-            return probs[..., :full * bs].reshape(*probs.shape[:3], full, bs).sum((0, 1, 2, 4))
+            blocks = probs[..., :full * bs].reshape(*probs.shape[:3], full, bs).sum(4)
+            if self.method == "stale_oracle_max":
+                return blocks.amax((0, 1, 2))
+            return blocks.sum((0, 1, 2))
         if self.method in ("quest", "quest_stride"):
             low, high = keys.amin(2), keys.amax(2)  # [n, b, d]
             bound = torch.maximum(torch.einsum("sngd,nbd->sngbd", q, low),

@@ -59,8 +59,9 @@ def main_tables(rows, model):
     if not main:
         return [], {}
     targets = sorted({r["target"] for r in main})
-    text = [f"### {model}: task accuracy (%, greedy) at 25% of the middle blocks",
-            "", "Cases per cell: " + ", ".join(
+    new_tokens = max(r.get("new_tokens", 0) for r in main) or "12"
+    text = [f"### {model}: task accuracy (%, greedy, {new_tokens} new tokens) at 25% of the "
+            "middle blocks", "", "Cases per cell: " + ", ".join(
                 f"{t}: {len([r for r in main if r['target'] == t and r['method'] == 'full'])}"
                 for t in targets) + " (passkey, multi-key and which-year tasks in equal parts).",
             ""]
@@ -123,7 +124,7 @@ def sweep_tables(rows, model):
         return [], {}
     full = [r for r in sweeps if r["method"] == "full"]
     text = [f"### {model}: sweeps ({len(full)} cases of {sorted({r['target'] for r in full})} "
-            f"tokens, {max(r.get('steps', 0) for r in sweeps) or 'see command'} new tokens)", "",
+            f"tokens, {max(r.get('new_tokens', 0) for r in sweeps)} new tokens)", "",
             f"Full attention's accuracy on these cases: {fmt(accuracy(full), 1)}%.", ""]
     budgets = sorted({r["knobs"]["sparse_ratio"] for r in sweeps if r["method"] != "full"})
     header = ["method"] + [f"{b}: capture / ratio / acc%" for b in budgets]

@@ -33,11 +33,11 @@ import threading
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import DEVICE, HOST, BACKEND_CUDA
+from . import DEVICE, HOST
 from .node import StorageNode
 
 __all__ = ["install", "KvstarCache", "SparseCache", "StorageNode", "ATTENTION_NAME",
@@ -159,7 +159,7 @@ class SparseCache(Cache):
     """
 
     def __init__(self, config, block_size=128, init_window_sz=1, local_window_sz=2,
-                 sparse_ratio=0.25, retrieval_stride=8, measure=False):
+                 sparse_ratio=0.25, retrieval_stride=8, measure=False, seal_queries=None):
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or (
             ["full_attention"] * text_config.num_hidden_layers)
@@ -167,6 +167,8 @@ class SparseCache(Cache):
                                                                       local_window_sz)
         self.sparse_ratio, self.retrieval_stride, self.measure = (sparse_ratio, retrieval_stride,
                                                                   measure)
+        # Prompt queries that vote for the first selection (default: retrieval_stride).
+        self.seal_queries = seal_queries or retrieval_stride
         self.num_q_heads = text_config.num_attention_heads
         self.num_kv_heads = text_config.num_key_value_heads
         self.head_dim = getattr(text_config, "head_dim", None) or (
@@ -198,7 +200,7 @@ class SparseCache(Cache):
             output = sdpa_attention_forward(module, query, key, value, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
             self._prompt_queries[layer.sparse_layer] = (
-                query[0, :, -self.retrieval_stride:].transpose(0, 1).contiguous())
+                query[0, :, -self.seal_queries:].transpose(0, 1).contiguous())
             if layer is self.sparse_layers[-1]:
                 self._finish_prompt()
             return output
