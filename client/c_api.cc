@@ -49,6 +49,7 @@ void kvstar_config_default(kvstar_config* config) {
   config->retrieval_stride = defaults.retrieval_stride;
   config->blk_repre_dim_prune_ratio = defaults.blk_repre_dim_prune_ratio;
   config->blk_repre_inner_token_merge = defaults.blk_repre_inner_token_merge;
+  config->block_vote = defaults.block_vote;
 }
 
 int kvstar_connect(const char* address, int backend, int use_tls, const char* tls_root_pem,
@@ -92,9 +93,8 @@ int kvstar_reconnect(kvstar_client* client, const char* address) {
 
 int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
                            const kvstar_model_profile* profile, const kvstar_config* config,
-                           uint32_t slots_per_layer, uint32_t max_blocks_per_layer,
-                           void* slot_pool, uint64_t slot_pool_bytes,
-                           kvstar_sequence** sequence) {
+                           uint32_t slots_per_layer, uint32_t max_blocks_per_layer, void* slot_pool,
+                           uint64_t slot_pool_bytes, kvstar_sequence** sequence) {
   if (client == nullptr || sequence_id == nullptr || profile == nullptr || sequence == nullptr) {
     return Invalid("client, sequence_id, profile and sequence are required");
   }
@@ -113,6 +113,7 @@ int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
     knobs.retrieval_stride = config->retrieval_stride;
     knobs.blk_repre_dim_prune_ratio = config->blk_repre_dim_prune_ratio;
     knobs.blk_repre_inner_token_merge = config->blk_repre_inner_token_merge;
+    knobs.block_vote = config->block_vote;
   }
   kvstar::SequenceOptions options;
   options.slots_per_layer = slots_per_layer;
@@ -131,8 +132,8 @@ int kvstar_drop_sequence(kvstar_client* client, const char* sequence_id) {
   return Report(client->client->DropSequence(sequence_id));
 }
 
-int kvstar_offload(kvstar_sequence* sequence, uint32_t layer, uint32_t block_index,
-                   const void* key, const void* value, int where, void* stream) {
+int kvstar_offload(kvstar_sequence* sequence, uint32_t layer, uint32_t block_index, const void* key,
+                   const void* value, int where, void* stream) {
   if (sequence == nullptr || key == nullptr || value == nullptr) {
     return Invalid("sequence, key and value are required");
   }
@@ -197,13 +198,12 @@ int kvstar_release(kvstar_sequence* sequence, uint32_t layer, void* stream) {
 
 int kvstar_sequence_stats_get(const kvstar_sequence* sequence, kvstar_sequence_stats* stats) {
   if (sequence == nullptr || stats == nullptr) return Invalid("sequence and stats are required");
-  const kvstar::SequenceStats s =
-      reinterpret_cast<const kvstar::Sequence*>(sequence)->stats();
-  *stats = kvstar_sequence_stats{s.blocks_offloaded,     s.unacknowledged_blocks,
-                                 s.blocks_loaded,        s.bytes_loaded,
-                                 s.blocks_already_resident, s.selections_published,
-                                 s.selections_dropped,   s.last_staleness_steps,
-                                 s.max_staleness_steps,  s.decode_step};
+  const kvstar::SequenceStats s = reinterpret_cast<const kvstar::Sequence*>(sequence)->stats();
+  *stats =
+      kvstar_sequence_stats{s.blocks_offloaded,   s.unacknowledged_blocks,   s.blocks_loaded,
+                            s.bytes_loaded,       s.blocks_already_resident, s.selections_published,
+                            s.selections_dropped, s.last_staleness_steps,    s.max_staleness_steps,
+                            s.decode_step};
   return Report(absl::OkStatus());
 }
 

@@ -192,6 +192,7 @@ absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence
   knobs->set_retrieval_stride(config.retrieval_stride);
   knobs->set_blk_repre_dim_prune_ratio(config.blk_repre_dim_prune_ratio);
   knobs->set_blk_repre_inner_token_merge(config.blk_repre_inner_token_merge);
+  knobs->set_block_vote(static_cast<v1::BlockVote>(config.block_vote));
 
   if (absl::Status status = EnsureDataPlane();
       !status.ok() && options_.data_plane == DataPlane::kSharedMemory) {

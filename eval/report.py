@@ -5,9 +5,14 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ("full", "kvstar", "oracle", "quest", "quest_stride", "meankey", "window")
+ORDER = ("full", "kvstar", "kvstar+", "oracle", "quest", "quest_stride", "meankey", "window")
 DEFAULTS = dict(sparse_ratio=0.25, retrieval_stride=8, blk_repre_dim_prune_ratio=0.25,
-                blk_repre_inner_token_merge=2)
+                blk_repre_inner_token_merge=2, seal_queries=8, block_vote=0)
+# kvstar+ in the tables: kvstar with the first selection voted by the prompt's last 64 queries,
+# blocks scored by their largest share in any query row, no token merging and half the channels
+# (KVSTAR_IMPROVED in accuracy.py).
+IMPROVED = dict(seal_queries=64, block_vote=1, blk_repre_inner_token_merge=1,
+                blk_repre_dim_prune_ratio=0.5)
 
 
 def load(paths):
@@ -18,6 +23,12 @@ def load(paths):
                 if line.strip():
                     row = json.loads(line)
                     row["file"] = str(path)
+                    knobs = row["knobs"]
+                    if row["method"] == "kvstar" and all(knobs.get(k) == v
+                                                         for k, v in IMPROVED.items()):
+                        row["method"] = "kvstar+"
+                        knobs = {k: v for k, v in knobs.items() if k not in IMPROVED}
+                    row["knobs"] = dict(DEFAULTS, **knobs)
                     rows.append(row)
     return rows
 
@@ -118,6 +129,48 @@ def main_tables(rows, model):
     return text, summary
 
 
+def targets_section(rows, model):
+    """The issue's targets, each with what was measured and whether it was met."""
+    main = [r for r in rows if r.get("part") == "main" and r["model"] == model]
+    sweeps = [r for r in rows if r.get("part") == "sweeps" and r["model"] == model]
+    if not main:
+        return []
+    lines = [f"### {model}: targets", ""]
+    for method in ("kvstar", "kvstar+"):
+        for target in sorted({r["target"] for r in main}):
+            means = recall_means([r for r in main if r["method"] == method and r["target"] == target])
+            if means:
+                verdict = "met" if means[3] >= 0.95 else "missed"
+                lines.append(f"- {method}, {target} tokens, 25%: capture / oracle {means[3]:.3f} "
+                             f"(target >= 0.95): {verdict}")
+        ten = recall_means([r for r in sweeps if r["method"] == method and
+                            r["knobs"] == dict(DEFAULTS, sparse_ratio=0.1)])
+        if ten:
+            lines.append(f"- {method}, 10%: capture / oracle {ten[3]:.3f} (target >= 0.9): "
+                         f"{'met' if ten[3] >= 0.9 else 'missed'}")
+        for target in sorted({r["target"] for r in main}):
+            for kind in sorted({r["kind"] for r in main}):
+                cell = [r for r in main if r["target"] == target and r["kind"] == kind]
+                full = accuracy([r for r in cell if r["method"] == "full"])
+                ours = accuracy([r for r in cell if r["method"] == method])
+                if full >= 50 and ours == ours:
+                    verdict = "met" if ours >= full - 1 else "missed"
+                    lines.append(f"- {method}, {kind} at {target} tokens: accuracy {ours:.0f}% vs "
+                                 f"full attention's {full:.0f}% (target: within 1 point): "
+                                 f"{verdict}")
+        beaten = []
+        for other in ("quest", "quest_stride", "meankey", "window"):
+            ours = recall_means([r for r in main if r["method"] == method])
+            theirs = recall_means([r for r in main if r["method"] == other])
+            if ours and theirs:
+                beaten.append(f"{other} {theirs[1]:.3f} ({'below' if theirs[1] < ours[1] else 'ABOVE'})")
+        if beaten:
+            ours = recall_means([r for r in main if r["method"] == method])
+            lines.append(f"- {method}'s capture at 25% over all lengths {ours[1]:.3f} against "
+                         + ", ".join(beaten))
+    return lines + [""]
+
+
 def sweep_tables(rows, model):
     sweeps = [r for r in rows if r.get("part") == "sweeps" and r["model"] == model]
     if not sweeps:
@@ -211,6 +264,7 @@ def write(paths, docs_dir, extra_sections=()):
         lines += text
         text, curves = sweep_tables(rows, model)
         lines += text
+        lines += targets_section(rows, model)
         if curves:
             curves_by_model[model] = curves
     if curves_by_model:

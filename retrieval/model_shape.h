@@ -35,14 +35,21 @@ struct ModelShape {
   }
 };
 
+// How a KV head's query rows vote for blocks (see BlockVote in kvstar.proto).
+enum class BlockVote : uint32_t { kSum = 0, kMax = 1 };
+
+// Queries a Seal may score with (the prompt's last ones), whatever retrieval_stride is.
+inline constexpr uint32_t kMaxSealQueries = 128;
+
 // Names kept from the original KVstar configuration.
 struct Knobs {
   uint32_t init_window_sz = 1;    // first blocks, always selected
   uint32_t local_window_sz = 2;   // last blocks, always selected
   float sparse_ratio = 0.25f;     // fraction of the middle blocks selected
   uint32_t retrieval_stride = 8;  // decode steps between retrievals = max queries per retrieval
-  float blk_repre_dim_prune_ratio = 0.25f;  // fraction of head_dim channels kept
+  float blk_repre_dim_prune_ratio = 0.25f;   // fraction of head_dim channels kept
   uint32_t blk_repre_inner_token_merge = 2;  // adjacent tokens averaged into one vector
+  BlockVote block_vote = BlockVote::kSum;    // sum or max of the rows' shares of a block
 
   // Representation vectors per block: block_size / blk_repre_inner_token_merge.
   uint32_t vectors_per_block(const ModelShape& shape) const {

@@ -17,15 +17,17 @@ float KeyAt(const ModelShape& shape, absl::Span<const uint8_t> block, size_t tok
 
 }  // namespace
 
-std::vector<uint32_t> ReferenceKeptChannels(const ModelShape& shape, const Knobs& knobs,
-                                            absl::Span<const absl::Span<const uint8_t>> key_blocks) {
+std::vector<uint32_t> ReferenceKeptChannels(
+    const ModelShape& shape, const Knobs& knobs,
+    absl::Span<const absl::Span<const uint8_t>> key_blocks) {
   const uint32_t kept = knobs.kept_channels(shape);
   std::vector<uint32_t> result;
   for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
     std::vector<float> mass(shape.head_dim, 0.0f);
     for (absl::Span<const uint8_t> block : key_blocks) {
       for (uint32_t t = 0; t < shape.block_size; ++t) {
-        for (uint32_t c = 0; c < shape.head_dim; ++c) mass[c] += std::fabs(KeyAt(shape, block, t, h, c));
+        for (uint32_t c = 0; c < shape.head_dim; ++c)
+          mass[c] += std::fabs(KeyAt(shape, block, t, h, c));
       }
     }
     std::vector<uint32_t> ids(shape.head_dim);
@@ -91,15 +93,21 @@ std::vector<float> ReferenceScores(const ModelShape& shape, const Knobs& knobs,
         }
       }
     }
+    std::vector<double> head_scores(num_blocks, 0.0);
     for (size_t row = 0; row < size_t{num_queries} * group; ++row) {
       double* r = &scores[row * columns];
       const double max = *std::max_element(r, r + columns);
       double sum = 0.0;
       for (size_t col = 0; col < columns; ++col) sum += (r[col] = std::exp(r[col] - max));
-      for (size_t col = 0; col < columns; ++col) {
-        block_scores[col / vectors] += static_cast<float>(r[col] / sum);
+      std::vector<double> row_shares(num_blocks, 0.0);
+      for (size_t col = 0; col < columns; ++col) row_shares[col / vectors] += r[col] / sum;
+      for (uint32_t b = 0; b < num_blocks; ++b) {
+        head_scores[b] = knobs.block_vote == BlockVote::kMax
+                             ? std::max(head_scores[b], row_shares[b])
+                             : head_scores[b] + row_shares[b];
       }
     }
+    for (uint32_t b = 0; b < num_blocks; ++b) block_scores[b] += static_cast<float>(head_scores[b]);
   }
   return block_scores;
 }
@@ -116,7 +124,8 @@ std::vector<uint32_t> ReferenceSelect(absl::Span<const float> block_scores, cons
   for (uint32_t b = init; b < n - local; ++b) middle.push_back(b);
   std::stable_sort(middle.begin(), middle.end(),
                    [&](uint32_t a, uint32_t b) { return block_scores[a] > block_scores[b]; });
-  const auto k = static_cast<size_t>(std::ceil(middle.size() * static_cast<double>(knobs.sparse_ratio)));
+  const auto k =
+      static_cast<size_t>(std::ceil(middle.size() * static_cast<double>(knobs.sparse_ratio)));
   middle.resize(std::min(k, middle.size()));
   for (uint32_t b = 0; b < init; ++b) selected.push_back(b);
   for (uint32_t b = n - local; b < n; ++b) selected.push_back(b);
@@ -131,9 +140,8 @@ std::vector<uint32_t> ReferenceRetrieveLayer(const ModelShape& shape, const Knob
                                              uint32_t num_queries) {
   const std::vector<uint32_t> channels = ReferenceKeptChannels(shape, knobs, key_blocks);
   const std::vector<float> rep = ReferenceRepresentation(shape, knobs, key_blocks, channels);
-  const std::vector<float> scores =
-      ReferenceScores(shape, knobs, rep, channels, static_cast<uint32_t>(key_blocks.size()),
-                      queries, num_queries);
+  const std::vector<float> scores = ReferenceScores(
+      shape, knobs, rep, channels, static_cast<uint32_t>(key_blocks.size()), queries, num_queries);
   return ReferenceSelect(scores, knobs);
 }
 

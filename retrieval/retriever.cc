@@ -229,7 +229,7 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
     MergeChunks(
         work.num_blocks, work.num_rows, work.num_chunks, partials,
         absl::MakeSpan(all_head_scores + size_t{task.kv_head} * work.num_blocks, work.num_blocks),
-        scratch.score);
+        scratch.score, index.knobs().block_vote);
     slots.Release(slot);
     if (work.heads_done.fetch_add(1, std::memory_order_acq_rel) + 1 != work.num_heads) return;
     std::vector<float>& block_scores = scratch.block_scores;

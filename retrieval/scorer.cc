@@ -384,7 +384,7 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
 // chunks' denominators rescaled to it, summed in chunk order.
 void MergeChunksImpl(size_t num_blocks, size_t num_rows, size_t num_chunks,
                      const float* HWY_RESTRICT partials, float* HWY_RESTRICT head_scores,
-                     ScoreScratch* scratch) {
+                     ScoreScratch* scratch, bool max_vote) {
   const DF df;
   const size_t lanes = hn::Lanes(df);
   const size_t group_blocks = SequenceIndex::kBlocksPerGroup;
@@ -416,9 +416,17 @@ void MergeChunksImpl(size_t num_blocks, size_t num_rows, size_t num_chunks,
           lane_chunk / chunks_per_group * group_blocks + (lane_chunk % chunks_per_group) * lanes;
       if (first_block >= num_blocks) continue;
       VF acc = hn::Zero(df);
-      for (size_t row = 0; row < num_rows; ++row) {
-        acc = hn::MulAdd(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
-                         hn::Set(df, chunk_weight[row]), acc);
+      if (max_vote) {
+        for (size_t row = 0; row < num_rows; ++row) {
+          acc = hn::Max(acc,
+                        hn::Mul(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
+                                hn::Set(df, chunk_weight[row])));
+        }
+      } else {
+        for (size_t row = 0; row < num_rows; ++row) {
+          acc = hn::MulAdd(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
+                           hn::Set(df, chunk_weight[row]), acc);
+        }
       }
       const size_t valid_lanes = std::min(lanes, num_blocks - first_block);
       if (valid_lanes == lanes) {
@@ -461,10 +469,11 @@ absl::Status CheckScoreArgs(const SequenceIndex& index, uint32_t layer,
     return absl::InvalidArgumentError(
         absl::StrCat("layer = ", layer, ": must be below num_layers (", shape.num_layers, ")"));
   }
-  if (num_queries == 0 || num_queries > index.knobs().retrieval_stride) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_queries = ", num_queries,
-                     ": must be in [1, retrieval_stride = ", index.knobs().retrieval_stride, "]"));
+  const uint32_t max_queries = std::max(index.knobs().retrieval_stride, kMaxSealQueries);
+  if (num_queries == 0 || num_queries > max_queries) {
+    return absl::InvalidArgumentError(absl::StrCat("num_queries = ", num_queries,
+                                                   ": must be in [1, max(retrieval_stride, ",
+                                                   kMaxSealQueries, ") = ", max_queries, "]"));
   }
   if (queries.size() != shape.query_bytes(num_queries)) {
     return absl::InvalidArgumentError(
@@ -552,10 +561,11 @@ void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
 
 void MergeChunks(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks,
                  absl::Span<const float> partials, absl::Span<float> head_scores,
-                 ScoreScratch& scratch) {
+                 ScoreScratch& scratch, BlockVote vote) {
   const FlushDenormals flush;
   HWY_DYNAMIC_DISPATCH(MergeChunksImpl)
-  (num_blocks, num_rows, num_chunks, partials.data(), head_scores.data(), &scratch);
+  (num_blocks, num_rows, num_chunks, partials.data(), head_scores.data(), &scratch,
+   vote == BlockVote::kMax);
 }
 
 void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
@@ -573,7 +583,8 @@ void ScoreKvHead(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
                absl::MakeSpan(partials.get(), partials_floats), scratch);
   }
   MergeChunks(num_blocks, num_rows, num_chunks,
-              absl::MakeConstSpan(partials.get(), partials_floats), head_scores, scratch);
+              absl::MakeConstSpan(partials.get(), partials_floats), head_scores, scratch,
+              index.knobs().block_vote);
 }
 
 absl::Status ScoreLayer(const SequenceIndex& index, uint32_t layer,

@@ -26,7 +26,8 @@ class ScoreScratch {
 
 // Scores the blocks of (layer, kv_head) against the g query heads of kv_head:
 // S = Q R^T / sqrt(head_dim) over all n*M representation vectors, softmax per query row,
-// head_scores[b] = sum over rows and over block b's M vectors of the probabilities.
+// head_scores[b] = sum over rows and over block b's M vectors of the probabilities (with
+// knobs().block_vote kMax: the largest over rows of that row's sum over block b's M vectors).
 // `queries`: [num_queries][num_q_heads][head_dim] in the index's dtype.
 // REQUIRES: the layer is sealed, queries has shape().query_bytes(num_queries) bytes,
 // head_scores.size() == num_blocks(layer). Fused: each representation row is read once and
@@ -77,9 +78,11 @@ void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
 
 // Merges the num_chunks chunks of `partials` (all scored) into head_scores (num_blocks floats);
 // merges in chunk order, so the result does not depend on the order the chunks ran in.
+// vote kSum adds the rows' shares of each block (head_scores[b] = sum over rows), kMax keeps the
+// largest (max over rows).
 void MergeChunks(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks,
                  absl::Span<const float> partials, absl::Span<float> head_scores,
-                 ScoreScratch& scratch);
+                 ScoreScratch& scratch, BlockVote vote = BlockVote::kSum);
 
 // Checks what ScoreKvHead requires, for every head of `layer`: InvalidArgument (bad layer, query
 // bytes, num_queries outside [1, retrieval_stride]) or FailedPrecondition (layer not sealed).

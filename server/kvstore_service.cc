@@ -253,7 +253,7 @@ grpc::Status KvStoreService::PutBlocks(grpc::ServerContext* context,
 
 absl::StatusOr<retrieval::RetrievalRequest> KvStoreService::ToRetrievalRequest(
     const Sequence& sequence, const retrieval::SequenceIndex* index,
-    const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries,
+    const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
     absl::string_view where) const {
   const uint32_t num_layers = sequence.profile.num_layers();
   if (static_cast<uint32_t>(queries.size()) != num_layers) {
@@ -268,7 +268,7 @@ absl::StatusOr<retrieval::RetrievalRequest> KvStoreService::ToRetrievalRequest(
   for (int i = 0; i < queries.size(); ++i) {
     const v1::LayerQueries& layer = queries[i];
     const std::string field = absl::StrCat(where, ".queries[", i, "]");
-    if (auto s = ValidateLayerQueries(layer, sequence.profile, sequence.config, field); !s.ok()) {
+    if (auto s = ValidateLayerQueries(layer, sequence.profile, max_queries, field); !s.ok()) {
       return s;
     }
     if (seen[layer.layer()]) {
@@ -312,8 +312,9 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRe
   const std::string& key = sequence.key;
   const uint32_t num_layers = sequence.profile.num_layers();
   // Checked before any block is read; the index is attached once it is built.
-  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
-      ToRetrievalRequest(sequence, nullptr, request->queries(), "request");
+  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request = ToRetrievalRequest(
+      sequence, nullptr, request->queries(),
+      std::max(sequence.config.retrieval_stride(), retrieval::kMaxSealQueries), "request");
   if (!retrieval_request.ok()) return ToGrpc(retrieval_request.status());
 
   // Every layer must hold blocks 0..n-1, the same n: the prompt.
@@ -486,8 +487,8 @@ grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
                           absl::StrCat(where, ".decode_step is ", part.decode_step(),
                                        ", it went backwards from ", sequence.last_decode_step));
     }
-    absl::StatusOr<retrieval::RetrievalRequest> r =
-        ToRetrievalRequest(sequence, sequence.index.get(), part.queries(), where);
+    absl::StatusOr<retrieval::RetrievalRequest> r = ToRetrievalRequest(
+        sequence, sequence.index.get(), part.queries(), sequence.config.retrieval_stride(), where);
     if (!r.ok()) return ToGrpc(r.status());
     requests[i] = *std::move(r);
     held[i].resize(sequence.profile.num_layers());

@@ -115,7 +115,7 @@ class KvStoreService final : public v1::KvStore::Service {
   // Checks and orders one request's queries by layer: every layer exactly once, same count.
   absl::StatusOr<retrieval::RetrievalRequest> ToRetrievalRequest(
       const Sequence& sequence, const retrieval::SequenceIndex* index,
-      const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries,
+      const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
       absl::string_view where) const;
 
   // Reads `ids` in batches of at most max_reply_bytes and hands each batch to `consume`.

@@ -89,6 +89,12 @@ absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
   if (!out.has_retrieval_stride()) out.set_retrieval_stride(8);
   if (!out.has_blk_repre_dim_prune_ratio()) out.set_blk_repre_dim_prune_ratio(0.25f);
   if (!out.has_blk_repre_inner_token_merge()) out.set_blk_repre_inner_token_merge(2);
+  if (!out.has_block_vote()) out.set_block_vote(v1::BLOCK_VOTE_SUM);
+  if (!v1::BlockVote_IsValid(out.block_vote())) {
+    return absl::InvalidArgumentError(absl::StrCat("config.block_vote is ", out.block_vote(),
+                                                   ": must be BLOCK_VOTE_SUM (0) or "
+                                                   "BLOCK_VOTE_MAX (1)"));
+  }
 
   if (auto s = CheckRange("config.init_window_sz", out.init_window_sz(), 0, kMaxBlocksPerLayer);
       !s.ok()) {
@@ -137,18 +143,20 @@ retrieval::Knobs ToKnobs(const v1::KvstarConfig& config) {
   knobs.retrieval_stride = config.retrieval_stride();
   knobs.blk_repre_dim_prune_ratio = config.blk_repre_dim_prune_ratio();
   knobs.blk_repre_inner_token_merge = config.blk_repre_inner_token_merge();
+  knobs.block_vote = config.block_vote() == v1::BLOCK_VOTE_MAX ? retrieval::BlockVote::kMax
+                                                               : retrieval::BlockVote::kSum;
   return knobs;
 }
 
 absl::Status ValidateLayerQueries(const v1::LayerQueries& queries, const v1::ModelProfile& profile,
-                                  const v1::KvstarConfig& config, absl::string_view where) {
+                                  uint32_t max_queries, absl::string_view where) {
   if (queries.layer() >= profile.num_layers()) {
     return absl::InvalidArgumentError(absl::StrCat(where, ".layer is ", queries.layer(),
                                                    ", the sequence has ", profile.num_layers(),
                                                    " layers"));
   }
-  if (auto s = CheckRange(absl::StrCat(where, ".num_queries"), queries.num_queries(), 1,
-                          config.retrieval_stride());
+  if (auto s =
+          CheckRange(absl::StrCat(where, ".num_queries"), queries.num_queries(), 1, max_queries);
       !s.ok()) {
     return s;
   }

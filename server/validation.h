@@ -47,10 +47,11 @@ absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
 retrieval::ModelShape ToModelShape(const v1::ModelProfile& profile);
 retrieval::Knobs ToKnobs(const v1::KvstarConfig& config);
 
-// Checks one LayerQueries of a Seal or Retrieve: layer in range, 1..retrieval_stride queries,
-// and exactly num_queries x num_q_heads x head_dim elements. `where` prefixes the message.
+// Checks one LayerQueries of a Seal or Retrieve: layer in range, 1..max_queries queries (a
+// Retrieve's retrieval_stride; a Seal's up to max(retrieval_stride, kMaxSealQueries)), and exactly
+// num_queries x num_q_heads x head_dim elements. `where` prefixes the message.
 absl::Status ValidateLayerQueries(const v1::LayerQueries& queries, const v1::ModelProfile& profile,
-                                  const v1::KvstarConfig& config, absl::string_view where);
+                                  uint32_t max_queries, absl::string_view where);
 
 // Checks one block against its sequence's profile: layer and index in range, K and V sizes.
 // `where` prefixes the message (e.g. "blocks[3]"). Checksums are the store's to verify.

@@ -10,7 +10,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "client" / "python"))
 MODEL_DIR = Path(os.environ.get("KVSTAR_SMOLLM2_DIR", REPO / ".cache" / "models" / "smollm2"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SOTU = Path(os.environ.get("KVSTAR_SOTU_DIR", REPO.parent / "shared" / "data" / "sotu"))
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -42,8 +41,8 @@ def client():
 
 
 def prompt_ids(tokenizer, characters):
-    text = (SOTU / "1790_george_washington_n.txt").read_text()[:characters]
-    messages = [{"role": "user", "content": text + "\n\nWhat did the President ask of Congress?"}]
+    text = (REPO / "README.md").read_text()[:characters]  # real English text, always at hand
+    messages = [{"role": "user", "content": text + "\n\nWhat does the storage node do?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     return ids if torch.is_tensor(ids) else ids["input_ids"]
 

@@ -128,6 +128,50 @@ TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapesForEveryTarget)
   hwy::SetSupportedTargetsForTest(0);
 }
 
+// BLOCK_VOTE_MAX: each block scores the largest share any query row gives it (per KV head), with
+// up to kMaxSealQueries rows as a Seal may send.
+TEST(ScorerTest, MaxVoteScoresMatchReferenceWithSealSizedQueryWindowsForEveryTarget) {
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    SCOPED_TRACE(hwy::TargetName(target));
+    hwy::SetSupportedTargetsForTest(target);
+    std::mt19937 rng(11);
+    for (Case c : Cases()) {
+      SCOPED_TRACE(c.name);
+      c.knobs.block_vote = BlockVote::kMax;
+      auto index = SequenceIndex::Create(c.shape, c.knobs);
+      ASSERT_TRUE(index.ok()) << index.status();
+      KeyBlocks keys(c.shape, c.num_blocks, rng);
+      ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+      const std::vector<uint32_t> channels = ReferenceKeptChannels(c.shape, c.knobs, keys.spans);
+      const std::vector<float> rep =
+          ReferenceRepresentation(c.shape, c.knobs, keys.spans, channels);
+      for (uint32_t nq : {1u, c.knobs.retrieval_stride, 37u, kMaxSealQueries}) {
+        SCOPED_TRACE(nq);
+        const std::vector<uint8_t> queries = RandomElements(
+            c.shape.dtype, size_t{nq} * c.shape.num_q_heads * c.shape.head_dim, rng, 3.0f);
+        std::vector<float> scores;
+        ASSERT_TRUE(ScoreLayer(**index, 0, queries, nq, scores).ok());
+        const std::vector<float> want =
+            ReferenceScores(c.shape, c.knobs, rep, channels, c.num_blocks, queries, nq);
+        ASSERT_EQ(scores.size(), want.size());
+        for (size_t b = 0; b < want.size(); ++b) {
+          EXPECT_NEAR(scores[b], want[b], 1e-4f * want[b] + 1e-6f) << "block " << b;
+          // No block can score more than one full share per KV head.
+          EXPECT_LE(scores[b], c.shape.num_kv_heads * (1.0f + 1e-5f));
+        }
+        ExpectSameSelectionAwayFromTies(SelectBlocks(scores, c.knobs),
+                                        ReferenceSelect(want, c.knobs), want);
+      }
+      std::vector<float> scores;
+      const std::vector<uint8_t> too_many = RandomElements(
+          c.shape.dtype, size_t{kMaxSealQueries + 1} * c.shape.num_q_heads * c.shape.head_dim, rng,
+          3.0f);
+      EXPECT_FALSE(ScoreLayer(**index, 0, too_many, kMaxSealQueries + 1, scores).ok());
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
 // Scores one layer by split-K with `num_chunks` chunks per head, running the chunks in reverse
 // order (any order must give the same bits).
 std::vector<float> SplitLayerScores(const SequenceIndex& index, uint32_t layer,
@@ -348,8 +392,12 @@ TEST(ScorerTest, RejectsBadQueriesAndUnsealedLayers) {
   EXPECT_EQ(ScoreLayer(**index, 0, queries, 3, scores).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ScoreLayer(**index, 0, {}, 0, scores).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ScoreLayer(**index, 2, queries, 2, scores).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<uint8_t> too_many(shape.query_bytes(9));
-  EXPECT_EQ(ScoreLayer(**index, 0, too_many, 9, scores).code(), absl::StatusCode::kInvalidArgument);
+  // Up to kMaxSealQueries queries (a Seal's window) are scored; more are refused.
+  std::vector<uint8_t> seal_window(shape.query_bytes(kMaxSealQueries));
+  EXPECT_TRUE(ScoreLayer(**index, 0, seal_window, kMaxSealQueries, scores).ok());
+  std::vector<uint8_t> too_many(shape.query_bytes(kMaxSealQueries + 1));
+  EXPECT_EQ(ScoreLayer(**index, 0, too_many, kMaxSealQueries + 1, scores).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ScorerTest, DispatchesToASimdTarget) {

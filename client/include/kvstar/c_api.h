@@ -48,6 +48,7 @@ typedef struct {
   uint32_t retrieval_stride;
   float blk_repre_dim_prune_ratio;
   uint32_t blk_repre_inner_token_merge;
+  uint32_t block_vote; /* 0 sum (default), 1 max: see KvstarConfig in client.h */
 } kvstar_config;
 
 typedef struct {
@@ -80,7 +81,7 @@ typedef struct {
 /* The message of the last failed call on this thread ("" when it succeeded). */
 const char* kvstar_last_error(void);
 
-/* The server's defaults (block 1 / local 2 / 0.25 / stride 8 / 0.25 / 2). */
+/* The server's defaults (block 1 / local 2 / 0.25 / stride 8 / 0.25 / 2 / sum). */
 void kvstar_config_default(kvstar_config* config);
 
 /* tls_root_pem and bearer_token may be NULL. backend: KVSTAR_BACKEND_*. */

@@ -6,21 +6,23 @@
 //   2. Prefill: Sequence::Offload every completed prompt block (device or host pointers), then
 //      Sequence::Seal with the last prompt queries. Seal returns once the first selection is loaded
 //      into device slots and visible.
-//   3. Each decode step, for each layer: Acquire(layer) -> the slot table the attention kernel reads,
+//   3. Each decode step, for each layer: Acquire(layer) -> the slot table the attention kernel
+//   reads,
 //      RecordQuery(layer, query), launch attention, Release(layer). When the local window fills a
-//      block: AppendBlock (offloads it and keeps it resident). Then, once per step for all sequences,
-//      Client::Step().
+//      block: AppendBlock (offloads it and keeps it resident). Then, once per step for all
+//      sequences, Client::Step().
 //   Every retrieval_stride steps Step() hands one Retrieve for all layers of all due sequences to a
 //   background thread; replies stream in and their new blocks are copied into free slots. A new
-//   selection becomes visible only at a step boundary (a later Step()) after its copies completed, so
-//   every Acquire between two Step() calls returns the same table. A slot leaves a table only at a
-//   step boundary and is overwritten only after every Release of the tables that held it completed
-//   (a CUDA event recorded on the engine's stream; on the host backend, the Release call itself).
+//   selection becomes visible only at a step boundary (a later Step()) after its copies completed,
+//   so every Acquire between two Step() calls returns the same table. A slot leaves a table only at
+//   a step boundary and is overwritten only after every Release of the tables that held it
+//   completed (a CUDA event recorded on the engine's stream; on the host backend, the Release call
+//   itself).
 //
 // Slots. Each sequence owns a slot pool in device memory: `slots_per_layer` slots per layer, each
-// `slot_bytes` = K then V of one block ([block_size][num_kv_heads][head_dim] each). Slot s of layer l
-// starts at slot_pool + (l * slots_per_layer + s) * slot_bytes. The pool is allocated by the library
-// or handed in by the engine (e.g. a torch tensor's data pointer).
+// `slot_bytes` = K then V of one block ([block_size][num_kv_heads][head_dim] each). Slot s of layer
+// l starts at slot_pool + (l * slots_per_layer + s) * slot_bytes. The pool is allocated by the
+// library or handed in by the engine (e.g. a torch tensor's data pointer).
 //
 // Data planes. Retrieve replies carry new blocks' bytes either in the gRPC messages (remote node)
 // or, for a client on the server's host (the co-located sidecar), as regions of the server's
@@ -33,28 +35,30 @@
 //
 // Backends. With a usable CUDA device, slots live in device memory and copies are CUDA async copies
 // through pinned staging. When CUDA is unusable at start-up (no device, "driver insufficient", ...)
-// and the backend is kAuto, the same code runs on a host-memory backend: "device" pointers are plain
-// host memory and copies are memcpy. The choice is logged once per process.
+// and the backend is kAuto, the same code runs on a host-memory backend: "device" pointers are
+// plain host memory and copies are memcpy. The choice is logged once per process.
 //
 // Errors are absl::Status values; nothing throws. Background work reports its first error later:
 // offload errors on every Offload/AppendBlock of that sequence until a Flush returns and clears
 // them; retrieval and load errors once, on the next Client::Step.
 //
 // Recovery after the server restarts or the connection drops: calls in flight fail (UNAVAILABLE or
-// DEADLINE_EXCEEDED) and the error surfaces as above. Decoding may go on meanwhile: the resident set
-// stays valid and Acquire keeps returning it (selections just get stale). Then:
-//   - Client::Reconnect(address) if the server moved (plain restarts on the same address reconnect by
+// DEADLINE_EXCEEDED) and the error surfaces as above. Decoding may go on meanwhile: the resident
+// set stays valid and Acquire keeps returning it (selections just get stale). Then:
+//   - Client::Reconnect(address) if the server moved (plain restarts on the same address reconnect
+//   by
 //     themselves).
 //   - Sequence::Reseal() for every sealed sequence: a restarted server lost its retrieval index
 //     (Step reports FAILED_PRECONDITION "not sealed" from the next Retrieve). Later strides then
 //     retrieve as before.
-//   - Blocks the server acknowledged are durable. Flush() returns an error naming how many blocks were
+//   - Blocks the server acknowledged are durable. Flush() returns an error naming how many blocks
+//   were
 //     not acknowledged since the last successful Flush; re-Offload those (PutBlocks overwrites, so
 //     re-sending a block is harmless). SequenceStats::unacknowledged_blocks counts them.
 //
 // Thread-safety: Client and Sequence methods may be called from any thread, but the per-step calls
-// (RecordQuery, Acquire, Release, Step) are meant for the engine's one decode thread; they take short
-// locks and never wait for the network.
+// (RecordQuery, Acquire, Release, Step) are meant for the engine's one decode thread; they take
+// short locks and never wait for the network.
 #ifndef KVSTAR_CLIENT_INCLUDE_KVSTAR_CLIENT_H_
 #define KVSTAR_CLIENT_INCLUDE_KVSTAR_CLIENT_H_
 
@@ -96,6 +100,9 @@ struct KvstarConfig {
   uint32_t retrieval_stride = 8;
   float blk_repre_dim_prune_ratio = 0.25f;
   uint32_t blk_repre_inner_token_merge = 2;
+  // How a KV head's query rows vote for blocks (BlockVote in kvstar.proto): 0 the sum of their
+  // softmax shares (the original algorithm), 1 the largest share.
+  uint32_t block_vote = 0;
 };
 
 enum class BackendKind : uint32_t { kAuto = 0, kHost = 1, kCuda = 2 };
@@ -125,7 +132,8 @@ struct ClientOptions {
   // kAuto: CUDA when usable, else the host backend. kCuda fails Connect when CUDA is unusable.
   BackendKind backend = BackendKind::kAuto;
   int cuda_device = 0;
-  // Pinned host memory for staging offloads and loads. Offload blocks (backpressure) when it is full.
+  // Pinned host memory for staging offloads and loads. Offload blocks (backpressure) when it is
+  // full.
   uint64_t staging_budget_bytes = uint64_t{256} << 20;
   // Deadline of each unary call and of each streaming call as a whole.
   int rpc_timeout_ms = 30000;
@@ -150,27 +158,27 @@ struct SequenceOptions {
 // Release; the device array is not rewritten before the Release's event completed.
 struct SlotTable {
   uint32_t layer = 0;
-  uint64_t step = 0;                  // the decode step this table serves
-  uint32_t count = 0;                 // resident blocks
+  uint64_t step = 0;                        // the decode step this table serves
+  uint32_t count = 0;                       // resident blocks
   const int32_t* device_slots = nullptr;    // [count] slot of each resident block, device memory
   const int32_t* host_slots = nullptr;      // [count] the same, host memory
   const uint32_t* block_indices = nullptr;  // [count] ascending block index, host memory
-  void* slot_pool = nullptr;          // base of the sequence's pool (device memory)
-  uint64_t slot_bytes = 0;            // K + V of one block
+  void* slot_pool = nullptr;                // base of the sequence's pool (device memory)
+  uint64_t slot_bytes = 0;                  // K + V of one block
   uint32_t slots_per_layer = 0;
   // Decode step the queries behind this selection ended at (0 for the Seal selection).
   uint64_t selection_step = 0;
 };
 
 struct SequenceStats {
-  uint64_t blocks_offloaded = 0;        // acknowledged by the server
-  uint64_t unacknowledged_blocks = 0;   // handed to Offload, lost to an error since the last Flush
-  uint64_t blocks_loaded = 0;           // new blocks copied into slots (incremental transfer)
+  uint64_t blocks_offloaded = 0;       // acknowledged by the server
+  uint64_t unacknowledged_blocks = 0;  // handed to Offload, lost to an error since the last Flush
+  uint64_t blocks_loaded = 0;          // new blocks copied into slots (incremental transfer)
   uint64_t bytes_loaded = 0;
-  uint64_t blocks_already_resident = 0; // selected blocks that were resident: not sent, not copied
+  uint64_t blocks_already_resident = 0;  // selected blocks that were resident: not sent, not copied
   uint64_t selections_published = 0;
-  uint64_t selections_dropped = 0;      // no free slot or an error while loading it
-  uint64_t last_staleness_steps = 0;    // visible step minus the selection's query step
+  uint64_t selections_dropped = 0;    // no free slot or an error while loading it
+  uint64_t last_staleness_steps = 0;  // visible step minus the selection's query step
   uint64_t max_staleness_steps = 0;
   uint64_t decode_step = 0;
 };
@@ -199,9 +207,9 @@ class Sequence {
   // Hands over K and V of one completed block (block_key_bytes each). Device pointers are copied to
   // pinned staging on `stream` (a cudaStream_t; nullptr = legacy default), ordered after the work
   // that produced them; host pointers are copied before returning. Either way the caller may reuse
-  // its buffers once the stream passes this point (device) or at return (host). Sending happens on a
-  // background thread; blocks when the staging budget is full. Returns an earlier background error,
-  // or INVALID_ARGUMENT for a layer out of range.
+  // its buffers once the stream passes this point (device) or at return (host). Sending happens on
+  // a background thread; blocks when the staging budget is full. Returns an earlier background
+  // error, or INVALID_ARGUMENT for a layer out of range.
   virtual absl::Status Offload(uint32_t layer, uint32_t block_index, const void* key,
                                const void* value, MemoryKind where, void* stream) = 0;
 
@@ -211,15 +219,15 @@ class Sequence {
   virtual absl::Status AppendBlock(uint32_t layer, const void* key, const void* value,
                                    MemoryKind where, void* stream) = 0;
 
-  // Waits until every block offloaded so far is acknowledged. Returns the first error since the last
-  // Flush (with the count of blocks not acknowledged).
+  // Waits until every block offloaded so far is acknowledged. Returns the first error since the
+  // last Flush (with the count of blocks not acknowledged).
   virtual absl::Status Flush() = 0;
 
   // Flushes, then seals the prompt with its last `num_queries` queries of every layer, laid out
-  // [num_layers][num_queries][num_q_heads][head_dim]; loads the first selection into slots and makes
-  // it visible. Blocking (prefill, not the decode critical path). Errors: the server's Seal status
-  // (FAILED_PRECONDITION when blocks are missing, UNIMPLEMENTED on servers without retrieval), or
-  // RESOURCE_EXHAUSTED when the selection does not fit the slots.
+  // [num_layers][num_queries][num_q_heads][head_dim]; loads the first selection into slots and
+  // makes it visible. Blocking (prefill, not the decode critical path). Errors: the server's Seal
+  // status (FAILED_PRECONDITION when blocks are missing, UNIMPLEMENTED on servers without
+  // retrieval), or RESOURCE_EXHAUSTED when the selection does not fit the slots.
   virtual absl::Status Seal(const void* queries, uint32_t num_queries, MemoryKind where,
                             void* stream) = 0;
 
@@ -231,8 +239,8 @@ class Sequence {
   // before retrieval_stride decode steps were recorded.
   virtual absl::Status Reseal() = 0;
 
-  // Records this decode step's query of `layer` ([num_q_heads][head_dim], one token). Device queries
-  // are copied to a pinned buffer on a side stream ordered after `stream`; never blocks.
+  // Records this decode step's query of `layer` ([num_q_heads][head_dim], one token). Device
+  // queries are copied to a pinned buffer on a side stream ordered after `stream`; never blocks.
   virtual absl::Status RecordQuery(uint32_t layer, const void* query, MemoryKind where,
                                    void* stream) = 0;
 

@@ -283,21 +283,26 @@ class KvstarCache(SparseCache):
     the slot pool lives in device memory and copies run on torch's current stream). sequence_id:
     unique per request on that node. max_tokens: the longest the sequence may grow (prompt + new
     tokens; default the model's max_position_embeddings), which sizes the slot pool. Knobs as in
-    kvstar.proto's KvstarConfig. dtype/device: of the model's K/V (default: the model's first
-    parameter's at the first forward; give them to allocate the pool up front)."""
+    kvstar.proto's KvstarConfig; the slot pool takes the dtype and device of the K/V the model
+    produces. seal_queries: how many of the prompt's last queries vote
+    for the first selection (default retrieval_stride; the node takes up to
+    max(retrieval_stride, 128)). block_vote: 0 sums the query rows' softmax shares of a block
+    (the original algorithm), 1 takes the largest."""
 
     def __init__(self, config, client, sequence_id, max_tokens=None, block_size=128,
                  init_window_sz=1, local_window_sz=2, sparse_ratio=0.25, retrieval_stride=8,
-                 blk_repre_dim_prune_ratio=0.25, blk_repre_inner_token_merge=2, measure=False):
+                 blk_repre_dim_prune_ratio=0.25, blk_repre_inner_token_merge=2, block_vote=0,
+                 seal_queries=None, measure=False):
         super().__init__(config, block_size, init_window_sz, local_window_sz, sparse_ratio,
-                         retrieval_stride, measure)
+                         retrieval_stride, measure, seal_queries)
         text_config = config.get_text_config(decoder=True)
         self.client, self.sequence_id = client, sequence_id
         self.max_tokens = max_tokens or text_config.max_position_embeddings
         self.knobs = dict(init_window_sz=init_window_sz, local_window_sz=local_window_sz,
                           sparse_ratio=sparse_ratio, retrieval_stride=retrieval_stride,
                           blk_repre_dim_prune_ratio=blk_repre_dim_prune_ratio,
-                          blk_repre_inner_token_merge=blk_repre_inner_token_merge)
+                          blk_repre_inner_token_merge=blk_repre_inner_token_merge,
+                          block_vote=block_vote)
         self.sequence = None
         self.pool = None
         self._stream = None
