@@ -1,5 +1,6 @@
-"""The transformers integration against a real storage node, on the CPU (host backend), with the
-real SmolLM2-135M-Instruct (fetched by eval/fetch_models.sh into .cache/models/smollm2)."""
+"""The transformers integration against a real storage node, with the real SmolLM2-135M-Instruct
+(fetched by eval/fetch_models.sh into .cache/models/smollm2): on the CPU and the host backend (CI),
+or with KVSTAR_TEST_DEVICE=cuda on the GPU and the CUDA backend (the GPU machine)."""
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "client" / "python"))
 MODEL_DIR = Path(os.environ.get("KVSTAR_SMOLLM2_DIR", REPO / ".cache" / "models" / "smollm2"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEVICE = os.environ.get("KVSTAR_TEST_DEVICE", "cpu")
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +28,7 @@ def model_and_tokenizer():
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=GGUF)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         MODEL_DIR, gguf_file=GGUF, dtype=torch.float32, attn_implementation=kvhf.ATTENTION_NAME)
-    return model, tokenizer
+    return model.to(DEVICE), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def client():
         kvstar.node.find_server()
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    with kvhf.StorageNode() as node, kvstar.Client(node.address,
-                                                   backend=kvstar.BACKEND_HOST) as connected:
+    backend = kvstar.BACKEND_CUDA if DEVICE == "cuda" else kvstar.BACKEND_HOST
+    with kvhf.StorageNode() as node, kvstar.Client(node.address, backend=backend) as connected:
         yield connected
 
 
@@ -44,7 +46,7 @@ def prompt_ids(tokenizer, characters):
     text = (REPO / "README.md").read_text()[:characters]  # real English text, always at hand
     messages = [{"role": "user", "content": text + "\n\nWhat does the storage node do?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    return ids if torch.is_tensor(ids) else ids["input_ids"]
+    return (ids if torch.is_tensor(ids) else ids["input_ids"]).to(DEVICE)
 
 
 def test_full_ratio_reproduces_dynamic_cache_greedy_tokens(model_and_tokenizer, client):
