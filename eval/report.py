@@ -217,25 +217,32 @@ def sweep_tables(rows, model):
     return text, curves
 
 
-def plot(curves_by_model, path):
+def plot(curves_by_model, curves_by_model_full, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = "osD^v<>p"
     for model, curves in curves_by_model.items():
-        for method, points in curves.items():
+        for number, (method, points) in enumerate(curves.items()):
+            style = dict(marker=markers[number % len(markers)], label=f"{method} ({model})")
             xs = [b for b, means, _ in points if means]
-            axes[0].plot(xs, [means[1] for _, means, _ in points if means], marker="o",
-                         label=f"{method} ({model})")
-            axes[1].plot([b for b, _, a in points if a is not None],
-                         [a for _, _, a in points if a is not None], marker="o",
-                         label=f"{method} ({model})")
-    axes[0].set_title("middle-block attention captured")
-    axes[1].set_title("task accuracy (%)")
+            axes[0].plot(xs, [means[1] for _, means, _ in points if means], **style)
+            # Offset a little so that methods with equal accuracy stay visible.
+            shift = (number - len(curves) / 2) * 0.004
+            axes[1].plot([b + shift for b, _, a in points if a is not None],
+                         [a for _, _, a in points if a is not None], **style)
+        full = curves_by_model_full.get(model)
+        if full is not None:
+            axes[1].axhline(full, color="black", linestyle="--", linewidth=1,
+                            label=f"full attention ({model})")
+    axes[0].set_title("middle-block attention captured (sweep cases)")
+    axes[1].set_title("task accuracy (%, sweep cases)")
     for ax in axes:
         ax.set_xlabel("budget: sparse_ratio of the middle blocks")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -257,6 +264,9 @@ def write(paths, docs_dir, extra_sections=()):
         lines.append(f"- `{Path(file).name}`: {r['model']} on {r.get('gpu') or r['device']}, "
                      f"{r['dtype']}, torch {r['torch']}, transformers {r['transformers']}; "
                      f"`{r['command']}`")
+    findings = Path(paths[0]).parent / "README.md"
+    if findings.exists():  # the hand-written reading of these results
+        extra_sections = [findings.read_text(), *extra_sections]
     lines += ["", *extra_sections]
     curves_by_model = {}
     for model in models:
@@ -268,7 +278,9 @@ def write(paths, docs_dir, extra_sections=()):
         if curves:
             curves_by_model[model] = curves
     if curves_by_model:
-        plot(curves_by_model, Path(docs_dir) / "accuracy.png")
+        full = {m: accuracy([r for r in rows if r.get("part") == "sweeps" and r["model"] == m and
+                             r["method"] == "full"]) for m in curves_by_model}
+        plot(curves_by_model, full, Path(docs_dir) / "accuracy.png")
         lines += ["![capture and accuracy against the budget](accuracy.png)", ""]
     (Path(docs_dir) / "ACCURACY.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {Path(docs_dir) / 'ACCURACY.md'} from {len(rows)} results")
