@@ -11,8 +11,9 @@ blocks' capture, as a ratio to the oracle's), blocks loaded per step and stalene
 
 --model is smollm2 (default), gemma3, or a local transformers model directory (MODEL_PATH works
 too); a directory with one .gguf file is loaded through transformers' GGUF reader. Results are
-written as JSON lines to --results (one line per generation); --report turns any set of them
-into docs/ACCURACY.md and docs/accuracy.png.
+written as JSON lines to --results (one line per generation), and the run's own tables beside
+them (RESULTS.md, a plot); --report turns any set of result files into docs/ACCURACY.md and
+docs/accuracy.png.
 """
 import argparse
 import json
@@ -195,11 +196,13 @@ def build_plan(args, tokenizer):
         with open(args.tasks_file) as f:
             built = json.load(f)
     else:
-        built = build_task_sets(args.profile, tokenizer)
+        built = build_task_sets(args.profile, tokenizer, args.lengths, args.kinds)
     plan = []
     if args.part in ("main", "all"):
         for task in built["main"]:
             for method, knobs in MAIN_CONFIGS:
+                if args.methods and config_label(method, knobs) not in args.methods:
+                    continue
                 plan.append((task, method, dict(knobs), profile["new"], "main"))
     if args.part in ("sweeps", "all"):
         for task in built["sweeps"]:
@@ -210,18 +213,24 @@ def build_plan(args, tokenizer):
     return plan
 
 
-def build_task_sets(profile_name, tokenizer):
-    """{"main": [...], "sweeps": [...]} tasks of a profile, sized by the model's tokenizer."""
+def config_label(method, knobs):
+    """The name a configuration has in the report: kvstar+ for KVSTAR_IMPROVED."""
+    return "kvstar+" if method == "kvstar" and knobs == KVSTAR_IMPROVED else method
+
+
+def build_task_sets(profile_name, tokenizer, lengths=None, kinds=None):
+    """{"main": [...], "sweeps": [...]} tasks of a profile, sized by the model's tokenizer
+    (lengths and kinds, when given, replace the profile's)."""
     import tasks as tasklib
     profile = PROFILES[profile_name]
     count, prompt_count = tasklib.token_counters(tokenizer)
     built = {"main": [], "sweeps": []}
-    for length in profile["lengths"]:
-        for kind in tasklib.KINDS:
+    for length in lengths or profile["lengths"]:
+        for kind in kinds or tasklib.KINDS:
             for task in tasklib.build_tasks(kind, count, length, profile["cases"], seed=0,
                                               prompt_count=prompt_count):
                 built["main"].append(dict(task, target_tokens=length))
-    for kind in tasklib.KINDS:
+    for kind in kinds or tasklib.KINDS:
         for task in tasklib.build_tasks(kind, count, profile["sweep_length"],
                                         profile["sweep_cases"], seed=1,
                                         prompt_count=prompt_count):
@@ -260,6 +269,8 @@ def run(args):
             progress.step(f"{method:<12} {task['id']:<22} {'ok ' if row['correct'] else 'miss'}"
                           f"{capture}")
     print(f"wrote {len(plan)} results to {results}", file=sys.stderr)
+    import report
+    report.write([str(results)], results.parent, name=results.stem + ".md")
 
 
 def main():
@@ -280,6 +291,12 @@ def main():
                         help="skip the plan's first N generations (to resume a run)")
     parser.add_argument("--report", nargs="*", help="write docs/ACCURACY.md from these results")
     parser.add_argument("--tasks_file", help="tasks built by --write_tasks (JSON)")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                        help="prompt lengths in tokens, e.g. 16384,32768 (default: the profile's)")
+    parser.add_argument("--kinds", type=lambda s: s.split(","),
+                        help="task kinds, e.g. passkey,multikey (default: all)")
+    parser.add_argument("--methods", type=lambda s: s.split(","),
+                        help="main configurations, e.g. full,kvstar,kvstar+,oracle (default: all)")
     parser.add_argument("--write_tasks", help="build the profile's tasks, write them here, exit")
     args = parser.parse_args()
     if args.report is not None:
@@ -290,7 +307,7 @@ def main():
     if args.write_tasks:
         directory, gguf, _ = resolve_model(args.model)
         tokenizer = load_tokenizer(directory, gguf)
-        built = build_task_sets(args.profile, tokenizer)
+        built = build_task_sets(args.profile, tokenizer, args.lengths, args.kinds)
         with open(args.write_tasks, "w") as f:
             json.dump(built, f)
         print(f"wrote {len(built['main'])} main and {len(built['sweeps'])} sweep tasks to "
@@ -298,6 +315,8 @@ def main():
         return
     if args.results is None:
         model = Path(args.model).name if args.model not in ("smollm2", "gemma3") else args.model
+        if args.lengths:
+            model += "-" + "-".join(str(n) for n in args.lengths)
         args.results = str(REPO / "eval" / "results" / f"{model}-{args.profile}-{args.part}.jsonl")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"

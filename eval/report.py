@@ -247,8 +247,10 @@ def plot(curves_by_model, curves_by_model_full, path):
     fig.savefig(path, dpi=110)
 
 
-def write(paths, docs_dir, extra_sections=()):
+def write(paths, docs_dir, extra_sections=(), name="ACCURACY.md"):
+    """Writes docs_dir/name (and its plot, name's stem + ".png") from the result files `paths`."""
     rows = load(paths)
+    plot_name = Path(name).stem.lower() + ".png"
     if not rows:
         raise SystemExit("no results to report")
     models = sorted({r["model"] for r in rows})
@@ -265,7 +267,7 @@ def write(paths, docs_dir, extra_sections=()):
                      f"{r['dtype']}, torch {r['torch']}, transformers {r['transformers']}; "
                      f"`{r['command']}`")
     findings = Path(paths[0]).parent / "README.md"
-    if findings.exists():  # the hand-written reading of these results
+    if name == "ACCURACY.md" and findings.exists():  # the hand-written reading of these results
         extra_sections = [findings.read_text(), *extra_sections]
     lines += ["", *extra_sections]
     curves_by_model = {}
@@ -280,7 +282,10 @@ def write(paths, docs_dir, extra_sections=()):
     if curves_by_model:
         full = {m: accuracy([r for r in rows if r.get("part") == "sweeps" and r["model"] == m and
                              r["method"] == "full"]) for m in curves_by_model}
-        plot(curves_by_model, full, Path(docs_dir) / "accuracy.png")
-        lines += ["![capture and accuracy against the budget](accuracy.png)", ""]
-    (Path(docs_dir) / "ACCURACY.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {Path(docs_dir) / 'ACCURACY.md'} from {len(rows)} results")
+        try:
+            plot(curves_by_model, full, Path(docs_dir) / plot_name)
+            lines += [f"![capture and accuracy against the budget]({plot_name})", ""]
+        except ImportError:
+            lines += ["(no plot: matplotlib is not installed)", ""]
+    (Path(docs_dir) / name).write_text("\n".join(lines) + "\n")
+    print(f"wrote {Path(docs_dir) / name} from {len(rows)} results")
