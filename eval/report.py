@@ -74,7 +74,7 @@ def main_tables(rows, model):
     text = [f"### {model}: task accuracy (%, greedy, {new_tokens} new tokens) at 25% of the "
             "middle blocks", "", "Cases per cell: " + ", ".join(
                 f"{t}: {len([r for r in main if r['target'] == t and r['method'] == 'full'])}"
-                for t in targets) + " (passkey, multi-key and which-year tasks in equal parts).",
+                for t in targets) + f" (tasks: {', '.join(sorted({r['kind'] for r in main}))}, in equal parts).",
             ""]
     header = ["method"] + [f"{t} tok" for t in targets] + ["all"]
     lines = []
