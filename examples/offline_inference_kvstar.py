@@ -31,6 +31,8 @@ Environment:
   SPARSE_RATIO    share of the middle blocks kept resident [0.25]
   RETRIEVAL_STRIDE decode steps between retrievals [8]
   BLOCK_SIZE      tokens per kvstar block [128]
+  KVSTAR_PLUS     1: the configuration docs/ACCURACY.md calls kvstar+ (64 seal queries, max
+                  vote, no token merging, half the channels) instead of the original algorithm
   MAX_INPUT_TOKENS prompts longer than this lose the middle of their passage, as LongBench's
                   own scripts do [the model's context length less MAX_NEW_TOKENS]
   DEVICE, DTYPE   [cuda and bfloat16 when a GPU is there, else cpu and float32]
@@ -129,6 +131,8 @@ def main():
     sparse_ratio = env_float("SPARSE_RATIO", 0.25)
     retrieval_stride = env_int("RETRIEVAL_STRIDE", 8)
     block_size = env_int("BLOCK_SIZE", 128)
+    knobs = (dict(seal_queries=64, block_vote=1, blk_repre_inner_token_merge=1,
+                  blk_repre_dim_prune_ratio=0.5) if env_int("KVSTAR_PLUS", 0) else {})
     device = torch.device(os.environ.get("DEVICE") or ("cuda" if torch.cuda.is_available()
                                                        else "cpu"))
     dtype = getattr(torch, os.environ.get("DTYPE") or ("bfloat16" if device.type == "cuda"
@@ -169,7 +173,7 @@ def main():
                 cache = kvhf.KvstarCache(model.config, client, f"offline-{os.getpid()}-{number}",
                                          max_tokens=tokens + max_new_tokens + block_size,
                                          block_size=block_size, sparse_ratio=sparse_ratio,
-                                         retrieval_stride=retrieval_stride)
+                                         retrieval_stride=retrieval_stride, **knobs)
                 try:
                     sparse_text, sparse_s = generate(model, tokenizer, input_ids, cache,
                                                      max_new_tokens)
