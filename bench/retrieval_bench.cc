@@ -27,6 +27,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "bench/retrieval_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+// After foreach_target.h (a block of its own, so formatting keeps the order).
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
@@ -253,8 +254,8 @@ int Main(int argc, char** argv) {
                  model_name.c_str());
     return 2;
   }
-  const ModelShape shape{model->layers, model->q_heads, model->kv_heads, model->head_dim, 128,
-                         DType::kBf16};
+  const ModelShape shape{model->layers, model->q_heads, model->kv_heads, model->head_dim,
+                         128,           DType::kBf16};
   const Knobs knobs;  // prune 0.25, merge 2, stride 8
   const uint32_t num_blocks = std::max(1u, context / shape.block_size);
   const uint32_t num_queries = knobs.retrieval_stride;
@@ -340,8 +341,8 @@ int Main(int argc, char** argv) {
 
   RetrieveRpcResult rpc;
   if (rpc_calls > 0) {
-    absl::StatusOr<RetrieveRpcResult> measured = MeasureRetrieveRpc(
-        shape, knobs, spans, queries, num_queries, rpc_calls, threads);
+    absl::StatusOr<RetrieveRpcResult> measured =
+        MeasureRetrieveRpc(shape, knobs, spans, queries, num_queries, rpc_calls, threads);
     if (!measured.ok()) {
       std::fprintf(stderr, "Retrieve RPC: %s\n", measured.status().ToString().c_str());
       return 1;
@@ -351,19 +352,19 @@ int Main(int argc, char** argv) {
 
   const double rep_bytes = static_cast<double>(index->representation_bytes());
   const double rows = static_cast<double>(num_queries) * shape.num_q_heads;  // over all KV heads
-  const double flops = 2.0 * rows * num_blocks * index->vectors_per_block() * index->kept() *
-                       shape.num_layers;
+  const double flops =
+      2.0 * rows * num_blocks * index->vectors_per_block() * index->kept() * shape.num_layers;
   const double exps = rows * num_blocks * index->vectors_per_block() * shape.num_layers;
   const double memory_ms = rep_bytes / (membw_gbps * 1e9) * 1e3;
   const double compute_ms = flops / (fma_gflops * 1e9) * 1e3;
   const double floor_ms = std::max(memory_ms, compute_ms);
   const char* target = retrieval::DispatchedTargetName();
 
-  std::printf("model %s, context %u: %u layers x %u blocks, %u q / %u KV heads, dim %u -> kept %u, "
-              "M %u, %u queries\n",
-              model->name, context, shape.num_layers, num_blocks, shape.num_q_heads,
-              shape.num_kv_heads, shape.head_dim, index->kept(), index->vectors_per_block(),
-              num_queries);
+  std::printf(
+      "model %s, context %u: %u layers x %u blocks, %u q / %u KV heads, dim %u -> kept %u, "
+      "M %u, %u queries\n",
+      model->name, context, shape.num_layers, num_blocks, shape.num_q_heads, shape.num_kv_heads,
+      shape.head_dim, index->kept(), index->vectors_per_block(), num_queries);
   std::printf("threads %zu, SIMD target %s, seal (build representations) %.0f ms\n",
               retriever.num_threads(), target, seal_s * 1e3);
   std::printf("representation %.1f MB (bf16), %.2f GFLOP, %.0f M exponentials per retrieval\n",
@@ -374,22 +375,24 @@ int Main(int argc, char** argv) {
               floor_ms);
   std::printf("fused scan (median of %u): %.2f ms = %.2f of floor; %.1f GFLOP/s, %.1f GB/s\n",
               iters, scan_ms, floor_ms / scan_ms, flops / scan_ms / 1e6, rep_bytes / scan_ms / 1e6);
-  std::printf("GEMV baseline (original method, median of %zu): %.2f ms -> speedup %.2fx; "
-              "identical selections in %u/%u layers\n",
-              gemv_times.size(), gemv_ms, gemv_ms / scan_ms, same_layers, shape.num_layers);
+  std::printf(
+      "GEMV baseline (original method, median of %zu): %.2f ms -> speedup %.2fx; "
+      "identical selections in %u/%u layers\n",
+      gemv_times.size(), gemv_ms, gemv_ms / scan_ms, same_layers, shape.num_layers);
   if (rpc_calls > 0) {
-    std::printf("Retrieve RPC over loopback, all %u layers, ids only (%u calls): p50 %.2f ms, "
-                "p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
-                shape.num_layers, rpc.calls, rpc.p50_ms, rpc.p99_ms, rpc.put_s, rpc.seal_s);
+    std::printf(
+        "Retrieve RPC over loopback, all %u layers, ids only (%u calls): p50 %.2f ms, "
+        "p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
+        shape.num_layers, rpc.calls, rpc.p50_ms, rpc.p99_ms, rpc.put_s, rpc.seal_s);
   }
-  std::printf("{\"model\": \"%s\", \"context\": %u, \"scan_ms\": %.3f, \"floor_ms\": %.3f, "
-              "\"roofline_fraction\": %.3f, \"membw_gbps\": %.2f, \"fma_gflops\": %.1f, "
-              "\"gemv_ms\": %.3f, \"speedup_vs_gemv\": %.2f, \"simd_target\": \"%s\", "
-              "\"threads\": %zu, \"retrieve_p50_ms\": %.3f, \"retrieve_p99_ms\": %.3f, "
-              "\"seal_s\": %.2f}\n",
-              model->name, context, scan_ms, floor_ms, floor_ms / scan_ms, membw_gbps, fma_gflops,
-              gemv_ms, gemv_ms / scan_ms, target, retriever.num_threads(), rpc.p50_ms, rpc.p99_ms,
-              rpc.seal_s);
+  std::printf(
+      "{\"model\": \"%s\", \"context\": %u, \"scan_ms\": %.3f, \"floor_ms\": %.3f, "
+      "\"roofline_fraction\": %.3f, \"membw_gbps\": %.2f, \"fma_gflops\": %.1f, "
+      "\"gemv_ms\": %.3f, \"speedup_vs_gemv\": %.2f, \"simd_target\": \"%s\", "
+      "\"threads\": %zu, \"retrieve_p50_ms\": %.3f, \"retrieve_p99_ms\": %.3f, "
+      "\"seal_s\": %.2f}\n",
+      model->name, context, scan_ms, floor_ms, floor_ms / scan_ms, membw_gbps, fma_gflops, gemv_ms,
+      gemv_ms / scan_ms, target, retriever.num_threads(), rpc.p50_ms, rpc.p99_ms, rpc.seal_s);
   return 0;
 }
 

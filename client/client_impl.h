@@ -34,14 +34,14 @@ class ClientImpl;
 
 // One slot table of one layer (one half of the double buffer).
 struct TableBuffer {
-  std::vector<uint32_t> blocks;  // ascending
-  std::vector<int32_t> slots;    // slot of blocks[i]
+  std::vector<uint32_t> blocks;     // ascending
+  std::vector<int32_t> slots;       // slot of blocks[i]
   int32_t* pinned_slots = nullptr;  // pinned mirror, source of the device copy
   int32_t* device_slots = nullptr;  // what kernels read
   uint64_t generation = 0;          // bumped on each publish into this buffer
   uint64_t selection_step = 0;
-  bool device_dirty = false;        // device_slots must be rewritten at the next Acquire
-  bool acquired = false;            // acquired and not yet released
+  bool device_dirty = false;  // device_slots must be rewritten at the next Acquire
+  bool acquired = false;      // acquired and not yet released
   EventHandle release_event = nullptr;
 };
 
@@ -55,8 +55,8 @@ struct RetiredSlot {
 
 // A selection whose new blocks are being copied into slots; published at a step boundary.
 struct PendingSelection {
-  std::vector<uint32_t> blocks;   // the server's selection, ascending
-  uint32_t known_blocks = 0;      // the layer's block count when the selection was asked for
+  std::vector<uint32_t> blocks;  // the server's selection, ascending
+  uint32_t known_blocks = 0;     // the layer's block count when the selection was asked for
   uint64_t selection_step = 0;
   std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
   EventHandle load_event = nullptr;
@@ -172,7 +172,7 @@ class SequenceImpl : public Sequence {
   bool owns_pool_ = false;
   int32_t* device_tables_ = nullptr;  // 2 * num_layers * slots_per_layer entries
   int32_t* pinned_tables_ = nullptr;
-  char* query_ring_ = nullptr;        // pinned [2 windows][stride][num_layers][query_bytes]
+  char* query_ring_ = nullptr;  // pinned [2 windows][stride][num_layers][query_bytes]
   StreamHandle load_stream_ = nullptr;
 
   mutable absl::Mutex mu_;

@@ -61,7 +61,8 @@ class DeviceBackend {
 
   // Records an event on `stream`; nullptr on the host backend (always complete).
   virtual absl::StatusOr<EventHandle> RecordEvent(StreamHandle stream) = 0;
-  // True once the work before the event completed. Errors count as complete (they surface in copies).
+  // True once the work before the event completed. Errors count as complete (they surface in
+  // copies).
   virtual bool EventDone(EventHandle event) = 0;
   virtual absl::Status WaitEvent(EventHandle event) = 0;
   // Makes later work on `stream` wait for `event`.
@@ -79,8 +80,10 @@ struct ScatterPlanOptions;
 std::unique_ptr<DeviceBackend> MakeCudaBackend(int cuda_device, const ScatterPlanOptions& options);
 
 // kHost: the host backend. kCuda: CUDA on `cuda_device`, or an error saying why CUDA is unusable.
-// kAuto: CUDA when usable, else the host backend. Logs the backend chosen (and why) once per process.
-absl::StatusOr<std::unique_ptr<DeviceBackend>> SelectBackend(BackendKind requested, int cuda_device);
+// kAuto: CUDA when usable, else the host backend. Logs the backend chosen (and why) once per
+// process.
+absl::StatusOr<std::unique_ptr<DeviceBackend>> SelectBackend(BackendKind requested,
+                                                             int cuda_device);
 
 // Why CUDA is unusable on this machine (OK when it is usable). Probes once per process.
 absl::Status CudaUsable(int cuda_device);

@@ -25,8 +25,7 @@ class HostBackend : public DeviceBackend {
   absl::StatusOr<StreamHandle> CreateStream() override { return nullptr; }
   void DestroyStream(StreamHandle) override {}
 
-  absl::Status CopyToDeviceBatch(const CopySegment* segments, size_t count,
-                                 StreamHandle) override {
+  absl::Status CopyToDeviceBatch(const CopySegment* segments, size_t count, StreamHandle) override {
     for (size_t i = 0; i < count; ++i) {
       std::memcpy(segments[i].dst, segments[i].src, segments[i].bytes);
     }
@@ -50,8 +49,8 @@ class HostBackend : public DeviceBackend {
     const uint64_t rounded = (std::max<uint64_t>(bytes, 1) + 255) / 256 * 256;
     void* ptr = std::aligned_alloc(256, rounded);
     if (ptr == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("host backend: cannot allocate ", bytes,
-                                                       " bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("host backend: cannot allocate ", bytes, " bytes"));
     }
     return ptr;
   }

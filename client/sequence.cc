@@ -13,10 +13,10 @@ namespace {
 absl::Status ValidateProfile(const ModelProfile& profile) {
   if (profile.num_layers == 0 || profile.num_q_heads == 0 || profile.num_kv_heads == 0 ||
       profile.head_dim == 0 || profile.block_size == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "profile: num_layers ", profile.num_layers, ", num_q_heads ", profile.num_q_heads,
-        ", num_kv_heads ", profile.num_kv_heads, ", head_dim ", profile.head_dim,
-        ", block_size ", profile.block_size, ": all must be > 0"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile: num_layers ", profile.num_layers, ", num_q_heads ",
+                     profile.num_q_heads, ", num_kv_heads ", profile.num_kv_heads, ", head_dim ",
+                     profile.head_dim, ", block_size ", profile.block_size, ": all must be > 0"));
   }
   if (DTypeBytes(profile.dtype) == 0) {
     return absl::InvalidArgumentError(
@@ -85,10 +85,9 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options) {
   const uint64_t pool_bytes = uint64_t{profile_.num_layers} * slots_per_layer_ * slot_bytes_;
   if (options.slot_pool != nullptr) {
     if (options.slot_pool_bytes < pool_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("options.slot_pool_bytes ",
-                                                     options.slot_pool_bytes, " < ", pool_bytes,
-                                                     " needed for ", slots_per_layer_,
-                                                     " slots per layer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.slot_pool_bytes ", options.slot_pool_bytes, " < ", pool_bytes,
+                       " needed for ", slots_per_layer_, " slots per layer"));
     }
     slot_pool_ = options.slot_pool;
   } else {
@@ -133,8 +132,8 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options) {
 
 absl::Status SequenceImpl::CheckLayer(uint32_t layer) const {
   if (layer >= profile_.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range: sequence ",
-                                                   id_, " has ", profile_.num_layers, " layers"));
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range: sequence ", id_,
+                                                   " has ", profile_.num_layers, " layers"));
   }
   return absl::OkStatus();
 }
@@ -161,10 +160,10 @@ absl::Status SequenceImpl::TakeError() {
   absl::Status status = std::move(error_);
   error_ = absl::OkStatus();
   if (!status.ok() && stats_.unacknowledged_blocks > 0) {
-    status = absl::Status(status.code(),
-                          absl::StrCat(status.message(), " (", stats_.unacknowledged_blocks,
-                                       " blocks of sequence ", id_,
-                                       " not acknowledged: offload them again)"));
+    status = absl::Status(
+        status.code(),
+        absl::StrCat(status.message(), " (", stats_.unacknowledged_blocks, " blocks of sequence ",
+                     id_, " not acknowledged: offload them again)"));
     stats_.unacknowledged_blocks = 0;
   }
   return status;
@@ -197,9 +196,11 @@ absl::Status SequenceImpl::StageAndQueue(uint32_t layer, uint32_t block_index, c
     status = produced.status();
     if (status.ok()) status = backend_->StreamWaitEvent(side, *produced);
     if (produced.ok()) backend_->ReleaseEvent(*produced);
-    if (status.ok()) status = backend_->Copy(bytes, MemoryKind::kHost, key, where, key_bytes_, side);
+    if (status.ok())
+      status = backend_->Copy(bytes, MemoryKind::kHost, key, where, key_bytes_, side);
     if (status.ok()) {
-      status = backend_->Copy(bytes + key_bytes_, MemoryKind::kHost, value, where, key_bytes_, side);
+      status =
+          backend_->Copy(bytes + key_bytes_, MemoryKind::kHost, value, where, key_bytes_, side);
     }
     absl::StatusOr<EventHandle> copied =
         status.ok() ? backend_->RecordEvent(side) : absl::StatusOr<EventHandle>(status);
@@ -237,17 +238,17 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
     if (!error_.ok()) return error_;
     LayerState& state = layers_[layer];
     if (!TakeSlots(state, 1, &slots)) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "no free slot for decode block of layer ", layer, " (", slots_per_layer_,
-          " slots per layer): raise slots_per_layer"));
+      return absl::ResourceExhaustedError(absl::StrCat("no free slot for decode block of layer ",
+                                                       layer, " (", slots_per_layer_,
+                                                       " slots per layer): raise slots_per_layer"));
     }
     block_index = state.num_blocks++;
   }
   char* slot = SlotAddress(layer, slots[0]);
   absl::Status status = backend_->Copy(slot, MemoryKind::kDevice, key, where, key_bytes_, stream);
   if (status.ok()) {
-    status = backend_->Copy(slot + key_bytes_, MemoryKind::kDevice, value, where, key_bytes_,
-                            stream);
+    status =
+        backend_->Copy(slot + key_bytes_, MemoryKind::kDevice, value, where, key_bytes_, stream);
   }
   absl::StatusOr<EventHandle> copied =
       status.ok() ? backend_->RecordEvent(stream) : absl::StatusOr<EventHandle>(status);
@@ -312,8 +313,8 @@ absl::Status SequenceImpl::Seal(const void* queries, uint32_t num_queries, Memor
     }
     PublishReadyLocked(layer);
     if (state.pending.has_value()) {
-      return absl::InternalError(absl::StrCat("first selection of layer ", layer,
-                                              " could not be published"));
+      return absl::InternalError(
+          absl::StrCat("first selection of layer ", layer, " could not be published"));
     }
   }
   sealed_ = true;
@@ -406,8 +407,8 @@ absl::Status SequenceImpl::RecordQuery(uint32_t layer, const void* query, Memory
   absl::Status status = backend_->StreamWaitEvent(side, *produced);
   backend_->ReleaseEvent(*produced);
   if (status.ok()) {
-    status = backend_->Copy(destination, MemoryKind::kHost, query, where, profile_.query_bytes(),
-                            side);
+    status =
+        backend_->Copy(destination, MemoryKind::kHost, query, where, profile_.query_bytes(), side);
   }
   if (!status.ok()) return status;
   absl::StatusOr<EventHandle> copied = backend_->RecordEvent(side);
@@ -575,7 +576,8 @@ void SequenceImpl::PublishReadyLocked(uint32_t layer) {
       if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
       ++stats_.selections_published;
       stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, pending.selection_step);
-      stats_.max_staleness_steps = std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
+      stats_.max_staleness_steps =
+          std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
       return;
     }
     state.pending = std::move(pending);  // the other table is still read: next boundary

@@ -51,8 +51,7 @@ absl::Status ValidateShapeAndKnobs(const ModelShape& shape, const Knobs& knobs) 
   if (shape.num_kv_heads == 0) return Bad("num_kv_heads", 0, "must be positive");
   if (shape.head_dim == 0) return Bad("head_dim", 0, "must be positive");
   if (shape.block_size == 0) return Bad("block_size", 0, "must be positive");
-  if (shape.dtype != DType::kBf16 && shape.dtype != DType::kFp16 &&
-      shape.dtype != DType::kFp32) {
+  if (shape.dtype != DType::kBf16 && shape.dtype != DType::kFp16 && shape.dtype != DType::kFp32) {
     return Bad("dtype", static_cast<int>(shape.dtype), "must be bf16, fp16 or fp32");
   }
   if (shape.num_q_heads % shape.num_kv_heads != 0) {

@@ -80,8 +80,7 @@ class BlockStore {
 
   // Creates or replaces the metadata record of a sequence. Durable on OK.
   // REQUIRES: !sequence_key.empty().
-  virtual absl::Status PutSequence(absl::string_view sequence_key,
-                                   absl::string_view metadata) = 0;
+  virtual absl::Status PutSequence(absl::string_view sequence_key, absl::string_view metadata) = 0;
 
   // Returns the metadata record, or NotFound naming the sequence.
   virtual absl::StatusOr<std::string> GetSequence(absl::string_view sequence_key) = 0;
@@ -130,8 +129,7 @@ std::unique_ptr<BlockStore> NewMemoryStore();
 
 // Puts a DRAM tier of at most `budget_bytes` of block bytes in front of `backend`. Writes go
 // through to the backend before they are cached; reads are served from memory when present.
-std::unique_ptr<BlockStore> NewDramTier(std::unique_ptr<BlockStore> backend,
-                                        uint64_t budget_bytes);
+std::unique_ptr<BlockStore> NewDramTier(std::unique_ptr<BlockStore> backend, uint64_t budget_bytes);
 
 }  // namespace kvstar::storage
 

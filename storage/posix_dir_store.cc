@@ -265,8 +265,8 @@ absl::Status PosixDirStore::Load() {
     for (const std::string& name : *names) {
       const std::string dir = absl::StrCat(shard_dir, "/", name);
       const std::string sequence_key = absl::HexStringToBytes(name);
-      if (absl::StartsWith(name, kTempFilePrefix) ||
-          absl::BytesToHexString(sequence_key) != name || SequenceDir(sequence_key) != dir) {
+      if (absl::StartsWith(name, kTempFilePrefix) || absl::BytesToHexString(sequence_key) != name ||
+          SequenceDir(sequence_key) != dir) {
         continue;  // not ours
       }
       absl::Status loaded = LoadSequence(dir, sequence_key);
@@ -307,7 +307,8 @@ absl::Status PosixDirStore::LoadSequence(const std::string& dir, const std::stri
   sequence.metadata = *std::move(metadata);
   std::vector<std::shared_ptr<Segment>> segments;
   for (auto& [generation, batch] : batches) {  // oldest first, so newer copies win
-    if (generation >= next_generation_.load()) next_generation_.store(generation + 1);  // open is single-threaded
+    if (generation >= next_generation_.load())
+      next_generation_.store(generation + 1);  // open is single-threaded
     if (batch.size() != batch.front().second.batch_segments) {
       // A batch a crash cut short between renames: it was never acknowledged, drop it whole.
       for (const auto& file : batch) garbage.push_back(file.first);
@@ -320,8 +321,7 @@ absl::Status PosixDirStore::LoadSequence(const std::string& dir, const std::stri
       segments.push_back(segment);
       for (SegmentEntry& entry : index.entries) {
         entry.location.segment = segment;
-        InstallBlock(&sequence, BlockId{index.layer, entry.block_index},
-                     std::move(entry.location));
+        InstallBlock(&sequence, BlockId{index.layer, entry.block_index}, std::move(entry.location));
       }
     }
   }
@@ -359,9 +359,9 @@ absl::Status PosixDirStore::PutSequence(absl::string_view sequence_key,
     if (status.ok()) status = io_->SyncDirectory(parent);
   }
   if (!status.ok()) {
-    return absl::Status(status.code(), absl::StrCat("writing metadata of ",
-                                                    DescribeSequence(sequence_key), ": ",
-                                                    status.message()));
+    return absl::Status(status.code(),
+                        absl::StrCat("writing metadata of ", DescribeSequence(sequence_key), ": ",
+                                     status.message()));
   }
   absl::MutexLock lock(&mu_);
   Sequence& sequence = sequences_[std::string(sequence_key)];
@@ -401,8 +401,8 @@ absl::Status PosixDirStore::PutBlocks(absl::string_view sequence_key,
   const uint64_t generation = next_generation_.fetch_add(1);
   std::vector<std::string> published;
   for (const auto& [layer, layer_blocks] : by_layer) {
-    const std::string index = EncodeSegmentIndex(layer_blocks, layer, generation,
-                                                 static_cast<uint32_t>(by_layer.size()));
+    const std::string index =
+        EncodeSegmentIndex(layer_blocks, layer, generation, static_cast<uint32_t>(by_layer.size()));
     std::vector<absl::string_view> pieces;
     pieces.reserve(2 * layer_blocks.size() + 1);
     for (const BlockWrite* block : layer_blocks) {
@@ -450,8 +450,8 @@ absl::Status PosixDirStore::PutBlocks(absl::string_view sequence_key,
   return absl::OkStatus();
 }
 
-absl::Status PosixDirStore::GetBlocks(absl::string_view sequence_key,
-                                      absl::Span<const BlockId> ids, std::vector<BlockData>* out) {
+absl::Status PosixDirStore::GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                                      std::vector<BlockData>* out) {
   constexpr int kAttempts = 3;
   absl::Status status;
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
@@ -463,8 +463,8 @@ absl::Status PosixDirStore::GetBlocks(absl::string_view sequence_key,
 }
 
 absl::Status PosixDirStore::TryGetBlocks(absl::string_view sequence_key,
-                                         absl::Span<const BlockId> ids,
-                                         std::vector<BlockData>* out, bool* retry) {
+                                         absl::Span<const BlockId> ids, std::vector<BlockData>* out,
+                                         bool* retry) {
   // Plan under the lock: which file and offset holds each block, grouped by segment.
   std::map<std::string, std::vector<PlannedRead>> reads_by_segment;
   {
@@ -500,12 +500,12 @@ absl::Status PosixDirStore::TryGetBlocks(absl::string_view sequence_key,
       absl::Status status =
           io_->ReadAt(file.get(), location.offset, location.key_bytes, block.key.data());
       if (status.ok()) {
-        status = io_->ReadAt(file.get(), location.offset + location.key_bytes,
-                             location.value_bytes, block.value.data());
+        status = io_->ReadAt(file.get(), location.offset + location.key_bytes, location.value_bytes,
+                             block.value.data());
       }
       if (status.ok()) {
-        status = VerifyStoredBlock(sequence_key, block.id, block.key, block.value,
-                                   location.checksum);
+        status =
+            VerifyStoredBlock(sequence_key, block.id, block.key, block.value, location.checksum);
       }
       if (!status.ok()) return status;
     }

@@ -163,9 +163,9 @@ absl::Status WriteFileAtomically(FileIo* io, const std::string& dir, const std::
   static const uint64_t process_nonce =
       (uint64_t{std::random_device()()} << 32) ^ std::random_device()();
   static std::atomic<uint64_t> counter{0};
-  const std::string temp_path = absl::StrCat(
-      dir, "/", kTempFilePrefix, absl::Hex(process_nonce), "-",
-      counter.fetch_add(1, std::memory_order_relaxed), "-", name);
+  const std::string temp_path =
+      absl::StrCat(dir, "/", kTempFilePrefix, absl::Hex(process_nonce), "-",
+                   counter.fetch_add(1, std::memory_order_relaxed), "-", name);
   absl::StatusOr<int> fd = io->CreateExclusive(temp_path);
   if (!fd.ok()) return fd.status();
   ScopedFd file(io, *fd);

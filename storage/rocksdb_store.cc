@@ -7,9 +7,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/strings/escaping.h"
 #include "rocksdb/cache.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
@@ -81,13 +81,11 @@ absl::Status FromRocksDb(const rocksdb::Status& status, absl::string_view contex
 // Parses a stored block value, verifying header and checksum.
 absl::Status DecodeBlockValue(absl::string_view sequence_key, BlockId id, absl::string_view stored,
                               BlockData* out) {
-  if (stored.size() < kValueHeaderBytes ||
-      ReadLittleEndian32(stored.data()) != kValueMagic ||
+  if (stored.size() < kValueHeaderBytes || ReadLittleEndian32(stored.data()) != kValueMagic ||
       ReadLittleEndian32(stored.data() + 4) != kValueFormatVersion ||
       ReadLittleEndian64(stored.data() + 16) > stored.size() - kValueHeaderBytes) {
     return absl::DataLossError(absl::StrCat("stored ", DescribeBlock(sequence_key, id),
-                                            " has a malformed header (", stored.size(),
-                                            " bytes)"));
+                                            " has a malformed header (", stored.size(), " bytes)"));
   }
   const uint64_t checksum = ReadLittleEndian64(stored.data() + 8);
   const uint64_t key_bytes = ReadLittleEndian64(stored.data() + 16);
@@ -198,8 +196,7 @@ bool RocksDbStore::SequenceExists(absl::string_view sequence_key) {
   return sequences_.find(std::string(sequence_key)) != sequences_.end();
 }
 
-absl::Status RocksDbStore::PutSequence(absl::string_view sequence_key,
-                                       absl::string_view metadata) {
+absl::Status RocksDbStore::PutSequence(absl::string_view sequence_key, absl::string_view metadata) {
   if (sequence_key.empty()) return absl::InvalidArgumentError("sequence key is empty");
   absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
   absl::Status written = FromRocksDb(
@@ -217,7 +214,8 @@ absl::StatusOr<std::string> RocksDbStore::GetSequence(absl::string_view sequence
       db_->Get(rocksdb::ReadOptions(), ToSlice(RocksDbMetadataKey(sequence_key)), &metadata);
   if (status.IsNotFound()) return SequenceNotFound(sequence_key);
   if (!status.ok()) {
-    return FromRocksDb(status, absl::StrCat("reading metadata of ", DescribeSequence(sequence_key)));
+    return FromRocksDb(status,
+                       absl::StrCat("reading metadata of ", DescribeSequence(sequence_key)));
   }
   return metadata;
 }
@@ -252,10 +250,9 @@ absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
         absl::StrCat("batching ", DescribeBlock(sequence_key, block.id)));
     if (!added.ok()) return added;
   }
-  absl::Status written =
-      FromRocksDb(db_->Write(SyncWrite(), &batch),
-                  absl::StrCat("writing ", blocks.size(), " blocks of ",
-                               DescribeSequence(sequence_key)));
+  absl::Status written = FromRocksDb(
+      db_->Write(SyncWrite(), &batch),
+      absl::StrCat("writing ", blocks.size(), " blocks of ", DescribeSequence(sequence_key)));
   if (!written.ok()) return written;
 
   absl::MutexLock lock(&mu_);
@@ -269,8 +266,8 @@ absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
   return absl::OkStatus();
 }
 
-absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key,
-                                     absl::Span<const BlockId> ids, std::vector<BlockData>* out) {
+absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                                     std::vector<BlockData>* out) {
   if (!SequenceExists(sequence_key)) return SequenceNotFound(sequence_key);
   std::vector<std::string> keys;
   keys.reserve(ids.size());
@@ -286,8 +283,8 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key,
       misses_.fetch_add(1, std::memory_order_relaxed);
       return BlockNotFound(sequence_key, ids[i]);
     }
-    absl::Status read = FromRocksDb(
-        statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
+    absl::Status read =
+        FromRocksDb(statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
     if (!read.ok()) return read;
     read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
     if (!read.ok()) return read;
@@ -311,8 +308,8 @@ absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence
   if (!result.ok()) return result;
   const KeyRange range = SequenceBlockRange(sequence_key);
   rocksdb::WriteBatch batch;
-  absl::Status batched = FromRocksDb(
-      batch.DeleteRange(ToSlice(range.begin), ToSlice(range.end)), "batching a range delete");
+  absl::Status batched = FromRocksDb(batch.DeleteRange(ToSlice(range.begin), ToSlice(range.end)),
+                                     "batching a range delete");
   if (batched.ok()) {
     batched = FromRocksDb(batch.Delete(ToSlice(RocksDbMetadataKey(sequence_key))),
                           "batching a metadata delete");
@@ -333,10 +330,10 @@ absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence
   compact.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForceOptimized;
   const rocksdb::Slice begin = ToSlice(range.begin);
   const rocksdb::Slice end = ToSlice(range.end);
-  absl::Status compacted = FromRocksDb(
-      db_->CompactRange(compact, &begin, &end),
-      absl::StrCat("compacting away dropped ", DescribeSequence(sequence_key),
-                   " (its data is deleted but its space not yet reclaimed)"));
+  absl::Status compacted =
+      FromRocksDb(db_->CompactRange(compact, &begin, &end),
+                  absl::StrCat("compacting away dropped ", DescribeSequence(sequence_key),
+                               " (its data is deleted but its space not yet reclaimed)"));
   if (!compacted.ok()) return compacted;
   return result;
 }

@@ -2,8 +2,8 @@
 //
 // Key layout, chosen so one sequence's blocks of one layer are adjacent and a whole sequence is
 // one contiguous key range (DropSequence is one DeleteRange):
-//   block:    'B' + big-endian u32 length of sequence key + sequence key + BE u32 layer + BE u32 index
-//   metadata: 'M' + big-endian u32 length of sequence key + sequence key
+//   block:    'B' + big-endian u32 length of sequence key + sequence key + BE u32 layer + BE u32
+//   index metadata: 'M' + big-endian u32 length of sequence key + sequence key
 // Block value: header (u32 magic, u32 format version, u64 checksum, u64 key length, little-endian)
 // followed by K bytes and V bytes.
 //

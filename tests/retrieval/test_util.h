@@ -46,12 +46,11 @@ struct KeyBlocks {
 
   KeyBlocks(const ModelShape& shape, uint32_t num_blocks, std::mt19937& rng) {
     const size_t elems = size_t{shape.block_size} * shape.num_kv_heads * shape.head_dim;
-    for (uint32_t b = 0; b < num_blocks; ++b) bytes.push_back(RandomElements(shape.dtype, elems, rng));
+    for (uint32_t b = 0; b < num_blocks; ++b)
+      bytes.push_back(RandomElements(shape.dtype, elems, rng));
     Refresh();
   }
-  void Refresh() {
-    spans.assign(bytes.begin(), bytes.end());
-  }
+  void Refresh() { spans.assign(bytes.begin(), bytes.end()); }
 };
 
 }  // namespace kvstar::retrieval::testing

@@ -14,9 +14,9 @@ using ::testing::ElementsAre;
 TEST(TopKTest, KIsCeilOfMiddleTimesRatio) {
   Knobs knobs;  // init 1, local 2, ratio 0.25
   EXPECT_EQ(NumSelectedMiddle(3, knobs), 0u);
-  EXPECT_EQ(NumSelectedMiddle(4, knobs), 1u);   // ceil(0.25)
-  EXPECT_EQ(NumSelectedMiddle(7, knobs), 1u);   // ceil(1.0)
-  EXPECT_EQ(NumSelectedMiddle(8, knobs), 2u);   // ceil(1.25)
+  EXPECT_EQ(NumSelectedMiddle(4, knobs), 1u);     // ceil(0.25)
+  EXPECT_EQ(NumSelectedMiddle(7, knobs), 1u);     // ceil(1.0)
+  EXPECT_EQ(NumSelectedMiddle(8, knobs), 2u);     // ceil(1.25)
   EXPECT_EQ(NumSelectedMiddle(256, knobs), 64u);  // ceil(63.25)
   knobs.sparse_ratio = 1.0f;
   EXPECT_EQ(NumSelectedMiddle(10, knobs), 7u);

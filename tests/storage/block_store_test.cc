@@ -76,7 +76,8 @@ std::string RandomBytes(size_t size, std::mt19937_64& rng) {
   std::string bytes(size, '\0');
   for (size_t i = 0; i < size; i += 8) {
     const uint64_t word = rng();
-    for (size_t j = 0; j < 8 && i + j < size; ++j) bytes[i + j] = static_cast<char>(word >> (8 * j));
+    for (size_t j = 0; j < 8 && i + j < size; ++j)
+      bytes[i + j] = static_cast<char>(word >> (8 * j));
   }
   return bytes;
 }
@@ -103,10 +104,10 @@ std::vector<BlockWrite> Writes(const std::vector<TestBlock>& blocks) {
 void ExpectSameBlock(const BlockData& actual, const TestBlock& expected) {
   EXPECT_EQ(actual.id, expected.id);
   // Compared as booleans: a failure must not print 256 KiB of bytes.
-  EXPECT_TRUE(actual.key == expected.key) << "K differs for layer " << expected.id.layer
-                                          << " index " << expected.id.block_index;
-  EXPECT_TRUE(actual.value == expected.value) << "V differs for layer " << expected.id.layer
-                                              << " index " << expected.id.block_index;
+  EXPECT_TRUE(actual.key == expected.key)
+      << "K differs for layer " << expected.id.layer << " index " << expected.id.block_index;
+  EXPECT_TRUE(actual.value == expected.value)
+      << "V differs for layer " << expected.id.layer << " index " << expected.id.block_index;
   EXPECT_EQ(actual.checksum, BlockChecksum(expected.key, expected.value));
 }
 
@@ -201,8 +202,8 @@ class BlockStoreTest : public ::testing::Test {
   std::unique_ptr<BlockStore> store_;
 };
 
-using Backends = ::testing::Types<RocksDbBackend, PosixDirBackend, DramOverRocksDb,
-                                  DramOverPosixDir>;
+using Backends =
+    ::testing::Types<RocksDbBackend, PosixDirBackend, DramOverRocksDb, DramOverPosixDir>;
 class BackendNames {
  public:
   template <typename T>
@@ -251,7 +252,8 @@ TYPED_TEST(BlockStoreTest, ListBlocksIsSortedByLayerThenIndex) {
   const size_t small = 1024;
   this->Put("seq", {RandomBlock({2, 1}, this->rng_, small), RandomBlock({0, 7}, this->rng_, small),
                     RandomBlock({1, 0}, this->rng_, small)});
-  this->Put("seq", {RandomBlock({0, 2}, this->rng_, small), RandomBlock({2, 0}, this->rng_, small)});
+  this->Put("seq",
+            {RandomBlock({0, 2}, this->rng_, small), RandomBlock({2, 0}, this->rng_, small)});
   EXPECT_THAT(this->List("seq"), ElementsAre(BlockId{0, 2}, BlockId{0, 7}, BlockId{1, 0},
                                              BlockId{2, 0}, BlockId{2, 1}));
 }
@@ -259,7 +261,8 @@ TYPED_TEST(BlockStoreTest, ListBlocksIsSortedByLayerThenIndex) {
 TYPED_TEST(BlockStoreTest, GetBlocksReturnsBlocksInRequestedOrder) {
   this->CreateSequence("seq");
   std::vector<TestBlock> blocks = {RandomBlock({0, 0}, this->rng_), RandomBlock({0, 1}, this->rng_),
-                                   RandomBlock({1, 0}, this->rng_), RandomBlock({1, 1}, this->rng_)};
+                                   RandomBlock({1, 0}, this->rng_),
+                                   RandomBlock({1, 1}, this->rng_)};
   this->Put("seq", blocks);
   // Out of storage order, across layers, with one block asked for twice.
   const std::vector<size_t> order = {3, 0, 2, 1, 3};
@@ -287,8 +290,7 @@ TYPED_TEST(BlockStoreTest, MissingBlockIsNotFoundNamingIt) {
   this->CreateSequence("seq");
   this->Put("seq", {RandomBlock({3, 6}, this->rng_, 64)});
   std::vector<BlockData> out;
-  const absl::Status status =
-      this->store_->GetBlocks("seq", {BlockId{3, 6}, BlockId{3, 7}}, &out);
+  const absl::Status status = this->store_->GetBlocks("seq", {BlockId{3, 6}, BlockId{3, 7}}, &out);
   EXPECT_TRUE(absl::IsNotFound(status)) << status;
   EXPECT_THAT(std::string(status.message()), HasSubstr("layer 3, index 7"));
   EXPECT_THAT(std::string(status.message()), HasSubstr("seq"));
@@ -317,8 +319,7 @@ TYPED_TEST(BlockStoreTest, DuplicateIdInOneBatchIsRejected) {
   this->CreateSequence("seq");
   const TestBlock first = RandomBlock({1, 2}, this->rng_, 64);
   const TestBlock second = RandomBlock({1, 2}, this->rng_, 64);
-  const absl::Status status =
-      this->store_->PutBlocks("seq", {first.Write(), second.Write()});
+  const absl::Status status = this->store_->PutBlocks("seq", {first.Write(), second.Write()});
   EXPECT_TRUE(absl::IsInvalidArgument(status)) << status;
   EXPECT_THAT(std::string(status.message()), HasSubstr("layer 1, index 2"));
   EXPECT_TRUE(this->List("seq").empty());
@@ -730,10 +731,9 @@ TEST_F(DramTierTest, MissesAreFetchedInOneBackendCall) {
   std::unique_ptr<BlockStore> store = NewTier(2 * kBlockBytes);  // holds blocks 2 and 3
   get_calls_.clear();
   std::vector<BlockData> out;
-  ASSERT_TRUE(store->GetBlocks("seq", {BlockId{0, 3}, BlockId{0, 0}, BlockId{0, 2},
-                                       BlockId{0, 1}},
-                               &out)
-                  .ok());
+  ASSERT_TRUE(
+      store->GetBlocks("seq", {BlockId{0, 3}, BlockId{0, 0}, BlockId{0, 2}, BlockId{0, 1}}, &out)
+          .ok());
   ASSERT_EQ(get_calls_.size(), 1u);
   EXPECT_THAT(get_calls_[0], ElementsAre(BlockId{0, 0}, BlockId{0, 1}));
   ExpectSameBlock(out[0], blocks_[3]);

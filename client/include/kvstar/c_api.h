@@ -5,8 +5,8 @@
  * - Handles are opaque. A kvstar_sequence belongs to its kvstar_client and is valid until
  *   kvstar_drop_sequence or kvstar_client_destroy.
  * - Every function returning int returns 0 (KVSTAR_OK) or an absl::StatusCode / gRPC code value
- *   (e.g. 3 INVALID_ARGUMENT, 5 NOT_FOUND, 9 FAILED_PRECONDITION, 14 UNAVAILABLE). The message of the
- *   last failure on the calling thread is kvstar_last_error() (thread-local; "" after success).
+ *   (e.g. 3 INVALID_ARGUMENT, 5 NOT_FOUND, 9 FAILED_PRECONDITION, 14 UNAVAILABLE). The message of
+ * the last failure on the calling thread is kvstar_last_error() (thread-local; "" after success).
  * - `where`: 0 host pointer, 1 device pointer. `stream`: a cudaStream_t or NULL.
  * - Thread-safety: as in client.h.
  */
@@ -97,13 +97,12 @@ int kvstar_reconnect(kvstar_client* client, const char* address);
 /* config NULL: defaults. slot_pool NULL: the library allocates the slots. */
 int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
                            const kvstar_model_profile* profile, const kvstar_config* config,
-                           uint32_t slots_per_layer, uint32_t max_blocks_per_layer,
-                           void* slot_pool, uint64_t slot_pool_bytes,
-                           kvstar_sequence** sequence);
+                           uint32_t slots_per_layer, uint32_t max_blocks_per_layer, void* slot_pool,
+                           uint64_t slot_pool_bytes, kvstar_sequence** sequence);
 int kvstar_drop_sequence(kvstar_client* client, const char* sequence_id);
 
-int kvstar_offload(kvstar_sequence* sequence, uint32_t layer, uint32_t block_index,
-                   const void* key, const void* value, int where, void* stream);
+int kvstar_offload(kvstar_sequence* sequence, uint32_t layer, uint32_t block_index, const void* key,
+                   const void* value, int where, void* stream);
 int kvstar_append_block(kvstar_sequence* sequence, uint32_t layer, const void* key,
                         const void* value, int where, void* stream);
 int kvstar_flush(kvstar_sequence* sequence);
