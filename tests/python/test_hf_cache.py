@@ -49,15 +49,15 @@ def prompt_ids(tokenizer, characters):
     return (ids if torch.is_tensor(ids) else ids["input_ids"]).to(DEVICE)
 
 
-def test_full_ratio_reproduces_dynamic_cache_greedy_tokens(model_and_tokenizer, client):
-    model, tokenizer = model_and_tokenizer
-    ids = prompt_ids(tokenizer, 900)
-    new_tokens = 24
+def expect_same_greedy_tokens(model, tokenizer, client, sequence_id, ids, block_size,
+                              new_tokens):
+    """Generates with a DynamicCache and with a KvstarCache holding every block (sparse_ratio 1),
+    asserts identical tokens and returns (the kvstar cache, its stats)."""
     reference = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config),
                                max_new_tokens=new_tokens, do_sample=False)
-    # Blocks of 16 tokens: the prompt spans many blocks and decode completes and appends one.
-    cache = kvhf.KvstarCache(model.config, client, "hf-equal", block_size=16, sparse_ratio=1.0,
-                             retrieval_stride=4, max_tokens=ids.shape[1] + new_tokens + 16)
+    cache = kvhf.KvstarCache(model.config, client, sequence_id, block_size=block_size,
+                             sparse_ratio=1.0, retrieval_stride=4,
+                             max_tokens=ids.shape[1] + new_tokens + block_size)
     try:
         output = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens,
                                 do_sample=False)
@@ -66,6 +66,15 @@ def test_full_ratio_reproduces_dynamic_cache_greedy_tokens(model_and_tokenizer, 
         cache.close()
     assert output.tolist() == reference.tolist(), (
         tokenizer.decode(reference[0, ids.shape[1]:]), tokenizer.decode(output[0, ids.shape[1]:]))
+    return cache, stats
+
+
+def test_full_ratio_reproduces_dynamic_cache_greedy_tokens(model_and_tokenizer, client):
+    model, tokenizer = model_and_tokenizer
+    ids = prompt_ids(tokenizer, 900)
+    new_tokens = 24
+    # Blocks of 16 tokens: the prompt spans many blocks and decode completes and appends one.
+    _, stats = expect_same_greedy_tokens(model, tokenizer, client, "hf-equal", ids, 16, new_tokens)
     layers = model.config.num_hidden_layers
     assert stats["blocks_offloaded"] >= layers * (ids.shape[1] // 16 + 1)  # prompt + a decode block
     assert stats["selections_published"] > layers  # Seal's and later retrievals'
@@ -117,16 +126,5 @@ def test_gemma3_sliding_and_global_layers_reproduce_dynamic_cache(client):
     text = (REPO / "README.md").read_text()[:3500]
     ids = tokenizer(text + "\n\nIn short, kvstar is", return_tensors="pt")["input_ids"].to(DEVICE)
     assert ids.shape[1] > model.config.sliding_window
-    new_tokens = 16
-    reference = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config),
-                               max_new_tokens=new_tokens, do_sample=False)
-    cache = kvhf.KvstarCache(model.config, client, "hf-gemma", block_size=32, sparse_ratio=1.0,
-                             retrieval_stride=4, max_tokens=ids.shape[1] + new_tokens + 32)
-    try:
-        output = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens,
-                                do_sample=False)
-    finally:
-        cache.close()
+    cache, _ = expect_same_greedy_tokens(model, tokenizer, client, "hf-gemma", ids, 32, 16)
     assert len(cache.sparse_layers) == 3
-    assert output.tolist() == reference.tolist(), (
-        tokenizer.decode(reference[0, ids.shape[1]:]), tokenizer.decode(output[0, ids.shape[1]:]))
