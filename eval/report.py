@@ -107,25 +107,36 @@ def main_tables(rows, model):
                          f"{means[0]:.3f} / {means[1]:.3f} / **{means[3]:.3f}**")
         lines.append([method] + cells)
     text += [table(header, lines), ""]
+    # Per layer: kvstar's by length, then every method's over all lengths (the windows' mass too).
     per_layer = defaultdict(lambda: defaultdict(list))
     for r in main:
-        if r.get("recall") and r["method"] == "kvstar":
+        if r.get("recall"):
             for layer, values in r["recall"]["layers"].items():
-                per_layer[r["target"]][int(layer)].append(values)
+                per_layer[(r["method"], r["target"])][int(layer)].append(values)
+                per_layer[(r["method"], "all")][int(layer)].append(values)
+    layers = sorted({l for key in per_layer for l in per_layer[key]})
+
+    def ratio_cells(values_by_layer):
+        cells = []
+        for l in layers:
+            values = values_by_layer.get(l, [])
+            oracle = statistics.mean(v["oracle"] for v in values) if values else 0.0
+            capture = statistics.mean(v["capture"] for v in values) if values else 0.0
+            cells.append(fmt(capture / oracle if oracle else float("nan"), 2))
+        return cells
+
     if per_layer:
-        text += ["kvstar's capture / oracle per layer (all main cases of a length):", ""]
-        layers = sorted({l for t in per_layer for l in per_layer[t]})
-        header = ["length"] + [str(l) for l in layers]
-        lines = []
-        for t in sorted(per_layer):
-            cells = []
-            for l in layers:
-                values = per_layer[t][l]
-                oracle = statistics.mean(v["oracle"] for v in values)
-                capture = statistics.mean(v["capture"] for v in values)
-                cells.append(fmt(capture / oracle if oracle else float("nan"), 2))
-            lines.append([t] + cells)
-        text += [table(header, lines), ""]
+        header = ["rows"] + [str(l) for l in layers]
+        lines = [[f"kvstar {t}"] + ratio_cells(per_layer[("kvstar", t)]) for t in targets]
+        lines += [[f"{m} all"] + ratio_cells(per_layer[(m, "all")]) for m in ORDER[1:]
+                  if (m, "all") in per_layer]
+        window = per_layer.get(("kvstar", "all"), {})
+        lines.append(["window mass (kvstar, all)"] + [
+            fmt(statistics.mean(v["window_mass"] for v in window[l]), 2) if window.get(l)
+            else "–" for l in layers])
+        text += ["Capture / oracle per layer: kvstar at each length, then every method over all "
+                 "lengths; the last row is the share of attention the windows hold per layer.",
+                 "", table(header, lines), ""]
     return text, summary
 
 
