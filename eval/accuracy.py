@@ -190,7 +190,6 @@ def run_case(model, tokenizer, task, method, knobs, new_tokens, client, sequence
 def build_plan(args, tokenizer):
     """[(task, method, knobs, new_tokens, part)] of the profile; the tasks come from
     --tasks_file when given (built elsewhere with the same tokenizer), else are built here."""
-    import tasks as tasklib
     profile = PROFILES[args.profile]
     if args.tasks_file:
         with open(args.tasks_file) as f:
@@ -209,7 +208,6 @@ def build_plan(args, tokenizer):
             plan.append((task, "full", dict(KVSTAR_DEFAULTS), profile["sweep_new"], "sweeps"))
             for method, knobs in sweep_configs():
                 plan.append((task, method, knobs, profile["sweep_new"], "sweeps"))
-    del tasklib
     return plan
 
 

@@ -59,13 +59,10 @@ class LocalSelectionCache(SparseCache):
         pass
 
     def _seal(self, queries):
+        if self.method in PER_STEP:
+            return
         for layer in self.sparse_layers:
-            layer.keys = layer.keys[:, :, layer.prompt_blocks * self.block_size - layer.tail_start:]
-            layer.values = layer.values[:, :, layer.prompt_blocks * self.block_size -
-                                        layer.tail_start:]
-            layer.tail_start = layer.prompt_blocks * self.block_size
-            if self.method not in PER_STEP:
-                self._select(layer, list(queries[layer.sparse_layer]))
+            self._select(layer, list(queries[layer.sparse_layer]))
 
     def _select(self, layer, rows):
         bs = self.block_size

@@ -51,6 +51,11 @@ struct Knobs {
   uint32_t blk_repre_inner_token_merge = 2;  // adjacent tokens averaged into one vector
   BlockVote block_vote = BlockVote::kSum;    // sum or max of the rows' shares of a block
 
+  // Most queries one scoring call takes: a Retrieve sends at most retrieval_stride, a Seal up to
+  // this many (the prompt's last queries).
+  uint32_t max_seal_queries() const {
+    return retrieval_stride > kMaxSealQueries ? retrieval_stride : kMaxSealQueries;
+  }
   // Representation vectors per block: block_size / blk_repre_inner_token_merge.
   uint32_t vectors_per_block(const ModelShape& shape) const {
     return shape.block_size / blk_repre_inner_token_merge;

@@ -469,7 +469,7 @@ absl::Status CheckScoreArgs(const SequenceIndex& index, uint32_t layer,
     return absl::InvalidArgumentError(
         absl::StrCat("layer = ", layer, ": must be below num_layers (", shape.num_layers, ")"));
   }
-  const uint32_t max_queries = std::max(index.knobs().retrieval_stride, kMaxSealQueries);
+  const uint32_t max_queries = index.knobs().max_seal_queries();
   if (num_queries == 0 || num_queries > max_queries) {
     return absl::InvalidArgumentError(absl::StrCat("num_queries = ", num_queries,
                                                    ": must be in [1, max(retrieval_stride, ",

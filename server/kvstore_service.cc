@@ -312,9 +312,9 @@ grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRe
   const std::string& key = sequence.key;
   const uint32_t num_layers = sequence.profile.num_layers();
   // Checked before any block is read; the index is attached once it is built.
-  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request = ToRetrievalRequest(
-      sequence, nullptr, request->queries(),
-      std::max(sequence.config.retrieval_stride(), retrieval::kMaxSealQueries), "request");
+  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
+      ToRetrievalRequest(sequence, nullptr, request->queries(),
+                         ToKnobs(sequence.config).max_seal_queries(), "request");
   if (!retrieval_request.ok()) return ToGrpc(retrieval_request.status());
 
   // Every layer must hold blocks 0..n-1, the same n: the prompt.

@@ -225,8 +225,8 @@ class Client:
                         dtype=BF16, block_size=128, max_blocks_per_layer=0, slots_per_layer=0,
                         slot_pool=None, **knobs):
         """knobs: init_window_sz, local_window_sz, sparse_ratio, retrieval_stride,
-        blk_repre_dim_prune_ratio, blk_repre_inner_token_merge, block_vote (0 sum, 1 max). slot_pool: a device tensor the
-        slots live in (else the library allocates them)."""
+        blk_repre_dim_prune_ratio, blk_repre_inner_token_merge, block_vote (0 sum, 1 max).
+        slot_pool: a device tensor the slots live in (else the library allocates them)."""
         if isinstance(dtype, str) or not isinstance(dtype, int):
             dtype = _DTYPE_BY_NAME[str(dtype).replace("torch.", "")]
         profile = _Profile(num_layers, num_q_heads, num_kv_heads, head_dim, block_size, dtype)

@@ -13,8 +13,8 @@ What happens, per global-attention layer ("full_attention"; sliding-window layer
 transformers sliding layers on the GPU):
 - Prefill runs full attention (sdpa) and keeps the prompt's K/V until the prefill's last layer.
 - Then every full prompt block is offloaded to the node, and the sequence is sealed with the last
-  `retrieval_stride` prompt queries of every layer; the prompt's K/V are freed except the partial
-  last block (the tail).
+  `seal_queries` (default `retrieval_stride`) prompt queries of every layer; the prompt's K/V are
+  freed except the partial last block (the tail).
 - Each decode step attends over the slot table's resident blocks (read from the client's slot pool)
   plus the tail, records the step's query, appends every block the tail completes (offloaded and
   kept resident) and, after the last layer, calls Client.step().
@@ -236,6 +236,12 @@ class SparseCache(Cache):
             layer.next_block = full
             layer.prompt_blocks = full
         self._seal(queries)
+        # Only the unfinished block stays in the tail; the copy frees the prompt's storage.
+        for layer in self.sparse_layers:
+            keep = layer.prompt_blocks * bs - layer.tail_start
+            layer.keys = layer.keys[:, :, keep:].clone()
+            layer.values = layer.values[:, :, keep:].clone()
+            layer.tail_start = layer.prompt_blocks * bs
         self.sealed = True
 
     def _measure(self, layer, q, resident_ids, scaling):
@@ -261,6 +267,8 @@ class SparseCache(Cache):
 
     # What subclasses provide.
     def _seal(self, queries):
+        """After the prompt, before the tail is trimmed to the unfinished block: every layer's
+        keys/values still hold its prompt_blocks complete blocks (see block_tokens)."""
         raise NotImplementedError
 
     def _blocks(self, layer, query):
@@ -305,7 +313,6 @@ class KvstarCache(SparseCache):
                           block_vote=block_vote)
         self.sequence = None
         self.pool = None
-        self._stream = None
 
     def _open(self, dtype, device):
         max_blocks = math.ceil(self.max_tokens / self.block_size) + 1
@@ -335,7 +342,6 @@ class KvstarCache(SparseCache):
         layer0 = self.sparse_layers[0]
         self._open(layer0.dtype, layer0.device)
         stream = self._torch_stream()
-        bs = self.block_size
         staged = []  # device blocks are read by the library's side stream until Seal's Flush
         for layer in self.sparse_layers:
             for block in range(layer.prompt_blocks):
@@ -343,23 +349,20 @@ class KvstarCache(SparseCache):
                 self.sequence.offload(layer.sparse_layer, block, k, v, stream=stream,
                                       where=self._where)
                 staged.append((k, v))
-            keep = layer.prompt_blocks * bs - layer.tail_start
-            layer.keys = layer.keys[:, :, keep:].clone()
-            layer.values = layer.values[:, :, keep:].clone()
-            layer.tail_start = layer.prompt_blocks * bs
         queries = queries.contiguous()
         self.sequence.seal(queries, queries.shape[1], stream=stream, where=self._where)
         del staged
 
     def _blocks(self, layer, query):
         table = self.sequence.acquire(layer.sparse_layer, stream=self._torch_stream())
-        self._table = table
-        ids = table.blocks()
-        layer.drop_tail_blocks(set(ids))
-        ids = [b for b in ids if b < layer.tail_start // self.block_size]
-        slots = torch.tensor([table.host_slots[i] for i in range(table.count)
-                              if table.block_indices[i] < layer.tail_start // self.block_size],
-                             dtype=torch.long, device=self.pool.device)
+        layer.drop_tail_blocks(set(table.blocks()))
+        # Blocks still in the tail are read from there, not from their slots.
+        first_tail_block = layer.tail_start // self.block_size
+        resident = [(table.block_indices[i], table.host_slots[i]) for i in range(table.count)
+                    if table.block_indices[i] < first_tail_block]
+        ids = [block for block, _ in resident]
+        slots = torch.tensor([slot for _, slot in resident], dtype=torch.long,
+                             device=self.pool.device)
         blocks = self.pool[layer.sparse_layer].index_select(0, slots)  # [n, 2, bs, Hkv, D]
         n = blocks.shape[0]
         k = blocks[:, 0].reshape(n * self.block_size, self.num_kv_heads, self.head_dim)
