@@ -21,7 +21,8 @@ ABSL_FLAG(uint64_t, shared_memory_bytes, uint64_t{256} << 20,
           "bytes without copying them through gRPC (0 disables; /dev/shm must have room).");
 ABSL_FLAG(int, worker_threads, 0,
           "Threads that run calls' store I/O and scoring (gRPC's callback API holds no thread "
-          "for a waiting call); 0 means max(8, 2 per hardware thread).");
+          "for a waiting call; DropSequence has two threads of its own); 0 means max(16, 4 per "
+          "hardware thread).");
 ABSL_FLAG(uint64_t, stream_idle_timeout_ms, 30000,
           "A stream whose client sends nothing (PutBlocks) or reads nothing (Retrieve, "
           "GetBlocks) for this long is ended; 0 never ends one.");
@@ -88,7 +89,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   }
   if (config.worker_threads == 0) {
     config.worker_threads =
-        static_cast<int>(std::max(8u, 2 * std::max(1u, std::thread::hardware_concurrency())));
+        static_cast<int>(std::max(16u, 4 * std::max(1u, std::thread::hardware_concurrency())));
   }
   if (config.max_open_streams == 0 || config.max_open_streams_per_tenant == 0) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -39,8 +39,12 @@ class Refused final : public Reactor {
 
 size_t PoolThreads(size_t asked) {
   if (asked > 0) return asked;
-  return std::max<size_t>(8, 2 * std::max(1u, std::thread::hardware_concurrency()));
+  return std::max<size_t>(16, 4 * std::max(1u, std::thread::hardware_concurrency()));
 }
+
+// Threads that drop sequences: a store's drop can take seconds (RocksDB compacts the range
+// away), and drops waiting for each other must not hold the threads other calls need.
+constexpr size_t kDropThreads = 2;
 
 }  // namespace
 
@@ -84,10 +88,14 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
         put_(service->node_->NewPutStream(tenant_)) {}
   ~PutReactor() override { service_->limits_.ReleasePutBytes(tenant_, reserved_); }
 
-  void Start() { StartRead(&message_); }
+  void Start() { ReadNext(); }
 
   void OnReadDone(bool ok) override {
     SetBusy(true);
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+    }
     std::shared_ptr<Stream> self = shared_from_this();
     if (!ok) {
       service_->pool_.Schedule([this, self] { Complete(); });
@@ -95,7 +103,18 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
       service_->pool_.Schedule([this, self] { Handle(); });
     }
   }
-  void OnCancel() override { cancelled_.store(true); }
+  // A cancelled stream with a read pending is finished now; one with work queued or running is
+  // finished by that work, which sees the flag.
+  void OnCancel() override {
+    std::shared_ptr<Stream> self = shared_from_this();  // Finish may run OnDone inline
+    cancelled_.store(true);
+    bool idle;
+    {
+      absl::MutexLock lock(&mu_);
+      idle = reading_;
+    }
+    if (idle) FinishOnce(absl::CancelledError("PutBlocks cancelled by the client"));
+  }
   void OnDone() override { service_->Unregister(this); }
 
   void Expire(uint64_t timeout_ms) override {
@@ -149,6 +168,15 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
     }
     message_.Clear();
     SetBusy(false);
+    if (cancelled_.load()) return FinishOnce(absl::CancelledError("PutBlocks cancelled"));
+    ReadNext();
+  }
+
+  // Starts the next read unless the stream is finished (then gRPC may be done with the call).
+  void ReadNext() {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    reading_ = true;
     StartRead(&message_);
   }
 
@@ -204,6 +232,7 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
   std::atomic<bool> cancelled_{false};
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;  // a read is pending: no work queued or running
 };
 
 // One server-streaming call (Retrieve, GetBlocks). Its work runs on the pool and hands each
@@ -275,6 +304,7 @@ KvStoreService::KvStoreService(std::unique_ptr<StorageNode> node, ServiceOptions
     : options_(options),
       node_(std::move(node)),
       limits_(options.limits, [this](bool serving) { ReportServing(serving); }),
+      drop_pool_(kDropThreads),
       pool_(PoolThreads(options.worker_threads)) {
   std::ifstream boot_id("/proc/sys/kernel/random/boot_id");
   std::getline(boot_id, host_id_);
@@ -509,7 +539,7 @@ grpc::ServerUnaryReactor* KvStoreService::DropSequence(grpc::CallbackServerConte
     reactor->Finish(ToGrpc(tenant.status()));
     return reactor;
   }
-  pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
+  drop_pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
     absl::StatusOr<storage::DropResult> dropped =
         node_->DropSequence(tenant, request->sequence_id());
     if (dropped.ok()) {

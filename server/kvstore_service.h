@@ -40,7 +40,7 @@ struct ServiceOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
-  // Threads that run calls' work (store I/O, scoring); 0 means max(4, 2 x hardware threads).
+  // Threads that run calls' work (store I/O, scoring); 0 means max(16, 4 x hardware threads).
   size_t worker_threads = 0;
   // A stream that makes no progress this long is ended; 0: never.
   uint64_t stream_idle_timeout_ms = 30000;
@@ -115,8 +115,9 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   absl::flat_hash_map<Stream*, std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
   bool stopping_ ABSL_GUARDED_BY(streams_mu_) = false;
   std::thread watchdog_;
-  // Last member: destroyed (its queue run, its threads joined) before the rest.
-  WorkPool pool_;
+  // Last members: destroyed (their queues run, their threads joined) before the rest.
+  WorkPool drop_pool_;  // DropSequence only
+  WorkPool pool_;       // every other call's work
 };
 
 }  // namespace kvstar::server
