@@ -33,6 +33,7 @@ the same run. The last line is JSON.
 """
 import argparse
 import ctypes
+import faulthandler
 import json
 import math
 import os
@@ -355,7 +356,9 @@ class KvstarBatch:
     def stream_handle(self):
         return None if self.stream is None else self.stream.cuda_stream
 
-    def add(self, sequence_id, blocks, plant, topics_of_block, seed):
+    def add(self, sequence_id, blocks, plant, topics_of_block, seed, deadline=None):
+        """Creates, fills and returns one sequence; TimeoutError (sequence dropped) when the fill
+        passes `deadline` (time.perf_counter())."""
         s, L = self.shape, self.shape.layers
         view, first = self.slot_source.sequence_view(self.pool, len(self.sequences), L)
         sequence = self.client.create_sequence(
@@ -365,14 +368,28 @@ class KvstarBatch:
         device = self.pool.device
         generator = torch.Generator(device=device).manual_seed(seed)
         windows = (self.knobs["init_window_sz"], self.knobs["local_window_sz"])
-        stream = self.stream_handle()
+        start = time.perf_counter()
         for layer in range(L):
             k, v = synthetic_layer_kv(s, plant, layer, blocks, topics_of_block, windows,
                                       generator, device)
+            # Offloaded from host copies: the library copies device blocks on a side stream that
+            # the decode stream does not wait for, so a freed device tensor could be reused first.
+            k, v = k.cpu(), v.cpu()
             for block in range(blocks):
-                sequence.offload(layer, block, k[block], v[block], stream=stream,
-                                 where=self.where)
-            del k, v  # the library copied them to staging on the stream, ordered before reuse
+                sequence.offload(layer, block, k[block], v[block], where=self.kvstar.HOST)
+            del k, v
+            if layer % 16 == 15 or layer == L - 1:
+                elapsed = time.perf_counter() - start
+                print(f"  fill {sequence_id}: {layer + 1}/{L} layers queued in {elapsed:.1f} s",
+                      flush=True)
+            if deadline is not None and time.perf_counter() > deadline:
+                self.client.drop_sequence(sequence_id)
+                raise TimeoutError(f"fill of {sequence_id} passed its deadline at layer {layer}")
+        t = time.perf_counter()
+        sequence.flush()
+        print(f"  fill {sequence_id}: flushed in {time.perf_counter() - t:.1f} s, "
+              f"{L * blocks * page_bytes(s) / (time.perf_counter() - start) / 1e9:.2f} GB/s",
+              flush=True)
         self.sequences.append(sequence)
         self.first_page.append(first)
         self.ids.append(sequence_id)
@@ -386,7 +403,7 @@ class KvstarBatch:
         q = torch.stack([plant.directions[l][plant.topic_at(0)] for l in range(s.layers)])
         q = (q * math.sqrt(s.head_dim)).to(torch.bfloat16)
         q = q[:, None].expand(s.layers, seal_queries, s.q_heads, s.head_dim).contiguous()
-        sequence.seal(q, seal_queries, stream=self.stream_handle(), where=self.where)
+        sequence.seal(q.cpu(), seal_queries, where=self.kvstar.HOST)
         if self.stream is not None:
             self.stream.synchronize()
 
@@ -726,18 +743,35 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
     fill_start = time.perf_counter()
     seal_s = []
     topics0 = None
+    budget = min(args.fill_budget_s, args.kvstar_deadline - fill_start)
+    rate = FILL_RATE.get("bytes_per_s")
+    if rate and seq_kv_bytes / rate > budget:
+        print(f"  skipped: one sequence's fill would take {seq_kv_bytes / rate:.0f} s at the "
+              f"measured {rate / 1e9:.2f} GB/s, over the {budget:.0f} s left", flush=True)
+        return [], {"skipped_fill_s": seq_kv_bytes / rate}
     for b in range(want):
         sequence_id = f"{s.layers}x{context}-r{ratio}-{b}-{time.monotonic_ns()}"
         topics = block_topics(b, blocks, plant.topics)
         if b == 0:
             topics0 = topics
-        sequence = batch.add(sequence_id, blocks, plant, topics, seed=100 + b)
+        try:
+            sequence = batch.add(sequence_id, blocks, plant, topics, seed=100 + b,
+                                 deadline=args.kvstar_deadline if b == 0 else
+                                 fill_start + budget)
+        except TimeoutError as error:
+            print(f"  {error}", flush=True)
+            if b == 0:
+                return [], {"fill_timeout": str(error)}
+            break
         t = time.perf_counter()
         batch.seal(sequence, plant, args.stride)
         seal_s.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - fill_start
         rate = (b + 1) * seq_kv_bytes / elapsed
-        if b + 1 < want and elapsed + seq_kv_bytes / rate > args.fill_budget_s:
+        FILL_RATE["bytes_per_s"] = rate
+        print(f"  sealed {b + 1} sequence(s) in {elapsed:.1f} s (seal {seal_s[-1]:.2f} s)",
+              flush=True)
+        if b + 1 < want and elapsed + seq_kv_bytes / rate > budget:
             break
     fill_s = time.perf_counter() - fill_start
     run_batch = len(batch.sequences)
@@ -793,7 +827,10 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
         del kv, fns
     batch.close()
     del pool
-    return rows
+    return rows, notes
+
+
+FILL_RATE = {}  # the node's fill rate measured so far in this process
 
 
 def floor_ms(weights, kv_read, hbm_bw):
@@ -830,8 +867,22 @@ def main():
     parser.add_argument("--retrieval_threads", type=int, default=0)
     parser.add_argument("--num_sms", type=int, default=0, help="0: the device's")
     parser.add_argument("--no_graphs", action="store_true")
+    parser.add_argument("--kvstar_time_s", type=float, default=1e9,
+                        help="kvstar configurations whose fill would end later than this many "
+                             "seconds after start are skipped")
+    parser.add_argument("--node_log", default="")
+    parser.add_argument("--summarize", default="",
+                        help="only print the tables and the JSON of the rows in this file")
     parser.add_argument("--results", default="", help="also write every row as JSON lines here")
     args = parser.parse_args()
+    args.kvstar_deadline = time.perf_counter() + args.kvstar_time_s
+    if args.summarize:
+        with open(args.summarize) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print_tables(rows)
+        print(json.dumps(summary(rows)))
+        return
+    faulthandler.dump_traceback_later(45, repeat=True)  # where a stalled run waits
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -869,7 +920,7 @@ def main():
         torch.cuda.set_stream(decode_stream)
     node = client = None
     if any(c.startswith("kvstar") for c in configs):
-        log = os.path.join(tempfile.gettempdir(), "kvstar-decode-node.log")
+        log = args.node_log or os.path.join(tempfile.gettempdir(), "kvstar-decode-node.log")
         node = Node(int(args.shared_memory_gib * GIB), args.retrieval_threads, log)
         backend = kvstar.BACKEND_CUDA if device.type == "cuda" else kvstar.BACKEND_HOST
         client = kvstar.Client(node.node.address, backend=backend)
@@ -911,10 +962,13 @@ def main():
                     if context not in kvstar_max_contexts:
                         args.kvstar_max_batch = 1
                     try:
-                        results = kvstar_config(args, model, plant, context, ratio, max_kvstar,
+                        results, notes = kvstar_config(args, model, plant, context, ratio, max_kvstar,
                                                 device, hbm_bw, kvstar, node, client)
                     finally:
                         args.kvstar_max_batch = saved
+                    if not results:
+                        print(f"ROW-SKIPPED {json.dumps(dict(common, config=config, **notes))}",
+                              flush=True)
                     for r in results:
                         r.update(common, config=config, max_batch=max_kvstar,
                                  max_batch_full=max_full,

@@ -19,4 +19,4 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 df -h /dev/shm | tail -1
 grep -E 'MemTotal|MemAvailable' /proc/meminfo | tr -s ' ' | tr '\n' ' '
 echo
-python3 bench/decode_bench.py --results "$out/decode.jsonl" "$@" 2>&1 | tee "$out/decode.log"
+python3 bench/decode_bench.py --results "$out/decode.jsonl" "$@" 2>&1 | tee -a "$out/decode.log"
