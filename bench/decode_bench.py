@@ -740,6 +740,17 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
     stream = torch.cuda.current_stream() if device.type == "cuda" else None
     where = kvstar.DEVICE if device.type == "cuda" else kvstar.HOST
     batch = KvstarBatch(kvstar, client, s, knobs, source, pool, stream, where)
+    # Seal loads the whole first selection through the client's pinned staging and releases it
+    # only when every layer is published: a selection over the staging budget never seals (seen
+    # on the GPU machine at Qwen2.5-14B 32K: Seal waited forever). The C API cannot raise the
+    # budget, so such configurations are skipped until the client releases staging per layer.
+    first_selection = s.layers * source.resident * page_bytes(s)
+    if first_selection > args.client_staging_bytes:
+        reason = (f"Seal would wait forever: its first selection ({first_selection / 2**20:.0f} "
+                  f"MiB) exceeds the client's staging budget ({args.client_staging_bytes / 2**20:.0f}"
+                  f" MiB)")
+        print(f"  skipped: {reason}", flush=True)
+        return [], {"skipped": reason, "max_batch_hbm": batch_hbm, "node_cap": node_cap}
     fill_start = time.perf_counter()
     seal_s = []
     topics0 = None
@@ -871,6 +882,10 @@ def main():
                         help="kvstar configurations whose fill would end later than this many "
                              "seconds after start are skipped")
     parser.add_argument("--node_log", default="")
+    parser.add_argument("--client_staging_bytes", type=int, default=256 << 20,
+                        help="the client's staging budget (ClientOptions::staging_budget_bytes, "
+                             "not settable through the C API); raise it once Seal no longer "
+                             "holds the whole first selection in staging")
     parser.add_argument("--summarize", default="",
                         help="only print the tables and the JSON of the rows in this file")
     parser.add_argument("--results", default="", help="also write every row as JSON lines here")
@@ -879,7 +894,11 @@ def main():
     if args.summarize:
         with open(args.summarize) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        print_tables(rows)
+        print_tables([r for r in rows if not r.get("skipped")])
+        for r in rows:
+            if r.get("skipped"):
+                print(f"skipped: {r['model']} {r['context'] // 1024}K {r['config']} (max batch "
+                      f"by HBM {r['max_batch']}): {r['skipped']}")
         print(json.dumps(summary(rows)))
         return
     faulthandler.dump_traceback_later(45, repeat=True)  # where a stalled run waits
@@ -898,7 +917,7 @@ def main():
     hbm_bw = measure_hbm_bandwidth(device)
     print(f"HBM copy bandwidth (read + write): {hbm_bw / 1e12:.2f} TB/s", flush=True)
 
-    rows = []
+    rows, skipped_rows = [], []
     results_file = open(args.results, "a") if args.results else None
     started = time.perf_counter()
 
@@ -940,7 +959,7 @@ def main():
                 full_seq = shape.layers * (blocks + 1) * page_bytes(shape)
                 max_full = max(1, free // full_seq)
                 common = dict(model=model_name, context=context, weights_bytes=weights,
-                              hbm_bw=hbm_bw)
+                              hbm_bw=hbm_bw, hbm_free_for_kv=free)
                 if "full" in configs:
                     for batch in sorted({1, max_full if context in full_max_contexts else 1}):
                         r = full_config(args, model, plant, context, batch, device, hbm_bw)
@@ -967,8 +986,15 @@ def main():
                     finally:
                         args.kvstar_max_batch = saved
                     if not results:
-                        print(f"ROW-SKIPPED {json.dumps(dict(common, config=config, **notes))}",
-                              flush=True)
+                        skipped = dict(common, config=config, skipped=True, max_batch=max_kvstar,
+                                       max_batch_full=max_full,
+                                       hbm_kv_fraction=seq_bytes / full_seq)
+                        skipped.update(notes)
+                        print(f"SKIPPED {json.dumps(skipped)}", flush=True)
+                        skipped_rows.append(skipped)
+                        if results_file:
+                            results_file.write(json.dumps(skipped) + "\n")
+                            results_file.flush()
                     for r in results:
                         r.update(common, config=config, max_batch=max_kvstar,
                                  max_batch_full=max_full,
@@ -987,7 +1013,7 @@ def main():
         if node is not None:
             node.close()
     print_tables(rows)
-    print(json.dumps(summary(rows)))
+    print(json.dumps(summary(rows + skipped_rows)))
 
 
 def print_tables(rows):
@@ -1019,7 +1045,10 @@ def summary(rows):
     if not rows:
         return out
     model = "qwen2.5-14b" if any(r["model"] == "qwen2.5-14b" for r in rows) else rows[0]["model"]
-    rows = [r for r in rows if r["model"] == model]
+    skipped = [r for r in rows if r["model"] == model and r.get("skipped")]
+    rows = [r for r in rows if r["model"] == model and not r.get("skipped")]
+    if not rows:
+        return out
     short = min(r["context"] for r in rows)
     longest = max(r["context"] for r in rows)
     full_max = pick("full", short, largest=True)
@@ -1051,6 +1080,17 @@ def summary(rows):
             out["max_batch_ratio"] = round(kv_max["max_batch"] / full_max["max_batch"], 3)
             out["tokens_per_s_ratio"] = round(kv_max["tokens_per_s"] /
                                               full_max["tokens_per_s"], 3)
+    for config, key in (("kvstar0.25", ""), ("kvstar0.1", "_0.1")):
+        # Configurations that could not run still have their HBM capacity.
+        mine = [r for r in skipped if r["config"] == config and r["context"] == short]
+        if mine and not pick(config, short):
+            out["max_batch_kvstar" + key] = mine[0]["max_batch"]
+            out["hbm_kv_fraction" + key] = round(mine[0]["hbm_kv_fraction"], 4)
+            out["batch_run_kvstar" + key] = 0
+            out["not_run" + key] = mine[0]["skipped"]
+            if full_max:
+                out["max_batch_ratio" + key] = round(mine[0]["max_batch"] /
+                                                     full_max["max_batch"], 3)
     if kv01 and full_max:
         out["max_batch_kvstar_0.1"] = kv01["max_batch"]
         out["max_batch_ratio_0.1"] = round(kv01["max_batch"] / full_max["max_batch"], 3)
