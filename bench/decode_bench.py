@@ -746,9 +746,10 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
     # budget, so such configurations are skipped until the client releases staging per layer.
     first_selection = s.layers * source.resident * page_bytes(s)
     if first_selection > args.client_staging_bytes:
-        reason = (f"Seal would wait forever: its first selection ({first_selection / 2**20:.0f} "
-                  f"MiB) exceeds the client's staging budget ({args.client_staging_bytes / 2**20:.0f}"
-                  f" MiB)")
+        mib = 2 ** 20
+        reason = (f"Seal would wait forever: its first selection ({first_selection / mib:.0f} "
+                  f"MiB) exceeds the client's staging budget "
+                  f"({args.client_staging_bytes / mib:.0f} MiB)")
         print(f"  skipped: {reason}", flush=True)
         return [], {"skipped": reason, "max_batch_hbm": batch_hbm, "node_cap": node_cap}
     fill_start = time.perf_counter()
@@ -981,8 +982,9 @@ def main():
                     if context not in kvstar_max_contexts:
                         args.kvstar_max_batch = 1
                     try:
-                        results, notes = kvstar_config(args, model, plant, context, ratio, max_kvstar,
-                                                device, hbm_bw, kvstar, node, client)
+                        results, notes = kvstar_config(args, model, plant, context, ratio,
+                                                       max_kvstar, device, hbm_bw, kvstar, node,
+                                                       client)
                     finally:
                         args.kvstar_max_batch = saved
                     if not results:
