@@ -412,22 +412,30 @@ class KvstarBatch:
         indices, tail page appended) and counts; stale_out[b][l] = step - selection_step."""
         stream = self.stream_handle()
         L = self.shape.layers
+        batch = len(self.sequences)
         slots = self.slot_source.slots_per_layer
+        acquire, memmove, byref = self.lib.kvstar_acquire, ctypes.memmove, ctypes.byref
+        base, row_bytes = host_table.ctypes.data, host_table.strides[1]
+        layer_bytes = host_table.strides[0]
         for b, sequence in enumerate(self.sequences):
             handle = sequence._handle
             tables = self.tables[b]
             for layer in range(L):
                 table = tables[layer]
-                code = self.lib.kvstar_acquire(handle, layer, stream, ctypes.byref(table))
+                code = acquire(handle, layer, stream, byref(table))
                 if code:
                     self.kvstar._check(code)
-                n = table.count
-                row = host_table[layer, b]
-                ctypes.memmove(row.ctypes.data, table.host_slots, 4 * n)
-                row[:n] += self.first_page[b] + layer * slots
-                row[n] = tail_pages_np[layer, b]
-                host_count[layer, b] = n + 1
+                memmove(base + layer * layer_bytes + b * row_bytes, table.host_slots,
+                        4 * table.count)
+                host_count[layer, b] = table.count
                 stale_out[b, layer] = table.step - table.selection_step
+        # Library slots -> pages of the shared pool, then each row's tail page after its slots.
+        offsets = (np.asarray(self.first_page[:batch], dtype=np.int32)[None, :] +
+                   np.arange(L, dtype=np.int32)[:, None] * slots)
+        host_table[:, :batch] += offsets[:, :, None]
+        layers, seqs = np.meshgrid(np.arange(L), np.arange(batch), indexing="ij")
+        host_table[layers, seqs, host_count[:, :batch]] = tail_pages_np[:, :batch]
+        host_count[:, :batch] += 1
 
     def record_and_release(self, queries):
         """queries: [L][B][Hq][D] device tensor that outlives the library's side-stream copy."""
