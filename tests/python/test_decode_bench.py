@@ -67,3 +67,54 @@ def test_seal_over_the_staging_budget_is_skipped(environment, tmp_path):
                               "--client_staging_bytes", "1024")
     assert len(rows) == 1 and rows[0]["skipped"].startswith("Seal would wait forever")
     assert summary == {}  # nothing measured
+
+
+def test_planted_topics_draw_the_models_own_queries():
+    """The synthetic KV moves attention: at every depth the model's queries put most of their
+    attention mass on the current topic's blocks, and the mass follows the topic."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import decode_bench as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    shape = bench.Shape(12, 8, 2, 128, 512, 1024, 512)
+    cpu = torch.device("cpu")
+    model = bench.RandomDecoder(shape, cpu)
+    tokens = torch.arange(8) * 37 + 11
+    plant = bench.Plant(8, 16, 0.5, tokens, model.topic_directions(tokens))
+    blocks = 24
+    pool = torch.empty((shape.layers * (blocks + 1), 2, 128, shape.kv_heads, shape.head_dim),
+                       dtype=torch.bfloat16)
+    base = torch.arange(shape.layers)[:, None] * (blocks + 1)
+    kv = bench.PagedKv(pool, shape.layers, 1, blocks + 1, base + blocks, cpu)
+    kv.table.copy_((base[:, :, None] + torch.arange(blocks + 1)).to(torch.int32))
+    kv.count.fill_(blocks + 1)
+    topics = bench.block_topics(0, blocks, 8)
+    generator = torch.Generator().manual_seed(1)
+    for layer in range(shape.layers):
+        k, v = bench.synthetic_layer_kv(shape, plant, layer, blocks, topics, (1, 2), generator,
+                                        cpu)
+        pool[layer * (blocks + 1):layer * (blocks + 1) + blocks, 0] = k
+        pool[layer * (blocks + 1):layer * (blocks + 1) + blocks, 1] = v
+    attention = bench.make_attention("repack", kv, shape, 1, 0, cpu, blocks + 1)
+    queries = torch.zeros((shape.layers, 1, shape.q_heads, shape.head_dim), dtype=torch.bfloat16)
+    group = shape.q_heads // shape.kv_heads
+    middle = topics[1:blocks - 2]
+    for step in (0, 16, 32):
+        topic = plant.topic_at(step)
+        kv.tokens.fill_(int(tokens[topic]))
+        kv.tail_pos.fill_(step)
+        kv.tail_len.fill_(step + 1)
+        model.step(kv.tokens, kv, attention, queries)
+        for layer in (0, shape.layers - 1):
+            first = layer * (blocks + 1)
+            keys = pool[first:first + blocks, 0].float().reshape(blocks * 128, shape.kv_heads,
+                                                                 shape.head_dim)
+            scores = torch.einsum("hd,thd->ht", queries[layer, 0].float(),
+                                  keys.repeat_interleave(group, 1)) / math.sqrt(shape.head_dim)
+            mass = torch.softmax(scores, -1).mean(0).view(blocks, 128).sum(1)[1:blocks - 2]
+            assert float(mass[middle == topic].sum()) > 0.5, (step, layer)
