@@ -147,12 +147,16 @@ class RocksDbStore final : public BlockStore {
   std::map<std::string, SequenceIndex> sequences_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> hits_{0};
   std::atomic<uint64_t> misses_{0};
+  std::atomic<uint64_t> corrupt_blocks_{0};
 };
 
 absl::Status RocksDbStore::LoadIndex() {
   rocksdb::ReadOptions options;
   options.fill_cache = false;
   options.readahead_size = 2 << 20;
+  // The scan needs keys and value sizes only. Verifying here would make one damaged block fail
+  // the whole open; GetBlocks verifies every block it reads and answers DataLoss for that block.
+  options.verify_checksums = false;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(options));
   std::map<std::string, SequenceIndex> sequences;
   std::map<std::string, SequenceIndex> blocks_by_sequence;
@@ -285,8 +289,11 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key, absl::Span<
     }
     absl::Status read =
         FromRocksDb(statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
-    if (!read.ok()) return read;
-    read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    if (read.ok()) read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    // RocksDB's block checksum (Corruption) or the store's own: either way the bytes are bad.
+    if (absl::IsDataLoss(read)) {
+      ReportCorruptBlock("rocksdb", sequence_key, ids[i], read, &corrupt_blocks_);
+    }
     if (!read.ok()) return read;
   }
   hits_.fetch_add(ids.size(), std::memory_order_relaxed);
@@ -343,6 +350,7 @@ std::vector<TierStats> RocksDbStore::Stats() {
   TierStats stats = CatalogStats("rocksdb", sequences_);
   stats.hits = hits_.load(std::memory_order_relaxed);
   stats.misses = misses_.load(std::memory_order_relaxed);
+  stats.corrupt_blocks = corrupt_blocks_.load(std::memory_order_relaxed);
   return {stats};
 }
 
@@ -359,9 +367,20 @@ std::string RocksDbMetadataKey(absl::string_view sequence_key) {
   return SequencePrefix(kMetadataTag, sequence_key);
 }
 
-absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::string& dir,
+                                                                    rocksdb::Env* env) {
   rocksdb::Options options;
   options.create_if_missing = true;
+  if (env != nullptr) options.env = env;
+  // Corruption is never silent. RocksDB's default recovery (kPointInTimeRecovery) stops replaying
+  // the WAL at the first damaged record and opens cleanly without every later record, which are
+  // acknowledged, intact writes. kTolerateCorruptedTailRecords accepts only a torn last record (a
+  // synced write a crash cut short, so never acknowledged) and refuses to open on any other
+  // damage; paranoid checks make a failed write stop further writes instead of being skipped.
+  options.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
+  options.paranoid_checks = true;
+  // A WAL file that is missing or shorter than its last synced size fails the open too.
+  options.track_and_verify_wals_in_manifest = true;
   // KV blocks are bf16/fp16 activations: effectively incompressible, so compression would only
   // cost CPU on every flush, compaction and read.
   options.compression = rocksdb::kNoCompression;
@@ -379,13 +398,24 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& 
   options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
 
   rocksdb::DB* raw_db = nullptr;
-  absl::Status opened = FromRocksDb(rocksdb::DB::Open(options, dir, &raw_db),
-                                    absl::StrCat("opening rocksdb store at ", dir));
+  const rocksdb::Status open_status = rocksdb::DB::Open(options, dir, &raw_db);
+  if (open_status.IsCorruption()) {
+    return absl::DataLossError(absl::StrCat(
+        "opening rocksdb store at ", dir, ": rocksdb: ", open_status.ToString(),
+        "; its write-ahead log or a table file is damaged, and the store refuses to open rather "
+        "than drop acknowledged writes (",
+        dir, "/LOG names the file and offset)"));
+  }
+  absl::Status opened = FromRocksDb(open_status, absl::StrCat("opening rocksdb store at ", dir));
   if (!opened.ok()) return opened;
   auto store = std::make_unique<RocksDbStore>(std::unique_ptr<rocksdb::DB>(raw_db));
   absl::Status loaded = store->LoadIndex();
   if (!loaded.ok()) return loaded;
   return std::unique_ptr<BlockStore>(std::move(store));
+}
+
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
+  return OpenRocksDbStoreWithEnv(dir, nullptr);
 }
 
 }  // namespace kvstar::storage
