@@ -14,6 +14,8 @@
 //   kShortWrite  writes only: the first half of the bytes reach the file, then ENOSPC
 //   kBitFlip     writes and reads: the call succeeds with one bit flipped in the middle byte of
 //                what it wrote or read (a device that silently damages data)
+//   kCrash       the process dies by SIGKILL at this call, before it; a write first writes the
+//                first half of its bytes (a torn write). For crash tests' kill points.
 // Thread-safe.
 #ifndef KVSTAR_STORAGE_FAULT_INJECTION_H_
 #define KVSTAR_STORAGE_FAULT_INJECTION_H_
@@ -43,7 +45,7 @@ enum class IoOperation {
   kSyncDirectory,  // fsync of a directory
 };
 
-enum class FaultKind { kNoSpace, kIoError, kShortWrite, kBitFlip };
+enum class FaultKind { kNoSpace, kIoError, kShortWrite, kBitFlip, kCrash };
 
 struct FaultRule {
   IoOperation operation = IoOperation::kWrite;
