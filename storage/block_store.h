@@ -6,7 +6,9 @@
 //
 // Backends: RocksDB (embedded default), a POSIX/NFS directory, and a DRAM tier that caches either
 // under a byte budget. Every implementation is thread-safe: any method may be called from any
-// thread concurrently. Errors are values; no method throws.
+// thread concurrently. Errors are values; no method throws. A failing device gives
+// ResourceExhausted (no space) or Unavailable (an I/O error) naming the file; the store keeps
+// serving, and a failed write may or may not have been applied, but only whole.
 #ifndef KVSTAR_STORAGE_BLOCK_STORE_H_
 #define KVSTAR_STORAGE_BLOCK_STORE_H_
 
