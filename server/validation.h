@@ -39,6 +39,9 @@ uint64_t QueryRowBytes(const v1::ModelProfile& profile);
 
 // InvalidArgument naming sequence_id unless it is 1..kMaxSequenceIdBytes bytes of valid UTF-8
 // without control characters (which would let an id forge lines in logs). Messages escape the id.
+// Over gRPC, protobuf's parser already refuses invalid UTF-8 in a proto3 string field, before
+// any handler runs (gRPC answers INTERNAL with an empty message: issue 11); this check is for
+// callers of the core that do not come through that parser.
 absl::Status ValidateSequenceId(absl::string_view sequence_id);
 
 // Checks a profile and returns it with defaults filled in (block_size 0 -> 128). One block (K+V)
