@@ -250,7 +250,9 @@ absl::Status RocksDbStore::WriteSynced(rocksdb::WriteBatch* batch, absl::string_
   if (closed) {
     // An earlier reopen failed; this write never reached the device, so it may go after one.
     absl::Status recovered = RecoverFromWriteError(generation);
-    if (!recovered.ok()) return recovered;
+    if (!recovered.ok()) {
+      return absl::Status(recovered.code(), absl::StrCat(context, ": ", recovered.message()));
+    }
   }
   const rocksdb::Status written = WriteOnce(batch, &generation);
   if (written.ok() || written.IsInvalidArgument()) return FromRocksDb(written, context);
