@@ -192,8 +192,10 @@ TEST_P(FaultInjectionTest, CleanErrorNothingAcknowledgedLostAndOtherSequencesSer
   ASSERT_NO_FATAL_FAILURE(ExpectState("bystander"));
 }
 
-TEST_P(FaultInjectionTest, PersistentFaultFailsEveryWriteCleanlyAndReadsGoOn) {
-  if (fault().kind == FaultKind::kBitFlip) GTEST_SKIP() << "a bit flip does not fail the call";
+// Faults that fail the call (not bit flips, which "succeed"), kept up until cleared.
+using PersistentFaultTest = FaultInjectionTest;
+
+TEST_P(PersistentFaultTest, PersistentFaultFailsEveryWriteCleanlyAndReadsGoOn) {
   ASSERT_TRUE(store_->PutSequence("victim", "profile").ok());
   PutAcknowledged("victim", NewBatch());
   // Every write (or fsync) of the data files fails until the device is "repaired".
@@ -289,10 +291,26 @@ const FaultCase kFaultCases[] = {
     {"BitFlipOnRead", IoOperation::kRead, FaultKind::kBitFlip},
 };
 
+const FaultCase kFailingFaultCases[] = {
+    {"NoSpaceOnWrite", IoOperation::kWrite, FaultKind::kNoSpace},
+    {"IoErrorOnWrite", IoOperation::kWrite, FaultKind::kIoError},
+    {"ShortWrite", IoOperation::kWrite, FaultKind::kShortWrite},
+    {"FsyncFails", IoOperation::kSync, FaultKind::kIoError},
+};
+
 INSTANTIATE_TEST_SUITE_P(
     Faults, FaultInjectionTest,
     ::testing::Combine(::testing::Values(Backend::kRocksDb, Backend::kPosixDir),
                        ::testing::ValuesIn(kFaultCases)),
+    [](const auto& info) {
+      return absl::StrCat(std::get<0>(info.param) == Backend::kRocksDb ? "RocksDb" : "PosixDir",
+                          std::get<1>(info.param).name);
+    });
+
+INSTANTIATE_TEST_SUITE_P(
+    PersistentFaults, PersistentFaultTest,
+    ::testing::Combine(::testing::Values(Backend::kRocksDb, Backend::kPosixDir),
+                       ::testing::ValuesIn(kFailingFaultCases)),
     [](const auto& info) {
       return absl::StrCat(std::get<0>(info.param) == Backend::kRocksDb ? "RocksDb" : "PosixDir",
                           std::get<1>(info.param).name);
