@@ -9,7 +9,8 @@
 //   // the second fsync from now fails with EIO
 //
 // What the kinds do:
-//   kNoSpace     the call fails with ENOSPC (rocksdb: IOStatus::NoSpace) and does nothing
+//   kNoSpace     the call fails with ENOSPC (rocksdb: IOStatus::NoSpace) and does nothing;
+//                reads, opens and directory fsyncs fail with EIO instead
 //   kIoError     the call fails with EIO (rocksdb: IOStatus::IOError) and does nothing
 //   kShortWrite  writes only: the first half of the bytes reach the file, then ENOSPC
 //   kBitFlip     writes and reads: the call succeeds with one bit flipped in the middle byte of

@@ -505,8 +505,8 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::s
   if (open_status.IsCorruption()) {
     return absl::DataLossError(absl::StrCat(
         "opening rocksdb store at ", dir, ": rocksdb: ", open_status.ToString(),
-        "; its write-ahead log or a table file is damaged, and the store refuses to open rather "
-        "than drop acknowledged writes (",
+        "; its write-ahead log, MANIFEST or a table file is damaged, and the store refuses to "
+        "open rather than drop acknowledged writes (",
         dir, "/LOG names the file and offset)"));
   }
   absl::Status opened = FromRocksDb(open_status, absl::StrCat("opening rocksdb store at ", dir));
