@@ -572,6 +572,7 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
     out->set_hits(tier.hits);
     out->set_misses(tier.misses);
     out->set_evictions(tier.evictions);
+    response->set_corrupt_blocks(response->corrupt_blocks() + tier.corrupt_blocks);
   }
   response->set_blocks_put(stats.blocks_put);
   response->set_blocks_got(stats.blocks_got);
