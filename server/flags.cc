@@ -19,7 +19,23 @@ ABSL_FLAG(uint64_t, dram_budget_bytes, uint64_t{1} << 30,
 ABSL_FLAG(uint64_t, shared_memory_bytes, uint64_t{256} << 20,
           "Size of the shared-memory segment through which co-located clients receive block "
           "bytes without copying them through gRPC (0 disables; /dev/shm must have room).");
-ABSL_FLAG(int, worker_threads, 0, "gRPC worker threads; 0 means one per hardware thread.");
+ABSL_FLAG(int, worker_threads, 0,
+          "Threads that run calls' store I/O and scoring (gRPC's callback API holds no thread "
+          "for a waiting call); 0 means max(8, 2 per hardware thread).");
+ABSL_FLAG(uint64_t, stream_idle_timeout_ms, 30000,
+          "A stream whose client sends nothing (PutBlocks) or reads nothing (Retrieve, "
+          "GetBlocks) for this long is ended; 0 never ends one.");
+ABSL_FLAG(uint64_t, max_open_streams, 1024,
+          "Streaming calls (PutBlocks, Retrieve, GetBlocks) open at once on the node; more get "
+          "RESOURCE_EXHAUSTED, and health reports NOT_SERVING while the limit is reached.");
+ABSL_FLAG(uint64_t, max_open_streams_per_tenant, 512,
+          "Streaming calls one tenant may hold open at once; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(uint64_t, max_inflight_put_bytes, uint64_t{512} << 20,
+          "Bytes of PutBlocks messages received but not yet stored, over all streams; a message "
+          "beyond it gets RESOURCE_EXHAUSTED, and health reports NOT_SERVING while it is reached. "
+          "Bounds the memory that open put streams hold (must be >= --max_message_bytes).");
+ABSL_FLAG(uint64_t, max_inflight_put_bytes_per_tenant, uint64_t{256} << 20,
+          "The same bound for one tenant's streams (must be >= --max_message_bytes).");
 ABSL_FLAG(int, retrieval_threads, 0,
           "Threads that score Seal and Retrieve; 0 means one per hardware thread. Lower it to "
           "leave cores to a co-located inference server.");
@@ -56,6 +72,11 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.stream_idle_timeout_ms = absl::GetFlag(FLAGS_stream_idle_timeout_ms);
+  config.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
+  config.max_open_streams_per_tenant = absl::GetFlag(FLAGS_max_open_streams_per_tenant);
+  config.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes);
+  config.max_inflight_put_bytes_per_tenant = absl::GetFlag(FLAGS_max_inflight_put_bytes_per_tenant);
   config.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
@@ -76,13 +97,27 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
         "--retrieval_threads is ", config.retrieval_threads, ", must be in [0, 1024]"));
   }
   if (config.worker_threads == 0) {
-    config.worker_threads = std::max(1u, std::thread::hardware_concurrency());
+    config.worker_threads =
+        static_cast<int>(std::max(8u, 2 * std::max(1u, std::thread::hardware_concurrency())));
+  }
+  if (config.max_open_streams == 0 || config.max_open_streams_per_tenant == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_open_streams is ", config.max_open_streams, " and --max_open_streams_per_tenant ",
+        config.max_open_streams_per_tenant, "; both must be >= 1"));
   }
   // Below 1 MiB not even one block of a small model fits; gRPC's own ceiling is 2 GiB - 1.
   if (config.max_message_bytes < (uint64_t{1} << 20) ||
       config.max_message_bytes > (uint64_t{2} << 30) - 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_message_bytes is ", config.max_message_bytes, ", must be in [1 MiB, 2 GiB)"));
+  }
+  // A message is admitted whole: a bound below the largest message would refuse it forever.
+  if (config.max_inflight_put_bytes < config.max_message_bytes ||
+      config.max_inflight_put_bytes_per_tenant < config.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_inflight_put_bytes is ", config.max_inflight_put_bytes,
+        " and --max_inflight_put_bytes_per_tenant ", config.max_inflight_put_bytes_per_tenant,
+        "; both must be >= --max_message_bytes (", config.max_message_bytes, ")"));
   }
   return config;
 }

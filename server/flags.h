@@ -15,9 +15,14 @@ struct ServerConfig {
   std::string data_dir;        // where the backend keeps its files
   uint64_t dram_budget_bytes = 0;
   uint64_t shared_memory_bytes = 0;  // co-located clients' segment; 0: none
-  int worker_threads = 0;
-  int retrieval_threads = 0;  // 0: one per hardware thread
+  int worker_threads = 0;            // threads that run calls' store I/O and scoring
+  int retrieval_threads = 0;         // 0: one per hardware thread
   uint64_t max_message_bytes = 0;
+  uint64_t stream_idle_timeout_ms = 0;  // 0: streams never time out
+  uint64_t max_open_streams = 0;
+  uint64_t max_open_streams_per_tenant = 0;
+  uint64_t max_inflight_put_bytes = 0;
+  uint64_t max_inflight_put_bytes_per_tenant = 0;
   std::string auth_tokens_file;  // "<token> <tenant>" lines; empty: no authentication
   std::string tls_cert_file;     // PEM chain; with tls_key_file: serve TLS only
   std::string tls_key_file;

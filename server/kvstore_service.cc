@@ -1,30 +1,16 @@
 #include "server/kvstore_service.h"
 
 #include <algorithm>
-#include <cstring>
-#include <deque>
 #include <fstream>
-#include <optional>
-#include <thread>
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "google/protobuf/util/message_differencer.h"
-#include "server/validation.h"
+#include "absl/time/clock.h"
 #include "spdlog/spdlog.h"
 
 namespace kvstar::server {
 namespace {
-
-// Without --auth_tokens_file every caller is this tenant.
-constexpr absl::string_view kDefaultTenant = "default";
-
-// Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
-std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id) {
-  return absl::StrCat(tenant, "/", sequence_id);
-}
 
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
@@ -41,53 +27,295 @@ v1::Block ToProto(storage::BlockData&& data) {
   return block;
 }
 
-// Copies the block's bytes into the arena (K, then V) and describes them in `block`; false when
-// there is no arena or no room, and the block must travel as bytes.
-bool ToShared(const storage::BlockData& data, SharedMemoryArena* arena, v1::Block* block) {
-  if (arena == nullptr) return false;
-  std::optional<uint64_t> offset = arena->Allocate(data.size_bytes());
-  if (!offset) return false;
-  std::memcpy(arena->base() + *offset, data.key.data(), data.key.size());
-  std::memcpy(arena->base() + *offset + data.key.size(), data.value.data(), data.value.size());
-  block->set_layer(data.id.layer);
-  block->set_block_index(data.id.block_index);
-  block->set_checksum(data.checksum);
-  v1::SharedMemoryRef* shared = block->mutable_shared();
-  shared->set_segment(arena->name());
-  shared->set_offset(*offset);
-  shared->set_length(data.key.size());
-  return true;
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+// A call refused before it started: finishes at once with `status`.
+template <typename Reactor>
+class Refused final : public Reactor {
+ public:
+  explicit Refused(const absl::Status& status) { this->Finish(ToGrpc(status)); }
+  void OnDone() override { delete this; }
+};
+
+size_t PoolThreads(size_t asked) {
+  if (asked > 0) return asked;
+  return std::max<size_t>(8, 2 * std::max(1u, std::thread::hardware_concurrency()));
 }
 
 }  // namespace
 
-KvStoreService::KvStoreService(storage::BlockStore* store, ServiceOptions options)
-    : store_(store), options_(options), retriever_(options.retrieval_threads) {
+// What the watchdog needs of a stream: when it last made progress, and how to end it. Streams
+// are owned by shared pointers (the service's registry, and each piece of work queued for the
+// stream), so that work still queued when gRPC is done with the call never outlives it.
+class KvStoreService::Stream : public std::enable_shared_from_this<Stream> {
+ public:
+  Stream(KvStoreService* service, std::string tenant)
+      : service_(service), tenant_(std::move(tenant)), last_active_ms_(NowMs()) {}
+  virtual ~Stream() { service_->limits_.CloseStream(tenant_); }
+
+  // While busy the server works for the stream, which is never idle then.
+  void SetBusy(bool busy) {
+    busy_.store(busy);
+    last_active_ms_.store(NowMs());
+  }
+  bool IdleBefore(int64_t cutoff_ms) const { return !busy_.load() && last_active_ms_ < cutoff_ms; }
+  // Ends the stream because it made no progress for `timeout_ms`.
+  virtual void Expire(uint64_t timeout_ms) = 0;
+
+ protected:
+  KvStoreService* const service_;
+  const std::string tenant_;
+
+ private:
+  std::atomic<bool> busy_{false};
+  std::atomic<int64_t> last_active_ms_;
+};
+
+// One PutBlocks stream: reads a message, checks and queues it on the pool (writing batches to the
+// store), then reads the next; nothing runs while the client is silent.
+class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutBlocksRequest>,
+                                         public Stream {
+ public:
+  PutReactor(KvStoreService* service, grpc::CallbackServerContext* context, std::string tenant,
+             v1::PutBlocksResponse* response)
+      : Stream(service, std::move(tenant)),
+        context_(context),
+        response_(response),
+        put_(service->node_->NewPutStream(tenant_)) {}
+  ~PutReactor() override { service_->limits_.ReleasePutBytes(tenant_, reserved_); }
+
+  void Start() { StartRead(&message_); }
+
+  void OnReadDone(bool ok) override {
+    SetBusy(true);
+    std::shared_ptr<Stream> self = shared_from_this();
+    if (!ok) {
+      service_->pool_.Schedule([this, self] { Complete(); });
+    } else {
+      service_->pool_.Schedule([this, self] { Handle(); });
+    }
+  }
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { service_->Unregister(this); }
+
+  void Expire(uint64_t timeout_ms) override {
+    spdlog::warn("PutBlocks of tenant {}: no message for {} ms; ending the stream", tenant_,
+                 timeout_ms);
+    FinishOnce(absl::DeadlineExceededError(
+        absl::StrCat("PutBlocks stream sent no message for ", timeout_ms,
+                     " ms (--stream_idle_timeout_ms=", timeout_ms, ")")));
+  }
+
+ private:
+  // Runs on the pool: one message received.
+  void Handle() {
+    if (finished()) return;
+    const uint64_t index = put_->messages();
+    uint64_t bytes = 0;
+    for (int i = 0; i < message_.blocks_size(); ++i) {
+      const v1::Block& block = message_.blocks(i);
+      if (block.has_shared()) {
+        return FinishOnce(absl::UnimplementedError(
+            absl::StrCat("PutBlocks message ", index, ": blocks[", i,
+                         "].shared: shared-memory blocks are not accepted by PutBlocks yet")));
+      }
+      bytes += block.key().size() + block.value().size();
+    }
+    absl::Status admitted = service_->limits_.ReservePutBytes(tenant_, bytes);
+    if (!admitted.ok() && put_->queued_bytes() > 0) {
+      // Write what this stream holds to make room, then ask again.
+      if (absl::Status s = put_->Flush(); !s.ok()) return FinishOnce(s);
+      Reconcile();
+      admitted = service_->limits_.ReservePutBytes(tenant_, bytes);
+    }
+    if (!admitted.ok()) {
+      return FinishOnce(absl::Status(
+          admitted.code(), absl::StrCat("PutBlocks message ", index, ": ", admitted.message())));
+    }
+    reserved_ += bytes;
+    std::vector<storage::BlockData> blocks(message_.blocks_size());
+    for (int i = 0; i < message_.blocks_size(); ++i) {
+      v1::Block& block = *message_.mutable_blocks(i);
+      blocks[i].id = {block.layer(), block.block_index()};
+      blocks[i].checksum = block.checksum();
+      blocks[i].key = std::move(*block.mutable_key());
+      blocks[i].value = std::move(*block.mutable_value());
+    }
+    absl::Status added = put_->Add(message_.sequence_id(), std::move(blocks));
+    Reconcile();
+    if (!added.ok()) {
+      spdlog::warn("PutBlocks rejected: {}", added.ToString());
+      return FinishOnce(added);
+    }
+    message_.Clear();
+    SetBusy(false);
+    StartRead(&message_);
+  }
+
+  // Runs on the pool: the client finished sending (or went away).
+  void Complete() {
+    if (finished()) return;
+    if (cancelled_.load() || context_->IsCancelled()) {
+      return FinishOnce(absl::CancelledError("PutBlocks cancelled by the client"));
+    }
+    absl::Status stored = put_->Flush();
+    Reconcile();
+    if (!stored.ok()) {
+      spdlog::warn("PutBlocks rejected: {}", stored.ToString());
+      return FinishOnce(stored);
+    }
+    response_->set_blocks_written(put_->blocks_written());
+    response_->set_bytes_written(put_->bytes_written());
+    spdlog::debug("PutBlocks stored {} blocks ({} bytes) from {} messages", put_->blocks_written(),
+                  put_->bytes_written(), put_->messages());
+    FinishOnce(absl::OkStatus());
+  }
+
+  // The bytes this stream holds admitted are the bytes its PutStream still queues.
+  void Reconcile() {
+    const uint64_t queued = put_->queued_bytes();
+    if (reserved_ > queued) {
+      service_->limits_.ReleasePutBytes(tenant_, reserved_ - queued);
+      reserved_ = queued;
+    }
+  }
+
+  bool finished() {
+    absl::MutexLock lock(&mu_);
+    return finished_;
+  }
+  // The last thing any path does with the reactor: gRPC may be done with it right after.
+  void FinishOnce(const absl::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(ToGrpc(status));
+  }
+
+  grpc::CallbackServerContext* const context_;
+  v1::PutBlocksResponse* const response_;
+  // Touched by one pool task at a time: a read is started only after the last task is done.
+  const std::unique_ptr<PutStream> put_;
+  v1::PutBlocksRequest message_;
+  uint64_t reserved_ = 0;  // in-flight bytes admitted by limits_ and not yet released
+
+  std::atomic<bool> cancelled_{false};
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// One server-streaming call (Retrieve, GetBlocks). Its work runs on the pool and hands each
+// reply to Write, which waits until gRPC took it: a client that stops reading is bounded by the
+// idle timeout, which cancels the call.
+template <typename Response>
+class KvStoreService::WriteReactor final : public grpc::ServerWriteReactor<Response>,
+                                           public Stream {
+ public:
+  WriteReactor(KvStoreService* service, grpc::CallbackServerContext* context, std::string tenant)
+      : Stream(service, std::move(tenant)), context_(context) {}
+
+  const std::string& tenant() const { return tenant_; }
+  bool cancelled() const { return cancelled_.load(); }
+
+  // Sends one reply; false when the client went away.
+  bool Write(Response message) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!write_ok_) return false;
+      pending_ = std::move(message);
+      writing_ = true;
+    }
+    SetBusy(false);
+    this->StartWrite(&pending_);
+    bool ok;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(this, &WriteReactor::NotWriting));
+      ok = write_ok_;
+    }
+    SetBusy(true);
+    return ok;
+  }
+
+  // The last thing the call's work does with the reactor.
+  void FinishOnce(const absl::Status& status) {
+    this->Finish(cancelled() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
+                             : ToGrpc(status));
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    write_ok_ = write_ok_ && ok;
+  }
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { service_->Unregister(this); }
+
+  void Expire(uint64_t timeout_ms) override {
+    spdlog::warn("stream of tenant {}: client read no reply for {} ms; cancelling it", tenant_,
+                 timeout_ms);
+    cancelled_.store(true);
+    context_->TryCancel();
+  }
+
+ private:
+  bool NotWriting() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !writing_; }
+
+  grpc::CallbackServerContext* const context_;
+  std::atomic<bool> cancelled_{false};
+  absl::Mutex mu_;
+  Response pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_ok_ ABSL_GUARDED_BY(mu_) = true;
+};
+
+KvStoreService::KvStoreService(std::unique_ptr<StorageNode> node, ServiceOptions options)
+    : options_(options),
+      node_(std::move(node)),
+      limits_(options.limits, [this](bool serving) { ReportServing(serving); }),
+      pool_(PoolThreads(options.worker_threads)) {
   std::ifstream boot_id("/proc/sys/kernel/random/boot_id");
   std::getline(boot_id, host_id_);
+  if (options_.stream_idle_timeout_ms > 0) watchdog_ = std::thread([this] { WatchIdleStreams(); });
+}
+
+KvStoreService::~KvStoreService() {
+  health_.store(nullptr);
+  {
+    absl::MutexLock lock(&streams_mu_);
+    stopping_ = true;
+  }
+  if (watchdog_.joinable()) watchdog_.join();
 }
 
 absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::BlockStore* store,
                                                                        ServiceOptions options) {
-  std::unique_ptr<KvStoreService> service(new KvStoreService(store, options));
-  absl::StatusOr<std::vector<std::string>> keys = store->ListSequences();
-  if (!keys.ok()) return keys.status();
-  absl::MutexLock lock(&service->mu_);
-  for (const std::string& key : *keys) {
-    absl::StatusOr<std::string> metadata = store->GetSequence(key);
-    if (!metadata.ok()) return metadata.status();
-    v1::CreateSequenceRequest record;
-    if (!record.ParseFromString(*metadata)) {
-      return absl::DataLossError(absl::StrCat("metadata of sequence ", key, " does not parse"));
-    }
-    service->sequences_[key] = std::make_shared<Sequence>(key, record);
-  }
-  spdlog::info("loaded {} sequences from the store; {} retrieval threads", keys->size(),
-               service->retriever_.num_threads());
-  return service;
+  NodeOptions node_options;
+  node_options.max_reply_bytes = options.max_reply_bytes;
+  node_options.retrieval_threads = options.retrieval_threads;
+  node_options.shared_memory = options.shared_memory;
+  absl::StatusOr<std::unique_ptr<StorageNode>> node = StorageNode::Create(store, node_options);
+  if (!node.ok()) return node.status();
+  return std::unique_ptr<KvStoreService>(new KvStoreService(*std::move(node), options));
 }
 
-absl::StatusOr<std::string> KvStoreService::Tenant(const grpc::ServerContext* context) const {
+void KvStoreService::SetHealthCheckService(grpc::HealthCheckServiceInterface* health) {
+  health_.store(health);
+  if (health != nullptr) health->SetServingStatus(limits_.CanTakeWork());
+}
+
+void KvStoreService::ReportServing(bool serving) {
+  spdlog::info("{}", serving ? "limits: taking work again (SERVING)"
+                             : "limits: a node-wide limit is reached (NOT_SERVING)");
+  if (grpc::HealthCheckServiceInterface* health = health_.load()) {
+    health->SetServingStatus(serving);
+  }
+}
+
+absl::StatusOr<std::string> KvStoreService::Tenant(
+    const grpc::CallbackServerContext* context) const {
   if (options_.auth == nullptr) return std::string(kDefaultTenant);
   const auto& metadata = context->client_metadata();
   auto found = metadata.find("authorization");
@@ -96,616 +324,216 @@ absl::StatusOr<std::string> KvStoreService::Tenant(const grpc::ServerContext* co
                               : absl::string_view(found->second.data(), found->second.size()));
 }
 
-absl::StatusOr<std::shared_ptr<KvStoreService::Sequence>> KvStoreService::Find(
-    absl::string_view tenant, absl::string_view sequence_id) const {
-  if (auto s = ValidateSequenceId(sequence_id); !s.ok()) return s;
-  absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(SequenceKey(tenant, sequence_id));
-  if (it == sequences_.end()) {
-    return absl::NotFoundError(absl::StrCat("sequence_id ", sequence_id, " is not stored"));
-  }
-  return it->second;
+void KvStoreService::Register(std::shared_ptr<Stream> stream) {
+  absl::MutexLock lock(&streams_mu_);
+  Stream* key = stream.get();
+  streams_.emplace(key, std::move(stream));
 }
 
-grpc::Status KvStoreService::CreateSequence(grpc::ServerContext* context,
-                                            const v1::CreateSequenceRequest* request,
-                                            v1::CreateSequenceResponse* response) {
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
-  absl::StatusOr<v1::ModelProfile> profile = NormalizeProfile(request->profile());
-  if (!profile.ok()) return ToGrpc(profile.status());
-  absl::StatusOr<v1::KvstarConfig> config = NormalizeConfig(request->config(), *profile);
-  if (!config.ok()) return ToGrpc(config.status());
-
-  const std::string key = SequenceKey(*tenant, request->sequence_id());
-  *response->mutable_profile() = *profile;
-  *response->mutable_config() = *config;
-
-  absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(key);
-  if (it != sequences_.end()) {
-    using google::protobuf::util::MessageDifferencer;
-    const Sequence& stored = *it->second;
-    if (!MessageDifferencer::Equals(stored.profile, *profile) ||
-        !MessageDifferencer::Equals(stored.config, *config)) {
-      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
-                          absl::StrCat("sequence_id ", request->sequence_id(),
-                                       " exists with a different profile or config: stored {",
-                                       stored.profile.ShortDebugString(), "} {",
-                                       stored.config.ShortDebugString(), "}"));
-    }
-    response->set_created(false);
-    return grpc::Status::OK;
-  }
-  v1::CreateSequenceRequest record;
-  record.set_sequence_id(request->sequence_id());
-  *record.mutable_profile() = *profile;
-  *record.mutable_config() = *config;
-  if (auto s = store_->PutSequence(key, record.SerializeAsString()); !s.ok()) return ToGrpc(s);
-  sequences_[key] = std::make_shared<Sequence>(key, record);
-  response->set_created(true);
-  spdlog::info("created sequence {} ({})", request->sequence_id(), profile->ShortDebugString());
-  return grpc::Status::OK;
-}
-
-namespace {
-
-// Consecutive PutBlocks messages of one sequence are written to the store together, up to this
-// many bytes: the store makes each write durable (an fsync), and one per 2 MiB message would
-// bind a stream to the disk's sync rate rather than its bandwidth.
-constexpr uint64_t kPutBatchBytes = 32 << 20;
-
-}  // namespace
-
-// Messages of one PutBlocks stream waiting to be written as one store batch. The writes point
-// into `messages`, which a deque keeps at stable addresses.
-struct KvStoreService::PendingPut {
-  std::string key;
-  std::deque<v1::PutBlocksRequest> messages;
-  std::vector<storage::BlockWrite> writes;
-  absl::flat_hash_set<storage::BlockId> ids;
-  uint64_t bytes = 0;
-  uint64_t first_message = 0;
-};
-
-absl::Status KvStoreService::CheckMessage(absl::string_view tenant,
-                                          const v1::PutBlocksRequest& message) {
-  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(tenant, message.sequence_id());
-  if (!sequence.ok()) return sequence.status();
-  for (int i = 0; i < message.blocks_size(); ++i) {
-    const v1::Block& block = message.blocks(i);
-    const std::string where = absl::StrCat("blocks[", i, "]");
-    if (auto s = ValidateBlock(block, (*sequence)->profile, where); !s.ok()) return s;
-    if (storage::BlockChecksum(block.key(), block.value()) != block.checksum()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, " (layer ", block.layer(), ", block ", block.block_index(),
-                       "): checksum does not match its bytes (XXH3-64 of key then value)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status KvStoreService::FlushPut(PendingPut& pending, v1::PutBlocksResponse* response) {
-  if (pending.writes.empty()) return absl::OkStatus();
-  absl::Status stored = store_->PutBlocks(pending.key, pending.writes);
-  if (stored.ok()) {
-    response->set_blocks_written(response->blocks_written() + pending.writes.size());
-    response->set_bytes_written(response->bytes_written() + pending.bytes);
-    blocks_put_.fetch_add(pending.writes.size(), std::memory_order_relaxed);
-  } else {
-    stored = absl::Status(
-        stored.code(),
-        absl::StrCat("messages ", pending.first_message, "..",
-                     pending.first_message + pending.messages.size() - 1, ": ", stored.message()));
-  }
-  pending.messages.clear();
-  pending.writes.clear();
-  pending.ids.clear();
-  pending.bytes = 0;
-  return stored;
-}
-
-grpc::Status KvStoreService::PutBlocks(grpc::ServerContext* context,
-                                       grpc::ServerReader<v1::PutBlocksRequest>* reader,
-                                       v1::PutBlocksResponse* response) {
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  PendingPut pending;
-  uint64_t index = 0;
-  auto fail = [&](const absl::Status& s) {
-    spdlog::warn("PutBlocks rejected: {}", s.ToString());
-    return ToGrpc(s);
-  };
-  for (v1::PutBlocksRequest message; reader->Read(&message); ++index) {
-    if (absl::Status s = CheckMessage(*tenant, message); !s.ok()) {
-      return fail(
-          absl::Status(s.code(), absl::StrCat("PutBlocks message ", index, ": ", s.message())));
-    }
-    // A batch holds one sequence, each block at most once, and a bounded number of bytes.
-    const std::string key = SequenceKey(*tenant, message.sequence_id());
-    bool repeats = false;
-    for (const v1::Block& block : message.blocks()) {
-      repeats = repeats || pending.ids.contains({block.layer(), block.block_index()});
-    }
-    if (key != pending.key || repeats || pending.bytes >= kPutBatchBytes) {
-      if (absl::Status s = FlushPut(pending, response); !s.ok()) return fail(s);
-      pending.key = key;
-      pending.first_message = index;
-    }
-    const v1::PutBlocksRequest& kept = pending.messages.emplace_back(std::move(message));
-    for (const v1::Block& block : kept.blocks()) {
-      if (!pending.ids.insert({block.layer(), block.block_index()}).second) {
-        return fail(absl::InvalidArgumentError(
-            absl::StrCat("PutBlocks message ", index, ": block (layer ", block.layer(), ", block ",
-                         block.block_index(), ") appears twice in the message")));
-      }
-      pending.writes.push_back(storage::BlockWrite{
-          {block.layer(), block.block_index()}, block.key(), block.value(), block.checksum()});
-      pending.bytes += block.key().size() + block.value().size();
-    }
-  }
-  if (absl::Status s = FlushPut(pending, response); !s.ok()) return fail(s);
-  spdlog::debug("PutBlocks stored {} blocks ({} bytes) from {} messages",
-                response->blocks_written(), response->bytes_written(), index);
-  return grpc::Status::OK;
-}
-
-absl::StatusOr<retrieval::RetrievalRequest> KvStoreService::ToRetrievalRequest(
-    const Sequence& sequence, const retrieval::SequenceIndex* index,
-    const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
-    absl::string_view where) const {
-  const uint32_t num_layers = sequence.profile.num_layers();
-  if (static_cast<uint32_t>(queries.size()) != num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ".queries has ", queries.size(),
-                                                   " layers; the sequence has ", num_layers,
-                                                   " and every layer needs its queries"));
-  }
-  retrieval::RetrievalRequest request;
-  request.index = index;
-  request.layer_queries.resize(num_layers);
-  std::vector<bool> seen(num_layers, false);
-  for (int i = 0; i < queries.size(); ++i) {
-    const v1::LayerQueries& layer = queries[i];
-    const std::string field = absl::StrCat(where, ".queries[", i, "]");
-    if (auto s = ValidateLayerQueries(layer, sequence.profile, max_queries, field); !s.ok()) {
-      return s;
-    }
-    if (seen[layer.layer()]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ".layer ", layer.layer(), " appears twice"));
-    }
-    if (i > 0 && layer.num_queries() != request.num_queries) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".num_queries is ", layer.num_queries(), ", layer ", queries[0].layer(), " has ",
-          request.num_queries, "; all layers need the same count"));
-    }
-    seen[layer.layer()] = true;
-    request.num_queries = layer.num_queries();
-    request.layer_queries[layer.layer()] = absl::MakeConstSpan(
-        reinterpret_cast<const uint8_t*>(layer.queries().data()), layer.queries().size());
-  }
-  return request;
-}
-
-absl::Status KvStoreService::ForEachBlockBatch(
-    const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
-    const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume) {
-  const size_t per_batch =
-      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
-  std::vector<storage::BlockData> batch;
-  for (size_t begin = 0; begin < ids.size(); begin += per_batch) {
-    const size_t count = std::min(per_batch, ids.size() - begin);
-    if (auto s = store_->GetBlocks(key, ids.subspan(begin, count), &batch); !s.ok()) return s;
-    if (auto s = consume(batch); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
-grpc::Status KvStoreService::Seal(grpc::ServerContext* context, const v1::SealRequest* request,
-                                  v1::SealResponse* response) {
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(*tenant, request->sequence_id());
-  if (!found.ok()) return ToGrpc(found.status());
-  Sequence& sequence = **found;
-  const std::string& key = sequence.key;
-  const uint32_t num_layers = sequence.profile.num_layers();
-  // Checked before any block is read; the index is attached once it is built.
-  absl::StatusOr<retrieval::RetrievalRequest> retrieval_request =
-      ToRetrievalRequest(sequence, nullptr, request->queries(),
-                         ToKnobs(sequence.config).max_seal_queries(), "request");
-  if (!retrieval_request.ok()) return ToGrpc(retrieval_request.status());
-
-  // Every layer must hold blocks 0..n-1, the same n: the prompt.
-  absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
-  if (!stored.ok()) return ToGrpc(stored.status());
-  std::vector<std::vector<storage::BlockId>> by_layer(num_layers);
-  for (const storage::BlockId& id : *stored) by_layer[id.layer].push_back(id);
-  const size_t num_blocks = by_layer[0].size();
-  for (uint32_t layer = 0; layer < num_layers; ++layer) {
-    const auto& ids = by_layer[layer];
-    const bool contiguous = !ids.empty() && ids.back().block_index == ids.size() - 1;
-    if (ids.size() != num_blocks || !contiguous) {
-      return grpc::Status(
-          grpc::StatusCode::FAILED_PRECONDITION,
-          absl::StrCat(
-              "cannot seal sequence_id ", sequence.id, ": layer ", layer, " holds ", ids.size(),
-              " blocks",
-              ids.empty() ? "" : absl::StrCat(" (highest index ", ids.back().block_index, ")"),
-              ", layer 0 holds ", num_blocks,
-              "; every layer needs blocks 0..n-1 stored before Seal"));
-    }
-  }
-
-  auto index =
-      retrieval::SequenceIndex::Create(ToModelShape(sequence.profile), ToKnobs(sequence.config));
-  if (!index.ok()) return ToGrpc(index.status());
-  // Layers are read a group at a time (one per scoring thread) and sealed in parallel, so the
-  // K bytes held at once stay bounded whatever the sequence's length.
-  const uint64_t block_bytes = 2 * BlockKeyBytes(sequence.profile);
-  const uint32_t group = std::max<uint32_t>(1, retriever_.num_threads());
-  for (uint32_t first = 0; first < num_layers; first += group) {
-    std::vector<uint32_t> layers;
-    for (uint32_t layer = first; layer < std::min(num_layers, first + group); ++layer) {
-      layers.push_back(layer);
-    }
-    std::vector<std::vector<std::string>> keys(layers.size());
-    std::vector<std::vector<absl::Span<const uint8_t>>> spans(layers.size());
-    for (size_t i = 0; i < layers.size(); ++i) {
-      keys[i].reserve(num_blocks);
-      absl::Status read = ForEachBlockBatch(key, by_layer[layers[i]], block_bytes,
-                                            [&](std::vector<storage::BlockData>& batch) {
-                                              for (auto& block : batch) {
-                                                keys[i].push_back(std::move(block.key));
-                                              }
-                                              return absl::OkStatus();
-                                            });
-      if (!read.ok()) return ToGrpc(read);
-      for (const std::string& k : keys[i]) {
-        spans[i].emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
-      }
-    }
-    if (auto s = retriever_.SealLayers(**index, layers, spans); !s.ok()) return ToGrpc(s);
-  }
-
-  retrieval_request->index = index->get();
-  std::vector<std::vector<uint32_t>> selections(num_layers);
-  absl::Status scored =
-      retriever_.Retrieve(absl::MakeConstSpan(&*retrieval_request, 1),
-                          [&](size_t, uint32_t layer, absl::Span<const uint32_t> selected) {
-                            selections[layer].assign(selected.begin(), selected.end());
-                          });
-  if (!scored.ok()) return ToGrpc(scored);
-
+void KvStoreService::Unregister(Stream* stream) {
+  std::shared_ptr<Stream> owned;
   {
-    absl::MutexLock lock(&sequence.mu);
-    sequence.index = *std::move(index);
-    sequence.last_decode_step = 0;
+    absl::MutexLock lock(&streams_mu_);
+    auto it = streams_.find(stream);
+    if (it == streams_.end()) return;
+    owned = std::move(it->second);
+    streams_.erase(it);
   }
-  response->set_num_blocks(num_blocks);
-  for (uint32_t layer = 0; layer < num_layers; ++layer) {
-    v1::LayerSelection* selection = response->add_selections();
-    selection->set_layer(layer);
-    selection->mutable_block_indices()->Add(selections[layer].begin(), selections[layer].end());
-  }
-  blocks_scored_.fetch_add(uint64_t{num_blocks} * num_layers, std::memory_order_relaxed);
-  spdlog::info("sealed sequence {}: {} layers x {} blocks", sequence.id, num_layers, num_blocks);
-  return grpc::Status::OK;
+  // `owned` may be the last owner: the stream is destroyed here, after the lock is released.
 }
 
-absl::Status KvStoreService::CatchUp(const std::string& key, Sequence& sequence) {
-  retrieval::SequenceIndex& index = *sequence.index;
-  absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks(key);
-  if (!stored.ok()) return stored.status();
-  // Stored ids are sorted by (layer, index): per layer, take the run continuing the index.
-  std::vector<uint32_t> want(sequence.profile.num_layers());
-  for (uint32_t layer = 0; layer < want.size(); ++layer) want[layer] = index.num_blocks(layer);
-  std::vector<storage::BlockId> next;
-  for (const storage::BlockId& id : *stored) {
-    if (id.block_index == want[id.layer]) {
-      next.push_back(id);
-      ++want[id.layer];
-    }
-  }
-  if (next.empty()) return absl::OkStatus();
-  return ForEachBlockBatch(
-      key, next, 2 * BlockKeyBytes(sequence.profile), [&](std::vector<storage::BlockData>& batch) {
-        for (const storage::BlockData& block : batch) {
-          auto span = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(block.key.data()),
-                                          block.key.size());
-          if (auto s = index.AppendBlock(block.id.layer, span); !s.ok()) {
-            return s;
-          }
-        }
-        return absl::OkStatus();
-      });
-}
-
-namespace {
-
-// A scored (request, layer), handed from the scoring threads to the thread writing replies.
-struct ScoredLayer {
-  size_t request;
-  uint32_t layer;
-  std::vector<uint32_t> selected;
-};
-
-}  // namespace
-
-grpc::Status KvStoreService::Retrieve(grpc::ServerContext* context,
-                                      const v1::RetrieveRequest* request,
-                                      grpc::ServerWriter<v1::RetrieveResponse>* writer) {
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  if (request->sequences().empty()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "sequences is empty");
-  }
-  const size_t n = request->sequences_size();
-  std::vector<std::shared_ptr<Sequence>> sequences(n);
-  absl::flat_hash_set<std::string> ids;
-  for (size_t i = 0; i < n; ++i) {
-    const v1::SequenceQueries& part = request->sequences(i);
-    absl::StatusOr<std::shared_ptr<Sequence>> found = Find(*tenant, part.sequence_id());
-    if (!found.ok()) {
-      return ToGrpc(absl::Status(found.status().code(),
-                                 absl::StrCat("sequences[", i, "]: ", found.status().message())));
-    }
-    if (!ids.insert(part.sequence_id()).second) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          absl::StrCat("sequences[", i, "]: sequence_id ", part.sequence_id(),
-                                       " appears twice in one batch"));
-    }
-    sequences[i] = *std::move(found);
-  }
-
-  // Lock every sequence of the batch in one global order (by key), so two batches sharing
-  // sequences cannot deadlock; hold the locks while their indexes are read.
-  std::vector<size_t> order(n);
-  for (size_t i = 0; i < n; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return sequences[a]->key < sequences[b]->key; });
-  std::vector<std::unique_ptr<absl::MutexLock>> locks;
-  for (size_t i : order) locks.push_back(std::make_unique<absl::MutexLock>(&sequences[i]->mu));
-
-  // Validate the whole batch before any state changes.
-  std::vector<retrieval::RetrievalRequest> requests(n);
-  std::vector<std::vector<absl::flat_hash_set<uint32_t>>> held(n);
-  uint64_t blocks_scored = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const v1::SequenceQueries& part = request->sequences(i);
-    Sequence& sequence = *sequences[i];
-    const std::string where = absl::StrCat("sequences[", i, "]");
-    if (sequence.index == nullptr) {
-      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                          absl::StrCat(where, ": sequence_id ", sequence.id,
-                                       " is not sealed (Seal it first; after a server restart, "
-                                       "Seal it again)"));
-    }
-    if (part.decode_step() < sequence.last_decode_step) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          absl::StrCat(where, ".decode_step is ", part.decode_step(),
-                                       ", it went backwards from ", sequence.last_decode_step));
-    }
-    absl::StatusOr<retrieval::RetrievalRequest> r = ToRetrievalRequest(
-        sequence, sequence.index.get(), part.queries(), sequence.config.retrieval_stride(), where);
-    if (!r.ok()) return ToGrpc(r.status());
-    requests[i] = *std::move(r);
-    held[i].resize(sequence.profile.num_layers());
-    for (int h = 0; h < part.held_size(); ++h) {
-      const v1::HeldBlocks& layer_held = part.held(h);
-      if (layer_held.layer() >= sequence.profile.num_layers()) {
-        return grpc::Status(
-            grpc::StatusCode::INVALID_ARGUMENT,
-            absl::StrCat(where, ".held[", h, "].layer is ", layer_held.layer(),
-                         ", the sequence has ", sequence.profile.num_layers(), " layers"));
-      }
-      held[i][layer_held.layer()].insert(layer_held.block_indices().begin(),
-                                         layer_held.block_indices().end());
-    }
-  }
-  for (size_t i = 0; i < n; ++i) {
-    Sequence& sequence = *sequences[i];
-    if (auto s = CatchUp(sequence.key, sequence); !s.ok()) return ToGrpc(s);
-    // The client asked again, so it is done with the previous reply's regions.
-    FreeSharedRegions(sequence);
-    sequence.last_decode_step = request->sequences(i).decode_step();
-    for (uint32_t layer = 0; layer < sequence.profile.num_layers(); ++layer) {
-      blocks_scored += sequence.index->num_blocks(layer);
-    }
-  }
-
-  // Scoring threads hand each finished layer to this thread, which reads the new blocks and
-  // writes the replies while later layers are still being scored.
-  absl::Mutex queue_mu;
-  absl::CondVar ready;
-  std::deque<ScoredLayer> queue;
-  bool scoring_done = false;
-  std::atomic<bool> stop{false};
-  absl::Status scored;
-  std::thread scorer([&] {
-    scored = retriever_.Retrieve(
-        requests,
-        [&](size_t r, uint32_t layer, absl::Span<const uint32_t> selected) {
-          absl::MutexLock lock(&queue_mu);
-          queue.push_back({r, layer, std::vector<uint32_t>(selected.begin(), selected.end())});
-          ready.Signal();
-        },
-        // Only this RPC's own thread may ask gRPC whether the call was cancelled: for sync calls
-        // IsCancelled plucks the call's completion queue, and concurrent plucks from the scoring
-        // threads exhaust gRPC's pluckers and break the reply stream's writes.
-        [&] { return stop.load(std::memory_order_relaxed); });
-    absl::MutexLock lock(&queue_mu);
-    scoring_done = true;
-    ready.Signal();
-  });
-
-  absl::Status written;
+void KvStoreService::WatchIdleStreams() {
+  const uint64_t timeout_ms = options_.stream_idle_timeout_ms;
+  const absl::Duration period = absl::Milliseconds(std::clamp<uint64_t>(timeout_ms / 4, 10, 1000));
   while (true) {
-    ScoredLayer item;
+    std::vector<std::shared_ptr<Stream>> idle;
     {
-      absl::MutexLock lock(&queue_mu);
-      while (queue.empty() && !scoring_done) {
-        if (ready.WaitWithTimeout(&queue_mu, absl::Milliseconds(2)) && context->IsCancelled()) {
-          stop.store(true);
-        }
+      absl::MutexLock lock(&streams_mu_);
+      streams_mu_.AwaitWithTimeout(absl::Condition(&stopping_), period);
+      if (stopping_) return;
+      const int64_t cutoff = NowMs() - static_cast<int64_t>(timeout_ms);
+      for (const auto& [key, stream] : streams_) {
+        if (stream->IdleBefore(cutoff)) idle.push_back(stream);
       }
-      if (queue.empty()) break;
-      item = std::move(queue.front());
-      queue.pop_front();
     }
-    if (!written.ok()) continue;  // drain
-    Sequence& sequence = *sequences[item.request];
-    sequence.mu.AssertHeld();
-    written = WriteLayer(request->sequences(item.request), sequence, item.layer, item.selected,
-                         held[item.request][item.layer], &sequence.shared_regions, writer);
-    if (!written.ok()) {
-      spdlog::warn("Retrieve: writing layer {} of sequence {} failed ({}); stopping the retrieval",
-                   item.layer, sequence.id, written.ToString());
-      stop.store(true);
-    }
+    // Outside the lock: ending a stream may run its OnDone, which takes streams_mu_.
+    for (const std::shared_ptr<Stream>& stream : idle) stream->Expire(timeout_ms);
   }
-  scorer.join();
-  locks.clear();
-
-  retrievals_.fetch_add(1, std::memory_order_relaxed);
-  blocks_scored_.fetch_add(blocks_scored, std::memory_order_relaxed);
-  if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
-  if (!written.ok()) return ToGrpc(written);
-  return ToGrpc(scored);
 }
 
-absl::Status KvStoreService::WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence,
-                                        uint32_t layer, const std::vector<uint32_t>& selected,
-                                        const absl::flat_hash_set<uint32_t>& held,
-                                        std::vector<uint64_t>* shared_regions,
-                                        grpc::ServerWriter<v1::RetrieveResponse>* writer) {
-  v1::RetrieveResponse reply;
-  reply.set_sequence_id(part.sequence_id());
-  reply.set_decode_step(part.decode_step());
-  reply.mutable_selection()->set_layer(layer);
-  reply.mutable_selection()->mutable_block_indices()->Add(selected.begin(), selected.end());
-  std::vector<storage::BlockId> wanted;
-  if (part.include_data()) {
-    for (uint32_t block : selected) {
-      if (!held.contains(block)) wanted.push_back({layer, block});
+grpc::ServerUnaryReactor* KvStoreService::CreateSequence(grpc::CallbackServerContext* context,
+                                                         const v1::CreateSequenceRequest* request,
+                                                         v1::CreateSequenceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) {
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
+  }
+  pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<CreateResult> created = node_->CreateSequence(
+        tenant, request->sequence_id(), request->profile(), request->config());
+    if (created.ok()) {
+      *response->mutable_profile() = created->profile;
+      *response->mutable_config() = created->config;
+      response->set_created(created->created);
     }
-    blocks_skipped_held_.fetch_add(selected.size() - wanted.size(), std::memory_order_relaxed);
+    reactor->Finish(ToGrpc(created.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerReadReactor<v1::PutBlocksRequest>* KvStoreService::PutBlocks(
+    grpc::CallbackServerContext* context, v1::PutBlocksResponse* response) {
+  using Reactor = grpc::ServerReadReactor<v1::PutBlocksRequest>;
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return new Refused<Reactor>(tenant.status());
+  if (absl::Status s = limits_.OpenStream(*tenant); !s.ok()) {
+    spdlog::warn("PutBlocks refused: {}", s.ToString());
+    return new Refused<Reactor>(s);
   }
-  if (wanted.empty()) {
-    if (!writer->Write(reply)) return absl::CancelledError("client went away");
-    return absl::OkStatus();
+  auto reactor = std::make_shared<PutReactor>(this, context, *std::move(tenant), response);
+  PutReactor* raw = reactor.get();
+  Register(std::move(reactor));
+  raw->Start();
+  return raw;
+}
+
+grpc::ServerUnaryReactor* KvStoreService::Seal(grpc::CallbackServerContext* context,
+                                               const v1::SealRequest* request,
+                                               v1::SealResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) {
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
   }
-  size_t sent = 0;
-  return ForEachBlockBatch(
-      sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
-      [&](std::vector<storage::BlockData>& batch) {
-        reply.clear_new_blocks();
-        for (storage::BlockData& data : batch) {
-          v1::Block* block = reply.add_new_blocks();
-          if (part.shared_memory() && ToShared(data, options_.shared_memory, block)) {
-            shared_regions->push_back(block->shared().offset());
-            blocks_sent_shared_.fetch_add(1, std::memory_order_relaxed);
-          } else {
-            *block = ToProto(std::move(data));
+  pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<SealResult> sealed = node_->Seal(tenant, *request);
+    if (sealed.ok()) {
+      response->set_num_blocks(sealed->num_blocks);
+      for (uint32_t layer = 0; layer < sealed->selections.size(); ++layer) {
+        v1::LayerSelection* selection = response->add_selections();
+        selection->set_layer(layer);
+        selection->mutable_block_indices()->Add(sealed->selections[layer].begin(),
+                                                sealed->selections[layer].end());
+      }
+    }
+    reactor->Finish(ToGrpc(sealed.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::RetrieveResponse>* KvStoreService::Retrieve(
+    grpc::CallbackServerContext* context, const v1::RetrieveRequest* request) {
+  using Base = grpc::ServerWriteReactor<v1::RetrieveResponse>;
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) return new Refused<Base>(tenant.status());
+  if (absl::Status s = limits_.OpenStream(*tenant); !s.ok()) return new Refused<Base>(s);
+  auto reactor =
+      std::make_shared<WriteReactor<v1::RetrieveResponse>>(this, context, *std::move(tenant));
+  WriteReactor<v1::RetrieveResponse>* raw = reactor.get();
+  raw->SetBusy(true);
+  Register(reactor);
+  pool_.Schedule([this, raw, request, reactor = std::move(reactor)] {
+    const std::string segment =
+        node_->shared_memory() != nullptr ? node_->shared_memory()->name() : "";
+    absl::Status status = node_->Retrieve(
+        raw->tenant(), *request,
+        [&](RetrievedLayer& layer) {
+          const v1::SequenceQueries& part = request->sequences(layer.request);
+          v1::RetrieveResponse reply;
+          reply.set_sequence_id(part.sequence_id());
+          reply.set_decode_step(part.decode_step());
+          reply.mutable_selection()->set_layer(layer.layer);
+          reply.mutable_selection()->mutable_block_indices()->Add(layer.selected.begin(),
+                                                                  layer.selected.end());
+          for (const SharedBlockRef& ref : layer.shared_blocks) {
+            v1::Block* block = reply.add_new_blocks();
+            block->set_layer(ref.id.layer);
+            block->set_block_index(ref.id.block_index);
+            block->set_checksum(ref.checksum);
+            v1::SharedMemoryRef* shared = block->mutable_shared();
+            shared->set_segment(segment);
+            shared->set_offset(ref.offset);
+            shared->set_length(ref.key_length);
           }
-        }
-        sent += batch.size();
-        reply.set_more(sent < wanted.size());
-        if (!writer->Write(reply)) return absl::CancelledError("client went away");
-        blocks_sent_.fetch_add(batch.size(), std::memory_order_relaxed);
-        return absl::OkStatus();
-      });
+          for (storage::BlockData& data : layer.blocks) {
+            *reply.add_new_blocks() = ToProto(std::move(data));
+          }
+          if (!layer.blocks.empty() || !layer.shared_blocks.empty()) reply.set_more(layer.more);
+          return raw->Write(std::move(reply));
+        },
+        [raw] { return raw->cancelled(); });
+    raw->FinishOnce(status);
+  });
+  return raw;
 }
 
-grpc::Status KvStoreService::GetBlocks(grpc::ServerContext* context,
-                                       const v1::GetBlocksRequest* request,
-                                       grpc::ServerWriter<v1::GetBlocksResponse>* writer) {
+grpc::ServerWriteReactor<v1::GetBlocksResponse>* KvStoreService::GetBlocks(
+    grpc::CallbackServerContext* context, const v1::GetBlocksRequest* request) {
+  using Base = grpc::ServerWriteReactor<v1::GetBlocksResponse>;
   absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(*tenant, request->sequence_id());
-  if (!sequence.ok()) return ToGrpc(sequence.status());
-  const v1::ModelProfile& profile = (*sequence)->profile;
-  const std::string& key = (*sequence)->key;
-
-  std::vector<storage::BlockId> ids;
-  if (request->blocks().empty()) {
-    absl::StatusOr<std::vector<storage::BlockId>> all = store_->ListBlocks(key);
-    if (!all.ok()) return ToGrpc(all.status());
-    ids = *std::move(all);
-  } else {
+  if (!tenant.ok()) return new Refused<Base>(tenant.status());
+  if (absl::Status s = limits_.OpenStream(*tenant); !s.ok()) return new Refused<Base>(s);
+  auto reactor =
+      std::make_shared<WriteReactor<v1::GetBlocksResponse>>(this, context, *std::move(tenant));
+  WriteReactor<v1::GetBlocksResponse>* raw = reactor.get();
+  raw->SetBusy(true);
+  Register(reactor);
+  pool_.Schedule([this, raw, request, reactor = std::move(reactor)] {
+    std::vector<storage::BlockId> ids;
     ids.reserve(request->blocks_size());
-    for (int i = 0; i < request->blocks_size(); ++i) {
-      const v1::BlockRef& ref = request->blocks(i);
-      if (auto s = ValidateBlockRef(ref.layer(), ref.block_index(), profile,
-                                    absl::StrCat("blocks[", i, "]"));
-          !s.ok()) {
-        return ToGrpc(s);
-      }
+    for (const v1::BlockRef& ref : request->blocks())
       ids.push_back({ref.layer(), ref.block_index()});
-    }
-  }
-
-  // Read and send in batches that fit one reply each, so memory stays bounded however many
-  // blocks were asked for.
-  absl::Status sent = ForEachBlockBatch(
-      key, ids, 2 * BlockKeyBytes(profile), [&](std::vector<storage::BlockData>& batch) {
-        if (context->IsCancelled()) return absl::CancelledError("cancelled");
-        v1::GetBlocksResponse reply;
-        reply.set_sequence_id(request->sequence_id());
-        for (storage::BlockData& data : batch) *reply.add_blocks() = ToProto(std::move(data));
-        if (!writer->Write(reply)) return absl::CancelledError("client went away");
-        blocks_got_.fetch_add(batch.size(), std::memory_order_relaxed);
-        return absl::OkStatus();
-      });
-  if (!sent.ok()) return ToGrpc(sent);
-  return grpc::Status::OK;
+    absl::Status status = node_->GetBlocks(raw->tenant(), request->sequence_id(), ids,
+                                           [&](std::vector<storage::BlockData>& batch) {
+                                             if (raw->cancelled()) return false;
+                                             v1::GetBlocksResponse reply;
+                                             reply.set_sequence_id(request->sequence_id());
+                                             for (storage::BlockData& data : batch)
+                                               *reply.add_blocks() = ToProto(std::move(data));
+                                             return raw->Write(std::move(reply));
+                                           });
+    raw->FinishOnce(status);
+  });
+  return raw;
 }
 
-grpc::Status KvStoreService::DropSequence(grpc::ServerContext* context,
-                                          const v1::DropSequenceRequest* request,
-                                          v1::DropSequenceResponse* response) {
+grpc::ServerUnaryReactor* KvStoreService::DropSequence(grpc::CallbackServerContext* context,
+                                                       const v1::DropSequenceRequest* request,
+                                                       v1::DropSequenceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) return ToGrpc(tenant.status());
-  if (auto s = ValidateSequenceId(request->sequence_id()); !s.ok()) return ToGrpc(s);
-  const std::string key = SequenceKey(*tenant, request->sequence_id());
-  std::shared_ptr<Sequence> sequence;
-  absl::StatusOr<storage::DropResult> dropped;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = sequences_.find(key);
-    if (it == sequences_.end()) {
-      return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                          absl::StrCat("sequence_id ", request->sequence_id(), " is not stored"));
+  if (!tenant.ok()) {
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
+  }
+  pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<storage::DropResult> dropped =
+        node_->DropSequence(tenant, request->sequence_id());
+    if (dropped.ok()) {
+      response->set_blocks_dropped(dropped->blocks);
+      response->set_bytes_dropped(dropped->bytes);
     }
-    dropped = store_->DropSequence(key);
-    if (!dropped.ok()) return ToGrpc(dropped.status());
-    sequence = std::move(it->second);
-    sequences_.erase(it);
-  }
-  // Outside the service lock: a retrieval of this sequence may still be streaming.
-  {
-    absl::MutexLock sequence_lock(&sequence->mu);
-    FreeSharedRegions(*sequence);
-  }
-  response->set_blocks_dropped(dropped->blocks);
-  response->set_bytes_dropped(dropped->bytes);
-  spdlog::info("dropped sequence {} ({} blocks, {} bytes)", request->sequence_id(), dropped->blocks,
-               dropped->bytes);
-  return grpc::Status::OK;
+    reactor->Finish(ToGrpc(dropped.status()));
+  });
+  return reactor;
 }
 
-grpc::Status KvStoreService::Stats(grpc::ServerContext* context, const v1::StatsRequest*,
-                                   v1::StatsResponse* response) {
+grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* context,
+                                                const v1::StatsRequest*,
+                                                v1::StatsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // Any tenant may read the node's counters; callers without credentials may not.
   if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
-    return ToGrpc(tenant.status());
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
   }
-  {
-    absl::MutexLock lock(&mu_);
-    response->set_sequences(sequences_.size());
-  }
-  for (const storage::TierStats& tier : store_->Stats()) {
+  // Counters only: cheap enough for gRPC's thread.
+  const NodeStats stats = node_->Stats();
+  response->set_sequences(stats.sequences);
+  for (const storage::TierStats& tier : stats.tiers) {
     v1::TierStats* out = response->add_tiers();
     out->set_name(tier.name);
     out->set_blocks(tier.blocks);
@@ -715,34 +543,33 @@ grpc::Status KvStoreService::Stats(grpc::ServerContext* context, const v1::Stats
     out->set_misses(tier.misses);
     out->set_evictions(tier.evictions);
   }
-  response->set_blocks_put(blocks_put_.load(std::memory_order_relaxed));
-  response->set_blocks_got(blocks_got_.load(std::memory_order_relaxed));
-  response->set_retrievals(retrievals_.load(std::memory_order_relaxed));
-  response->set_blocks_scored(blocks_scored_.load(std::memory_order_relaxed));
-  response->set_blocks_sent(blocks_sent_.load(std::memory_order_relaxed));
-  response->set_blocks_skipped_held(blocks_skipped_held_.load(std::memory_order_relaxed));
-  response->set_blocks_sent_shared(blocks_sent_shared_.load(std::memory_order_relaxed));
-  return grpc::Status::OK;
+  response->set_blocks_put(stats.blocks_put);
+  response->set_blocks_got(stats.blocks_got);
+  response->set_retrievals(stats.retrievals);
+  response->set_blocks_scored(stats.blocks_scored);
+  response->set_blocks_sent(stats.blocks_sent);
+  response->set_blocks_skipped_held(stats.blocks_skipped_held);
+  response->set_blocks_sent_shared(stats.blocks_sent_shared);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
-grpc::Status KvStoreService::GetServerInfo(grpc::ServerContext* context,
-                                           const v1::ServerInfoRequest*,
-                                           v1::ServerInfoResponse* response) {
+grpc::ServerUnaryReactor* KvStoreService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                        const v1::ServerInfoRequest*,
+                                                        v1::ServerInfoResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
-    return ToGrpc(tenant.status());
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
   }
   response->set_host_id(host_id_);
   response->set_api_version("kvstar.v1");
-  if (options_.shared_memory != nullptr) {
-    response->set_shared_memory_segment(options_.shared_memory->name());
-    response->set_shared_memory_bytes(options_.shared_memory->size());
+  if (SharedMemoryArena* arena = node_->shared_memory()) {
+    response->set_shared_memory_segment(arena->name());
+    response->set_shared_memory_bytes(arena->size());
   }
-  return grpc::Status::OK;
-}
-
-void KvStoreService::FreeSharedRegions(Sequence& sequence) {
-  for (uint64_t offset : sequence.shared_regions) options_.shared_memory->Free(offset);
-  sequence.shared_regions.clear();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
 }  // namespace kvstar::server

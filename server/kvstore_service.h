@@ -1,28 +1,34 @@
-// KvStoreService: the gRPC edge of a storage node. It translates kvstar.v1 messages to storage
-// and retrieval calls, validates every request before anything is stored, and maps absl::Status
-// to gRPC status codes. The algorithm lives in retrieval/, the bytes in storage/.
+// KvStoreService: the gRPC edge of a storage node, on gRPC's callback API. It translates
+// kvstar.v1 messages to StorageNode calls (server/storage_node.h) and their results back, maps
+// absl::Status to gRPC status codes, authenticates callers, and bounds what the node admits
+// (server/load_limits.h).
 //
-// Thread-safe: gRPC calls every handler from its worker threads concurrently.
+// No call holds a thread while it waits for its client: streams are reactors, and the work of a
+// call (store I/O, scoring) runs on the service's WorkPool, never on gRPC's threads. A stream
+// whose client sends nothing (PutBlocks) or reads nothing (Retrieve, GetBlocks) for
+// stream_idle_timeout_ms is ended with DEADLINE_EXCEEDED (PutBlocks) or cancelled.
+//
+// Thread-safe: gRPC calls every method from its own threads concurrently.
 #ifndef KVSTAR_SERVER_KVSTORE_SERVICE_H_
 #define KVSTAR_SERVER_KVSTORE_SERVICE_H_
 
 #include <atomic>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <string>
-#include <utility>
-#include <vector>
+#include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
-#include "retrieval/representation.h"
-#include "retrieval/retriever.h"
+#include "server/load_limits.h"
 #include "server/shared_memory_arena.h"
+#include "server/storage_node.h"
 #include "server/token_auth.h"
+#include "server/work_pool.h"
 #include "storage/block_store.h"
 
 namespace kvstar::server {
@@ -34,6 +40,11 @@ struct ServiceOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
+  // Threads that run calls' work (store I/O, scoring); 0 means max(4, 2 x hardware threads).
+  size_t worker_threads = 0;
+  // A stream that makes no progress this long is ended; 0: never.
+  uint64_t stream_idle_timeout_ms = 30000;
+  LoadLimitsOptions limits;
   // Segment for co-located clients' shared_memory replies; null: none (bytes in replies).
   // Not owned; must outlive the service.
   SharedMemoryArena* shared_memory = nullptr;
@@ -42,111 +53,70 @@ struct ServiceOptions {
   const TokenAuth* auth = nullptr;
 };
 
-class KvStoreService final : public v1::KvStore::Service {
+class KvStoreService final : public v1::KvStore::CallbackService {
  public:
   // Loads every stored sequence's profile from `store`, which must outlive the service.
   static absl::StatusOr<std::unique_ptr<KvStoreService>> Create(storage::BlockStore* store,
                                                                 ServiceOptions options);
+  // Stops the idle-stream watchdog and runs the queued work. Destroy the grpc::Server first.
+  ~KvStoreService() override;
 
-  grpc::Status CreateSequence(grpc::ServerContext* context,
-                              const v1::CreateSequenceRequest* request,
-                              v1::CreateSequenceResponse* response) override;
-  grpc::Status PutBlocks(grpc::ServerContext* context,
-                         grpc::ServerReader<v1::PutBlocksRequest>* reader,
-                         v1::PutBlocksResponse* response) override;
-  // Builds the sequence's representations from its stored blocks (every layer must hold blocks
-  // 0..n-1, the same n) and returns the first selection. Sealing again rebuilds them.
-  grpc::Status Seal(grpc::ServerContext* context, const v1::SealRequest* request,
-                    v1::SealResponse* response) override;
-  // Blocks stored after Seal (decode-generated) join the representations before scoring.
-  // Representations live in memory: after a restart, Retrieve answers FAILED_PRECONDITION until
-  // the client seals the sequence again.
-  grpc::Status Retrieve(grpc::ServerContext* context, const v1::RetrieveRequest* request,
-                        grpc::ServerWriter<v1::RetrieveResponse>* writer) override;
-  grpc::Status GetBlocks(grpc::ServerContext* context, const v1::GetBlocksRequest* request,
-                         grpc::ServerWriter<v1::GetBlocksResponse>* writer) override;
-  grpc::Status DropSequence(grpc::ServerContext* context, const v1::DropSequenceRequest* request,
-                            v1::DropSequenceResponse* response) override;
-  grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
-                     v1::StatsResponse* response) override;
-  grpc::Status GetServerInfo(grpc::ServerContext* context, const v1::ServerInfoRequest* request,
-                             v1::ServerInfoResponse* response) override;
+  // Where the service reports whether it can take work (NOT_SERVING while a total limit of
+  // LoadLimits is reached), for the service names given. Not owned; null stops reporting.
+  void SetHealthCheckService(grpc::HealthCheckServiceInterface* health);
+
+  grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
+                                           const v1::CreateSequenceRequest* request,
+                                           v1::CreateSequenceResponse* response) override;
+  grpc::ServerReadReactor<v1::PutBlocksRequest>* PutBlocks(
+      grpc::CallbackServerContext* context, v1::PutBlocksResponse* response) override;
+  grpc::ServerUnaryReactor* Seal(grpc::CallbackServerContext* context,
+                                 const v1::SealRequest* request,
+                                 v1::SealResponse* response) override;
+  grpc::ServerWriteReactor<v1::RetrieveResponse>* Retrieve(
+      grpc::CallbackServerContext* context, const v1::RetrieveRequest* request) override;
+  grpc::ServerWriteReactor<v1::GetBlocksResponse>* GetBlocks(
+      grpc::CallbackServerContext* context, const v1::GetBlocksRequest* request) override;
+  grpc::ServerUnaryReactor* DropSequence(grpc::CallbackServerContext* context,
+                                         const v1::DropSequenceRequest* request,
+                                         v1::DropSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context,
+                                  const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::ServerInfoRequest* request,
+                                          v1::ServerInfoResponse* response) override;
+
+  // A stream the watchdog may end for idleness. Defined in kvstore_service.cc.
+  class Stream;
 
  private:
-  // One stored sequence. profile and config never change after creation; the retrieval state is
-  // guarded by the sequence's own mutex so retrievals of different sequences never contend.
-  struct Sequence {
-    // From the metadata record the store keeps (CreateSequence writes it, Create reads it back).
-    Sequence(std::string store_key, const v1::CreateSequenceRequest& record)
-        : key(std::move(store_key)),
-          id(record.sequence_id()),
-          profile(record.profile()),
-          config(record.config()) {}
+  class PutReactor;
+  template <typename Response>
+  class WriteReactor;
 
-    const std::string key;  // "<tenant>/<id>", the store's key
-    const std::string id;
-    const v1::ModelProfile profile;
-    const v1::KvstarConfig config;
-
-    absl::Mutex mu;
-    // Built by Seal; null before.
-    std::unique_ptr<retrieval::SequenceIndex> index ABSL_GUARDED_BY(mu);
-    // Decode step of the last accepted Retrieve; steps must not go backwards.
-    uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
-    // Shared-memory regions of the last Retrieve's replies; freed by the next one or by Drop.
-    std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
-  };
-
-  KvStoreService(storage::BlockStore* store, ServiceOptions options);
+  KvStoreService(std::unique_ptr<StorageNode> node, ServiceOptions options);
 
   // The caller's tenant (from its bearer token), or UNAUTHENTICATED.
-  absl::StatusOr<std::string> Tenant(const grpc::ServerContext* context) const;
-  absl::StatusOr<std::shared_ptr<Sequence>> Find(absl::string_view tenant,
-                                                 absl::string_view sequence_id) const
-      ABSL_LOCKS_EXCLUDED(mu_);
-  struct PendingPut;
-  // Validates one PutBlocks message (sequence, shapes, checksums) without storing anything.
-  absl::Status CheckMessage(absl::string_view tenant, const v1::PutBlocksRequest& message);
-  // Writes the pending messages as one durable store batch and clears them.
-  absl::Status FlushPut(PendingPut& pending, v1::PutBlocksResponse* response);
-  // Appends stored blocks beyond what the index holds (decode-generated blocks) to the index.
-  absl::Status CatchUp(const std::string& key, Sequence& sequence)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
-  // Checks and orders one request's queries by layer: every layer exactly once, same count.
-  absl::StatusOr<retrieval::RetrievalRequest> ToRetrievalRequest(
-      const Sequence& sequence, const retrieval::SequenceIndex* index,
-      const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
-      absl::string_view where) const;
+  absl::StatusOr<std::string> Tenant(const grpc::CallbackServerContext* context) const;
+  void Register(std::shared_ptr<Stream> stream) ABSL_LOCKS_EXCLUDED(streams_mu_);
+  // Forgets the stream; it is destroyed once no watchdog pass holds it.
+  void Unregister(Stream* stream) ABSL_LOCKS_EXCLUDED(streams_mu_);
+  void WatchIdleStreams() ABSL_LOCKS_EXCLUDED(streams_mu_);
+  void ReportServing(bool serving);
 
-  // Reads `ids` in batches of at most max_reply_bytes and hands each batch to `consume`.
-  absl::Status ForEachBlockBatch(
-      const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
-      const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume);
-  // Writes the replies of one scored layer: its selection and the selected blocks not held.
-  // `shared_regions` (the sequence's, its lock held) collects the regions it fills.
-  absl::Status WriteLayer(const v1::SequenceQueries& part, const Sequence& sequence, uint32_t layer,
-                          const std::vector<uint32_t>& selected,
-                          const absl::flat_hash_set<uint32_t>& held,
-                          std::vector<uint64_t>* shared_regions,
-                          grpc::ServerWriter<v1::RetrieveResponse>* writer);
-  void FreeSharedRegions(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
-
-  storage::BlockStore* const store_;
   const ServiceOptions options_;
-  retrieval::Retriever retriever_;
-
-  mutable absl::Mutex mu_;
-  // Sequence key (tenant-scoped id) -> sequence.
-  absl::flat_hash_map<std::string, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
-
-  std::atomic<uint64_t> blocks_put_{0};
-  std::atomic<uint64_t> blocks_got_{0};
-  std::atomic<uint64_t> retrievals_{0};
-  std::atomic<uint64_t> blocks_scored_{0};
-  std::atomic<uint64_t> blocks_sent_{0};
-  std::atomic<uint64_t> blocks_skipped_held_{0};
-  std::atomic<uint64_t> blocks_sent_shared_{0};
+  const std::unique_ptr<StorageNode> node_;
+  LoadLimits limits_;
   std::string host_id_;  // the kernel's boot id
+  std::atomic<grpc::HealthCheckServiceInterface*> health_{nullptr};
+
+  absl::Mutex streams_mu_;
+  absl::flat_hash_map<Stream*, std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
+  bool stopping_ ABSL_GUARDED_BY(streams_mu_) = false;
+  std::thread watchdog_;
+  // Last member: destroyed (its queue run, its threads joined) before the rest.
+  WorkPool pool_;
 };
 
 }  // namespace kvstar::server

@@ -11,7 +11,6 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/resource_quota.h"
 #include "server/flags.h"
 #include "server/kvstore_service.h"
 #include "server/tls.h"
@@ -86,6 +85,12 @@ int Run(int argc, char** argv) {
   options.auth = auth.get();
   options.shared_memory = shared_memory.get();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
+  options.worker_threads = static_cast<size_t>(config->worker_threads);
+  options.stream_idle_timeout_ms = config->stream_idle_timeout_ms;
+  options.limits.max_open_streams = config->max_open_streams;
+  options.limits.max_open_streams_per_tenant = config->max_open_streams_per_tenant;
+  options.limits.max_inflight_put_bytes = config->max_inflight_put_bytes;
+  options.limits.max_inflight_put_bytes_per_tenant = config->max_inflight_put_bytes_per_tenant;
   options.max_reply_bytes =
       std::min<uint64_t>(options.max_reply_bytes, config->max_message_bytes / 2);
   absl::StatusOr<std::unique_ptr<KvStoreService>> service =
@@ -110,9 +115,6 @@ int Run(int argc, char** argv) {
   builder.RegisterService(service->get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
-  grpc::ResourceQuota quota("kvstar_server");
-  quota.SetMaxThreads(config->worker_threads + 2);  // +2: gRPC's own pollers need threads too
-  builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     spdlog::error("cannot listen on {}", config->listen_address);
@@ -120,18 +122,23 @@ int Run(int argc, char** argv) {
   }
   server->GetHealthCheckService()->SetServingStatus(kServiceName, true);
   server->GetHealthCheckService()->SetServingStatus("", true);
+  // From now on both names follow the node's limits: NOT_SERVING while it cannot take work.
+  (*service)->SetHealthCheckService(server->GetHealthCheckService());
 
   const std::string host = config->listen_address.substr(0, config->listen_address.rfind(':'));
   spdlog::info(
       "kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-      "worker threads, shared memory {}, {})",
+      "worker threads, shared memory {}, {}; limits: {} open streams ({} per tenant), {} "
+      "in-flight put bytes ({} per tenant), stream idle timeout {} ms)",
       kServiceName, host, port, config->backend, config->data_dir, config->dram_budget_bytes,
       config->worker_threads,
       shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(), " bytes")
                     : std::string("off"),
       config->tls_cert_file.empty()        ? "plaintext"
       : config->tls_client_ca_file.empty() ? "TLS"
-                                           : "TLS with client certificates");
+                                           : "TLS with client certificates",
+      config->max_open_streams, config->max_open_streams_per_tenant, config->max_inflight_put_bytes,
+      config->max_inflight_put_bytes_per_tenant, config->stream_idle_timeout_ms);
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";
@@ -142,6 +149,7 @@ int Run(int argc, char** argv) {
   int signal = 0;
   sigwait(&signals, &signal);
   spdlog::info("signal {}: shutting down", signal);
+  (*service)->SetHealthCheckService(nullptr);
   server->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();

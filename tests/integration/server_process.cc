@@ -24,6 +24,8 @@ std::string ServerBinary() {
   if (srcdir != nullptr && workspace != nullptr) {
     return absl::StrCat(srcdir, "/", workspace, "/server/kvstar_server");
   }
+  // `bazel run` starts a binary in its runfiles tree, where the server lies beside it.
+  if (std::filesystem::exists("server/kvstar_server")) return "server/kvstar_server";
   return "bazel-bin/server/kvstar_server";
 }
 

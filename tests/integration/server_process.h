@@ -29,6 +29,7 @@ class ServerProcess {
   void Kill();
 
   int port() const { return port_; }
+  pid_t pid() const { return pid_; }
   std::string address() const;
   // A channel and stub to the running server (created on each Start).
   v1::KvStore::Stub& stub() { return *stub_; }

@@ -1,0 +1,268 @@
+// StorageNode: the storage node's core, without gRPC. It keeps the tenant-scoped sequences over a
+// BlockStore, batches PutBlocks streams into durable store writes, seals sequences (builds their
+// representations), scores retrievals and hands replies to a sink, reads blocks back, drops
+// sequences and counts what it did. server/kvstore_service.cc is a thin gRPC edge over it;
+// tests call it in-process.
+//
+// Inputs are the kvstar.v1 messages the sequence's metadata is stored as (profiles, configs,
+// queries); outputs are plain structs. Errors are absl::Status values whose messages name the
+// bad field and its value.
+//
+// Thread-safe: any method may be called from any thread concurrently. The node-wide lock guards
+// only the map of sequences and is never held across a store call; each sequence has its own
+// lock, held by the calls that read or change its retrieval state (Seal, Retrieve, Drop).
+#ifndef KVSTAR_SERVER_STORAGE_NODE_H_
+#define KVSTAR_SERVER_STORAGE_NODE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "kvstar/v1/kvstar.pb.h"
+#include "retrieval/representation.h"
+#include "retrieval/retriever.h"
+#include "server/shared_memory_arena.h"
+#include "storage/block_store.h"
+
+namespace kvstar::server {
+
+// Without authentication every caller is this tenant.
+inline constexpr absl::string_view kDefaultTenant = "default";
+
+struct NodeOptions {
+  // Block bytes per reply handed to a sink (GetBlocks, Retrieve); a reply always carries at least
+  // one block.
+  uint64_t max_reply_bytes = 3 << 20;
+  // Threads that score retrievals; 0 means one per hardware thread.
+  size_t retrieval_threads = 0;
+  // Segment for co-located clients' shared-memory replies; null: none (bytes in replies).
+  // Not owned; must outlive the node.
+  SharedMemoryArena* shared_memory = nullptr;
+  // Consecutive blocks of one sequence in one put stream are written to the store together, up
+  // to this many bytes: each store write is durable (an fsync).
+  uint64_t put_batch_bytes = 32 << 20;
+};
+
+struct CreateResult {
+  v1::ModelProfile profile;  // normalized: defaults filled in
+  v1::KvstarConfig config;
+  bool created = false;  // false: it existed with the same profile and config
+};
+
+// A block of a Retrieve reply that travels in the client's shared-memory segment.
+struct SharedBlockRef {
+  storage::BlockId id;
+  uint64_t checksum = 0;
+  uint64_t offset = 0;      // of K in the segment; V follows
+  uint64_t key_length = 0;  // bytes of K (equally of V)
+};
+
+// One reply of a Retrieve: a layer's selection, then (when data was asked for) the selected blocks
+// the client does not hold, in one or more replies of at most max_reply_bytes each.
+struct RetrievedLayer {
+  size_t request = 0;  // index of the sequence in the Retrieve batch
+  uint32_t layer = 0;
+  std::vector<uint32_t> selected;
+  std::vector<storage::BlockData> blocks;
+  std::vector<SharedBlockRef> shared_blocks;
+  bool more = false;  // another reply of this layer follows
+};
+
+// Receives replies in order. Returns false when the receiver went away: the call then stops.
+using RetrieveSink = std::function<bool(RetrievedLayer&)>;
+using BlockSink = std::function<bool(std::vector<storage::BlockData>&)>;
+
+struct SealResult {
+  uint32_t num_blocks = 0;                        // per layer
+  std::vector<std::vector<uint32_t>> selections;  // per layer
+};
+
+struct NodeStats {
+  uint64_t sequences = 0;
+  std::vector<storage::TierStats> tiers;
+  uint64_t blocks_put = 0;
+  uint64_t blocks_got = 0;
+  uint64_t retrievals = 0;
+  uint64_t blocks_scored = 0;
+  uint64_t blocks_sent = 0;
+  uint64_t blocks_skipped_held = 0;
+  uint64_t blocks_sent_shared = 0;
+};
+
+class StorageNode;
+
+// The blocks of one PutBlocks stream. Add checks each message before anything is stored and
+// queues it; queued messages of one sequence are written as one durable store batch when the
+// batch is full, when a message of another sequence or a repeated block arrives, or on Flush.
+// Not thread-safe: one stream drives it from one thread at a time.
+class PutStream {
+ public:
+  // Checks the message's blocks (sequence, shapes, checksums, repeats) and queues them; may write
+  // the queued batch first. Errors name the message by its index in the stream.
+  absl::Status Add(absl::string_view sequence_id, std::vector<storage::BlockData> blocks);
+  // Writes what is queued now (the stream may continue): after the last Add, or to release the
+  // queued bytes early.
+  absl::Status Flush();
+
+  uint64_t queued_bytes() const { return bytes_; }
+  uint64_t blocks_written() const { return blocks_written_; }
+  uint64_t bytes_written() const { return bytes_written_; }
+  uint64_t messages() const { return messages_; }
+
+ private:
+  friend class StorageNode;
+  PutStream(StorageNode* node, std::string tenant) : node_(node), tenant_(std::move(tenant)) {}
+
+  StorageNode* const node_;
+  const std::string tenant_;
+  std::string key_;  // store key of the queued blocks
+  std::vector<storage::BlockData> queued_;
+  absl::flat_hash_set<storage::BlockId> ids_;
+  uint64_t bytes_ = 0;
+  uint64_t first_message_ = 0;  // index of the first queued message
+  uint64_t last_message_ = 0;   // index of the last queued message
+  uint64_t messages_ = 0;       // messages added so far
+  uint64_t blocks_written_ = 0;
+  uint64_t bytes_written_ = 0;
+};
+
+class StorageNode {
+ public:
+  // Loads every stored sequence's profile from `store`, which must outlive the node.
+  static absl::StatusOr<std::unique_ptr<StorageNode>> Create(storage::BlockStore* store,
+                                                             NodeOptions options);
+
+  // Creates a sequence, or finds it with the same profile and config (idempotent); ALREADY_EXISTS
+  // when it exists with different ones. Durable on OK.
+  absl::StatusOr<CreateResult> CreateSequence(absl::string_view tenant,
+                                              absl::string_view sequence_id,
+                                              const v1::ModelProfile& profile,
+                                              const v1::KvstarConfig& config);
+
+  std::unique_ptr<PutStream> NewPutStream(absl::string_view tenant);
+
+  // Builds the sequence's representations from its stored blocks (every layer must hold blocks
+  // 0..n-1, the same n) and returns the first selection. Sealing again rebuilds them.
+  absl::StatusOr<SealResult> Seal(absl::string_view tenant, const v1::SealRequest& request);
+
+  // Scores a batch of sequences and hands each layer's reply to `sink` as soon as it is scored.
+  // Blocks stored after Seal (decode-generated) join the representations first. Representations
+  // live in memory: after a restart, Retrieve answers FAILED_PRECONDITION until the sequence is
+  // sealed again. `cancelled` is polled; true stops the call with CANCELLED.
+  absl::Status Retrieve(absl::string_view tenant, const v1::RetrieveRequest& request,
+                        const RetrieveSink& sink, const std::function<bool()>& cancelled);
+
+  // Reads the given blocks (all of the sequence when `ids` is empty) in replies of at most
+  // max_reply_bytes each.
+  absl::Status GetBlocks(absl::string_view tenant, absl::string_view sequence_id,
+                         absl::Span<const storage::BlockId> ids, const BlockSink& sink);
+
+  // Deletes the sequence and its blocks. Other sequences' calls proceed while the store drops it;
+  // calls on this sequence that start meanwhile find it NOT_FOUND.
+  absl::StatusOr<storage::DropResult> DropSequence(absl::string_view tenant,
+                                                   absl::string_view sequence_id);
+
+  NodeStats Stats();
+
+  SharedMemoryArena* shared_memory() const { return options_.shared_memory; }
+
+ private:
+  friend class PutStream;
+
+  // One stored sequence. profile and config never change after creation; the retrieval state is
+  // guarded by the sequence's own mutex so calls on different sequences never contend.
+  struct Sequence {
+    Sequence(std::string store_key, const v1::CreateSequenceRequest& record)
+        : key(std::move(store_key)),
+          id(record.sequence_id()),
+          profile(record.profile()),
+          config(record.config()) {}
+
+    const std::string key;  // "<tenant>/<id>", the store's key
+    const std::string id;
+    const v1::ModelProfile profile;
+    const v1::KvstarConfig config;
+
+    // Held by the call that creates or drops the sequence in the store, so that a concurrent
+    // Create of the same id waits for the store's answer instead of racing it.
+    absl::Mutex lifecycle_mu;
+    // kChanging: being created or dropped in the store.
+    enum class State { kChanging, kLive, kGone };
+    State state ABSL_GUARDED_BY(lifecycle_mu) = State::kChanging;
+    bool Settled() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(lifecycle_mu) {
+      return state == State::kLive || state == State::kGone;
+    }
+    // Mirrors state == kLive for readers that do not take lifecycle_mu.
+    std::atomic<bool> live{false};
+
+    absl::Mutex mu;
+    // Built by Seal; null before.
+    std::unique_ptr<retrieval::SequenceIndex> index ABSL_GUARDED_BY(mu);
+    // Decode step of the last accepted Retrieve; steps must not go backwards.
+    uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
+    // Shared-memory regions of the last Retrieve's replies; freed by the next one or by Drop.
+    std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
+  };
+
+  StorageNode(storage::BlockStore* store, NodeOptions options);
+
+  // The live sequence, or NOT_FOUND naming it.
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(absl::string_view tenant,
+                                                 absl::string_view sequence_id) const
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Checks one PutBlocks message's blocks against the sequence without storing anything.
+  absl::Status CheckBlocks(const Sequence& sequence,
+                           absl::Span<const storage::BlockData> blocks) const;
+  // Writes a put stream's queued blocks as one store batch and clears them.
+  absl::Status FlushPut(PutStream& stream);
+  // Appends stored blocks beyond what the index holds (decode-generated blocks) to the index.
+  absl::Status CatchUp(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
+  // Checks and orders one request's queries by layer: every layer exactly once, same count.
+  absl::StatusOr<retrieval::RetrievalRequest> ToRetrievalRequest(
+      const Sequence& sequence, const retrieval::SequenceIndex* index,
+      const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
+      absl::string_view where) const;
+  // Reads `ids` in batches of at most max_reply_bytes and hands each batch to `consume`.
+  absl::Status ForEachBlockBatch(
+      const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
+      const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume);
+  // Hands one scored layer to the sink: its selection and the selected blocks not held.
+  absl::Status SendLayer(const v1::SequenceQueries& part, size_t request, Sequence& sequence,
+                         uint32_t layer, const std::vector<uint32_t>& selected,
+                         const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
+  void FreeSharedRegions(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
+
+  storage::BlockStore* const store_;
+  const NodeOptions options_;
+  retrieval::Retriever retriever_;
+
+  mutable absl::Mutex mu_;
+  // Sequence key (tenant-scoped id) -> sequence, including ones being created or dropped.
+  absl::flat_hash_map<std::string, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
+
+  std::atomic<uint64_t> blocks_put_{0};
+  std::atomic<uint64_t> blocks_got_{0};
+  std::atomic<uint64_t> retrievals_{0};
+  std::atomic<uint64_t> blocks_scored_{0};
+  std::atomic<uint64_t> blocks_sent_{0};
+  std::atomic<uint64_t> blocks_skipped_held_{0};
+  std::atomic<uint64_t> blocks_sent_shared_{0};
+};
+
+// Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
+std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id);
+
+}  // namespace kvstar::server
+
+#endif  // KVSTAR_SERVER_STORAGE_NODE_H_
