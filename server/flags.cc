@@ -52,6 +52,9 @@ ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file's c
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA bundle. When set (with TLS on), every client must present a certificate this "
           "CA signed (mutual TLS).");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve Prometheus metrics on over HTTP (GET /metrics); port 0 picks a free "
+          "one (logged). Empty: no metrics endpoint.");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound port is written to this file once the server is serving.");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn or error.");
@@ -72,6 +75,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   config.stream_idle_timeout_ms = absl::GetFlag(FLAGS_stream_idle_timeout_ms);
   config.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
   config.max_open_streams_per_tenant = absl::GetFlag(FLAGS_max_open_streams_per_tenant);

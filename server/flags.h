@@ -27,6 +27,7 @@ struct ServerConfig {
   std::string tls_cert_file;     // PEM chain; with tls_key_file: serve TLS only
   std::string tls_key_file;
   std::string tls_client_ca_file;  // set: clients must present a certificate this CA signed
+  std::string metrics_listen;      // host:port of the Prometheus endpoint; empty: none
   std::string port_file;           // when set, the bound port is written here once serving
   std::string log_level;
 };

@@ -65,6 +65,9 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   // LoadLimits is reached), for the service names given. Not owned; null stops reporting.
   void SetHealthCheckService(grpc::HealthCheckServiceInterface* health);
 
+  // The core the service translates for (metrics read its counters).
+  StorageNode& node() { return *node_; }
+
   grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
                                            const v1::CreateSequenceRequest* request,
                                            v1::CreateSequenceResponse* response) override;

@@ -173,47 +173,46 @@ std::string Metrics::Render() const {
     }
   }
   if (sources_.node_stats) {
-    const v1::StatsResponse stats = sources_.node_stats();
+    const NodeStats stats = sources_.node_stats();
     const std::pair<const char*, uint64_t> counters[] = {
-        {"kvstar_blocks_put_total", stats.blocks_put()},
-        {"kvstar_blocks_got_total", stats.blocks_got()},
-        {"kvstar_retrievals_total", stats.retrievals()},
-        {"kvstar_blocks_scored_total", stats.blocks_scored()},
-        {"kvstar_blocks_sent_total", stats.blocks_sent()},
-        {"kvstar_blocks_skipped_held_total", stats.blocks_skipped_held()},
-        {"kvstar_blocks_sent_shared_total", stats.blocks_sent_shared()},
+        {"kvstar_blocks_put_total", stats.blocks_put},
+        {"kvstar_blocks_got_total", stats.blocks_got},
+        {"kvstar_retrievals_total", stats.retrievals},
+        {"kvstar_blocks_scored_total", stats.blocks_scored},
+        {"kvstar_blocks_sent_total", stats.blocks_sent},
+        {"kvstar_blocks_skipped_held_total", stats.blocks_skipped_held},
+        {"kvstar_blocks_sent_shared_total", stats.blocks_sent_shared},
     };
     for (const auto& [name, value] : counters) {
       Header(&out, name, "counter", "The node's Stats counter of the same name.");
       Sample(&out, name, "", static_cast<double>(value));
     }
     Header(&out, "kvstar_tier_blocks", "gauge", "Blocks held now, per storage tier.");
-    for (const v1::TierStats& tier : stats.tiers()) {
-      Sample(&out, "kvstar_tier_blocks", absl::StrCat("tier=\"", tier.name(), "\""),
-             static_cast<double>(tier.blocks()));
+    for (const storage::TierStats& tier : stats.tiers) {
+      Sample(&out, "kvstar_tier_blocks", absl::StrCat("tier=\"", tier.name, "\""),
+             static_cast<double>(tier.blocks));
     }
     Header(&out, "kvstar_tier_bytes", "gauge", "K+V bytes held now, per storage tier.");
-    for (const v1::TierStats& tier : stats.tiers()) {
-      Sample(&out, "kvstar_tier_bytes", absl::StrCat("tier=\"", tier.name(), "\""),
-             static_cast<double>(tier.bytes()));
+    for (const storage::TierStats& tier : stats.tiers) {
+      Sample(&out, "kvstar_tier_bytes", absl::StrCat("tier=\"", tier.name, "\""),
+             static_cast<double>(tier.bytes));
     }
     Header(&out, "kvstar_tier_reads_total", "counter",
            "Block reads per tier: result=hit served them, result=miss passed them on.");
-    for (const v1::TierStats& tier : stats.tiers()) {
-      const std::string label = absl::StrCat("tier=\"", tier.name(), "\",result=");
-      Sample(&out, "kvstar_tier_reads_total", label + "\"hit\"", static_cast<double>(tier.hits()));
-      Sample(&out, "kvstar_tier_reads_total", label + "\"miss\"",
-             static_cast<double>(tier.misses()));
+    for (const storage::TierStats& tier : stats.tiers) {
+      const std::string label = absl::StrCat("tier=\"", tier.name, "\",result=");
+      Sample(&out, "kvstar_tier_reads_total", label + "\"hit\"", static_cast<double>(tier.hits));
+      Sample(&out, "kvstar_tier_reads_total", label + "\"miss\"", static_cast<double>(tier.misses));
     }
     Header(&out, "kvstar_tier_hit_ratio", "gauge",
            "hits / (hits + misses) of each tier since start (0 before any read).");
-    for (const v1::TierStats& tier : stats.tiers()) {
-      const uint64_t reads = tier.hits() + tier.misses();
-      Sample(&out, "kvstar_tier_hit_ratio", absl::StrCat("tier=\"", tier.name(), "\""),
-             reads == 0 ? 0.0 : static_cast<double>(tier.hits()) / static_cast<double>(reads));
+    for (const storage::TierStats& tier : stats.tiers) {
+      const uint64_t reads = tier.hits + tier.misses;
+      Sample(&out, "kvstar_tier_hit_ratio", absl::StrCat("tier=\"", tier.name, "\""),
+             reads == 0 ? 0.0 : static_cast<double>(tier.hits) / static_cast<double>(reads));
     }
     Header(&out, "kvstar_sequences", "gauge", "Sequences stored on the node.");
-    Sample(&out, "kvstar_sequences", "", static_cast<double>(stats.sequences()));
+    Sample(&out, "kvstar_sequences", "", static_cast<double>(stats.sequences));
   }
   if (sources_.sequences_per_tenant) {
     Header(&out, "kvstar_tenant_sequences", "gauge", "Sequences stored, per tenant.");

@@ -1,6 +1,6 @@
 // Metrics of the storage node in Prometheus' text format: per-RPC request counts by status code,
 // latency histograms and RPCs in flight (recorded by a gRPC server interceptor, so no handler
-// changes), plus the node's counters and tier contents, read at scrape time from a Stats snapshot.
+// changes), plus the node's counters and tier contents, read at scrape time from the node.
 // Thread-safe: RPC threads record, the HTTP thread renders.
 #ifndef KVSTAR_SERVER_METRICS_H_
 #define KVSTAR_SERVER_METRICS_H_
@@ -17,7 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/support/server_interceptor.h"
-#include "kvstar/v1/kvstar.pb.h"
+#include "server/storage_node.h"
 
 namespace kvstar::server {
 
@@ -29,7 +29,7 @@ class Metrics {
 
   // What a scrape reads besides the RPC metrics: the node-wide Stats, and sequences per tenant.
   struct Sources {
-    std::function<v1::StatsResponse()> node_stats;
+    std::function<NodeStats()> node_stats;
     std::function<std::map<std::string, uint64_t>()> sequences_per_tenant;
   };
 

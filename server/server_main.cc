@@ -13,6 +13,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/flags.h"
 #include "server/kvstore_service.h"
+#include "server/metrics.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
@@ -107,12 +108,19 @@ int Run(int argc, char** argv) {
     return 2;
   }
 
+  StorageNode& node = (*service)->node();
+  Metrics metrics(
+      {[&node] { return node.Stats(); }, [&node] { return node.SequencesPerTenant(); }});
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config->listen_address, *credentials, &port);
   builder.RegisterService(service->get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(metrics.InterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -139,6 +147,19 @@ int Run(int argc, char** argv) {
                                            : "TLS with client certificates",
       config->max_open_streams, config->max_open_streams_per_tenant, config->max_inflight_put_bytes,
       config->max_inflight_put_bytes_per_tenant, config->stream_idle_timeout_ms);
+  std::unique_ptr<MetricsHttpServer> metrics_http;
+  if (!config->metrics_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> started =
+        MetricsHttpServer::Start(config->metrics_listen, &metrics);
+    if (!started.ok()) {
+      spdlog::error("{}", std::string(started.status().message()));
+      return 2;
+    }
+    metrics_http = *std::move(started);
+    spdlog::info("metrics at http://{}:{}/metrics",
+                 config->metrics_listen.substr(0, config->metrics_listen.rfind(':')),
+                 metrics_http->port());
+  }
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";
@@ -153,6 +174,7 @@ int Run(int argc, char** argv) {
   server->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
+  metrics_http.reset();
   spdlog::info("stopped");
   return 0;
 }

@@ -683,6 +683,16 @@ NodeStats StorageNode::Stats() {
   return stats;
 }
 
+std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
+  std::map<std::string, uint64_t> counts;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, sequence] : sequences_) {
+    if (!sequence->live.load()) continue;
+    ++counts[key.substr(0, key.size() - sequence->id.size() - 1)];  // key: "<tenant>/<id>"
+  }
+  return counts;
+}
+
 void StorageNode::FreeSharedRegions(Sequence& sequence) {
   if (options_.shared_memory == nullptr) {
     sequence.shared_regions.clear();

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -173,6 +174,8 @@ class StorageNode {
                                                    absl::string_view sequence_id);
 
   NodeStats Stats();
+  // Live sequences per tenant (tenants with none are absent).
+  std::map<std::string, uint64_t> SequencesPerTenant() const;
 
   SharedMemoryArena* shared_memory() const { return options_.shared_memory; }
 

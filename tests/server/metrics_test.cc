@@ -15,19 +15,22 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-v1::StatsResponse SomeStats() {
-  v1::StatsResponse stats;
-  stats.set_sequences(3);
-  stats.set_blocks_put(40);
-  stats.set_blocks_sent(7);
-  stats.set_blocks_skipped_held(5);
-  v1::TierStats* dram = stats.add_tiers();
-  dram->set_name("dram");
-  dram->set_blocks(10);
-  dram->set_bytes(4096);
-  dram->set_hits(3);
-  dram->set_misses(1);
-  stats.add_tiers()->set_name("rocksdb");
+NodeStats SomeStats() {
+  NodeStats stats;
+  stats.sequences = 3;
+  stats.blocks_put = 40;
+  stats.blocks_sent = 7;
+  stats.blocks_skipped_held = 5;
+  storage::TierStats dram;
+  dram.name = "dram";
+  dram.blocks = 10;
+  dram.bytes = 4096;
+  dram.hits = 3;
+  dram.misses = 1;
+  stats.tiers.push_back(dram);
+  storage::TierStats rocksdb;
+  rocksdb.name = "rocksdb";
+  stats.tiers.push_back(rocksdb);
   return stats;
 }
 
