@@ -45,6 +45,9 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
           "File of \"<token> <tenant>\" lines. When set, every kvstar call needs "
           "\"authorization: Bearer <token>\" metadata and sees only its tenant's sequences; "
           "unset, every caller is tenant \"default\".");
+ABSL_FLAG(std::string, admin_tenant, "",
+          "With --auth_tokens_file: the tenant whose tokens see the whole node in Stats (every "
+          "other tenant sees its own sequences and calls only). Empty: no tenant does.");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM certificate chain. With --tls_key_file the server speaks TLS only; unset, it "
           "speaks plaintext (fine on loopback; bearer tokens travel in clear off it).");
@@ -82,6 +85,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes);
   config.max_inflight_put_bytes_per_tenant = absl::GetFlag(FLAGS_max_inflight_put_bytes_per_tenant);
   config.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  config.admin_tenant = absl::GetFlag(FLAGS_admin_tenant);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);

@@ -51,6 +51,8 @@ struct ServiceOptions {
   // Bearer tokens -> tenants; null: no authentication, every caller is tenant "default".
   // Not owned; must outlive the service.
   const TokenAuth* auth = nullptr;
+  // With auth: the tenant whose tokens see the whole node's Stats; empty: none does.
+  std::string admin_tenant;
 };
 
 class KvStoreService final : public v1::KvStore::CallbackService {
@@ -89,6 +91,12 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::ServerInfoRequest* request,
                                           v1::ServerInfoResponse* response) override;
+  grpc::ServerUnaryReactor* ListSequences(grpc::CallbackServerContext* context,
+                                          const v1::ListSequencesRequest* request,
+                                          v1::ListSequencesResponse* response) override;
+  grpc::ServerUnaryReactor* DescribeSequence(grpc::CallbackServerContext* context,
+                                             const v1::DescribeSequenceRequest* request,
+                                             v1::DescribeSequenceResponse* response) override;
 
   // A stream the watchdog may end for idleness. Defined in kvstore_service.cc.
   class Stream;

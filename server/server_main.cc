@@ -84,6 +84,7 @@ int Run(int argc, char** argv) {
   }
   ServiceOptions options;
   options.auth = auth.get();
+  options.admin_tenant = config->admin_tenant;
   options.shared_memory = shared_memory.get();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.worker_threads = static_cast<size_t>(config->worker_threads);
