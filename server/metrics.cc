@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -9,7 +10,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
+#include "grpcpp/server_context.h"
 #include "grpcpp/support/interceptor.h"
+#include "spdlog/spdlog.h"
 
 namespace kvstar::server {
 namespace {
@@ -44,35 +49,84 @@ const char* CodeName(int code) {
 }
 
 // Records one RPC: started when gRPC creates it, finished when its status is sent (or, for an
-// RPC that ends without sending one, when gRPC destroys it: counted as CANCELLED).
+// RPC that ends without sending one, when gRPC destroys it: counted as CANCELLED). It also tags
+// the RPC with a request id, sent to the client as "kvstar-request-id" initial metadata, and
+// writes the RPC's log line when it ends.
 class RpcInterceptor : public grpc::experimental::Interceptor {
  public:
-  RpcInterceptor(Metrics* metrics, std::string method)
-      : metrics_(metrics), method_(std::move(method)), start_(std::chrono::steady_clock::now()) {
+  RpcInterceptor(Metrics* metrics, std::string method, bool kvstar_method, uint64_t request_id,
+                 std::string peer)
+      : metrics_(metrics),
+        method_(std::move(method)),
+        kvstar_method_(kvstar_method),
+        request_id_(request_id),
+        peer_(std::move(peer)),
+        start_(std::chrono::steady_clock::now()) {
     metrics_->RpcStarted(method_);
   }
   ~RpcInterceptor() override {
-    if (!finished_) Finish(grpc::StatusCode::CANCELLED);
+    if (!finished_) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "ended without a status"));
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (methods->QueryInterceptionHookPoint(
-            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
-      Finish(methods->GetSendStatus().error_code());
+    using grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->emplace("kvstar-request-id", absl::StrCat(request_id_));
+    }
+    // Only kvstar's own methods carry protobuf messages here; the health service's are raw
+    // byte buffers.
+    if (kvstar_method_ && sequence_id_.empty() &&
+        methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE)) {
+      // Every kvstar request but Retrieve's batch names one sequence; the log line names it.
+      const auto* message =
+          static_cast<const google::protobuf::Message*>(methods->GetRecvMessage());
+      if (message != nullptr) {
+        const google::protobuf::FieldDescriptor* field =
+            message->GetDescriptor()->FindFieldByName("sequence_id");
+        if (field != nullptr && field->type() == google::protobuf::FieldDescriptor::TYPE_STRING &&
+            !field->is_repeated()) {
+          sequence_id_ = message->GetReflection()->GetString(*message, field);
+        }
+      }
+    }
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
+      Finish(methods->GetSendStatus());
     }
     methods->Proceed();
   }
 
  private:
-  void Finish(int code) {
+  void Finish(const grpc::Status& status) {
     finished_ = true;
     const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
-    metrics_->RpcFinished(method_, code, elapsed.count());
+    metrics_->RpcFinished(method_, status.error_code(), elapsed.count());
+    // Successful calls log at debug (a decoding engine makes many); failures at info, and
+    // server-side faults at warn.
+    const grpc::StatusCode code = status.error_code();
+    const spdlog::level::level_enum level =
+        code == grpc::StatusCode::OK ? spdlog::level::debug
+        : (code == grpc::StatusCode::INTERNAL || code == grpc::StatusCode::DATA_LOSS ||
+           code == grpc::StatusCode::UNKNOWN)
+            ? spdlog::level::warn
+            : spdlog::level::info;
+    if (!spdlog::should_log(level)) return;
+    std::string line = absl::StrCat(
+        "event=rpc request_id=", request_id_, " method=", method_, " code=", CodeName(code),
+        absl::StrFormat(" duration_ms=%.3f", elapsed.count() * 1e3), " peer=", LogValue(peer_));
+    if (!sequence_id_.empty()) absl::StrAppend(&line, " sequence_id=", LogValue(sequence_id_));
+    if (code != grpc::StatusCode::OK) {
+      absl::StrAppend(&line, " message=", LogValue(status.error_message()));
+    }
+    spdlog::log(level, "{}", line);
   }
 
   Metrics* const metrics_;
   const std::string method_;
+  const bool kvstar_method_;
+  const uint64_t request_id_;
+  const std::string peer_;
   const std::chrono::steady_clock::time_point start_;
+  std::string sequence_id_;
   bool finished_ = false;
 };
 
@@ -81,11 +135,17 @@ class RpcInterceptorFactory : public grpc::experimental::ServerInterceptorFactor
   explicit RpcInterceptorFactory(Metrics* metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new RpcInterceptor(metrics_, ShortMethod(info->method()));
+    const std::string peer =
+        info->server_context() != nullptr ? info->server_context()->peer() : "";
+    const std::string method = ShortMethod(info->method());
+    const bool kvstar_method = method.find('/') == std::string::npos;
+    return new RpcInterceptor(metrics_, method, kvstar_method,
+                              next_request_id_.fetch_add(1, std::memory_order_relaxed), peer);
   }
 
  private:
   Metrics* const metrics_;
+  std::atomic<uint64_t> next_request_id_{1};
 };
 
 // Appends a "# HELP" and "# TYPE" header.
@@ -100,6 +160,26 @@ void Sample(std::string* out, const std::string& name, const std::string& labels
 }
 
 }  // namespace
+
+std::string LogValue(absl::string_view value) {
+  bool plain = !value.empty();
+  for (unsigned char c : value) {
+    if (c <= ' ' || c == '"' || c == '\\' || c == '=' || c >= 0x7f) plain = false;
+  }
+  if (plain) return std::string(value);
+  std::string quoted = "\"";
+  for (unsigned char c : value) {
+    if (c == '"' || c == '\\') {
+      quoted += '\\';
+      quoted += static_cast<char>(c);
+    } else if (c < ' ' || c >= 0x7f) {
+      quoted += absl::StrFormat("\\x%02x", c);
+    } else {
+      quoted += static_cast<char>(c);
+    }
+  }
+  return quoted + "\"";
+}
 
 std::string EscapeLabelValue(const std::string& value) {
   std::string escaped;

@@ -15,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/support/server_interceptor.h"
 #include "server/storage_node.h"
@@ -58,6 +59,11 @@ class Metrics {
   mutable absl::Mutex mu_;
   std::map<std::string, RpcSeries> rpcs_ ABSL_GUARDED_BY(mu_);
 };
+
+// A value for a key=value log line: as is when it is plain printable ASCII without spaces,
+// quotes, backslashes or '='; otherwise double-quoted with those escaped and other bytes as \xNN,
+// so an id can never break a line or forge a key.
+std::string LogValue(absl::string_view value);
 
 // Escapes a label value for the text format (backslash, double quote, newline).
 std::string EscapeLabelValue(const std::string& value);

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -111,6 +112,40 @@ TEST(MetricsEndpointTest, ScrapeShowsWhatTheServerDid) {
   EXPECT_THAT(text, HasSubstr("kvstar_rpc_requests_total{method=\"PutBlocks\",code=\"OK\"} 2\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_blocks_put_total 2\n"));
   EXPECT_TRUE(server.Stop().ok());
+}
+
+TEST(RpcLogTest, EachRpcGetsARequestIdAndOneEscapedKeyValueLine) {
+  const std::string dir = MakeTempDir("rpclog");
+  ServerProcess server({"--data_dir=" + dir + "/data", "--log_level=debug"});
+  server.LogTo(dir + "/server.log");
+  ASSERT_TRUE(server.Start().ok());
+  std::string request_ids;
+  for (const std::string id : {std::string("missing seq"), std::string("forged\nevent=fake")}) {
+    grpc::ClientContext context;
+    v1::DropSequenceRequest drop;
+    drop.set_sequence_id(id);
+    v1::DropSequenceResponse dropped;
+    EXPECT_FALSE(server.stub().DropSequence(&context, drop, &dropped).ok());
+    auto found = context.GetServerInitialMetadata().find("kvstar-request-id");
+    ASSERT_NE(found, context.GetServerInitialMetadata().end());
+    request_ids += std::string(found->second.data(), found->second.size()) + " ";
+  }
+  ASSERT_TRUE(server.Stop().ok());
+  std::ifstream in(dir + "/server.log");
+  std::vector<std::string> rpc_lines;
+  std::string log;
+  for (std::string line; std::getline(in, line);) {
+    log += line + "\n";
+    if (line.find("event=rpc ") != std::string::npos) rpc_lines.push_back(line);
+  }
+  ASSERT_EQ(rpc_lines.size(), 2u) << "request ids " << request_ids << ", log:\n" << log;
+  EXPECT_THAT(rpc_lines[0], HasSubstr("method=DropSequence code=NOT_FOUND duration_ms="));
+  EXPECT_THAT(rpc_lines[0], HasSubstr(" sequence_id=\"missing seq\""));
+  EXPECT_THAT(rpc_lines[0], HasSubstr(" peer=ipv4:127.0.0.1:"));
+  // The newline stays escaped: one line, no forged event.
+  EXPECT_THAT(rpc_lines[1], HasSubstr("sequence_id=\"forged\\x0aevent=fake\""));
+  const std::string first_id = request_ids.substr(0, request_ids.find(' '));
+  EXPECT_THAT(rpc_lines[0], HasSubstr("request_id=" + first_id + " "));
 }
 
 TEST(MetricsEndpointTest, UnusableAddressStopsTheServerAtStart) {

@@ -86,6 +86,16 @@ TEST(MetricsTest, NodeStatsAndTenantsAppearAtScrapeTime) {
   EXPECT_THAT(text, HasSubstr("# TYPE kvstar_rpc_latency_seconds histogram\n"));
 }
 
+TEST(MetricsTest, LogValuesAreQuotedAndEscapedUnlessPlain) {
+  EXPECT_EQ(LogValue("seq-1_a.b/c"), "seq-1_a.b/c");
+  EXPECT_EQ(LogValue(""), "\"\"");
+  EXPECT_EQ(LogValue("two words"), "\"two words\"");
+  EXPECT_EQ(LogValue("a=b"), "\"a=b\"");
+  EXPECT_EQ(LogValue("q\"\\"), "\"q\\\"\\\\\"");
+  EXPECT_EQ(LogValue("line\nevent=x"), "\"line\\x0aevent=x\"");
+  EXPECT_EQ(LogValue("\xff"), "\"\\xff\"");
+}
+
 TEST(MetricsTest, LabelValuesAreEscaped) {
   EXPECT_EQ(EscapeLabelValue("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
 }
