@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "client/channel.h"
 #include "client/client_impl.h"
 #include "spdlog/spdlog.h"
 
@@ -55,13 +56,7 @@ const char* DataPlaneName(DataPlane plane) {
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
-  if (options.tls_cert_chain_pem.empty() != options.tls_private_key_pem.empty()) {
-    return absl::InvalidArgumentError(
-        "tls_cert_chain_pem and tls_private_key_pem must be given together");
-  }
-  if (!options.use_tls && !options.tls_cert_chain_pem.empty()) {
-    return absl::InvalidArgumentError("a client certificate was given but use_tls is false");
-  }
+  if (absl::Status tls = client_internal::CheckTlsOptions(options); !tls.ok()) return tls;
   absl::StatusOr<std::unique_ptr<client_internal::DeviceBackend>> backend =
       client_internal::SelectBackend(options.backend, options.cuda_device);
   if (!backend.ok()) return backend.status();
@@ -72,28 +67,6 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
 
 namespace client_internal {
 namespace {
-
-std::shared_ptr<grpc::Channel> MakeChannel(const ClientOptions& options,
-                                           const std::string& address) {
-  std::shared_ptr<grpc::ChannelCredentials> credentials;
-  if (options.use_tls) {
-    grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = options.tls_root_certs_pem;
-    ssl.pem_cert_chain = options.tls_cert_chain_pem;
-    ssl.pem_private_key = options.tls_private_key_pem;
-    credentials = grpc::SslCredentials(ssl);
-  } else {
-    credentials = grpc::InsecureChannelCredentials();
-  }
-  grpc::ChannelArguments arguments;
-  arguments.SetMaxReceiveMessageSize(-1);
-  arguments.SetMaxSendMessageSize(-1);
-  // Retrieve replies carry megabytes of block bytes per layer: a receive window that starts
-  // small and grows by probing throttles them on fast links.
-  arguments.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  arguments.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
-  return grpc::CreateCustomChannel(address, credentials, arguments);
-}
 
 v1::DType ToProto(DType dtype) {
   switch (dtype) {
@@ -108,12 +81,6 @@ v1::DType ToProto(DType dtype) {
 }
 
 }  // namespace
-
-absl::Status FromGrpc(const grpc::Status& status, const char* what) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(what, ": ", status.error_message()));
-}
 
 ClientImpl::ClientImpl(const ClientOptions& options, std::unique_ptr<DeviceBackend> backend)
     : options_(options), backend_(std::move(backend)) {}
@@ -167,11 +134,7 @@ std::shared_ptr<v1::KvStore::Stub> ClientImpl::stub() const {
 }
 
 void ClientImpl::PrepareContext(grpc::ClientContext* context) const {
-  context->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(options_.rpc_timeout_ms));
-  if (!options_.bearer_token.empty()) {
-    context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
-  }
+  client_internal::PrepareContext(options_, context);
 }
 
 absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence_id,

@@ -270,8 +270,6 @@ class ClientImpl : public Client {
   std::thread retrieval_thread_;
 };
 
-absl::Status FromGrpc(const grpc::Status& status, const char* what);
-
 }  // namespace kvstar::client_internal
 
 #endif  // KVSTAR_CLIENT_CLIENT_IMPL_H_

@@ -46,6 +46,9 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
           "File of \"<token> <tenant>\" lines. When set, every kvstar call needs "
           "\"authorization: Bearer <token>\" metadata and sees only its tenant's sequences; "
           "unset, every caller is tenant \"default\".");
+ABSL_FLAG(std::string, admin_tenant, "",
+          "With --auth_tokens_file: the tenant whose tokens see the whole node in Stats (every "
+          "other tenant sees its own sequences and calls only). Empty: no tenant does.");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM certificate chain. With --tls_key_file the server speaks TLS only; unset, it "
           "speaks plaintext (fine on loopback; bearer tokens travel in clear off it).");
@@ -53,6 +56,9 @@ ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file's c
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA bundle. When set (with TLS on), every client must present a certificate this "
           "CA signed (mutual TLS).");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve Prometheus metrics on over HTTP (GET /metrics); port 0 picks a free "
+          "one (logged). Empty: no metrics endpoint.");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound port is written to this file once the server is serving.");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn or error.");
@@ -73,12 +79,14 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   config.stream_idle_timeout_ms = absl::GetFlag(FLAGS_stream_idle_timeout_ms);
   config.max_open_streams = absl::GetFlag(FLAGS_max_open_streams);
   config.max_open_streams_per_tenant = absl::GetFlag(FLAGS_max_open_streams_per_tenant);
   config.max_inflight_put_bytes = absl::GetFlag(FLAGS_max_inflight_put_bytes);
   config.max_inflight_put_bytes_per_tenant = absl::GetFlag(FLAGS_max_inflight_put_bytes_per_tenant);
   config.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  config.admin_tenant = absl::GetFlag(FLAGS_admin_tenant);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);

@@ -24,9 +24,11 @@ struct ServerConfig {
   uint64_t max_inflight_put_bytes = 0;
   uint64_t max_inflight_put_bytes_per_tenant = 0;
   std::string auth_tokens_file;  // "<token> <tenant>" lines; empty: no authentication
+  std::string admin_tenant;      // with auth: this tenant's tokens see the whole node's Stats
   std::string tls_cert_file;     // PEM chain; with tls_key_file: serve TLS only
   std::string tls_key_file;
   std::string tls_client_ca_file;  // set: clients must present a certificate this CA signed
+  std::string metrics_listen;      // host:port of the Prometheus endpoint; empty: none
   std::string port_file;           // when set, the bound port is written here once serving
   std::string log_level;
 };

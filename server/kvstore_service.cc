@@ -555,13 +555,18 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
                                                 const v1::StatsRequest*,
                                                 v1::StatsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  // Any tenant may read the node's counters; callers without credentials may not.
-  if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) {
     reactor->Finish(ToGrpc(tenant.status()));
     return reactor;
   }
+  // Without authentication there is one tenant, so it sees the node; with it, only the admin
+  // tenant does, and every other tenant sees its own sequences and calls.
+  const bool node_scope = options_.auth == nullptr ||
+                          (!options_.admin_tenant.empty() && *tenant == options_.admin_tenant);
   // Counters only: cheap enough for gRPC's thread.
-  const NodeStats stats = node_->Stats();
+  const NodeStats stats = node_scope ? node_->Stats() : node_->TenantStats(*tenant);
+  response->set_scope(node_scope ? "node" : "tenant");
   response->set_sequences(stats.sequences);
   for (const storage::TierStats& tier : stats.tiers) {
     v1::TierStats* out = response->add_tiers();
@@ -600,6 +605,54 @@ grpc::ServerUnaryReactor* KvStoreService::GetServerInfo(grpc::CallbackServerCont
     response->set_shared_memory_bytes(arena->size());
   }
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+namespace {
+
+void ToProto(const SequenceInfo& info, v1::SequenceInfo* out) {
+  out->set_sequence_id(info.sequence_id);
+  *out->mutable_profile() = info.profile;
+  *out->mutable_config() = info.config;
+  out->set_sealed(info.sealed);
+  out->set_sealed_blocks(info.sealed_blocks);
+  for (uint32_t blocks : info.blocks_per_layer) out->add_blocks_per_layer(blocks);
+  out->set_bytes(info.bytes);
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvStoreService::ListSequences(grpc::CallbackServerContext* context,
+                                                        const v1::ListSequencesRequest*,
+                                                        v1::ListSequencesResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) {
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
+  }
+  // In-memory only (no store reads): cheap enough for gRPC's thread.
+  for (const SequenceInfo& info : node_->ListSequences(*tenant)) {
+    ToProto(info, response->add_sequences());
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KvStoreService::DescribeSequence(
+    grpc::CallbackServerContext* context, const v1::DescribeSequenceRequest* request,
+    v1::DescribeSequenceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (!tenant.ok()) {
+    reactor->Finish(ToGrpc(tenant.status()));
+    return reactor;
+  }
+  pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<SequenceInfo> info = node_->DescribeSequence(tenant, request->sequence_id());
+    if (info.ok()) ToProto(*info, response->mutable_sequence());
+    reactor->Finish(ToGrpc(info.status()));
+  });
   return reactor;
 }
 

@@ -51,6 +51,8 @@ struct ServiceOptions {
   // Bearer tokens -> tenants; null: no authentication, every caller is tenant "default".
   // Not owned; must outlive the service.
   const TokenAuth* auth = nullptr;
+  // With auth: the tenant whose tokens see the whole node's Stats; empty: none does.
+  std::string admin_tenant;
 };
 
 class KvStoreService final : public v1::KvStore::CallbackService {
@@ -64,6 +66,9 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   // Where the service reports whether it can take work (NOT_SERVING while a total limit of
   // LoadLimits is reached), for the service names given. Not owned; null stops reporting.
   void SetHealthCheckService(grpc::HealthCheckServiceInterface* health);
+
+  // The core the service translates for (metrics read its counters).
+  StorageNode& node() { return *node_; }
 
   grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
                                            const v1::CreateSequenceRequest* request,
@@ -86,6 +91,12 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::ServerInfoRequest* request,
                                           v1::ServerInfoResponse* response) override;
+  grpc::ServerUnaryReactor* ListSequences(grpc::CallbackServerContext* context,
+                                          const v1::ListSequencesRequest* request,
+                                          v1::ListSequencesResponse* response) override;
+  grpc::ServerUnaryReactor* DescribeSequence(grpc::CallbackServerContext* context,
+                                             const v1::DescribeSequenceRequest* request,
+                                             v1::DescribeSequenceResponse* response) override;
 
   // A stream the watchdog may end for idleness. Defined in kvstore_service.cc.
   class Stream;

@@ -13,6 +13,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/flags.h"
 #include "server/kvstore_service.h"
+#include "server/metrics.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
@@ -83,6 +84,7 @@ int Run(int argc, char** argv) {
   }
   ServiceOptions options;
   options.auth = auth.get();
+  options.admin_tenant = config->admin_tenant;
   options.shared_memory = shared_memory.get();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.worker_threads = static_cast<size_t>(config->worker_threads);
@@ -107,12 +109,19 @@ int Run(int argc, char** argv) {
     return 2;
   }
 
+  StorageNode& node = (*service)->node();
+  Metrics metrics(
+      {[&node] { return node.Stats(); }, [&node] { return node.SequencesPerTenant(); }});
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config->listen_address, *credentials, &port);
   builder.RegisterService(service->get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(metrics.InterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -128,8 +137,8 @@ int Run(int argc, char** argv) {
   const std::string host = config->listen_address.substr(0, config->listen_address.rfind(':'));
   spdlog::info(
       "kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-      "worker threads, shared memory {}, {}; limits: {} open streams ({} per tenant), {} in-flight "
-      "put bytes ({} per tenant), stream idle timeout {} ms)",
+      "worker threads, shared memory {}, {}; limits: {} open streams ({} per tenant), {} "
+      "in-flight put bytes ({} per tenant), stream idle timeout {} ms)",
       kServiceName, host, port, config->backend, config->data_dir, config->dram_budget_bytes,
       config->worker_threads,
       shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(), " bytes")
@@ -139,6 +148,19 @@ int Run(int argc, char** argv) {
                                            : "TLS with client certificates",
       config->max_open_streams, config->max_open_streams_per_tenant, config->max_inflight_put_bytes,
       config->max_inflight_put_bytes_per_tenant, config->stream_idle_timeout_ms);
+  std::unique_ptr<MetricsHttpServer> metrics_http;
+  if (!config->metrics_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> started =
+        MetricsHttpServer::Start(config->metrics_listen, &metrics);
+    if (!started.ok()) {
+      spdlog::error("{}", std::string(started.status().message()));
+      return 2;
+    }
+    metrics_http = *std::move(started);
+    spdlog::info("metrics at http://{}:{}/metrics",
+                 config->metrics_listen.substr(0, config->metrics_listen.rfind(':')),
+                 metrics_http->port());
+  }
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";
@@ -153,6 +175,7 @@ int Run(int argc, char** argv) {
   server->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
+  metrics_http.reset();
   spdlog::info("stopped");
   return 0;
 }

@@ -222,7 +222,7 @@ absl::Status StorageNode::FlushPut(PutStream& stream) {
   if (stored.ok()) {
     stream.blocks_written_ += writes.size();
     stream.bytes_written_ += stream.bytes_;
-    blocks_put_.fetch_add(writes.size(), std::memory_order_relaxed);
+    Count(stream.tenant_, &Counters::blocks_put, writes.size());
   } else {
     stored = Prefixed(
         stored, absl::StrCat("messages ", stream.first_message_, "..", stream.last_message_, ": "));
@@ -361,7 +361,7 @@ absl::StatusOr<SealResult> StorageNode::Seal(absl::string_view tenant,
     sequence.index = *std::move(index);
     sequence.last_decode_step = 0;
   }
-  blocks_scored_.fetch_add(uint64_t{num_blocks} * num_layers, std::memory_order_relaxed);
+  Count(tenant, &Counters::blocks_scored, uint64_t{num_blocks} * num_layers);
   spdlog::info("sealed sequence {}: {} layers x {} blocks", sequence.id, num_layers, num_blocks);
   return result;
 }
@@ -532,8 +532,8 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
   scorer.join();
   locks.clear();
 
-  retrievals_.fetch_add(1, std::memory_order_relaxed);
-  blocks_scored_.fetch_add(blocks_scored, std::memory_order_relaxed);
+  Count(tenant, &Counters::retrievals, 1);
+  Count(tenant, &Counters::blocks_scored, blocks_scored);
   if (was_cancelled || cancelled()) return absl::CancelledError("cancelled");
   if (!sent.ok()) return sent;
   return scored;
@@ -553,36 +553,37 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
     for (uint32_t block : selected) {
       if (!held.contains(block)) wanted.push_back({layer, block});
     }
-    blocks_skipped_held_.fetch_add(selected.size() - wanted.size(), std::memory_order_relaxed);
+    Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_skipped_held,
+          selected.size() - wanted.size());
   }
   if (wanted.empty()) {
     if (!sink(reply)) return absl::CancelledError("client went away");
     return absl::OkStatus();
   }
   size_t sent = 0;
-  return ForEachBlockBatch(sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
-                           [&](std::vector<storage::BlockData>& batch) {
-                             sequence.mu.AssertHeld();
-                             reply.blocks.clear();
-                             reply.shared_blocks.clear();
-                             for (storage::BlockData& data : batch) {
-                               std::optional<SharedBlockRef> shared;
-                               if (part.shared_memory())
-                                 shared = ToShared(data, options_.shared_memory);
-                               if (shared) {
-                                 sequence.shared_regions.push_back(shared->offset);
-                                 reply.shared_blocks.push_back(*shared);
-                                 blocks_sent_shared_.fetch_add(1, std::memory_order_relaxed);
-                               } else {
-                                 reply.blocks.push_back(std::move(data));
-                               }
-                             }
-                             sent += batch.size();
-                             reply.more = sent < wanted.size();
-                             if (!sink(reply)) return absl::CancelledError("client went away");
-                             blocks_sent_.fetch_add(batch.size(), std::memory_order_relaxed);
-                             return absl::OkStatus();
-                           });
+  return ForEachBlockBatch(
+      sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
+      [&](std::vector<storage::BlockData>& batch) {
+        sequence.mu.AssertHeld();
+        reply.blocks.clear();
+        reply.shared_blocks.clear();
+        for (storage::BlockData& data : batch) {
+          std::optional<SharedBlockRef> shared;
+          if (part.shared_memory()) shared = ToShared(data, options_.shared_memory);
+          if (shared) {
+            sequence.shared_regions.push_back(shared->offset);
+            reply.shared_blocks.push_back(*shared);
+            Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_sent_shared, 1);
+          } else {
+            reply.blocks.push_back(std::move(data));
+          }
+        }
+        sent += batch.size();
+        reply.more = sent < wanted.size();
+        if (!sink(reply)) return absl::CancelledError("client went away");
+        Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_sent, batch.size());
+        return absl::OkStatus();
+      });
 }
 
 absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view sequence_id,
@@ -613,7 +614,7 @@ absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view 
                            [&](std::vector<storage::BlockData>& batch) {
                              const size_t count = batch.size();
                              if (!sink(batch)) return absl::CancelledError("client went away");
-                             blocks_got_.fetch_add(count, std::memory_order_relaxed);
+                             Count(tenant, &Counters::blocks_got, count);
                              return absl::OkStatus();
                            });
 }
@@ -666,21 +667,111 @@ absl::StatusOr<storage::DropResult> StorageNode::DropSequence(absl::string_view 
   return dropped;
 }
 
-NodeStats StorageNode::Stats() {
+NodeStats StorageNode::Read(const Counters& counters) {
   NodeStats stats;
+  stats.blocks_put = counters.blocks_put.load(std::memory_order_relaxed);
+  stats.blocks_got = counters.blocks_got.load(std::memory_order_relaxed);
+  stats.retrievals = counters.retrievals.load(std::memory_order_relaxed);
+  stats.blocks_scored = counters.blocks_scored.load(std::memory_order_relaxed);
+  stats.blocks_sent = counters.blocks_sent.load(std::memory_order_relaxed);
+  stats.blocks_skipped_held = counters.blocks_skipped_held.load(std::memory_order_relaxed);
+  stats.blocks_sent_shared = counters.blocks_sent_shared.load(std::memory_order_relaxed);
+  return stats;
+}
+
+void StorageNode::Count(absl::string_view tenant, std::atomic<uint64_t> Counters::*field,
+                        uint64_t n) {
+  (node_counters_.*field).fetch_add(n, std::memory_order_relaxed);
+  Counters* counters;
+  {
+    absl::MutexLock lock(&counters_mu_);
+    std::unique_ptr<Counters>& slot = tenant_counters_[tenant];
+    if (slot == nullptr) slot = std::make_unique<Counters>();
+    counters = slot.get();
+  }
+  (counters->*field).fetch_add(n, std::memory_order_relaxed);
+}
+
+NodeStats StorageNode::Stats() {
+  NodeStats stats = Read(node_counters_);
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, sequence] : sequences_) stats.sequences += sequence->live.load();
   }
   stats.tiers = store_->Stats();
-  stats.blocks_put = blocks_put_.load(std::memory_order_relaxed);
-  stats.blocks_got = blocks_got_.load(std::memory_order_relaxed);
-  stats.retrievals = retrievals_.load(std::memory_order_relaxed);
-  stats.blocks_scored = blocks_scored_.load(std::memory_order_relaxed);
-  stats.blocks_sent = blocks_sent_.load(std::memory_order_relaxed);
-  stats.blocks_skipped_held = blocks_skipped_held_.load(std::memory_order_relaxed);
-  stats.blocks_sent_shared = blocks_sent_shared_.load(std::memory_order_relaxed);
   return stats;
+}
+
+NodeStats StorageNode::TenantStats(absl::string_view tenant) {
+  NodeStats stats;
+  {
+    absl::MutexLock lock(&counters_mu_);
+    auto it = tenant_counters_.find(tenant);
+    if (it != tenant_counters_.end()) stats = Read(*it->second);
+  }
+  const std::map<std::string, uint64_t> per_tenant = SequencesPerTenant();
+  auto it = per_tenant.find(std::string(tenant));
+  stats.sequences = it == per_tenant.end() ? 0 : it->second;
+  return stats;
+}
+
+SequenceInfo StorageNode::Describe(Sequence& sequence) const {
+  SequenceInfo info;
+  info.sequence_id = sequence.id;
+  info.profile = sequence.profile;
+  info.config = sequence.config;
+  absl::MutexLock lock(&sequence.mu);
+  info.sealed = sequence.index != nullptr;
+  if (info.sealed) info.sealed_blocks = sequence.index->num_blocks(0);
+  return info;
+}
+
+std::vector<SequenceInfo> StorageNode::ListSequences(absl::string_view tenant) const {
+  std::vector<std::shared_ptr<Sequence>> mine;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, sequence] : sequences_) {
+      if (sequence->live.load() && TenantOfKey(key, sequence->id) == tenant) {
+        mine.push_back(sequence);
+      }
+    }
+  }
+  std::vector<SequenceInfo> infos;
+  infos.reserve(mine.size());
+  for (const std::shared_ptr<Sequence>& sequence : mine) infos.push_back(Describe(*sequence));
+  std::sort(infos.begin(), infos.end(), [](const SequenceInfo& a, const SequenceInfo& b) {
+    return a.sequence_id < b.sequence_id;
+  });
+  return infos;
+}
+
+absl::StatusOr<SequenceInfo> StorageNode::DescribeSequence(absl::string_view tenant,
+                                                           absl::string_view sequence_id) {
+  absl::StatusOr<std::shared_ptr<Sequence>> sequence = Find(tenant, sequence_id);
+  if (!sequence.ok()) return sequence.status();
+  SequenceInfo info = Describe(**sequence);
+  absl::StatusOr<std::vector<storage::BlockId>> stored = store_->ListBlocks((*sequence)->key);
+  if (!stored.ok()) return stored.status();
+  info.blocks_per_layer.assign(info.profile.num_layers(), 0);
+  for (const storage::BlockId& id : *stored) {
+    if (id.layer < info.blocks_per_layer.size()) ++info.blocks_per_layer[id.layer];
+  }
+  info.bytes = stored->size() * 2 * BlockKeyBytes(info.profile);
+  return info;
+}
+
+absl::string_view TenantOfKey(absl::string_view key, absl::string_view sequence_id) {
+  return key.substr(0, key.size() - sequence_id.size() - 1);
+}
+
+std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
+  std::map<std::string, uint64_t> counts;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, sequence] : sequences_) {
+    if (!sequence->live.load()) continue;
+    ++counts[std::string(TenantOfKey(key, sequence->id))];
+  }
+  return counts;
 }
 
 void StorageNode::FreeSharedRegions(Sequence& sequence) {

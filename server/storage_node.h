@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -99,6 +100,18 @@ struct NodeStats {
   uint64_t blocks_sent_shared = 0;
 };
 
+// What ListSequences and DescribeSequence report of one sequence.
+struct SequenceInfo {
+  std::string sequence_id;
+  v1::ModelProfile profile;
+  v1::KvstarConfig config;
+  bool sealed = false;         // Seal built its representations (since this process started)
+  uint32_t sealed_blocks = 0;  // blocks per layer the representations hold
+  // DescribeSequence only: blocks stored per layer, and their K+V bytes.
+  std::vector<uint32_t> blocks_per_layer;
+  uint64_t bytes = 0;
+};
+
 class StorageNode;
 
 // The blocks of one PutBlocks stream. Add checks each message before anything is stored and
@@ -172,7 +185,20 @@ class StorageNode {
   absl::StatusOr<storage::DropResult> DropSequence(absl::string_view tenant,
                                                    absl::string_view sequence_id);
 
+  // The whole node's counters and tiers (an admin's view).
   NodeStats Stats();
+  // One tenant's view: its sequences and the counters of its own calls; no tiers, which hold
+  // every tenant's blocks.
+  NodeStats TenantStats(absl::string_view tenant);
+  // Live sequences per tenant (tenants with none are absent).
+  std::map<std::string, uint64_t> SequencesPerTenant() const;
+
+  // The tenant's live sequences, sorted by id (no per-layer block counts: no store reads).
+  std::vector<SequenceInfo> ListSequences(absl::string_view tenant) const;
+  // One sequence with its stored blocks per layer (one ListBlocks of the store). NOT_FOUND for
+  // an id the tenant does not hold.
+  absl::StatusOr<SequenceInfo> DescribeSequence(absl::string_view tenant,
+                                                absl::string_view sequence_id);
 
   SharedMemoryArena* shared_memory() const { return options_.shared_memory; }
 
@@ -251,14 +277,31 @@ class StorageNode {
   // Sequence key (tenant-scoped id) -> sequence, including ones being created or dropped.
   absl::flat_hash_map<std::string, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
 
-  std::atomic<uint64_t> blocks_put_{0};
-  std::atomic<uint64_t> blocks_got_{0};
-  std::atomic<uint64_t> retrievals_{0};
-  std::atomic<uint64_t> blocks_scored_{0};
-  std::atomic<uint64_t> blocks_sent_{0};
-  std::atomic<uint64_t> blocks_skipped_held_{0};
-  std::atomic<uint64_t> blocks_sent_shared_{0};
+  // The counters of Stats, kept for the node and for each tenant.
+  struct Counters {
+    std::atomic<uint64_t> blocks_put{0};
+    std::atomic<uint64_t> blocks_got{0};
+    std::atomic<uint64_t> retrievals{0};
+    std::atomic<uint64_t> blocks_scored{0};
+    std::atomic<uint64_t> blocks_sent{0};
+    std::atomic<uint64_t> blocks_skipped_held{0};
+    std::atomic<uint64_t> blocks_sent_shared{0};
+  };
+  // Adds `n` to the node's and the tenant's `field`.
+  void Count(absl::string_view tenant, std::atomic<uint64_t> Counters::*field, uint64_t n)
+      ABSL_LOCKS_EXCLUDED(counters_mu_);
+  static NodeStats Read(const Counters& counters);
+  SequenceInfo Describe(Sequence& sequence) const;
+
+  Counters node_counters_;
+  mutable absl::Mutex counters_mu_;
+  // Tenant -> its counters; entries are never removed, so references stay valid.
+  absl::flat_hash_map<std::string, std::unique_ptr<Counters>> tenant_counters_
+      ABSL_GUARDED_BY(counters_mu_);
 };
+
+// The tenant part of a sequence key "<tenant>/<sequence_id>".
+absl::string_view TenantOfKey(absl::string_view key, absl::string_view sequence_id);
 
 // Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
 std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id);

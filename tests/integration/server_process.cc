@@ -1,5 +1,6 @@
 #include "tests/integration/server_process.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -66,7 +67,16 @@ absl::Status ServerProcess::Start() {
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
-  if (int err = posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ); err != 0) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (!log_path_.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 1, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  }
+  const int err = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (err != 0) {
     pid_ = -1;
     return absl::InternalError(absl::StrCat("posix_spawn ", argv[0], ": ", strerror(err)));
   }

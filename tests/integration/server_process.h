@@ -19,6 +19,8 @@ class ServerProcess {
  public:
   // `flags` are passed to kvstar_server after --listen=127.0.0.1:0 and --port_file.
   explicit ServerProcess(std::vector<std::string> flags);
+  // The server's stdout and stderr (its log) go to `path`, appended, instead of the test's.
+  void LogTo(std::string path) { log_path_ = std::move(path); }
   ~ServerProcess();  // kills the server if it still runs
 
   // Starts the server and waits (up to 60 s) until it serves. The port changes on each start.
@@ -37,6 +39,7 @@ class ServerProcess {
 
  private:
   std::vector<std::string> flags_;
+  std::string log_path_;
   std::string port_file_;
   pid_t pid_ = -1;
   int port_ = 0;

@@ -4,6 +4,7 @@
 #include "server/storage_node.h"
 
 #include <atomic>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -376,6 +377,69 @@ TEST(StorageNodeReopenTest, SequencesSurviveANewNodeOverTheSameStore) {
   auto again = (*node)->CreateSequence("t", "kept", SmallProfile(), v1::KvstarConfig());
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->created);
+}
+
+TEST_F(StorageNodeTest, EachTenantCountsOnlyItsOwnSequencesAndCalls) {
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("alpha", "a1", 1));
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("alpha", "a2", 2));
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("beta", "b1", 3));
+  ASSERT_TRUE(node_->Seal("beta", SealRequest("b1")).ok());
+  size_t replies = 0;
+  ASSERT_TRUE(node_
+                  ->GetBlocks("beta", "b1", {},
+                              [&](std::vector<storage::BlockData>& batch) {
+                                replies += batch.size();
+                                return true;
+                              })
+                  .ok());
+  const NodeStats alpha = node_->TenantStats("alpha");
+  EXPECT_EQ(alpha.sequences, 2u);
+  EXPECT_EQ(alpha.blocks_put, 2u * kLayers * kBlocks);
+  EXPECT_EQ(alpha.blocks_got, 0u);
+  EXPECT_EQ(alpha.blocks_scored, 0u);
+  EXPECT_TRUE(alpha.tiers.empty());
+  const NodeStats beta = node_->TenantStats("beta");
+  EXPECT_EQ(beta.sequences, 1u);
+  EXPECT_EQ(beta.blocks_put, kLayers * kBlocks);
+  EXPECT_EQ(beta.blocks_got, replies);
+  EXPECT_EQ(beta.blocks_scored, kLayers * kBlocks);
+  const NodeStats nobody = node_->TenantStats("gamma");
+  EXPECT_EQ(nobody.sequences, 0u);
+  EXPECT_EQ(nobody.blocks_put, 0u);
+  const NodeStats node = node_->Stats();
+  EXPECT_EQ(node.sequences, 3u);
+  EXPECT_EQ(node.blocks_put, 3u * kLayers * kBlocks);
+  EXPECT_FALSE(node.tiers.empty());
+  EXPECT_EQ(node_->SequencesPerTenant(),
+            (std::map<std::string, uint64_t>{{"alpha", 2}, {"beta", 1}}));
+}
+
+TEST_F(StorageNodeTest, ListAndDescribeShowOnlyTheTenantsSequences) {
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("alpha", "z-last", 1));
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("alpha", "a-first", 2));
+  ASSERT_NO_FATAL_FAILURE(CreateAndPut("beta", "secret", 3));
+  ASSERT_TRUE(node_->Seal("alpha", SealRequest("a-first")).ok());
+  const std::vector<SequenceInfo> listed = node_->ListSequences("alpha");
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_EQ(listed[0].sequence_id, "a-first");
+  EXPECT_TRUE(listed[0].sealed);
+  EXPECT_EQ(listed[0].sealed_blocks, kBlocks);
+  EXPECT_EQ(listed[1].sequence_id, "z-last");
+  EXPECT_FALSE(listed[1].sealed);
+  EXPECT_EQ(listed[1].profile.num_layers(), kLayers);
+  EXPECT_TRUE(listed[1].blocks_per_layer.empty());  // no store reads for a list
+  absl::StatusOr<SequenceInfo> described = node_->DescribeSequence("alpha", "z-last");
+  ASSERT_TRUE(described.ok()) << described.status();
+  EXPECT_EQ(described->blocks_per_layer, std::vector<uint32_t>(kLayers, kBlocks));
+  EXPECT_EQ(described->bytes, uint64_t{kLayers} * kBlocks * 2 * KeyBytes());
+  EXPECT_GT(described->config.retrieval_stride(), 0u);
+  // Another tenant's id is NOT_FOUND, exactly like one that never existed.
+  absl::StatusOr<SequenceInfo> other = node_->DescribeSequence("alpha", "secret");
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(other.status().message(), "sequence_id secret is not stored");
+  ASSERT_TRUE(node_->DropSequence("alpha", "z-last").ok());
+  EXPECT_EQ(node_->ListSequences("alpha").size(), 1u);
+  EXPECT_EQ(node_->ListSequences("beta").size(), 1u);
 }
 
 }  // namespace

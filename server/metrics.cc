@@ -1,0 +1,360 @@
+#include "server/metrics.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
+#include "grpcpp/server_context.h"
+#include "grpcpp/support/interceptor.h"
+#include "spdlog/spdlog.h"
+
+namespace kvstar::server {
+namespace {
+
+// "/kvstar.v1.KvStore/Retrieve" -> "Retrieve"; other services keep their full name.
+std::string ShortMethod(const char* method) {
+  std::string name = method != nullptr ? method : "";
+  constexpr char kPrefix[] = "/kvstar.v1.KvStore/";
+  if (name.rfind(kPrefix, 0) == 0) return name.substr(sizeof(kPrefix) - 1);
+  return name;
+}
+
+const char* CodeName(int code) {
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  return code >= 0 && code < 17 ? kNames[code] : "UNKNOWN";
+}
+
+// Records one RPC: started when gRPC creates it, finished when its status is sent (or, for an
+// RPC that ends without sending one, when gRPC destroys it: counted as CANCELLED). It also tags
+// the RPC with a request id, sent to the client as "kvstar-request-id" initial metadata, and
+// writes the RPC's log line when it ends.
+class RpcInterceptor : public grpc::experimental::Interceptor {
+ public:
+  RpcInterceptor(Metrics* metrics, std::string method, bool kvstar_method, uint64_t request_id,
+                 std::string peer)
+      : metrics_(metrics),
+        method_(std::move(method)),
+        kvstar_method_(kvstar_method),
+        request_id_(request_id),
+        peer_(std::move(peer)),
+        start_(std::chrono::steady_clock::now()) {
+    metrics_->RpcStarted(method_);
+  }
+  ~RpcInterceptor() override {
+    if (!finished_) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "ended without a status"));
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    using grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->emplace("kvstar-request-id", absl::StrCat(request_id_));
+    }
+    // Only kvstar's own methods carry protobuf messages here; the health service's are raw
+    // byte buffers.
+    if (kvstar_method_ && sequence_id_.empty() &&
+        methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE)) {
+      // Every kvstar request but Retrieve's batch names one sequence; the log line names it.
+      const auto* message =
+          static_cast<const google::protobuf::Message*>(methods->GetRecvMessage());
+      if (message != nullptr) {
+        const google::protobuf::FieldDescriptor* field =
+            message->GetDescriptor()->FindFieldByName("sequence_id");
+        if (field != nullptr && field->type() == google::protobuf::FieldDescriptor::TYPE_STRING &&
+            !field->is_repeated()) {
+          sequence_id_ = message->GetReflection()->GetString(*message, field);
+        }
+      }
+    }
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
+      Finish(methods->GetSendStatus());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  void Finish(const grpc::Status& status) {
+    finished_ = true;
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
+    metrics_->RpcFinished(method_, status.error_code(), elapsed.count());
+    // Successful calls log at debug (a decoding engine makes many); failures at info, and
+    // server-side faults at warn.
+    const grpc::StatusCode code = status.error_code();
+    const spdlog::level::level_enum level =
+        code == grpc::StatusCode::OK ? spdlog::level::debug
+        : (code == grpc::StatusCode::INTERNAL || code == grpc::StatusCode::DATA_LOSS ||
+           code == grpc::StatusCode::UNKNOWN)
+            ? spdlog::level::warn
+            : spdlog::level::info;
+    if (!spdlog::should_log(level)) return;
+    std::string line = absl::StrCat(
+        "event=rpc request_id=", request_id_, " method=", method_, " code=", CodeName(code),
+        absl::StrFormat(" duration_ms=%.3f", elapsed.count() * 1e3), " peer=", LogValue(peer_));
+    if (!sequence_id_.empty()) absl::StrAppend(&line, " sequence_id=", LogValue(sequence_id_));
+    if (code != grpc::StatusCode::OK) {
+      absl::StrAppend(&line, " message=", LogValue(status.error_message()));
+    }
+    spdlog::log(level, "{}", line);
+  }
+
+  Metrics* const metrics_;
+  const std::string method_;
+  const bool kvstar_method_;
+  const uint64_t request_id_;
+  const std::string peer_;
+  const std::chrono::steady_clock::time_point start_;
+  std::string sequence_id_;
+  bool finished_ = false;
+};
+
+class RpcInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit RpcInterceptorFactory(Metrics* metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    const std::string peer =
+        info->server_context() != nullptr ? info->server_context()->peer() : "";
+    const std::string method = ShortMethod(info->method());
+    const bool kvstar_method = method.find('/') == std::string::npos;
+    return new RpcInterceptor(metrics_, method, kvstar_method,
+                              next_request_id_.fetch_add(1, std::memory_order_relaxed), peer);
+  }
+
+ private:
+  Metrics* const metrics_;
+  std::atomic<uint64_t> next_request_id_{1};
+};
+
+// Appends a "# HELP" and "# TYPE" header.
+void Header(std::string* out, const std::string& name, const std::string& type,
+            const std::string& help) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+}
+
+void Sample(std::string* out, const std::string& name, const std::string& labels, double value) {
+  absl::StrAppend(out, name, labels.empty() ? "" : "{", labels, labels.empty() ? "" : "}", " ",
+                  absl::StrFormat("%.12g", value), "\n");
+}
+
+}  // namespace
+
+std::string LogValue(absl::string_view value) {
+  bool plain = !value.empty();
+  for (unsigned char c : value) {
+    if (c <= ' ' || c == '"' || c == '\\' || c == '=' || c >= 0x7f) plain = false;
+  }
+  if (plain) return std::string(value);
+  std::string quoted = "\"";
+  for (unsigned char c : value) {
+    if (c == '"' || c == '\\') {
+      quoted += '\\';
+      quoted += static_cast<char>(c);
+    } else if (c < ' ' || c >= 0x7f) {
+      quoted += absl::StrFormat("\\x%02x", c);
+    } else {
+      quoted += static_cast<char>(c);
+    }
+  }
+  return quoted + "\"";
+}
+
+std::string EscapeLabelValue(const std::string& value) {
+  std::string escaped;
+  for (char c : value) {
+    if (c == '\\') {
+      escaped += "\\\\";
+    } else if (c == '"') {
+      escaped += "\\\"";
+    } else if (c == '\n') {
+      escaped += "\\n";
+    } else {
+      escaped += c;
+    }
+  }
+  return escaped;
+}
+
+void Metrics::RpcStarted(const std::string& method) {
+  absl::MutexLock lock(&mu_);
+  ++rpcs_[method].in_flight;
+}
+
+void Metrics::RpcFinished(const std::string& method, int code, double seconds) {
+  absl::MutexLock lock(&mu_);
+  RpcSeries& series = rpcs_[method];
+  --series.in_flight;
+  ++series.requests_by_code[code];
+  size_t bucket = 0;
+  while (bucket < kLatencyBucketsSeconds.size() && seconds > kLatencyBucketsSeconds[bucket]) {
+    ++bucket;
+  }
+  ++series.buckets[bucket];
+  series.latency_sum_seconds += seconds;
+}
+
+std::string Metrics::Render() const {
+  std::string out;
+  {
+    absl::MutexLock lock(&mu_);
+    Header(&out, "kvstar_rpc_requests_total", "counter", "RPCs finished, by method and code.");
+    for (const auto& [method, series] : rpcs_) {
+      for (const auto& [code, count] : series.requests_by_code) {
+        Sample(
+            &out, "kvstar_rpc_requests_total",
+            absl::StrCat("method=\"", EscapeLabelValue(method), "\",code=\"", CodeName(code), "\""),
+            static_cast<double>(count));
+      }
+    }
+    Header(&out, "kvstar_rpc_latency_seconds", "histogram",
+           "Time from an RPC's start to its status, by method.");
+    for (const auto& [method, series] : rpcs_) {
+      const std::string label = absl::StrCat("method=\"", EscapeLabelValue(method), "\"");
+      uint64_t cumulative = 0;
+      for (size_t i = 0; i <= kLatencyBucketsSeconds.size(); ++i) {
+        cumulative += series.buckets[i];
+        const std::string le = i < kLatencyBucketsSeconds.size()
+                                   ? absl::StrFormat("%g", kLatencyBucketsSeconds[i])
+                                   : std::string("+Inf");
+        Sample(&out, "kvstar_rpc_latency_seconds_bucket", absl::StrCat(label, ",le=\"", le, "\""),
+               static_cast<double>(cumulative));
+      }
+      Sample(&out, "kvstar_rpc_latency_seconds_sum", label, series.latency_sum_seconds);
+      Sample(&out, "kvstar_rpc_latency_seconds_count", label, static_cast<double>(cumulative));
+    }
+    Header(&out, "kvstar_rpc_in_flight", "gauge",
+           "RPCs started and not finished (open streams included), by method.");
+    for (const auto& [method, series] : rpcs_) {
+      Sample(&out, "kvstar_rpc_in_flight",
+             absl::StrCat("method=\"", EscapeLabelValue(method), "\""),
+             static_cast<double>(series.in_flight));
+    }
+  }
+  if (sources_.node_stats) {
+    const NodeStats stats = sources_.node_stats();
+    const std::pair<const char*, uint64_t> counters[] = {
+        {"kvstar_blocks_put_total", stats.blocks_put},
+        {"kvstar_blocks_got_total", stats.blocks_got},
+        {"kvstar_retrievals_total", stats.retrievals},
+        {"kvstar_blocks_scored_total", stats.blocks_scored},
+        {"kvstar_blocks_sent_total", stats.blocks_sent},
+        {"kvstar_blocks_skipped_held_total", stats.blocks_skipped_held},
+        {"kvstar_blocks_sent_shared_total", stats.blocks_sent_shared},
+    };
+    for (const auto& [name, value] : counters) {
+      Header(&out, name, "counter", "The node's Stats counter of the same name.");
+      Sample(&out, name, "", static_cast<double>(value));
+    }
+    Header(&out, "kvstar_tier_blocks", "gauge", "Blocks held now, per storage tier.");
+    for (const storage::TierStats& tier : stats.tiers) {
+      Sample(&out, "kvstar_tier_blocks", absl::StrCat("tier=\"", tier.name, "\""),
+             static_cast<double>(tier.blocks));
+    }
+    Header(&out, "kvstar_tier_bytes", "gauge", "K+V bytes held now, per storage tier.");
+    for (const storage::TierStats& tier : stats.tiers) {
+      Sample(&out, "kvstar_tier_bytes", absl::StrCat("tier=\"", tier.name, "\""),
+             static_cast<double>(tier.bytes));
+    }
+    Header(&out, "kvstar_tier_reads_total", "counter",
+           "Block reads per tier: result=hit served them, result=miss passed them on.");
+    for (const storage::TierStats& tier : stats.tiers) {
+      const std::string label = absl::StrCat("tier=\"", tier.name, "\",result=");
+      Sample(&out, "kvstar_tier_reads_total", label + "\"hit\"", static_cast<double>(tier.hits));
+      Sample(&out, "kvstar_tier_reads_total", label + "\"miss\"", static_cast<double>(tier.misses));
+    }
+    Header(&out, "kvstar_tier_hit_ratio", "gauge",
+           "hits / (hits + misses) of each tier since start (0 before any read).");
+    for (const storage::TierStats& tier : stats.tiers) {
+      const uint64_t reads = tier.hits + tier.misses;
+      Sample(&out, "kvstar_tier_hit_ratio", absl::StrCat("tier=\"", tier.name, "\""),
+             reads == 0 ? 0.0 : static_cast<double>(tier.hits) / static_cast<double>(reads));
+    }
+    Header(&out, "kvstar_sequences", "gauge", "Sequences stored on the node.");
+    Sample(&out, "kvstar_sequences", "", static_cast<double>(stats.sequences));
+  }
+  if (sources_.sequences_per_tenant) {
+    Header(&out, "kvstar_tenant_sequences", "gauge", "Sequences stored, per tenant.");
+    for (const auto& [tenant, count] : sources_.sequences_per_tenant()) {
+      Sample(&out, "kvstar_tenant_sequences",
+             absl::StrCat("tenant=\"", EscapeLabelValue(tenant), "\""), static_cast<double>(count));
+    }
+  }
+  return out;
+}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+Metrics::InterceptorFactory() {
+  return std::make_unique<RpcInterceptorFactory>(this);
+}
+
+struct MetricsHttpServer::Impl {
+  httplib::Server http;
+  std::thread thread;
+};
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
+    const std::string& address, const Metrics* metrics) {
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
+      port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics_listen is \"", address, "\", must be host:port"));
+  }
+  const std::string host = address.substr(0, colon);
+  std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
+  server->impl_ = std::make_unique<Impl>();
+  server->impl_->http.Get("/metrics", [metrics](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics->Render(), "text/plain; version=0.0.4");
+  });
+  if (port == 0) {
+    port = server->impl_->http.bind_to_any_port(host);
+  } else if (!server->impl_->http.bind_to_port(host, port)) {
+    port = -1;
+  }
+  if (port <= 0) {
+    return absl::UnavailableError(absl::StrCat("--metrics_listen ", address, ": cannot bind"));
+  }
+  server->port_ = port;
+  Impl* impl = server->impl_.get();
+  impl->thread = std::thread([impl] { impl->http.listen_after_bind(); });
+  // stop() is a no-op on a server not yet listening: wait for it, so the destructor can stop it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!impl->http.is_running() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  if (!impl->http.is_running()) {
+    return absl::UnavailableError(absl::StrCat("--metrics_listen ", address, ": not listening"));
+  }
+  return server;
+}
+
+MetricsHttpServer::~MetricsHttpServer() {
+  if (impl_ == nullptr) return;
+  impl_->http.stop();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+}  // namespace kvstar::server
