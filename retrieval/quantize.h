@@ -1,0 +1,37 @@
+// Symmetric 8-bit quantization shared by the index, the scorer and the scalar reference, so the
+// three agree on every code and scale.
+#ifndef KVSTAR_RETRIEVAL_QUANTIZE_H_
+#define KVSTAR_RETRIEVAL_QUANTIZE_H_
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace kvstar::retrieval {
+
+// Codes of `values` as round(value / scale) in [-127, 127] with scale = max |value| / 127, so
+// value ~= code * scale within scale / 2. Returns the scale (0 when every value is 0; the codes
+// are then 0).
+inline float QuantizeSymmetricInt8(const float* values, size_t count, int8_t* codes) {
+  float max_abs = 0.0f;
+  for (size_t i = 0; i < count; ++i) max_abs = std::fmax(max_abs, std::fabs(values[i]));
+  if (!(max_abs > 0.0f)) {
+    for (size_t i = 0; i < count; ++i) codes[i] = 0;
+    return 0.0f;
+  }
+  const float scale = max_abs / 127.0f;
+  const float inverse = 127.0f / max_abs;
+  for (size_t i = 0; i < count; ++i) {
+    const float code = std::nearbyint(values[i] * inverse);
+    codes[i] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, code)));
+  }
+  return scale;
+}
+
+// Stored int8 codes are offset by 128 (so they read as unsigned bytes: the VNNI dot product takes
+// one unsigned operand); the zero of an unused slot is stored as this.
+inline constexpr uint8_t kInt8CodeOffset = 128;
+
+}  // namespace kvstar::retrieval
+
+#endif  // KVSTAR_RETRIEVAL_QUANTIZE_H_
