@@ -28,6 +28,31 @@ inline float QuantizeSymmetricInt8(const float* values, size_t count, int8_t* co
   return scale;
 }
 
+// Queries need finer steps than keys (a single int8 code per channel moved block ranks on real
+// traces): a row is quantized as two int8 codes per value, value ~= (high + low / kLowCodeSteps)
+// * scale within scale / (2 * kLowCodeSteps), high as QuantizeSymmetricInt8 and low the rounded
+// remainder. Returns the scale.
+inline constexpr float kLowCodeSteps = 254.0f;
+
+inline float QuantizeQueryInt8(const float* values, size_t count, int8_t* high, int8_t* low) {
+  const float scale = QuantizeSymmetricInt8(values, count, high);
+  for (size_t i = 0; i < count; ++i) {
+    if (scale == 0.0f) {
+      low[i] = 0;
+      continue;
+    }
+    const float remainder = values[i] / scale - static_cast<float>(high[i]);
+    const float code = std::nearbyint(remainder * kLowCodeSteps);
+    low[i] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, code)));
+  }
+  return scale;
+}
+
+// The value QuantizeQueryInt8 codes stand for, in units of the scale.
+inline double QueryCodeValue(int8_t high, int8_t low) {
+  return static_cast<double>(high) + static_cast<double>(low) / kLowCodeSteps;
+}
+
 // Stored int8 codes are offset by 128 (so they read as unsigned bytes: the VNNI dot product takes
 // one unsigned operand); the zero of an unused slot is stored as this.
 inline constexpr uint8_t kInt8CodeOffset = 128;

@@ -99,9 +99,9 @@ std::vector<float> ReferenceScores(const ModelShape& shape, const Knobs& knobs,
           query[j] = values[j];
         }
         if (knobs.representation_format == RepresentationFormat::kInt8) {
-          std::vector<int8_t> codes(kept);
-          const float scale = QuantizeSymmetricInt8(values.data(), kept, codes.data());
-          for (uint32_t j = 0; j < kept; ++j) query[j] = static_cast<double>(codes[j]) * scale;
+          std::vector<int8_t> high(kept), low(kept);
+          const float scale = QuantizeQueryInt8(values.data(), kept, high.data(), low.data());
+          for (uint32_t j = 0; j < kept; ++j) query[j] = QueryCodeValue(high[j], low[j]) * scale;
         }
         for (size_t col = 0; col < columns; ++col) {
           double dot = 0.0;

@@ -24,7 +24,7 @@ std::vector<float> ReferenceRepresentation(const ModelShape& shape, const Knobs&
 
 // Block scores of one layer: materialised S = Q R^T / sqrt(head_dim) per KV head, softmax per
 // row in double, summed over each block's vectors, rows and heads. With representation_format
-// kInt8 each query row (on the kept channels) is quantized by QuantizeSymmetricInt8 first.
+// kInt8 each query row (on the kept channels) is quantized by QuantizeQueryInt8 first.
 std::vector<float> ReferenceScores(const ModelShape& shape, const Knobs& knobs,
                                    absl::Span<const float> representation,
                                    absl::Span<const uint32_t> kept_channels, uint32_t num_blocks,

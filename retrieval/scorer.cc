@@ -556,7 +556,7 @@ void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_h
   const GatheredLayout layout(NumQueryRows(index, num_queries), kept);
   const absl::Span<const uint32_t> channels = index.kept_channels(layer, kv_head);
   std::vector<float> values(kept);
-  std::vector<int8_t> codes(layout.quads * 4, 0);
+  std::vector<int8_t> codes(layout.quads * 4, 0), low_codes(layout.quads * 4, 0);
   for (uint32_t token = 0; token < num_queries; ++token) {
     for (uint32_t g = 0; g < group; ++g) {
       const size_t q_head = size_t{kv_head} * group + g;
@@ -578,24 +578,31 @@ void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_h
         StoreBits(low, &gathered[layout.low + r * layout.pairs + pair]);
       }
       // int8 codes (int8 representations score the quantized row on every path).
-      const float code_scale = QuantizeSymmetricInt8(values.data(), kept, codes.data());
-      int32_t code_sum = 0;
+      const float code_scale =
+          QuantizeQueryInt8(values.data(), kept, codes.data(), low_codes.data());
+      int32_t code_sum = 0, low_code_sum = 0;
       for (uint32_t quad = 0; quad < layout.quads; ++quad) {
-        uint32_t word = 0;
+        uint32_t word = 0, low_word = 0;
         for (uint32_t k = 0; k < 4; ++k) {
           word |= uint32_t{static_cast<uint8_t>(codes[4 * quad + k])} << (8 * k);
+          low_word |= uint32_t{static_cast<uint8_t>(low_codes[4 * quad + k])} << (8 * k);
           code_sum += codes[4 * quad + k];
+          low_code_sum += low_codes[4 * quad + k];
         }
         StoreBits(word, &gathered[layout.quad_codes + r * layout.quads + quad]);
+        StoreBits(low_word, &gathered[layout.low_quad_codes + r * layout.quads + quad]);
       }
       gathered[layout.factor + r] = code_scale * scale;
       StoreBits(static_cast<uint32_t>(-int32_t{kInt8CodeOffset} * code_sum),
                 &gathered[layout.offset + r]);
+      StoreBits(static_cast<uint32_t>(-int32_t{kInt8CodeOffset} * low_code_sum),
+                &gathered[layout.low_offset + r]);
       // fp32 rows for the Highway kernel and the bound, scaled for exp2.
       float* row = &gathered[r * kept];
       double squares = 0.0;
       for (uint32_t j = 0; j < kept; ++j) {
-        row[j] = int8 ? static_cast<float>(codes[j]) * gathered[layout.factor + r]
+        row[j] = int8 ? static_cast<float>(QueryCodeValue(codes[j], low_codes[j]) *
+                                           gathered[layout.factor + r])
                       : scale * values[j];
         squares += double{row[j]} * row[j];
       }

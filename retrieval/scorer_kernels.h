@@ -44,9 +44,11 @@ struct PartialsLayout {
 //   norms     [R]       their L2 norms
 //   high      [R][P]    bf16 pairs of the unscaled row, rounded to nearest (even channel low)
 //   low       [R][P]    bf16 pairs of what `high` misses (zero for bf16 queries)
-//   quads     [R][Q]    int8 codes of the unscaled row, 4 channels per word
+//   quads     [R][Q]    QuantizeQueryInt8 high codes of the unscaled row, 4 channels per word
+//   low_quads [R][Q]    its low codes
 //   factor    [R]       the codes' scale times log2(e) / sqrt(head_dim)
-//   offset    [R]       -kInt8CodeOffset * (sum of the row's codes), as int32
+//   offset    [R]       -kInt8CodeOffset * (sum of the row's high codes), as int32
+//   low_offset [R]      the same for the low codes
 struct GatheredLayout {
   GatheredLayout(size_t rows, size_t kept)
       : rows(rows),
@@ -57,11 +59,13 @@ struct GatheredLayout {
         high(norms + rows),
         low(high + rows * pairs),
         quad_codes(low + rows * pairs),
-        factor(quad_codes + rows * quads),
+        low_quad_codes(quad_codes + rows * quads),
+        factor(low_quad_codes + rows * quads),
         offset(factor + rows),
-        floats(offset + rows) {}
+        low_offset(offset + rows),
+        floats(low_offset + rows) {}
   size_t rows, kept, pairs, quads;
-  size_t norms, high, low, quad_codes, factor, offset, floats;
+  size_t norms, high, low, quad_codes, low_quad_codes, factor, offset, low_offset, floats;
 };
 
 // Everything one chunk kernel needs; pointers into the index, the gathered queries and the

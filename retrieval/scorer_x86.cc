@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "retrieval/quantize.h"
 #include "retrieval/scorer_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -76,7 +77,6 @@ bool CpuHasAmx() {
 namespace {
 
 constexpr size_t kLanes = SequenceIndex::kBlocksPerGroup;  // 16 fp32 lanes: one group
-constexpr size_t kMaxRows = 6;                              // 24 accumulators of 32 registers
 constexpr size_t kMaxVectors = 4;
 constexpr size_t kPrefetchTiles = 2;
 
@@ -175,6 +175,7 @@ KVSTAR_AVX512_INLINE void Accumulate(__m512 (&acc)[kVectors][kRows], size_t row0
 // for bf16 queries; with kSplit a second pass over the low parts makes fp16/fp32 queries exact
 // to 16 bits), the scale is applied once per score.
 struct Bf16DotKernel {
+  static constexpr size_t kMaxRows = 6;  // 24 accumulators of 32 registers
   const ChunkArgs& args;
   size_t pairs;
   const float* high;  // bit patterns, see GatheredLayout
@@ -237,11 +238,15 @@ struct Bf16DotKernel {
 // integer dot (minus the offset's share, folded into the start value) is scaled by the vector's
 // scale times the row's.
 struct Int8VnniKernel {
+  // Two int8 dots (high and low query codes) per score: 2 x 12 accumulators.
+  static constexpr size_t kMaxRows = 3;
   const ChunkArgs& args;
   size_t quads;
   const float* query_quads;  // bit patterns, see GatheredLayout
+  const float* low_query_quads;
   const float* factor;
   const float* offset;  // bit patterns of int32
+  const float* low_offset;
 
   const uint32_t* Words(size_t group, size_t vector) const {
     return reinterpret_cast<const uint32_t*>(args.codes) +
@@ -253,10 +258,14 @@ struct Int8VnniKernel {
   KVSTAR_AVX512_INLINE void Run(size_t row0, const RowState& state, const Tile& tile) const {
     const uint32_t* words = Words(tile.group, tile.first_vector);
     const size_t vector_words = quads * kLanes;
-    __m512i dot[kVectors][kRows];
+    __m512i dot[kVectors][kRows], low_dot[kVectors][kRows];
     for (size_t r = 0; r < kRows; ++r) {
       const __m512i start = _mm512_set1_epi32(Bits(offset + row0 + r));
-      for (size_t v = 0; v < kVectors; ++v) dot[v][r] = start;
+      const __m512i low_start = _mm512_set1_epi32(Bits(low_offset + row0 + r));
+      for (size_t v = 0; v < kVectors; ++v) {
+        dot[v][r] = start;
+        low_dot[v][r] = low_start;
+      }
     }
     for (size_t p = 0; p < quads; ++p) {
       __m512i w[kVectors];
@@ -265,9 +274,14 @@ struct Int8VnniKernel {
       }
       for (size_t r = 0; r < kRows; ++r) {
         const __m512i q = _mm512_set1_epi32(Bits(query_quads + (row0 + r) * quads + p));
-        for (size_t v = 0; v < kVectors; ++v) dot[v][r] = _mm512_dpbusd_epi32(dot[v][r], w[v], q);
+        const __m512i low_q = _mm512_set1_epi32(Bits(low_query_quads + (row0 + r) * quads + p));
+        for (size_t v = 0; v < kVectors; ++v) {
+          dot[v][r] = _mm512_dpbusd_epi32(dot[v][r], w[v], q);
+          low_dot[v][r] = _mm512_dpbusd_epi32(low_dot[v][r], w[v], low_q);
+        }
       }
     }
+    const __m512 low_step = _mm512_set1_ps(1.0f / kLowCodeSteps);
     const float* scales =
         args.code_scales + (tile.group * args.vectors + tile.first_vector) * kLanes;
     __m512 acc[kVectors][kRows];
@@ -276,7 +290,9 @@ struct Int8VnniKernel {
       const __m512 start = _mm512_set1_ps(-state.reference[row0 + r]);
       for (size_t v = 0; v < kVectors; ++v) {
         const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(scales + v * kLanes), row_factor);
-        acc[v][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[v][r]), scale, start);
+        const __m512 codes = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_dot[v][r]), low_step,
+                                             _mm512_cvtepi32_ps(dot[v][r]));
+        acc[v][r] = _mm512_fmadd_ps(codes, scale, start);
       }
     }
     Accumulate<kVectors, kRows>(acc, row0, state, tile);
@@ -288,6 +304,7 @@ struct Int8VnniKernel {
 template <size_t kVectors, class Kernel>
 KVSTAR_AVX512_INLINE void ScoreRows(const Kernel& kernel, size_t num_rows, const RowState& state,
                                     const Tile& tile, const char* next, size_t next_bytes) {
+  constexpr size_t kMaxRows = Kernel::kMaxRows;
   const size_t groups = (num_rows + kMaxRows - 1) / kMaxRows;
   const size_t base = num_rows / groups, extra = num_rows % groups;
   const size_t share = (next_bytes / groups + 63) / 64 * 64 + 64;
@@ -308,13 +325,15 @@ KVSTAR_AVX512_INLINE void ScoreRows(const Kernel& kernel, size_t num_rows, const
         kernel.template Run<kVectors, 3>(row, state, tile);
         break;
       case 4:
-        kernel.template Run<kVectors, 4>(row, state, tile);
+        if constexpr (kMaxRows >= 4) kernel.template Run<kVectors, 4>(row, state, tile);
         break;
       case 5:
-        kernel.template Run<kVectors, 5>(row, state, tile);
+        if constexpr (kMaxRows >= 5) kernel.template Run<kVectors, 5>(row, state, tile);
+        break;
+      case 6:
+        if constexpr (kMaxRows >= 6) kernel.template Run<kVectors, 6>(row, state, tile);
         break;
       default:
-        kernel.template Run<kVectors, 6>(row, state, tile);
         break;
     }
     row += rows;
@@ -424,8 +443,13 @@ KVSTAR_AVX512 void ScoreChunkBf16Dot(const ChunkArgs& args) {
 
 KVSTAR_AVX512 void ScoreChunkInt8Vnni(const ChunkArgs& args) {
   const GatheredLayout gathered(args.num_rows, args.kept);
-  const Int8VnniKernel kernel{args, gathered.quads, args.gathered + gathered.quad_codes,
-                              args.gathered + gathered.factor, args.gathered + gathered.offset};
+  const Int8VnniKernel kernel{args,
+                              gathered.quads,
+                              args.gathered + gathered.quad_codes,
+                              args.gathered + gathered.low_quad_codes,
+                              args.gathered + gathered.factor,
+                              args.gathered + gathered.offset,
+                              args.gathered + gathered.low_offset};
   ScanChunk(args, kernel);
 }
 
