@@ -655,9 +655,11 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   if (forced != ScorePath::kAuto) {
     return ScorePathSupported(forced, format) ? forced : ScorePath::kHighway;
   }
-  const ScorePath fastest =
-      format == RepresentationFormat::kInt8 ? ScorePath::kInt8Vnni : ScorePath::kBf16Dot;
-  return ScorePathSupported(fastest, format) ? fastest : ScorePath::kHighway;
+  // Measured on the Sapphire Rapids class build host (bench/retrieval_bench, and register-resident
+  // loops of independent instructions): vdpbf16ps retires at about 1/4 and vpdpbusd at about 1/2
+  // of the vfmadd231ps rate, so neither x86 path beats the fp32 FMA kernel there (bf16-dot 0.6x,
+  // int8-vnni, whose queries need two codes, 0.7x of int8 on Highway). They stay forcible.
+  return ScorePath::kHighway;
 }
 
 void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,

@@ -73,6 +73,8 @@ bool CpuHasAmx() {
 #define KVSTAR_AVX512 \
   __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 #define KVSTAR_AVX512_INLINE inline __attribute__((always_inline)) KVSTAR_AVX512
+// The register tiles' loops must unroll fully, or the accumulators live on the stack.
+#define KVSTAR_UNROLL _Pragma("GCC unroll 16")
 
 namespace {
 
@@ -138,6 +140,7 @@ template <size_t kVectors, size_t kRows>
 KVSTAR_AVX512_INLINE void CheckReference(__m512 (&acc)[kVectors][kRows], size_t r, size_t row,
                                          const RowState& state, const Tile& tile) {
   __m512 max = acc[0][r];
+  KVSTAR_UNROLL
   for (size_t v = 1; v < kVectors; ++v) max = _mm512_max_ps(max, acc[v][r]);
   if (tile.ragged) max = _mm512_mask_mov_ps(_mm512_set1_ps(-HUGE_VALF), tile.valid, max);
   if (HWY_LIKELY(_mm512_cmp_ps_mask(max, _mm512_set1_ps(state.threshold[row]), _CMP_GT_OQ) == 0)) {
@@ -151,6 +154,7 @@ KVSTAR_AVX512_INLINE void CheckReference(__m512 (&acc)[kVectors][kRows], size_t 
     _mm512_store_ps(sum, _mm512_mul_ps(_mm512_load_ps(sum), rescale));
     _mm512_store_ps(denominator, _mm512_mul_ps(_mm512_load_ps(denominator), rescale));
   }
+  KVSTAR_UNROLL
   for (size_t v = 0; v < kVectors; ++v) acc[v][r] = _mm512_sub_ps(acc[v][r], _mm512_set1_ps(shift));
   state.reference[row] += shift;
   state.threshold[row] = kHeadroom;
@@ -160,10 +164,12 @@ KVSTAR_AVX512_INLINE void CheckReference(__m512 (&acc)[kVectors][kRows], size_t 
 template <size_t kVectors, size_t kRows>
 KVSTAR_AVX512_INLINE void Accumulate(__m512 (&acc)[kVectors][kRows], size_t row0,
                                      const RowState& state, const Tile& tile) {
+  KVSTAR_UNROLL
   for (size_t r = 0; r < kRows; ++r) {
     const size_t row = row0 + r;
     if (!tile.bounded) CheckReference<kVectors, kRows>(acc, r, row, state, tile);
     __m512 sum = Exp2(acc[0][r]);
+    KVSTAR_UNROLL
     for (size_t v = 1; v < kVectors; ++v) sum = _mm512_add_ps(sum, Exp2(acc[v][r]));
     float* chunk_sum = state.chunk_sum + row * kLanes;
     _mm512_store_ps(chunk_sum, _mm512_add_ps(_mm512_load_ps(chunk_sum), sum));
@@ -192,23 +198,30 @@ struct Bf16DotKernel {
     const uint32_t* words = Words(tile.group, tile.first_vector);
     const size_t vector_words = pairs * kLanes;
     __m512 acc[kVectors][kRows];
+    KVSTAR_UNROLL
     for (size_t v = 0; v < kVectors; ++v) {
+      KVSTAR_UNROLL
       for (size_t r = 0; r < kRows; ++r) acc[v][r] = _mm512_setzero_ps();
     }
     for (size_t p = 0; p < pairs; ++p) {
       __m512i w[kVectors];
+      KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) {
         w[v] = _mm512_loadu_si512(words + v * vector_words + p * kLanes);
       }
+      KVSTAR_UNROLL
       for (size_t r = 0; r < kRows; ++r) {
         const __m512i q = _mm512_set1_epi32(Bits(high + (row0 + r) * pairs + p));
+        KVSTAR_UNROLL
         for (size_t v = 0; v < kVectors; ++v) {
           acc[v][r] = _mm512_dpbf16_ps(acc[v][r], (__m512bh)w[v], (__m512bh)q);
         }
       }
       if (kSplit) {
+        KVSTAR_UNROLL
         for (size_t r = 0; r < kRows; ++r) {
           const __m512i q = _mm512_set1_epi32(Bits(low + (row0 + r) * pairs + p));
+          KVSTAR_UNROLL
           for (size_t v = 0; v < kVectors; ++v) {
             acc[v][r] = _mm512_dpbf16_ps(acc[v][r], (__m512bh)w[v], (__m512bh)q);
           }
@@ -216,8 +229,10 @@ struct Bf16DotKernel {
       }
     }
     const __m512 scale = _mm512_set1_ps(args.dot_scale);
+    KVSTAR_UNROLL
     for (size_t r = 0; r < kRows; ++r) {
       const __m512 start = _mm512_set1_ps(-state.reference[row0 + r]);
+      KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) acc[v][r] = _mm512_fmadd_ps(acc[v][r], scale, start);
     }
     Accumulate<kVectors, kRows>(acc, row0, state, tile);
@@ -259,9 +274,11 @@ struct Int8VnniKernel {
     const uint32_t* words = Words(tile.group, tile.first_vector);
     const size_t vector_words = quads * kLanes;
     __m512i dot[kVectors][kRows], low_dot[kVectors][kRows];
+    KVSTAR_UNROLL
     for (size_t r = 0; r < kRows; ++r) {
       const __m512i start = _mm512_set1_epi32(Bits(offset + row0 + r));
       const __m512i low_start = _mm512_set1_epi32(Bits(low_offset + row0 + r));
+      KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) {
         dot[v][r] = start;
         low_dot[v][r] = low_start;
@@ -269,12 +286,15 @@ struct Int8VnniKernel {
     }
     for (size_t p = 0; p < quads; ++p) {
       __m512i w[kVectors];
+      KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) {
         w[v] = _mm512_loadu_si512(words + v * vector_words + p * kLanes);
       }
+      KVSTAR_UNROLL
       for (size_t r = 0; r < kRows; ++r) {
         const __m512i q = _mm512_set1_epi32(Bits(query_quads + (row0 + r) * quads + p));
         const __m512i low_q = _mm512_set1_epi32(Bits(low_query_quads + (row0 + r) * quads + p));
+        KVSTAR_UNROLL
         for (size_t v = 0; v < kVectors; ++v) {
           dot[v][r] = _mm512_dpbusd_epi32(dot[v][r], w[v], q);
           low_dot[v][r] = _mm512_dpbusd_epi32(low_dot[v][r], w[v], low_q);
@@ -285,9 +305,11 @@ struct Int8VnniKernel {
     const float* scales =
         args.code_scales + (tile.group * args.vectors + tile.first_vector) * kLanes;
     __m512 acc[kVectors][kRows];
+    KVSTAR_UNROLL
     for (size_t r = 0; r < kRows; ++r) {
       const __m512 row_factor = _mm512_set1_ps(factor[row0 + r]);
       const __m512 start = _mm512_set1_ps(-state.reference[row0 + r]);
+      KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) {
         const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(scales + v * kLanes), row_factor);
         const __m512 codes = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_dot[v][r]), low_step,
