@@ -255,8 +255,8 @@ std::vector<uint32_t> ParseList(const char* text) {
 struct Row {
   std::string path;
   uint32_t batch = 0;
-  double call_ms = 0;      // median of one Retrieve call of the whole batch
-  double per_seq_ms = 0;   // call_ms / batch
+  double call_ms = 0;         // median of one Retrieve call of the whole batch
+  double per_seq_ms = 0;      // call_ms / batch
   double bytes_floor_ms = 0;  // per retrieval: representation bytes / measured bandwidth
   double rep_mb = 0;
   uint32_t same_layers = 0;  // batch 1: layers whose selection equals the GEMV baseline's
@@ -521,14 +521,12 @@ int Main(int argc, char** argv) {
         "%.2f ms, p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
         shape.num_layers, rpc.calls, rpc.p50_ms, rpc.p99_ms, rpc.put_s, rpc.seal_s);
   }
-  std::printf(
-      "\n%-13s %5s %10s %9s %10s %9s %10s %8s %8s %7s\n", "path", "batch", "call ms",
-      "ms/seq", "retr/s", "rep MB", "bytes-flr", "of-flr", "vs-GEMV", "same");
+  std::printf("\n%-13s %5s %10s %9s %10s %9s %10s %8s %8s %7s\n", "path", "batch", "call ms",
+              "ms/seq", "retr/s", "rep MB", "bytes-flr", "of-flr", "vs-GEMV", "same");
   for (const Row& row : rows) {
-    std::printf("%-13s %5u %10.2f %9.3f %10.1f %9.1f %10.3f %8.3f %7.1fx %7s\n",
-                row.path.c_str(), row.batch, row.call_ms, row.per_seq_ms, 1e3 / row.per_seq_ms,
-                row.rep_mb, row.bytes_floor_ms, row.bytes_floor_ms / row.per_seq_ms,
-                gemv_ms / row.per_seq_ms,
+    std::printf("%-13s %5u %10.2f %9.3f %10.1f %9.1f %10.3f %8.3f %7.1fx %7s\n", row.path.c_str(),
+                row.batch, row.call_ms, row.per_seq_ms, 1e3 / row.per_seq_ms, row.rep_mb,
+                row.bytes_floor_ms, row.bytes_floor_ms / row.per_seq_ms, gemv_ms / row.per_seq_ms,
                 (std::to_string(row.same_layers) + "/" + std::to_string(shape.num_layers)).c_str());
   }
   std::printf(

@@ -63,7 +63,8 @@ std::vector<float> ReferenceRepresentation(const ModelShape& shape, const Knobs&
         if (knobs.representation_format == RepresentationFormat::kInt8) {
           std::vector<int8_t> codes(kept);
           const float scale = QuantizeSymmetricInt8(means.data(), kept, codes.data());
-          for (uint32_t j = 0; j < kept; ++j) result.push_back(static_cast<float>(codes[j]) * scale);
+          for (uint32_t j = 0; j < kept; ++j)
+            result.push_back(static_cast<float>(codes[j]) * scale);
         } else {
           for (uint32_t j = 0; j < kept; ++j) result.push_back(Bf16ToF32(F32ToBf16(means[j])));
         }

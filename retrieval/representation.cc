@@ -132,8 +132,8 @@ void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_bl
     for (uint32_t h = 0; h < heads; ++h) {
       if (int8) {
         layer.codes[h].resize(layer.codes[h].size() + codes_per_group(), kInt8CodeOffset);
-        layer.scales[h].resize(layer.scales[h].size() + size_t{kBlocksPerGroup} * vectors_per_block_,
-                               0.0f);
+        layer.scales[h].resize(
+            layer.scales[h].size() + size_t{kBlocksPerGroup} * vectors_per_block_, 0.0f);
       } else {
         layer.vectors[h].resize(layer.vectors[h].size() + values_per_group(), 0);
       }

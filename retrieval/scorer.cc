@@ -339,7 +339,8 @@ void ScoreChunkImpl(const ChunkArgs* args) {
         }
       }
       // The next tile (the next group's first, at the end) streams in while this one is scored.
-      const size_t vector_bytes = codes != nullptr ? vector_codes : vector_values * sizeof(uint16_t);
+      const size_t vector_bytes =
+          codes != nullptr ? vector_codes : vector_values * sizeof(uint16_t);
       const char* next = reinterpret_cast<const char*>(group_rep) +
                          (m + kPrefetchTiles * kMaxVectors) * vector_bytes;
       const size_t next_bytes = tile * vector_bytes;
@@ -433,9 +434,8 @@ void MergeChunksImpl(size_t num_blocks, size_t num_rows, size_t num_chunks,
       VF acc = hn::Zero(df);
       if (max_vote) {
         for (size_t row = 0; row < num_rows; ++row) {
-          acc = hn::Max(acc,
-                        hn::Mul(hn::Load(df, partial_sum + row * group_blocks),
-                                hn::Set(df, chunk_weight[row])));
+          acc = hn::Max(acc, hn::Mul(hn::Load(df, partial_sum + row * group_blocks),
+                                     hn::Set(df, chunk_weight[row])));
         }
       } else {
         for (size_t row = 0; row < num_rows; ++row) {

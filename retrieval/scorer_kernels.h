@@ -71,8 +71,8 @@ struct GatheredLayout {
 // Everything one chunk kernel needs; pointers into the index, the gathered queries and the
 // head's partials.
 struct ChunkArgs {
-  const uint16_t* rep = nullptr;      // kBf16: SequenceIndex::representation
-  const uint8_t* codes = nullptr;     // kInt8: SequenceIndex::codes
+  const uint16_t* rep = nullptr;       // kBf16: SequenceIndex::representation
+  const uint8_t* codes = nullptr;      // kInt8: SequenceIndex::codes
   const float* code_scales = nullptr;  // kInt8: SequenceIndex::code_scales
   const float* group_norms = nullptr;
   size_t num_blocks = 0;
@@ -80,7 +80,7 @@ struct ChunkArgs {
   size_t kept = 0;
   const float* gathered = nullptr;  // GatheredLayout
   size_t num_rows = 0;
-  float dot_scale = 0.0f;  // log2(e) / sqrt(head_dim), for the bf16 dot path's unscaled rows
+  float dot_scale = 0.0f;      // log2(e) / sqrt(head_dim), for the bf16 dot path's unscaled rows
   bool split_queries = false;  // bf16 dot path: also dot the `low` words (non-bf16 queries)
   size_t chunk = 0;
   size_t num_chunks = 0;

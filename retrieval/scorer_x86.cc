@@ -43,7 +43,7 @@ uint64_t ReadXcr0() {
 bool HasAvx512Base() {
   const CpuidRegs leaf1 = Cpuid(1, 0);
   if ((leaf1.ecx & (1u << 27)) == 0) return false;  // OSXSAVE
-  if ((ReadXcr0() & 0xE6) != 0xE6) return false;     // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+  if ((ReadXcr0() & 0xE6) != 0xE6) return false;    // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   const CpuidRegs leaf7 = Cpuid(7, 0);
   const unsigned wanted = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);
   return (leaf7.ebx & wanted) == wanted;
@@ -430,7 +430,8 @@ KVSTAR_AVX512_INLINE void ScanChunk(const ChunkArgs& args, const Kernel& kernel)
       if (!tile.bounded) tile.bounded = rows_bounded(group);
     }
     for (size_t row = 0; row < num_rows; ++row) {
-      const __m512 sum = _mm512_maskz_mov_ps(tile.valid, _mm512_load_ps(state.chunk_sum + row * kLanes));
+      const __m512 sum =
+          _mm512_maskz_mov_ps(tile.valid, _mm512_load_ps(state.chunk_sum + row * kLanes));
       _mm512_store_ps(args.partials + layout.Sums(group, row, 0), sum);
       group_reference[(group - first_group) * num_rows + row] = state.reference[row];
       float* denominator = state.denominator + row * kLanes;

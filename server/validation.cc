@@ -94,9 +94,9 @@ absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
     out.set_representation_format(v1::REPRESENTATION_FORMAT_BF16);
   }
   if (!v1::RepresentationFormat_IsValid(out.representation_format())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.representation_format is ", out.representation_format(),
-        ": must be REPRESENTATION_FORMAT_BF16 (0) or REPRESENTATION_FORMAT_INT8 (1)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.representation_format is ", out.representation_format(),
+                     ": must be REPRESENTATION_FORMAT_BF16 (0) or REPRESENTATION_FORMAT_INT8 (1)"));
   }
   if (!v1::BlockVote_IsValid(out.block_vote())) {
     return absl::InvalidArgumentError(absl::StrCat("config.block_vote is ", out.block_vote(),

@@ -244,7 +244,8 @@ TEST(RepresentationTest, Int8CodesAndScalesMatchTheReferenceQuantization) {
     auto appended = SequenceIndex::Create(shape, knobs);
     ASSERT_TRUE(appended.ok());
     ASSERT_TRUE(
-        (*appended)->SealLayerWithChannels(0, absl::MakeConstSpan(keys.spans).subspan(0, 5), channels)
+        (*appended)
+            ->SealLayerWithChannels(0, absl::MakeConstSpan(keys.spans).subspan(0, 5), channels)
             .ok());
     for (size_t b = 5; b < keys.spans.size(); ++b) {
       ASSERT_TRUE((*appended)->AppendBlock(0, keys.spans[b]).ok());

@@ -60,7 +60,9 @@ TEST(ValidationTest, BadProfilesAndKnobsNameTheField) {
        "config.blk_repre_inner_token_merge = 3"},
       {[](auto&, auto& c) { c.set_blk_repre_dim_prune_ratio(0.001f); },
        "config.blk_repre_dim_prune_ratio"},
-      {[](auto&, auto& c) { c.set_representation_format(static_cast<v1::RepresentationFormat>(7)); },
+      {[](auto&, auto& c) {
+         c.set_representation_format(static_cast<v1::RepresentationFormat>(7));
+       },
        "config.representation_format is 7"},
   };
   for (const Case& c : cases) {
