@@ -9,12 +9,22 @@
 
 namespace kvstar::retrieval {
 
+// Rounds half away from zero, inline (std::nearbyint is a libm call without SSE4.1, and sealing
+// quantizes every vector). NaN and values beyond int32 (only from non-finite keys) give 0.
+inline float RoundToCode(float x) {
+  if (!(std::fabs(x) < 2147483520.0f)) return 0.0f;
+  return static_cast<float>(static_cast<int32_t>(x + (x >= 0.0f ? 0.5f : -0.5f)));
+}
+
 // Codes of `values` as round(value / scale) in [-127, 127] with scale = max |value| / 127, so
 // value ~= code * scale within scale / 2. Returns the scale (0 when every value is 0; the codes
 // are then 0).
 inline float QuantizeSymmetricInt8(const float* values, size_t count, int8_t* codes) {
   float max_abs = 0.0f;
-  for (size_t i = 0; i < count; ++i) max_abs = std::fmax(max_abs, std::fabs(values[i]));
+  for (size_t i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(values[i]);
+    max_abs = magnitude > max_abs ? magnitude : max_abs;
+  }
   if (!(max_abs > 0.0f)) {
     for (size_t i = 0; i < count; ++i) codes[i] = 0;
     return 0.0f;
@@ -22,8 +32,8 @@ inline float QuantizeSymmetricInt8(const float* values, size_t count, int8_t* co
   const float scale = max_abs / 127.0f;
   const float inverse = 127.0f / max_abs;
   for (size_t i = 0; i < count; ++i) {
-    const float code = std::nearbyint(values[i] * inverse);
-    codes[i] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, code)));
+    const float code = RoundToCode(values[i] * inverse);
+    codes[i] = static_cast<int8_t>(code < -127.0f ? -127.0f : (code > 127.0f ? 127.0f : code));
   }
   return scale;
 }
@@ -42,8 +52,8 @@ inline float QuantizeQueryInt8(const float* values, size_t count, int8_t* high, 
       continue;
     }
     const float remainder = values[i] / scale - static_cast<float>(high[i]);
-    const float code = std::nearbyint(remainder * kLowCodeSteps);
-    low[i] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, code)));
+    const float code = RoundToCode(remainder * kLowCodeSteps);
+    low[i] = static_cast<int8_t>(code < -127.0f ? -127.0f : (code > 127.0f ? 127.0f : code));
   }
   return scale;
 }
