@@ -1,18 +1,24 @@
-// One retrieval of every layer of one sequence at a real model's shapes: the fused scan against
-// its floor (memory bandwidth and fp32 FMA peak, both measured here) and against the original
-// implementation's method (a GEMV per query row), all measured in the same run.
+// Retrievals of every layer at a real model's shapes, for one sequence and for batches of
+// sequences, on every scoring path (Highway, AVX512_BF16 dot products, int8 with VNNI, int8 on
+// Highway): the scan against its floors (the representation bytes read at the memory bandwidth,
+// and the fp32 FMA peak, both measured here) and against the original implementation's method
+// (a GEMV per query row), all measured in the same run.
 //
 //   bazel run -c opt //bench:retrieval_bench -- --model=qwen2.5-14b --context=32768
-//       [--threads=N] [--iters=N] [--rpc_calls=N]
+//       [--threads=N] [--iters=N] [--rpc_calls=N] [--batches=1,16,64]
+//       [--paths=highway,bf16-dot,int8-vnni,int8-highway] [--batch_memory_gb=1]
 //
 // --rpc_calls=N (default 20; 0 skips) also serves the same sequence from a real kvstar server on
 // loopback (memory backend, so no disk is measured) and times N Retrieve RPCs of all layers.
+// A batch's requests cycle through as many distinct indexes as --batch_memory_gb holds (per
+// format); beyond that, requests repeat an index, whose layers may then be read from the LLC.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,6 +27,7 @@
 #include "retrieval/convert.h"
 #include "retrieval/retriever.h"
 #include "retrieval/scorer.h"
+#include "retrieval/scorer_kernels.h"
 #include "retrieval/thread_pool.h"
 #include "retrieval/topk.h"
 
@@ -220,9 +227,48 @@ constexpr Model kModels[] = {
     {"smollm2-135m", 30, 9, 3, 64},
 };
 
+// A scoring path as the table names it: the representation format and the forced ScorePath.
+struct PathCase {
+  const char* name;
+  retrieval::RepresentationFormat format;
+  retrieval::ScorePath path;
+};
+
+constexpr PathCase kPaths[] = {
+    {"highway", retrieval::RepresentationFormat::kBf16, retrieval::ScorePath::kHighway},
+    {"bf16-dot", retrieval::RepresentationFormat::kBf16, retrieval::ScorePath::kBf16Dot},
+    {"int8-vnni", retrieval::RepresentationFormat::kInt8, retrieval::ScorePath::kInt8Vnni},
+    {"int8-highway", retrieval::RepresentationFormat::kInt8, retrieval::ScorePath::kHighway},
+};
+
+std::vector<uint32_t> ParseList(const char* text) {
+  std::vector<uint32_t> values;
+  for (const char* p = text; *p != '\0';) {
+    char* end;
+    values.push_back(static_cast<uint32_t>(std::strtoul(p, &end, 10)));
+    p = *end == ',' ? end + 1 : end;
+    if (end == p && *p != '\0') break;
+  }
+  return values;
+}
+
+struct Row {
+  std::string path;
+  uint32_t batch = 0;
+  double call_ms = 0;         // median of one Retrieve call of the whole batch
+  double per_seq_ms = 0;      // call_ms / batch
+  double bytes_floor_ms = 0;  // per retrieval: representation bytes / measured bandwidth
+  double rep_mb = 0;
+  uint32_t same_layers = 0;  // batch 1: layers whose selection equals the GEMV baseline's
+  double gemv_near_ms = 0;   // the GEMV baseline timed next to this row (see time_gemv_sample)
+};
+
 int Main(int argc, char** argv) {
   std::string model_name = "qwen2.5-14b";
+  std::string paths_arg = "highway,bf16-dot,int8-vnni,int8-highway";
   uint32_t context = 32768, iters = 10, rpc_calls = 20;
+  std::vector<uint32_t> batches = {1, 16, 64};
+  double batch_memory_gb = 1.0;
   size_t threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -240,6 +286,12 @@ int Main(int argc, char** argv) {
       rpc_calls = static_cast<uint32_t>(std::strtoul(v, nullptr, 10));
     } else if (const char* v = value("--iters=")) {
       iters = std::max(1ul, std::strtoul(v, nullptr, 10));
+    } else if (const char* v = value("--paths=")) {
+      paths_arg = v;
+    } else if (const char* v = value("--batches=")) {
+      batches = ParseList(v);
+    } else if (const char* v = value("--batch_memory_gb=")) {
+      batch_memory_gb = std::strtod(v, nullptr);
     } else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
       return 2;
@@ -254,14 +306,19 @@ int Main(int argc, char** argv) {
                  model_name.c_str());
     return 2;
   }
+  std::vector<const PathCase*> paths;
+  for (const PathCase& p : kPaths) {
+    if (("," + paths_arg + ",").find(std::string(",") + p.name + ",") != std::string::npos) {
+      paths.push_back(&p);
+    }
+  }
   const ModelShape shape{model->layers, model->q_heads, model->kv_heads, model->head_dim,
                          128,           DType::kBf16};
-  const Knobs knobs;  // prune 0.25, merge 2, stride 8
   const uint32_t num_blocks = std::max(1u, context / shape.block_size);
-  const uint32_t num_queries = knobs.retrieval_stride;
+  const uint32_t num_queries = Knobs().retrieval_stride;
 
   // Random bf16 keys: a pool of distinct blocks reused across the context (only the
-  // representations' size matters to the scan).
+  // representations' size matters to the scan); each index of a batch takes them in its own order.
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   const size_t block_elems = shape.key_block_bytes() / 2;
@@ -269,80 +326,167 @@ int Main(int argc, char** argv) {
   for (auto& block : pool_blocks) {
     for (uint16_t& v : block) v = retrieval::F32ToBf16(normal(rng));
   }
-  std::vector<absl::Span<const uint8_t>> spans;
-  for (uint32_t b = 0; b < num_blocks; ++b) {
-    const auto& block = pool_blocks[(b * 7 + b / 16) % pool_blocks.size()];
-    spans.emplace_back(reinterpret_cast<const uint8_t*>(block.data()), block.size() * 2);
-  }
-  auto index = SequenceIndex::Create(shape, knobs).value();
+  auto spans_for = [&](uint32_t variant) {
+    std::vector<absl::Span<const uint8_t>> spans;
+    for (uint32_t b = 0; b < num_blocks; ++b) {
+      const auto& block = pool_blocks[(b * 7 + b / 16 + variant * 5) % pool_blocks.size()];
+      spans.emplace_back(reinterpret_cast<const uint8_t*>(block.data()), block.size() * 2);
+    }
+    return spans;
+  };
+  const std::vector<absl::Span<const uint8_t>> spans = spans_for(0);
   retrieval::Retriever retriever(threads);
   std::vector<uint32_t> all_layers(shape.num_layers);
   for (uint32_t layer = 0; layer < shape.num_layers; ++layer) all_layers[layer] = layer;
-  const std::vector<std::vector<absl::Span<const uint8_t>>> layer_spans(shape.num_layers, spans);
-  const auto seal_start = Clock::now();
-  if (!retriever.SealLayers(*index, all_layers, layer_spans).ok()) return 1;
-  const double seal_s = SecondsSince(seal_start);
+
   std::vector<std::vector<uint8_t>> queries(shape.num_layers);
-  retrieval::RetrievalRequest request;
-  request.index = index.get();
-  request.num_queries = num_queries;
   for (auto& q : queries) {
     q.resize(shape.query_bytes(num_queries));
     for (size_t i = 0; i < q.size() / 2; ++i) {
       const uint16_t v = retrieval::F32ToBf16(normal(rng));
       std::memcpy(&q[2 * i], &v, 2);
     }
-    request.layer_queries.emplace_back(q);
+  }
+
+  // Indexes per format: as many distinct ones as the batch memory budget holds (at least one);
+  // a batch's requests cycle through them.
+  const uint32_t max_batch = *std::max_element(batches.begin(), batches.end());
+  struct FormatIndexes {
+    std::vector<std::unique_ptr<SequenceIndex>> indexes;
+    double seal_s = 0;
+  };
+  std::vector<FormatIndexes> by_format(2);
+  for (const PathCase* p : paths) {
+    FormatIndexes& f = by_format[static_cast<size_t>(p->format)];
+    if (!f.indexes.empty()) continue;
+    Knobs knobs;
+    knobs.representation_format = p->format;
+    uint32_t wanted = 1;
+    do {
+      auto index = SequenceIndex::Create(shape, knobs).value();
+      const std::vector<std::vector<absl::Span<const uint8_t>>> layer_spans(
+          shape.num_layers, spans_for(static_cast<uint32_t>(f.indexes.size())));
+      const auto seal_start = Clock::now();
+      if (!retriever.SealLayers(*index, all_layers, layer_spans).ok()) return 1;
+      if (f.indexes.empty()) f.seal_s = SecondsSince(seal_start);
+      if (f.indexes.empty()) {
+        wanted = static_cast<uint32_t>(std::clamp<double>(
+            batch_memory_gb * 1e9 / static_cast<double>(index->representation_bytes()), 1.0,
+            max_batch));
+      }
+      f.indexes.push_back(std::move(index));
+      std::fprintf(stderr, "sealed %s index %zu of %u\n",
+                   retrieval::RepresentationFormatName(p->format), f.indexes.size(), wanted);
+    } while (f.indexes.size() < wanted);
   }
 
   retrieval::ThreadPool pool(retriever.num_threads());
   const double membw_gbps = MeasureReadBandwidth(pool);
-  // The FMA peak is measured before and after the scan and the higher kept: a shared host's
+  // The FMA peak is measured before and after the scans and the higher kept: a shared host's
   // clock and neighbours move it, and an underestimate would flatter the scan.
   double fma_gflops = MeasureFmaPeak(pool);
 
-  std::vector<std::vector<uint32_t>> fused_selection(shape.num_layers);
-  auto on_layer = [&](size_t, uint32_t layer, absl::Span<const uint32_t> selected) {
-    fused_selection[layer].assign(selected.begin(), selected.end());
-  };
-  if (!retriever.Retrieve({request}, on_layer).ok()) return 1;  // warm-up
-  std::vector<double> scan_times;
-  for (uint32_t it = 0; it < iters; ++it) {
-    const auto start = Clock::now();
-    if (!retriever.Retrieve({request}, on_layer).ok()) return 1;
-    scan_times.push_back(SecondsSince(start) * 1e3);
+  // Baseline: the original method over the bf16 representation, one task per layer spread over
+  // the same threads, reading the representation in the layout it was written for.
+  auto baseline_index = SequenceIndex::Create(shape, Knobs()).value();
+  {
+    const std::vector<std::vector<absl::Span<const uint8_t>>> layer_spans(shape.num_layers, spans);
+    if (!retriever.SealLayers(*baseline_index, all_layers, layer_spans).ok()) return 1;
   }
-  const double scan_ms = Median(scan_times);
-  fma_gflops = std::max(fma_gflops, MeasureFmaPeak(pool));
-
-  // Baseline: one task per layer, tasks spread over the same threads, reading the representation
-  // in the layout it was written for.
   std::vector<std::vector<std::vector<uint16_t>>> row_major(shape.num_layers);
   for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
     for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
-      row_major[layer].push_back(index->RowMajorRepresentation(layer, h));
+      row_major[layer].push_back(baseline_index->RowMajorRepresentation(layer, h));
     }
   }
   std::vector<std::vector<uint32_t>> gemv_selection(shape.num_layers);
-  std::vector<double> gemv_times;
-  for (uint32_t it = 0; it < std::min(iters, 3u); ++it) {
+  // Timed before and after the paths' scans, and the faster median kept: on a shared host the
+  // load moves during the run, and a baseline slowed by neighbours would flatter every ratio.
+  auto time_gemv = [&](uint32_t runs) {
+    std::vector<double> times;
+    for (uint32_t it = 0; it < runs; ++it) {
+      const auto start = Clock::now();
+      pool.ParallelFor(shape.num_layers, [&](size_t layer, size_t) {
+        gemv_selection[layer] = GemvBaselineLayer(*baseline_index, static_cast<uint32_t>(layer),
+                                                  row_major[layer], queries[layer], num_queries);
+      });
+      times.push_back(SecondsSince(start) * 1e3);
+    }
+    return Median(times);
+  };
+  const uint32_t gemv_runs = std::min(iters, 3u);
+  double gemv_ms = time_gemv(gemv_runs);
+  // The load of a shared host moves within a run: each row's ratio is against the baseline timed
+  // right before and after it, on a sample of layers (every layer is the same work) scaled to all.
+  const uint32_t sample_layers =
+      std::min<uint32_t>(shape.num_layers, std::max<uint32_t>(4, pool.num_threads()));
+  auto time_gemv_sample = [&]() {
     const auto start = Clock::now();
-    pool.ParallelFor(shape.num_layers, [&](size_t layer, size_t) {
-      gemv_selection[layer] = GemvBaselineLayer(*index, static_cast<uint32_t>(layer),
-                                                row_major[layer], queries[layer], num_queries);
+    pool.ParallelFor(sample_layers, [&](size_t layer, size_t) {
+      GemvBaselineLayer(*baseline_index, static_cast<uint32_t>(layer), row_major[layer],
+                        queries[layer], num_queries);
     });
-    gemv_times.push_back(SecondsSince(start) * 1e3);
+    return SecondsSince(start) * 1e3 * shape.num_layers / sample_layers;
+  };
+
+  std::vector<Row> rows;
+  std::vector<std::string> skipped;
+  for (const PathCase* p : paths) {
+    if (!retrieval::ScorePathSupported(p->path, p->format)) {
+      skipped.push_back(p->name);
+      continue;
+    }
+    retrieval::SetScorePath(p->path);
+    const FormatIndexes& f = by_format[static_cast<size_t>(p->format)];
+    for (uint32_t batch : batches) {
+      if (batch == 0) continue;
+      std::vector<retrieval::RetrievalRequest> requests(batch);
+      for (uint32_t r = 0; r < batch; ++r) {
+        requests[r].index = f.indexes[r % f.indexes.size()].get();
+        requests[r].num_queries = num_queries;
+        for (const auto& q : queries) requests[r].layer_queries.emplace_back(q);
+      }
+      std::vector<std::vector<uint32_t>> selection(shape.num_layers);
+      auto on_layer = [&](size_t request, uint32_t layer, absl::Span<const uint32_t> selected) {
+        if (request == 0) selection[layer].assign(selected.begin(), selected.end());
+      };
+      if (!retriever.Retrieve(requests, on_layer).ok()) return 1;  // warm-up
+      const double gemv_before_ms = time_gemv_sample();
+      // --iters calls of one sequence; batches, whose calls are long, at least 2.
+      const uint32_t calls = batch == 1 ? iters : std::max(2u, iters / batch);
+      std::vector<double> times;
+      for (uint32_t it = 0; it < calls; ++it) {
+        const auto start = Clock::now();
+        if (!retriever.Retrieve(requests, on_layer).ok()) return 1;
+        times.push_back(SecondsSince(start) * 1e3);
+      }
+      Row row;
+      row.gemv_near_ms = std::min(gemv_before_ms, time_gemv_sample());
+      row.path = p->name;
+      row.batch = batch;
+      row.call_ms = Median(times);
+      row.per_seq_ms = row.call_ms / batch;
+      const double rep_bytes = static_cast<double>(f.indexes[0]->representation_bytes());
+      row.rep_mb = rep_bytes / 1e6;
+      row.bytes_floor_ms = rep_bytes / (membw_gbps * 1e9) * 1e3;
+      for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
+        row.same_layers += selection[layer] == gemv_selection[layer];
+      }
+      rows.push_back(row);
+      std::fprintf(stderr, "%s batch %u: %.2f ms per call\n", p->name, batch, row.call_ms);
+    }
   }
-  const double gemv_ms = Median(gemv_times);
-  uint32_t same_layers = 0;
-  for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
-    same_layers += fused_selection[layer] == gemv_selection[layer];
-  }
+  retrieval::SetScorePath(retrieval::ScorePath::kAuto);
+  fma_gflops = std::max(fma_gflops, MeasureFmaPeak(pool));
+  const double gemv_first_ms = gemv_ms;
+  const double gemv_second_ms = time_gemv(gemv_runs);
+  gemv_ms = std::min(gemv_first_ms, gemv_second_ms);
+  row_major.clear();
 
   RetrieveRpcResult rpc;
   if (rpc_calls > 0) {
     absl::StatusOr<RetrieveRpcResult> measured =
-        MeasureRetrieveRpc(shape, knobs, spans, queries, num_queries, rpc_calls, threads);
+        MeasureRetrieveRpc(shape, Knobs(), spans, queries, num_queries, rpc_calls, threads);
     if (!measured.ok()) {
       std::fprintf(stderr, "Retrieve RPC: %s\n", measured.status().ToString().c_str());
       return 1;
@@ -350,49 +494,85 @@ int Main(int argc, char** argv) {
     rpc = *measured;
   }
 
-  const double rep_bytes = static_cast<double>(index->representation_bytes());
-  const double rows = static_cast<double>(num_queries) * shape.num_q_heads;  // over all KV heads
-  const double flops =
-      2.0 * rows * num_blocks * index->vectors_per_block() * index->kept() * shape.num_layers;
-  const double exps = rows * num_blocks * index->vectors_per_block() * shape.num_layers;
-  const double memory_ms = rep_bytes / (membw_gbps * 1e9) * 1e3;
-  const double compute_ms = flops / (fma_gflops * 1e9) * 1e3;
-  const double floor_ms = std::max(memory_ms, compute_ms);
-  const char* target = retrieval::DispatchedTargetName();
+  const double q_rows = static_cast<double>(num_queries) * shape.num_q_heads;  // all KV heads
+  const double flops = 2.0 * q_rows * num_blocks * baseline_index->vectors_per_block() *
+                       baseline_index->kept() * shape.num_layers;
+  const double exps = q_rows * num_blocks * baseline_index->vectors_per_block() * shape.num_layers;
+  const double fma_floor_ms = flops / (fma_gflops * 1e9) * 1e3;
 
   std::printf(
       "model %s, context %u: %u layers x %u blocks, %u q / %u KV heads, dim %u -> kept %u, "
       "M %u, %u queries\n",
       model->name, context, shape.num_layers, num_blocks, shape.num_q_heads, shape.num_kv_heads,
-      shape.head_dim, index->kept(), index->vectors_per_block(), num_queries);
-  std::printf("threads %zu, SIMD target %s, seal (build representations) %.0f ms\n",
-              retriever.num_threads(), target, seal_s * 1e3);
-  std::printf("representation %.1f MB (bf16), %.2f GFLOP, %.0f M exponentials per retrieval\n",
-              rep_bytes / 1e6, flops / 1e9, exps / 1e6);
-  std::printf("measured: read bandwidth %.1f GB/s, fp32 FMA peak %.1f GFLOP/s\n", membw_gbps,
-              fma_gflops);
-  std::printf("floor: max(memory %.2f ms, FMA %.2f ms) = %.2f ms\n", memory_ms, compute_ms,
-              floor_ms);
-  std::printf("fused scan (median of %u): %.2f ms = %.2f of floor; %.1f GFLOP/s, %.1f GB/s\n",
-              iters, scan_ms, floor_ms / scan_ms, flops / scan_ms / 1e6, rep_bytes / scan_ms / 1e6);
+      shape.head_dim, baseline_index->kept(), baseline_index->vectors_per_block(), num_queries);
   std::printf(
-      "GEMV baseline (original method, median of %zu): %.2f ms -> speedup %.2fx; "
-      "identical selections in %u/%u layers\n",
-      gemv_times.size(), gemv_ms, gemv_ms / scan_ms, same_layers, shape.num_layers);
+      "threads %zu, Highway target %s; CPU: AVX512_BF16 %s, AVX512_VNNI %s, AMX %s (no AMX "
+      "kernel in this build)\n",
+      retriever.num_threads(), retrieval::DispatchedTargetName(),
+      retrieval::ScorePathSupported(retrieval::ScorePath::kBf16Dot,
+                                    retrieval::RepresentationFormat::kBf16)
+          ? "yes"
+          : "no",
+      retrieval::ScorePathSupported(retrieval::ScorePath::kInt8Vnni,
+                                    retrieval::RepresentationFormat::kInt8)
+          ? "yes"
+          : "no",
+      retrieval::internal::CpuHasAmx() ? "yes" : "no");
+  for (size_t f = 0; f < by_format.size(); ++f) {
+    if (by_format[f].indexes.empty()) continue;
+    std::printf(
+        "%s representation: %.1f MB per sequence, seal %.0f ms, %zu distinct index(es) "
+        "cycled through by a batch\n",
+        retrieval::RepresentationFormatName(static_cast<retrieval::RepresentationFormat>(f)),
+        by_format[f].indexes[0]->representation_bytes() / 1e6, by_format[f].seal_s * 1e3,
+        by_format[f].indexes.size());
+  }
+  std::printf("per retrieval: %.2f GFLOP, %.0f M exponentials\n", flops / 1e9, exps / 1e6);
+  std::printf(
+      "measured: read bandwidth %.1f GB/s, fp32 FMA peak %.1f GFLOP/s -> fp32-FMA floor %.2f ms "
+      "per retrieval\n",
+      membw_gbps, fma_gflops, fma_floor_ms);
+  std::printf(
+      "GEMV baseline (original method, bf16, one sequence, median of %u before and after the "
+      "scans: %.2f, %.2f ms): %.2f ms\n",
+      gemv_runs, gemv_first_ms, gemv_second_ms, gemv_ms);
+  if (!skipped.empty()) {
+    std::string names;
+    for (const std::string& n : skipped) names += (names.empty() ? "" : ", ") + n;
+    std::printf("paths not supported on this CPU (skipped): %s\n", names.c_str());
+  }
   if (rpc_calls > 0) {
     std::printf(
-        "Retrieve RPC over loopback, all %u layers, ids only (%u calls): p50 %.2f ms, "
-        "p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
+        "Retrieve RPC over loopback (auto path, bf16), all %u layers, ids only (%u calls): p50 "
+        "%.2f ms, p99 %.2f ms; setup: PutBlocks %.1f s, Seal %.1f s\n",
         shape.num_layers, rpc.calls, rpc.p50_ms, rpc.p99_ms, rpc.put_s, rpc.seal_s);
   }
+  std::printf("\n%-13s %5s %10s %9s %10s %9s %10s %8s %8s %7s\n", "path", "batch", "call ms",
+              "ms/seq", "retr/s", "rep MB", "bytes-flr", "of-flr", "vs-GEMV", "same");
+  for (const Row& row : rows) {
+    std::printf("%-13s %5u %10.2f %9.3f %10.1f %9.1f %10.3f %8.3f %7.1fx %7.1fx %7s\n",
+                row.path.c_str(), row.batch, row.call_ms, row.per_seq_ms, 1e3 / row.per_seq_ms,
+                row.rep_mb, row.bytes_floor_ms, row.bytes_floor_ms / row.per_seq_ms,
+                row.gemv_near_ms / row.per_seq_ms, gemv_ms / row.per_seq_ms,
+                (std::to_string(row.same_layers) + "/" + std::to_string(shape.num_layers)).c_str());
+  }
   std::printf(
-      "{\"model\": \"%s\", \"context\": %u, \"scan_ms\": %.3f, \"floor_ms\": %.3f, "
-      "\"roofline_fraction\": %.3f, \"membw_gbps\": %.2f, \"fma_gflops\": %.1f, "
-      "\"gemv_ms\": %.3f, \"speedup_vs_gemv\": %.2f, \"simd_target\": \"%s\", "
-      "\"threads\": %zu, \"retrieve_p50_ms\": %.3f, \"retrieve_p99_ms\": %.3f, "
-      "\"seal_s\": %.2f}\n",
-      model->name, context, scan_ms, floor_ms, floor_ms / scan_ms, membw_gbps, fma_gflops, gemv_ms,
-      gemv_ms / scan_ms, target, retriever.num_threads(), rpc.p50_ms, rpc.p99_ms, rpc.seal_s);
+      "(ms/seq = call ms / batch; bytes-flr = representation bytes read per retrieval at the "
+      "measured bandwidth; of-flr = bytes-flr / ms/seq; vs-GEMV = the GEMV baseline timed next to "
+      "the row (a sample of layers, scaled) / ms/seq, (global) = the whole-run GEMV above / "
+      "ms/seq; "
+      "same = layers of the first sequence whose selection equals the GEMV baseline's)\n");
+  for (const Row& row : rows) {
+    std::printf(
+        "{\"model\": \"%s\", \"context\": %u, \"path\": \"%s\", \"batch\": %u, "
+        "\"call_ms\": %.3f, \"ms_per_retrieval\": %.4f, \"retrievals_per_s\": %.1f, "
+        "\"bytes_floor_ms\": %.4f, \"fma_floor_ms\": %.4f, \"membw_gbps\": %.2f, "
+        "\"gemv_ms\": %.3f, \"speedup_vs_gemv\": %.2f, \"speedup_vs_global_gemv\": %.2f, "
+        "\"threads\": %zu}\n",
+        model->name, context, row.path.c_str(), row.batch, row.call_ms, row.per_seq_ms,
+        1e3 / row.per_seq_ms, row.bytes_floor_ms, fma_floor_ms, membw_gbps, row.gemv_near_ms,
+        row.gemv_near_ms / row.per_seq_ms, gemv_ms / row.per_seq_ms, retriever.num_threads());
+  }
   return 0;
 }
 

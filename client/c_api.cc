@@ -50,6 +50,7 @@ void kvstar_config_default(kvstar_config* config) {
   config->blk_repre_dim_prune_ratio = defaults.blk_repre_dim_prune_ratio;
   config->blk_repre_inner_token_merge = defaults.blk_repre_inner_token_merge;
   config->block_vote = defaults.block_vote;
+  config->representation_format = defaults.representation_format;
 }
 
 int kvstar_connect(const char* address, int backend, int use_tls, const char* tls_root_pem,
@@ -123,6 +124,7 @@ int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
     knobs.blk_repre_dim_prune_ratio = config->blk_repre_dim_prune_ratio;
     knobs.blk_repre_inner_token_merge = config->blk_repre_inner_token_merge;
     knobs.block_vote = config->block_vote;
+    knobs.representation_format = config->representation_format;
   }
   kvstar::SequenceOptions options;
   options.slots_per_layer = slots_per_layer;

@@ -165,6 +165,8 @@ absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence
   knobs->set_blk_repre_dim_prune_ratio(config.blk_repre_dim_prune_ratio);
   knobs->set_blk_repre_inner_token_merge(config.blk_repre_inner_token_merge);
   knobs->set_block_vote(static_cast<v1::BlockVote>(config.block_vote));
+  knobs->set_representation_format(
+      static_cast<v1::RepresentationFormat>(config.representation_format));
 
   if (absl::Status status = EnsureDataPlane();
       !status.ok() && options_.data_plane == DataPlane::kSharedMemory) {

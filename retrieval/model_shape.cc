@@ -29,6 +29,16 @@ const char* DTypeName(DType dtype) {
   return "unknown";
 }
 
+const char* RepresentationFormatName(RepresentationFormat format) {
+  switch (format) {
+    case RepresentationFormat::kBf16:
+      return "bf16";
+    case RepresentationFormat::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
+
 uint32_t Knobs::kept_channels(const ModelShape& shape) const {
   const long rounded = std::lround(static_cast<double>(shape.head_dim) * blk_repre_dim_prune_ratio);
   return rounded < 1 ? 1u : static_cast<uint32_t>(rounded);
@@ -75,6 +85,11 @@ absl::Status ValidateShapeAndKnobs(const ModelShape& shape, const Knobs& knobs) 
   if (std::lround(static_cast<double>(shape.head_dim) * knobs.blk_repre_dim_prune_ratio) < 1) {
     return Bad("blk_repre_dim_prune_ratio", knobs.blk_repre_dim_prune_ratio,
                absl::StrCat("keeps 0 of head_dim (", shape.head_dim, ") channels"));
+  }
+  if (knobs.representation_format != RepresentationFormat::kBf16 &&
+      knobs.representation_format != RepresentationFormat::kInt8) {
+    return Bad("representation_format", static_cast<uint32_t>(knobs.representation_format),
+               "must be bf16 (0) or int8 (1)");
   }
   return absl::OkStatus();
 }

@@ -38,6 +38,13 @@ struct ModelShape {
 // How a KV head's query rows vote for blocks (see BlockVote in kvstar.proto).
 enum class BlockVote : uint32_t { kSum = 0, kMax = 1 };
 
+// How block representations are stored and scanned (see RepresentationFormat in kvstar.proto).
+// kBf16 is the reference; kInt8 stores each vector as int8 codes with one fp32 scale (symmetric,
+// max |value| -> 127) and scores with 8-bit dot products on queries quantized the same way.
+enum class RepresentationFormat : uint32_t { kBf16 = 0, kInt8 = 1 };
+
+const char* RepresentationFormatName(RepresentationFormat format);
+
 // Queries a Seal may score with (the prompt's last ones), whatever retrieval_stride is.
 inline constexpr uint32_t kMaxSealQueries = 128;
 
@@ -50,6 +57,7 @@ struct Knobs {
   float blk_repre_dim_prune_ratio = 0.25f;   // fraction of head_dim channels kept
   uint32_t blk_repre_inner_token_merge = 2;  // adjacent tokens averaged into one vector
   BlockVote block_vote = BlockVote::kSum;    // sum or max of the rows' shares of a block
+  RepresentationFormat representation_format = RepresentationFormat::kBf16;
 
   // Most queries one scoring call takes: a Retrieve sends at most retrieval_stride, a Seal up to
   // this many (the prompt's last queries).

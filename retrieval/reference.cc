@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "retrieval/convert.h"
+#include "retrieval/quantize.h"
 
 namespace kvstar::retrieval {
 namespace {
@@ -51,13 +52,21 @@ std::vector<float> ReferenceRepresentation(const ModelShape& shape, const Knobs&
   for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
     for (absl::Span<const uint8_t> block : key_blocks) {
       for (uint32_t m = 0; m < shape.block_size / merge; ++m) {
+        std::vector<float> means(kept);
         for (uint32_t j = 0; j < kept; ++j) {
           float mean = 0.0f;
           for (uint32_t t = 0; t < merge; ++t) {
             mean += KeyAt(shape, block, size_t{m} * merge + t, h, kept_channels[h * kept + j]);
           }
-          mean /= static_cast<float>(merge);
-          result.push_back(Bf16ToF32(F32ToBf16(mean)));
+          means[j] = mean / static_cast<float>(merge);
+        }
+        if (knobs.representation_format == RepresentationFormat::kInt8) {
+          std::vector<int8_t> codes(kept);
+          const float scale = QuantizeSymmetricInt8(means.data(), kept, codes.data());
+          for (uint32_t j = 0; j < kept; ++j)
+            result.push_back(static_cast<float>(codes[j]) * scale);
+        } else {
+          for (uint32_t j = 0; j < kept; ++j) result.push_back(Bf16ToF32(F32ToBf16(means[j])));
         }
       }
     }
@@ -83,12 +92,21 @@ std::vector<float> ReferenceScores(const ModelShape& shape, const Knobs& knobs,
       for (uint32_t g = 0; g < group; ++g) {
         const size_t q_base = (size_t{s} * shape.num_q_heads + h * group + g) * shape.head_dim;
         double* row = &scores[(size_t{s} * group + g) * columns];
+        // The query row on the kept channels; int8 representations score it quantized.
+        std::vector<double> query(kept);
+        std::vector<float> values(kept);
+        for (uint32_t j = 0; j < kept; ++j) {
+          values[j] = LoadAsF32(shape.dtype, queries.data(), q_base + channels[j]);
+          query[j] = values[j];
+        }
+        if (knobs.representation_format == RepresentationFormat::kInt8) {
+          std::vector<int8_t> high(kept), low(kept);
+          const float scale = QuantizeQueryInt8(values.data(), kept, high.data(), low.data());
+          for (uint32_t j = 0; j < kept; ++j) query[j] = QueryCodeValue(high[j], low[j]) * scale;
+        }
         for (size_t col = 0; col < columns; ++col) {
           double dot = 0.0;
-          for (uint32_t j = 0; j < kept; ++j) {
-            dot += double{LoadAsF32(shape.dtype, queries.data(), q_base + channels[j])} *
-                   rep[col * kept + j];
-          }
+          for (uint32_t j = 0; j < kept; ++j) dot += query[j] * rep[col * kept + j];
           row[col] = dot / std::sqrt(static_cast<double>(shape.head_dim));
         }
       }

@@ -16,13 +16,15 @@ std::vector<uint32_t> ReferenceKeptChannels(const ModelShape& shape, const Knobs
                                             absl::Span<const absl::Span<const uint8_t>> key_blocks);
 
 // Representation of one layer per KV head, [num_kv_heads][blocks][M][kept], values rounded to
-// bf16 exactly as SequenceIndex stores them (returned widened to fp32).
+// bf16 exactly as SequenceIndex stores them (returned widened to fp32); with representation_format
+// kInt8, each vector's QuantizeSymmetricInt8 codes times its scale.
 std::vector<float> ReferenceRepresentation(const ModelShape& shape, const Knobs& knobs,
                                            absl::Span<const absl::Span<const uint8_t>> key_blocks,
                                            absl::Span<const uint32_t> kept_channels);
 
 // Block scores of one layer: materialised S = Q R^T / sqrt(head_dim) per KV head, softmax per
-// row in double, summed over each block's vectors, rows and heads.
+// row in double, summed over each block's vectors, rows and heads. With representation_format
+// kInt8 each query row (on the kept channels) is quantized by QuantizeQueryInt8 first.
 std::vector<float> ReferenceScores(const ModelShape& shape, const Knobs& knobs,
                                    absl::Span<const float> representation,
                                    absl::Span<const uint32_t> kept_channels, uint32_t num_blocks,

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "retrieval/convert.h"
+#include "retrieval/quantize.h"
 
 namespace kvstar::retrieval {
 
@@ -90,7 +91,13 @@ absl::Status SequenceIndex::SealLayerWithChannels(
   fresh.vectors.resize(heads);
   fresh.norms.resize(heads);
   const size_t groups = (key_blocks.size() + kBlocksPerGroup - 1) / kBlocksPerGroup;
-  for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * values_per_group());
+  if (format() == RepresentationFormat::kInt8) {
+    fresh.codes.resize(heads);
+    fresh.scales.resize(heads);
+    for (auto& head_codes : fresh.codes) head_codes.reserve(groups * codes_per_group());
+  } else {
+    for (auto& head_vectors : fresh.vectors) head_vectors.reserve(groups * values_per_group());
+  }
   std::vector<float> merged_rows(MergedRowsElems());
   for (absl::Span<const uint8_t> block : key_blocks)
     AppendVectors(fresh, block, merged_rows.data());
@@ -120,27 +127,50 @@ void SequenceIndex::AppendVectors(Layer& layer, absl::Span<const uint8_t> key_bl
   const uint32_t merge = knobs_.blk_repre_inner_token_merge;
   const uint32_t block = layer.num_blocks;
   // A new group starts zeroed: its other blocks and the odd channel's partner stay zero.
+  const bool int8 = format() == RepresentationFormat::kInt8;
   if (block % kBlocksPerGroup == 0) {
     for (uint32_t h = 0; h < heads; ++h) {
-      layer.vectors[h].resize(layer.vectors[h].size() + values_per_group(), 0);
+      if (int8) {
+        layer.codes[h].resize(layer.codes[h].size() + codes_per_group(), kInt8CodeOffset);
+        layer.scales[h].resize(
+            layer.scales[h].size() + size_t{kBlocksPerGroup} * vectors_per_block_, 0.0f);
+      } else {
+        layer.vectors[h].resize(layer.vectors[h].size() + values_per_group(), 0);
+      }
       layer.norms[h].push_back(0.0f);
     }
   }
+  std::vector<float> means(kept_);
+  std::vector<int8_t> codes(kept_);
   const size_t rows_bytes = MergedRowsElems() * DTypeSize(shape_.dtype);
   for (uint32_t m = 0; m < vectors_per_block_; ++m) {
     // Widen only the `merge` token rows of this vector, so the copy stays in L1.
     ConvertToF32(shape_.dtype, key_block.data() + m * rows_bytes, MergedRowsElems(), merged_rows);
     for (uint32_t h = 0; h < heads; ++h) {
       const uint32_t* channels = &layer.kept_channels[size_t{h} * kept_];
-      std::vector<uint16_t>& out = layer.vectors[h];
       double squares = 0.0;
       for (uint32_t j = 0; j < kept_; ++j) {
         float sum = 0.0f;
         for (uint32_t t = 0; t < merge; ++t)
           sum += merged_rows[(size_t{t} * heads + h) * dim + channels[j]];
-        const uint16_t value = F32ToBf16(sum / static_cast<float>(merge));
-        out[representation_offset(block, m, j)] = value;
-        squares += double{Bf16ToF32(value)} * Bf16ToF32(value);
+        means[j] = sum / static_cast<float>(merge);
+      }
+      if (int8) {
+        const float scale = QuantizeSymmetricInt8(means.data(), kept_, codes.data());
+        layer.scales[h][scale_offset(block, m)] = scale;
+        for (uint32_t j = 0; j < kept_; ++j) {
+          layer.codes[h][code_offset(block, m, j)] =
+              static_cast<uint8_t>(codes[j] + int{kInt8CodeOffset});
+          const double value = static_cast<double>(codes[j]) * scale;
+          squares += value * value;
+        }
+      } else {
+        std::vector<uint16_t>& out = layer.vectors[h];
+        for (uint32_t j = 0; j < kept_; ++j) {
+          const uint16_t value = F32ToBf16(means[j]);
+          out[representation_offset(block, m, j)] = value;
+          squares += double{Bf16ToF32(value)} * Bf16ToF32(value);
+        }
       }
       // Rounded up so that it stays an upper bound after the conversion to float.
       float& group_norm = layer.norms[h].back();
@@ -162,11 +192,38 @@ absl::Span<const uint16_t> SequenceIndex::representation(uint32_t layer, uint32_
   return absl::MakeConstSpan(l.vectors[kv_head]);
 }
 
+absl::Span<const uint8_t> SequenceIndex::codes(uint32_t layer, uint32_t kv_head) const {
+  const Layer& l = layers_[layer];
+  if (!l.sealed || l.codes.empty()) return {};
+  return absl::MakeConstSpan(l.codes[kv_head]);
+}
+
+absl::Span<const float> SequenceIndex::code_scales(uint32_t layer, uint32_t kv_head) const {
+  const Layer& l = layers_[layer];
+  if (!l.sealed || l.scales.empty()) return {};
+  return absl::MakeConstSpan(l.scales[kv_head]);
+}
+
 std::vector<uint16_t> SequenceIndex::RowMajorRepresentation(uint32_t layer,
                                                             uint32_t kv_head) const {
+  std::vector<uint16_t> rows;
+  if (format() == RepresentationFormat::kInt8) {
+    const absl::Span<const uint8_t> stored = codes(layer, kv_head);
+    const absl::Span<const float> scales = code_scales(layer, kv_head);
+    if (stored.empty()) return {};
+    rows.reserve(size_t{num_blocks(layer)} * vectors_per_block_ * kept_);
+    for (uint32_t b = 0; b < num_blocks(layer); ++b) {
+      for (uint32_t m = 0; m < vectors_per_block_; ++m) {
+        for (uint32_t j = 0; j < kept_; ++j) {
+          const int code = int{stored[code_offset(b, m, j)]} - int{kInt8CodeOffset};
+          rows.push_back(F32ToBf16(static_cast<float>(code) * scales[scale_offset(b, m)]));
+        }
+      }
+    }
+    return rows;
+  }
   const absl::Span<const uint16_t> stored = representation(layer, kv_head);
   if (stored.empty()) return {};
-  std::vector<uint16_t> rows;
   rows.reserve(size_t{num_blocks(layer)} * vectors_per_block_ * kept_);
   for (uint32_t b = 0; b < num_blocks(layer); ++b) {
     for (uint32_t m = 0; m < vectors_per_block_; ++m) {
@@ -186,6 +243,8 @@ size_t SequenceIndex::representation_bytes() const {
   size_t bytes = 0;
   for (const Layer& l : layers_) {
     for (const auto& head_vectors : l.vectors) bytes += head_vectors.size() * sizeof(uint16_t);
+    for (const auto& head_codes : l.codes) bytes += head_codes.size();
+    for (const auto& head_scales : l.scales) bytes += head_scales.size() * sizeof(float);
   }
   return bytes;
 }

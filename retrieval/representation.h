@@ -79,8 +79,36 @@ class SequenceIndex {
                2 +
            channel % 2;
   }
+  // With knobs().representation_format kInt8 the vectors are stored as 8-bit codes instead
+  // (representation() is then empty): codes(layer, kv_head) in the order
+  // [group][M][kept / 4 rounded up][kBlocksPerGroup][4 channels] (code_offset), each code the
+  // QuantizeSymmetricInt8 code of the fp32 mean plus kInt8CodeOffset (unused slots hold the
+  // offset, i.e. 0), and code_scales(layer, kv_head) [group][M][kBlocksPerGroup] (scale_offset),
+  // one scale per vector (0 in unused slots). A 512-bit word then holds 4 channels of 16 blocks:
+  // one VNNI dot product scores 16 blocks over 4 channels.
+  RepresentationFormat format() const { return knobs_.representation_format; }
+  uint32_t kept_quads() const { return (kept_ + 3) / 4; }
+  absl::Span<const uint8_t> codes(uint32_t layer, uint32_t kv_head) const;
+  absl::Span<const float> code_scales(uint32_t layer, uint32_t kv_head) const;
+  size_t code_offset(uint32_t block, uint32_t vector, uint32_t channel) const {
+    const size_t group = block / kBlocksPerGroup;
+    return (((group * vectors_per_block_ + vector) * kept_quads() + channel / 4) * kBlocksPerGroup +
+            block % kBlocksPerGroup) *
+               4 +
+           channel % 4;
+  }
+  size_t scale_offset(uint32_t block, uint32_t vector) const {
+    return (size_t{block / kBlocksPerGroup} * vectors_per_block_ + vector) * kBlocksPerGroup +
+           block % kBlocksPerGroup;
+  }
+  // Codes of one group in codes().
+  size_t codes_per_group() const {
+    return size_t{kBlocksPerGroup} * vectors_per_block_ * kept_quads() * 4;
+  }
+
   // A copy of representation(layer, kv_head) in plain [num_blocks][vectors_per_block][kept]
   // order (bf16 bits), for baselines and tools that scan rows; allocates. Empty if unsealed.
+  // For kInt8, the dequantized vectors (code * scale) rounded to bf16.
   std::vector<uint16_t> RowMajorRepresentation(uint32_t layer, uint32_t kv_head) const;
   // Per group of representation(layer, kv_head): the largest L2 norm of its vectors (bf16 values,
   // rounded up), so a score q.v of any of them is at most |q| * norm. Empty if unsealed.
@@ -90,7 +118,7 @@ class SequenceIndex {
     return size_t{kBlocksPerGroup} * vectors_per_block_ * kept_pairs() * 2;
   }
   // Bytes of all representations, last groups' padding included (what one retrieval of every
-  // layer scans).
+  // layer scans): bf16 values, or int8 codes plus their scales.
   size_t representation_bytes() const;
 
  private:
@@ -100,6 +128,8 @@ class SequenceIndex {
     std::vector<uint32_t> kept_channels;         // [num_kv_heads][kept]
     std::vector<std::vector<uint16_t>> vectors;  // per KV head, in the stored order
     std::vector<std::vector<float>> norms;       // per KV head: [groups] max vector norm
+    std::vector<std::vector<uint8_t>> codes;     // kInt8: per KV head, in the stored order
+    std::vector<std::vector<float>> scales;      // kInt8: per KV head, [group][M][16]
   };
 
   SequenceIndex(const ModelShape& shape, const Knobs& knobs);

@@ -1,6 +1,7 @@
 #include "retrieval/scorer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -14,35 +15,16 @@
 #include "hwy/base.h"
 #include "hwy/cache_control.h"
 #include "retrieval/convert.h"
+#include "retrieval/quantize.h"
+#include "retrieval/scorer_kernels.h"
 
 #ifndef KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
 #define KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
 namespace kvstar::retrieval {
-namespace {
-
-// Offsets (floats) in one head's partials buffer: per lane chunk of every group, the rows'
-// numerators [groups][kBlocksPerGroup / lanes][rows][lanes] (so [groups][rows][16] floats
-// whatever the target's lanes); per chunk the rows' reference and denominator [chunks][rows].
-struct PartialsLayout {
-  PartialsLayout(size_t num_blocks, size_t num_rows, size_t num_chunks)
-      : num_groups((num_blocks + SequenceIndex::kBlocksPerGroup - 1) /
-                   SequenceIndex::kBlocksPerGroup),
-        num_chunks(num_chunks),
-        reference(num_groups * num_rows * SequenceIndex::kBlocksPerGroup),
-        denominator(reference + num_chunks * num_rows),
-        floats(hwy::RoundUpTo(denominator + num_chunks * num_rows, 16)) {}
-  // First group of chunk `chunk`; FirstGroup(num_chunks) == num_groups.
-  size_t FirstGroup(size_t chunk) const { return chunk * num_groups / num_chunks; }
-
-  size_t num_groups;
-  size_t num_chunks;
-  static constexpr size_t sums = 0;
-  size_t reference;
-  size_t denominator;
-  size_t floats;
-};
-
-}  // namespace
+using internal::ChunkArgs;
+using internal::GatheredLayout;
+using internal::kHeadroom;
+using internal::PartialsLayout;
 }  // namespace kvstar::retrieval
 #endif  // KVSTAR_RETRIEVAL_SCORER_CC_ONCE_
 
@@ -60,6 +42,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::CappedTag<float, SequenceIndex::kBlocksPerGroup>;
 using VF = hn::Vec<DF>;
 using DU = hn::RebindToUnsigned<DF>;
+using DI = hn::RebindToSigned<DF>;
 
 // Accumulator budget of the micro-kernel: 24 of 32 vector registers where there are 32
 // (AVX-512, NEON, SVE), 8 of 16 on AVX2/SSE and the emulated targets.
@@ -71,10 +54,6 @@ constexpr size_t kMaxRows = 6;
 constexpr size_t kMaxVectors = 4;  // representation vectors (M index) per micro-kernel tile
 // How many tiles ahead the representation is prefetched.
 constexpr size_t kPrefetchTiles = 2;
-
-// A row's scores may exceed its reference max by this much (log2 units) before the reference
-// moves: exp2 stays below 2^20, far from overflow, and the max rarely needs rescaling.
-constexpr float kHeadroom = 20.0f;
 
 // 2^x for x <= kHeadroom, relative error 2.6e-6 (ranking needs ~1e-4): minimax degree-4
 // polynomial of 2^f times 2^n.
@@ -245,11 +224,17 @@ HWY_INLINE void ScoreVectors(DF df, const float* widened, size_t kept, const flo
 // A group skips the per-row max entirely when |q_row| * (its largest vector norm), a bound on
 // every score by Cauchy-Schwarz, is within kHeadroom of every row's reference; the check is
 // repeated after each tile until it holds, so a chunk's first group pays only for its first tile.
-void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT group_norms,
-                    size_t num_blocks, size_t vectors, size_t kept,
-                    const float* HWY_RESTRICT queries, const float* HWY_RESTRICT query_norm,
-                    size_t num_rows, size_t chunk, size_t num_chunks, float* HWY_RESTRICT partials,
-                    ScoreScratch* scratch) {
+void ScoreChunkImpl(const ChunkArgs* args) {
+  const uint16_t* HWY_RESTRICT rep = args->rep;
+  const uint8_t* HWY_RESTRICT codes = args->codes;
+  const float* HWY_RESTRICT code_scales = args->code_scales;
+  const float* HWY_RESTRICT group_norms = args->group_norms;
+  const size_t num_blocks = args->num_blocks, vectors = args->vectors, kept = args->kept;
+  const size_t num_rows = args->num_rows, chunk = args->chunk, num_chunks = args->num_chunks;
+  const float* HWY_RESTRICT queries = args->gathered;
+  const float* HWY_RESTRICT query_norm = args->gathered + GatheredLayout(num_rows, kept).norms;
+  float* HWY_RESTRICT partials = args->partials;
+  ScoreScratch* scratch = args->scratch;
   const DF df;
   const DU du;
   const size_t lanes = hn::Lanes(df);
@@ -273,7 +258,6 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
   state.reference = state.denominator + row_vectors_size;
   state.threshold = state.reference + row_scalars_size;
   float* lane_chunk_reference = state.threshold + row_scalars_size;  // [lane chunks][rows]
-  float* partial_sum = partials + layout.sums;                       // [lane chunks][rows][lanes]
 
   for (size_t row = 0; row < num_rows; ++row) {
     state.reference[row] = 0.0f;
@@ -282,6 +266,9 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
   }
   const size_t group_values = vectors * kept_pairs * group_blocks * 2;
   const size_t vector_values = kept_pairs * group_blocks * 2;
+  const size_t kept_quads = (kept + 3) / 4;
+  const size_t vector_codes = kept_quads * group_blocks * 4;
+  const size_t group_codes = vectors * vector_codes;
   const auto high_half = hn::Set(du, 0xFFFF0000u);
   // Rounding may let a score pass the bound by ulps; exp2 just above kHeadroom is harmless.
   auto rows_bounded = [&](size_t group) {
@@ -307,14 +294,40 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
       hn::Store(hn::Zero(df), df, state.chunk_sum + row * lanes);
     }
     bool bounded = rows_bounded(group);
-    // Read as 32-bit words (channel pairs); Highway loads do not assume the pointee type.
+    // Read as 32-bit words (channel pairs, or int8 quads); Highway loads do not assume the
+    // pointee type.
     const uint32_t* group_rep =
-        reinterpret_cast<const uint32_t*>(rep + group * group_values) + first_lane;
+        codes != nullptr
+            ? reinterpret_cast<const uint32_t*>(codes + group * group_codes) + first_lane
+            : reinterpret_cast<const uint32_t*>(rep + group * group_values) + first_lane;
     for (size_t m = 0; m < vectors; m += kMaxVectors) {
       const size_t tile = std::min(kMaxVectors, vectors - m);
       // Widen this tile's bf16 pairs to fp32 [tile][kept][lanes]: the low half of each 32-bit
       // word is the even channel, the high half the odd one.
-      for (size_t v = 0; v < tile; ++v) {
+      for (size_t v = 0; v < tile && codes != nullptr; ++v) {
+        // int8: (code - offset) * the vector's scale, 4 channels per word, low byte first.
+        const uint32_t* src = group_rep + (m + v) * vector_codes / 4;
+        float* dst = widened + v * kept * lanes;
+        const VF scale =
+            hn::LoadU(df, code_scales + (group * vectors + m + v) * group_blocks + first_lane);
+        const DI di;
+        const auto byte_mask = hn::Set(du, 0xFFu);
+        const VF code_offset = hn::Set(df, static_cast<float>(kInt8CodeOffset));
+        auto widen = [&](auto bytes) {
+          return hn::Mul(
+              hn::Sub(hn::ConvertTo(df, hn::BitCast(di, hn::And(bytes, byte_mask))), code_offset),
+              scale);
+        };
+        for (size_t quad = 0; quad < kept_quads; ++quad) {
+          const auto words = hn::LoadU(du, src + quad * group_blocks);
+          const size_t c = 4 * quad;
+          hn::Store(widen(words), df, dst + c * lanes);
+          if (c + 1 < kept) hn::Store(widen(hn::ShiftRight<8>(words)), df, dst + (c + 1) * lanes);
+          if (c + 2 < kept) hn::Store(widen(hn::ShiftRight<16>(words)), df, dst + (c + 2) * lanes);
+          if (c + 3 < kept) hn::Store(widen(hn::ShiftRight<24>(words)), df, dst + (c + 3) * lanes);
+        }
+      }
+      for (size_t v = 0; v < tile && codes == nullptr; ++v) {
         const uint32_t* src = group_rep + (m + v) * vector_values / 2;
         float* dst = widened + v * kept * lanes;
         for (size_t pair = 0; pair < kept_pairs; ++pair) {
@@ -326,9 +339,11 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
         }
       }
       // The next tile (the next group's first, at the end) streams in while this one is scored.
-      const char* next = reinterpret_cast<const char*>(
-          group_rep + (m + kPrefetchTiles * kMaxVectors) * vector_values / 2);
-      const size_t next_bytes = tile * vector_values * sizeof(uint16_t);
+      const size_t vector_bytes =
+          codes != nullptr ? vector_codes : vector_values * sizeof(uint16_t);
+      const char* next = reinterpret_cast<const char*>(group_rep) +
+                         (m + kPrefetchTiles * kMaxVectors) * vector_bytes;
+      const size_t next_bytes = tile * vector_bytes;
       switch (tile) {
         case 1:
           ScoreVectors<1>(df, widened, kept, queries, num_rows, state, bounded, ragged, valid, next,
@@ -352,7 +367,7 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
     for (size_t row = 0; row < num_rows; ++row) {
       VF sum = hn::Load(df, state.chunk_sum + row * lanes);
       if (ragged) sum = hn::And(sum, valid);
-      hn::Store(sum, df, partial_sum + (lane_chunk * num_rows + row) * lanes);
+      hn::Store(sum, df, partials + layout.Sums(group, row, first_lane));
       lane_chunk_reference[local * num_rows + row] = state.reference[row];
       float* denominator = state.denominator + row * lanes;
       hn::Store(hn::Add(hn::Load(df, denominator), sum), df, denominator);
@@ -362,13 +377,13 @@ void ScoreChunkImpl(const uint16_t* HWY_RESTRICT rep, const float* HWY_RESTRICT 
   // Everything relative to the chunk's final reference.
   for (size_t local = 0; local < num_lane_chunks; ++local) {
     const size_t lane_chunk = first_lane_chunk + local;
-    const size_t first_block =
-        lane_chunk / chunks_per_group * group_blocks + (lane_chunk % chunks_per_group) * lanes;
-    if (first_block >= num_blocks) continue;
+    const size_t group = lane_chunk / chunks_per_group;
+    const size_t first_lane = (lane_chunk % chunks_per_group) * lanes;
+    if (group * group_blocks + first_lane >= num_blocks) continue;
     for (size_t row = 0; row < num_rows; ++row) {
       const float moved = lane_chunk_reference[local * num_rows + row] - state.reference[row];
       if (moved == 0.0f) continue;
-      float* sum = partial_sum + (lane_chunk * num_rows + row) * lanes;
+      float* sum = partials + layout.Sums(group, row, first_lane);
       hn::Store(hn::Mul(hn::Load(df, sum), hn::Set(df, std::exp2(moved))), df, sum);
     }
   }
@@ -407,24 +422,24 @@ void MergeChunksImpl(size_t num_blocks, size_t num_rows, size_t num_chunks,
     const float inverse = 1.0f / total;
     for (size_t c = 0; c < num_chunks; ++c) weight[c * num_rows + row] *= inverse;
   }
-  const float* partial_sum = partials + layout.sums;
   for (size_t chunk = 0; chunk < num_chunks; ++chunk) {
     const float* chunk_weight = weight + chunk * num_rows;
     for (size_t lane_chunk = layout.FirstGroup(chunk) * chunks_per_group;
          lane_chunk < layout.FirstGroup(chunk + 1) * chunks_per_group; ++lane_chunk) {
-      const size_t first_block =
-          lane_chunk / chunks_per_group * group_blocks + (lane_chunk % chunks_per_group) * lanes;
+      const size_t group = lane_chunk / chunks_per_group;
+      const size_t first_lane = (lane_chunk % chunks_per_group) * lanes;
+      const size_t first_block = group * group_blocks + first_lane;
       if (first_block >= num_blocks) continue;
+      const float* partial_sum = partials + layout.Sums(group, 0, first_lane);
       VF acc = hn::Zero(df);
       if (max_vote) {
         for (size_t row = 0; row < num_rows; ++row) {
-          acc = hn::Max(acc,
-                        hn::Mul(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
-                                hn::Set(df, chunk_weight[row])));
+          acc = hn::Max(acc, hn::Mul(hn::Load(df, partial_sum + row * group_blocks),
+                                     hn::Set(df, chunk_weight[row])));
         }
       } else {
         for (size_t row = 0; row < num_rows; ++row) {
-          acc = hn::MulAdd(hn::Load(df, partial_sum + (lane_chunk * num_rows + row) * lanes),
+          acc = hn::MulAdd(hn::Load(df, partial_sum + row * group_blocks),
                            hn::Set(df, chunk_weight[row]), acc);
         }
       }
@@ -517,8 +532,18 @@ size_t NumQueryRows(const SequenceIndex& index, uint32_t num_queries) {
 }
 
 size_t GatheredQueryFloats(const SequenceIndex& index, uint32_t num_queries) {
-  return NumQueryRows(index, num_queries) * (index.kept() + 1);
+  return GatheredLayout(NumQueryRows(index, num_queries), index.kept()).floats;
 }
+
+namespace {
+
+void StoreBits(uint32_t bits, float* out) { std::memcpy(out, &bits, sizeof(bits)); }
+
+float DotScale(const ModelShape& shape) {
+  return static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(shape.head_dim)));
+}
+
+}  // namespace
 
 void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
                        absl::Span<const uint8_t> queries, uint32_t num_queries,
@@ -526,20 +551,62 @@ void GatherHeadQueries(const SequenceIndex& index, uint32_t layer, uint32_t kv_h
   const ModelShape& shape = index.shape();
   const uint32_t group = shape.group_size();
   const uint32_t kept = index.kept();
-  const float scale = static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(shape.head_dim)));
+  const float scale = DotScale(shape);
+  const bool int8 = index.format() == RepresentationFormat::kInt8;
+  const GatheredLayout layout(NumQueryRows(index, num_queries), kept);
   const absl::Span<const uint32_t> channels = index.kept_channels(layer, kv_head);
+  std::vector<float> values(kept);
+  std::vector<int8_t> codes(layout.quads * 4, 0), low_codes(layout.quads * 4, 0);
   for (uint32_t token = 0; token < num_queries; ++token) {
     for (uint32_t g = 0; g < group; ++g) {
       const size_t q_head = size_t{kv_head} * group + g;
       const size_t base = (size_t{token} * shape.num_q_heads + q_head) * shape.head_dim;
-      float* row = &gathered[(size_t{token} * group + g) * kept];
+      const size_t r = size_t{token} * group + g;
+      for (uint32_t j = 0; j < kept; ++j) {
+        values[j] = LoadAsF32(shape.dtype, queries.data(), base + channels[j]);
+      }
+      // bf16 pairs of the unscaled row and of what they miss (the bf16 dot path).
+      for (uint32_t pair = 0; pair < layout.pairs; ++pair) {
+        uint32_t high = 0, low = 0;
+        for (uint32_t half = 0; half < 2 && 2 * pair + half < kept; ++half) {
+          const float value = values[2 * pair + half];
+          const uint16_t h = F32ToBf16(value);
+          high |= uint32_t{h} << (16 * half);
+          low |= uint32_t{F32ToBf16(value - Bf16ToF32(h))} << (16 * half);
+        }
+        StoreBits(high, &gathered[layout.high + r * layout.pairs + pair]);
+        StoreBits(low, &gathered[layout.low + r * layout.pairs + pair]);
+      }
+      // int8 codes (int8 representations score the quantized row on every path).
+      const float code_scale =
+          QuantizeQueryInt8(values.data(), kept, codes.data(), low_codes.data());
+      int32_t code_sum = 0, low_code_sum = 0;
+      for (uint32_t quad = 0; quad < layout.quads; ++quad) {
+        uint32_t word = 0, low_word = 0;
+        for (uint32_t k = 0; k < 4; ++k) {
+          word |= uint32_t{static_cast<uint8_t>(codes[4 * quad + k])} << (8 * k);
+          low_word |= uint32_t{static_cast<uint8_t>(low_codes[4 * quad + k])} << (8 * k);
+          code_sum += codes[4 * quad + k];
+          low_code_sum += low_codes[4 * quad + k];
+        }
+        StoreBits(word, &gathered[layout.quad_codes + r * layout.quads + quad]);
+        StoreBits(low_word, &gathered[layout.low_quad_codes + r * layout.quads + quad]);
+      }
+      gathered[layout.factor + r] = code_scale * scale;
+      StoreBits(static_cast<uint32_t>(-int32_t{kInt8CodeOffset} * code_sum),
+                &gathered[layout.offset + r]);
+      StoreBits(static_cast<uint32_t>(-int32_t{kInt8CodeOffset} * low_code_sum),
+                &gathered[layout.low_offset + r]);
+      // fp32 rows for the Highway kernel and the bound, scaled for exp2.
+      float* row = &gathered[r * kept];
       double squares = 0.0;
       for (uint32_t j = 0; j < kept; ++j) {
-        row[j] = scale * LoadAsF32(shape.dtype, queries.data(), base + channels[j]);
+        row[j] = int8 ? static_cast<float>(QueryCodeValue(codes[j], low_codes[j]) *
+                                           gathered[layout.factor + r])
+                      : scale * values[j];
         squares += double{row[j]} * row[j];
       }
-      gathered[NumQueryRows(index, num_queries) * kept + size_t{token} * group + g] =
-          static_cast<float>(std::sqrt(squares));
+      gathered[layout.norms + r] = static_cast<float>(std::sqrt(squares));
     }
   }
 }
@@ -548,15 +615,88 @@ size_t HeadPartialsFloats(uint32_t num_blocks, size_t num_rows, uint32_t num_chu
   return PartialsLayout(num_blocks, num_rows, num_chunks).floats;
 }
 
+namespace {
+
+std::atomic<ScorePath> forced_path{ScorePath::kAuto};
+
+}  // namespace
+
+const char* ScorePathName(ScorePath path) {
+  switch (path) {
+    case ScorePath::kAuto:
+      return "auto";
+    case ScorePath::kHighway:
+      return "highway";
+    case ScorePath::kBf16Dot:
+      return "bf16-dot";
+    case ScorePath::kInt8Vnni:
+      return "int8-vnni";
+  }
+  return "unknown";
+}
+
+bool ScorePathSupported(ScorePath path, RepresentationFormat format) {
+  switch (path) {
+    case ScorePath::kAuto:
+    case ScorePath::kHighway:
+      return true;
+    case ScorePath::kBf16Dot:
+      return format == RepresentationFormat::kBf16 && internal::CpuHasAvx512Bf16();
+    case ScorePath::kInt8Vnni:
+      return format == RepresentationFormat::kInt8 && internal::CpuHasAvx512Vnni();
+  }
+  return false;
+}
+
+void SetScorePath(ScorePath path) { forced_path.store(path, std::memory_order_relaxed); }
+
+ScorePath ActiveScorePath(RepresentationFormat format) {
+  const ScorePath forced = forced_path.load(std::memory_order_relaxed);
+  if (forced != ScorePath::kAuto) {
+    return ScorePathSupported(forced, format) ? forced : ScorePath::kHighway;
+  }
+  // Measured on the Sapphire Rapids class build host (bench/retrieval_bench, and register-resident
+  // loops of independent instructions): vdpbf16ps retires at about 1/4 and vpdpbusd at about 1/2
+  // of the vfmadd231ps rate, so neither x86 path beats the fp32 FMA kernel there (bf16-dot 0.6x,
+  // int8-vnni, whose queries need two codes, 0.7x of int8 on Highway). They stay forcible.
+  return ScorePath::kHighway;
+}
+
 void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
                 absl::Span<const float> gathered, size_t num_rows, uint32_t chunk,
                 uint32_t num_chunks, absl::Span<float> partials, ScoreScratch& scratch) {
   const FlushDenormals flush;
-  HWY_DYNAMIC_DISPATCH(ScoreChunkImpl)
-  (index.representation(layer, kv_head).data(), index.group_norms(layer, kv_head).data(),
-   index.num_blocks(layer), index.vectors_per_block(), index.kept(), gathered.data(),
-   gathered.data() + num_rows * index.kept(), num_rows, chunk, num_chunks, partials.data(),
-   &scratch);
+  ChunkArgs args;
+  const bool int8 = index.format() == RepresentationFormat::kInt8;
+  if (int8) {
+    args.codes = index.codes(layer, kv_head).data();
+    args.code_scales = index.code_scales(layer, kv_head).data();
+  } else {
+    args.rep = index.representation(layer, kv_head).data();
+  }
+  args.group_norms = index.group_norms(layer, kv_head).data();
+  args.num_blocks = index.num_blocks(layer);
+  args.vectors = index.vectors_per_block();
+  args.kept = index.kept();
+  args.gathered = gathered.data();
+  args.num_rows = num_rows;
+  args.dot_scale = DotScale(index.shape());
+  args.split_queries = index.shape().dtype != DType::kBf16;
+  args.chunk = chunk;
+  args.num_chunks = num_chunks;
+  args.partials = partials.data();
+  args.scratch = &scratch;
+  switch (ActiveScorePath(index.format())) {
+    case ScorePath::kBf16Dot:
+      internal::ScoreChunkBf16Dot(args);
+      break;
+    case ScorePath::kInt8Vnni:
+      internal::ScoreChunkInt8Vnni(args);
+      break;
+    default:
+      HWY_DYNAMIC_DISPATCH(ScoreChunkImpl)(&args);
+      break;
+  }
 }
 
 void MergeChunks(uint32_t num_blocks, size_t num_rows, uint32_t num_chunks,

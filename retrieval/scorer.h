@@ -55,7 +55,8 @@ uint32_t ChunksPerHead(uint32_t num_blocks);
 
 // Query rows of one KV head: num_queries * group size.
 size_t NumQueryRows(const SequenceIndex& index, uint32_t num_queries);
-// Floats of one head's gathered queries: the rows [NumQueryRows][kept()], then their norms.
+// Floats of one head's gathered queries: the rows [NumQueryRows][kept()], their norms, and the
+// rows as bf16 pairs and int8 quads for the x86 paths (internal::GatheredLayout).
 size_t GatheredQueryFloats(const SequenceIndex& index, uint32_t num_queries);
 
 // Gathers kv_head's query rows on its kept channels, pre-scaled for the scorer, and their L2
@@ -97,6 +98,26 @@ absl::Status ScoreLayer(const SequenceIndex& index, uint32_t layer,
 
 // The Highway target the scorer dispatches to on this machine, e.g. "AVX3".
 const char* DispatchedTargetName();
+
+// Which kernel scans a representation. All paths share one chunk format (split-K partials), so
+// they are interchangeable; the scalar reference (reference.h) is the truth for every one.
+//  - kHighway: the Highway kernel, every target (the portable fallback), both formats;
+//  - kBf16Dot: AVX512_BF16 vdpbf16ps on the bf16 representation (bf16 queries exactly, fp16/fp32
+//    queries as two bf16 parts);
+//  - kInt8Vnni: AVX512_VNNI vpdpbusd on the int8 representation.
+// kAuto picks kHighway, measured the fastest for both formats on the AVX-512 hosts here (see
+// ActiveScorePath in scorer.cc); the other paths are chosen with SetScorePath.
+enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni };
+
+const char* ScorePathName(ScorePath path);
+// Whether `path` scores `format` on this CPU (kAuto and kHighway always do).
+bool ScorePathSupported(ScorePath path, RepresentationFormat format);
+// Forces `path` for every later scoring call of the process (tests, benchmarks); kAuto restores
+// the automatic choice. Where the forced path does not support an index's format, kHighway
+// scores it. Thread-safe, but calls racing with scoring may score a layer by mixed paths.
+void SetScorePath(ScorePath path);
+// The path that scores an index of `format` now: never kAuto.
+ScorePath ActiveScorePath(RepresentationFormat format);
 
 }  // namespace kvstar::retrieval
 

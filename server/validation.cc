@@ -145,6 +145,14 @@ absl::StatusOr<v1::KvstarConfig> NormalizeConfig(const v1::KvstarConfig& config,
   if (!out.has_blk_repre_dim_prune_ratio()) out.set_blk_repre_dim_prune_ratio(0.25f);
   if (!out.has_blk_repre_inner_token_merge()) out.set_blk_repre_inner_token_merge(2);
   if (!out.has_block_vote()) out.set_block_vote(v1::BLOCK_VOTE_SUM);
+  if (!out.has_representation_format()) {
+    out.set_representation_format(v1::REPRESENTATION_FORMAT_BF16);
+  }
+  if (!v1::RepresentationFormat_IsValid(out.representation_format())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.representation_format is ", out.representation_format(),
+                     ": must be REPRESENTATION_FORMAT_BF16 (0) or REPRESENTATION_FORMAT_INT8 (1)"));
+  }
   if (!v1::BlockVote_IsValid(out.block_vote())) {
     return absl::InvalidArgumentError(absl::StrCat("config.block_vote is ", out.block_vote(),
                                                    ": must be BLOCK_VOTE_SUM (0) or "
@@ -200,6 +208,9 @@ retrieval::Knobs ToKnobs(const v1::KvstarConfig& config) {
   knobs.blk_repre_inner_token_merge = config.blk_repre_inner_token_merge();
   knobs.block_vote = config.block_vote() == v1::BLOCK_VOTE_MAX ? retrieval::BlockVote::kMax
                                                                : retrieval::BlockVote::kSum;
+  knobs.representation_format = config.representation_format() == v1::REPRESENTATION_FORMAT_INT8
+                                    ? retrieval::RepresentationFormat::kInt8
+                                    : retrieval::RepresentationFormat::kBf16;
   return knobs;
 }
 

@@ -37,6 +37,7 @@ TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
   kvstar_config config;
   kvstar_config_default(&config);
   EXPECT_EQ(config.retrieval_stride, 8u);
+  EXPECT_EQ(config.representation_format, 0u);  // bf16
   config.retrieval_stride = 4;
   kvstar_sequence* sequence = nullptr;
   ASSERT_EQ(

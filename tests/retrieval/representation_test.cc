@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "retrieval/convert.h"
+#include "retrieval/quantize.h"
 #include "retrieval/reference.h"
 #include "tests/retrieval/test_util.h"
 
@@ -71,6 +72,9 @@ TEST(ValidationTest, RejectsBadFieldsNamingThem) {
   k.retrieval_stride = 0;
   expect_bad(good, k, "retrieval_stride = 0");
   EXPECT_FALSE(SequenceIndex::Create(good, k).ok());
+  k = knobs;
+  k.representation_format = static_cast<RepresentationFormat>(5);
+  expect_bad(good, k, "representation_format = 5");
 }
 
 TEST(RepresentationTest, KeepsTheChannelsWithLargestMeanAbsKey) {
@@ -181,6 +185,78 @@ TEST(RepresentationTest, MatchesReferenceRepresentationBitForBit) {
     EXPECT_EQ(at, rep.size());
     EXPECT_EQ(idx.representation_bytes(),
               shape.num_kv_heads * idx.representation(0, 0).size() * sizeof(uint16_t));
+  }
+}
+
+// int8: every stored code and scale decodes to the reference's dequantized value, padding holds
+// the code offset (value 0) and scale 0, norms bound the decoded vectors, and appending blocks
+// after the seal stores the same bytes as sealing them at once.
+TEST(RepresentationTest, Int8CodesAndScalesMatchTheReferenceQuantization) {
+  std::mt19937 rng(9);
+  for (DType dtype : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+    ModelShape shape{1, 6, 3, 40, 12, dtype};  // kept 10: three quads, the last one partial
+    Knobs knobs;
+    knobs.blk_repre_inner_token_merge = 3;
+    knobs.representation_format = RepresentationFormat::kInt8;
+    testing::KeyBlocks keys(shape, 21, rng);
+    auto index = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(index.ok());
+    ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+    const auto channels = ReferenceKeptChannels(shape, knobs, keys.spans);
+    const auto rep = ReferenceRepresentation(shape, knobs, keys.spans, channels);
+    const SequenceIndex& idx = **index;
+    ASSERT_EQ(idx.kept(), 10u);
+    const uint32_t blocks = static_cast<uint32_t>(keys.spans.size());
+    const size_t groups =
+        (blocks + SequenceIndex::kBlocksPerGroup - 1) / SequenceIndex::kBlocksPerGroup;
+    size_t at = 0;
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      EXPECT_TRUE(idx.representation(0, h).empty());
+      const auto codes = idx.codes(0, h);
+      const auto scales = idx.code_scales(0, h);
+      ASSERT_EQ(codes.size(), groups * idx.codes_per_group());
+      ASSERT_EQ(scales.size(), groups * SequenceIndex::kBlocksPerGroup * idx.vectors_per_block());
+      std::vector<bool> visited(codes.size(), false);
+      for (uint32_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = 0; m < idx.vectors_per_block(); ++m) {
+          const float scale = scales[idx.scale_offset(b, m)];
+          double squares = 0.0;
+          for (uint32_t j = 0; j < idx.kept(); ++j) {
+            const size_t offset = idx.code_offset(b, m, j);
+            ASSERT_FALSE(visited[offset]);
+            visited[offset] = true;
+            const int code = int{codes[offset]} - int{kInt8CodeOffset};
+            ASSERT_LE(std::abs(code), 127);
+            ASSERT_EQ(static_cast<float>(code) * scale, rep[at++]);
+            squares += double{rep[at - 1]} * rep[at - 1];
+          }
+          EXPECT_GE(idx.group_norms(0, h)[b / SequenceIndex::kBlocksPerGroup], std::sqrt(squares));
+        }
+      }
+      for (size_t i = 0; i < codes.size(); ++i) {
+        if (!visited[i]) ASSERT_EQ(codes[i], kInt8CodeOffset) << i;
+      }
+    }
+    EXPECT_EQ(at, rep.size());
+    EXPECT_EQ(idx.representation_bytes(),
+              shape.num_kv_heads * (idx.codes(0, 0).size() + idx.code_scales(0, 0).size() * 4));
+
+    auto appended = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(appended.ok());
+    ASSERT_TRUE(
+        (*appended)
+            ->SealLayerWithChannels(0, absl::MakeConstSpan(keys.spans).subspan(0, 5), channels)
+            .ok());
+    for (size_t b = 5; b < keys.spans.size(); ++b) {
+      ASSERT_TRUE((*appended)->AppendBlock(0, keys.spans[b]).ok());
+    }
+    for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+      EXPECT_TRUE(std::equal(idx.codes(0, h).begin(), idx.codes(0, h).end(),
+                             (*appended)->codes(0, h).begin(), (*appended)->codes(0, h).end()));
+      EXPECT_TRUE(std::equal(idx.code_scales(0, h).begin(), idx.code_scales(0, h).end(),
+                             (*appended)->code_scales(0, h).begin(),
+                             (*appended)->code_scales(0, h).end()));
+    }
   }
 }
 

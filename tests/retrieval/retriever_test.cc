@@ -21,9 +21,9 @@ struct Sequence {
 };
 
 Sequence MakeSequence(const ModelShape& shape, uint32_t num_blocks, uint32_t num_queries,
-                      std::mt19937& rng) {
+                      std::mt19937& rng, const Knobs& knobs = Knobs()) {
   Sequence seq;
-  seq.index = std::move(SequenceIndex::Create(shape, Knobs()).value());
+  seq.index = std::move(SequenceIndex::Create(shape, knobs).value());
   for (uint32_t layer = 0; layer < shape.num_layers; ++layer) {
     testing::KeyBlocks keys(shape, num_blocks, rng);
     EXPECT_TRUE(seq.index->SealLayer(layer, keys.spans).ok());
@@ -43,6 +43,10 @@ TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
   std::vector<Sequence> seqs;
   seqs.push_back(MakeSequence(a, 23, 8, rng));
   seqs.push_back(MakeSequence(b, 9, 3, rng));
+  // An int8 sequence in the same batch as bf16 ones.
+  Knobs int8;
+  int8.representation_format = RepresentationFormat::kInt8;
+  seqs.push_back(MakeSequence(a, 37, 5, rng, int8));
   std::vector<RetrievalRequest> requests;
   for (const Sequence& s : seqs) requests.push_back(s.request);
 
@@ -58,7 +62,7 @@ TEST(RetrieverTest, BatchMatchesPerLayerScoringAndCallsOncePerLayer) {
                                 EXPECT_TRUE(inserted);
                               })
                     .ok());
-    EXPECT_EQ(got.size(), size_t{5 + 3});
+    EXPECT_EQ(got.size(), size_t{5 + 3 + 5});
     for (size_t r = 0; r < seqs.size(); ++r) {
       for (uint32_t layer = 0; layer < seqs[r].index->shape().num_layers; ++layer) {
         std::vector<float> scores;

@@ -109,10 +109,11 @@ void ExpectLayerScoresMatchReference(const Case& c, const SequenceIndex& index, 
                                   want);
 }
 
-void ExpectFusedScoresMatchReference() {
+void ExpectFusedScoresMatchReference(RepresentationFormat format = RepresentationFormat::kBf16) {
   std::mt19937 rng(7);
-  for (const Case& c : Cases()) {
+  for (Case c : Cases()) {
     SCOPED_TRACE(c.name);
+    c.knobs.representation_format = format;
     auto index = SequenceIndex::Create(c.shape, c.knobs);
     ASSERT_TRUE(index.ok()) << index.status();
     KeyBlocks keys(c.shape, c.num_blocks, rng);
@@ -130,7 +131,15 @@ void ExpectFusedScoresMatchReference() {
 }
 
 // Every Highway target this CPU runs (AVX3, AVX2, SSE4, ..., EMU128/SCALAR), not just the best.
+// Forces a scoring path for one test and restores the automatic choice after it.
+class ForcePath {
+ public:
+  explicit ForcePath(ScorePath path) { SetScorePath(path); }
+  ~ForcePath() { SetScorePath(ScorePath::kAuto); }
+};
+
 TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapesForEveryTarget) {
+  const ForcePath highway(ScorePath::kHighway);
   for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
     SCOPED_TRACE(hwy::TargetName(target));
     hwy::SetSupportedTargetsForTest(target);
@@ -142,14 +151,13 @@ TEST(ScorerTest, FusedScoresMatchReferenceOnAwkwardAndModelShapesForEveryTarget)
 
 // BLOCK_VOTE_MAX: each block scores the largest share any query row gives it (per KV head), with
 // up to kMaxSealQueries rows as a Seal may send.
-TEST(ScorerTest, MaxVoteScoresMatchReferenceWithSealSizedQueryWindowsForEveryTarget) {
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    SCOPED_TRACE(hwy::TargetName(target));
-    hwy::SetSupportedTargetsForTest(target);
-    std::mt19937 rng(11);
-    for (Case c : Cases()) {
-      SCOPED_TRACE(c.name);
-      c.knobs.block_vote = BlockVote::kMax;
+void ExpectMaxVoteScoresMatchReference(RepresentationFormat format) {
+  std::mt19937 rng(11);
+  for (Case c : Cases()) {
+    SCOPED_TRACE(c.name);
+    c.knobs.block_vote = BlockVote::kMax;
+    c.knobs.representation_format = format;
+    {
       auto index = SequenceIndex::Create(c.shape, c.knobs);
       ASSERT_TRUE(index.ok()) << index.status();
       KeyBlocks keys(c.shape, c.num_blocks, rng);
@@ -166,6 +174,15 @@ TEST(ScorerTest, MaxVoteScoresMatchReferenceWithSealSizedQueryWindowsForEveryTar
           3.0f);
       EXPECT_FALSE(ScoreLayer(**index, 0, too_many, kMaxSealQueries + 1, scores).ok());
     }
+  }
+}
+
+TEST(ScorerTest, MaxVoteScoresMatchReferenceWithSealSizedQueryWindowsForEveryTarget) {
+  const ForcePath highway(ScorePath::kHighway);
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    SCOPED_TRACE(hwy::TargetName(target));
+    hwy::SetSupportedTargetsForTest(target);
+    ExpectMaxVoteScoresMatchReference(RepresentationFormat::kBf16);
   }
   hwy::SetSupportedTargetsForTest(0);
 }
@@ -199,9 +216,10 @@ std::vector<float> SplitLayerScores(const SequenceIndex& index, uint32_t layer,
 // Split-K: every chunk count from 1 to one chunk per group matches the reference, including
 // chunks whose maxima lie far apart (a dominant block in the first or the last chunk), and the
 // order the chunks run in changes no bit.
-void ExpectSplitScoresMatchReference() {
+void ExpectSplitScoresMatchReference(RepresentationFormat format = RepresentationFormat::kBf16) {
   const ModelShape shape = Shape(6, 2, 40, 16, DType::kFp32);
-  const Knobs knobs = MakeKnobs(0.3f, 2);
+  Knobs knobs = MakeKnobs(0.3f, 2);
+  knobs.representation_format = format;
   std::mt19937 rng(29);
   const uint32_t num_blocks = 75, nq = 3;  // 5 groups, the last one ragged
   for (int planted : {-1, 2, 73}) {
@@ -246,12 +264,99 @@ void ExpectSplitScoresMatchReference() {
 }
 
 TEST(ScorerTest, SplitKScoresMatchReferenceForEveryChunkCountAndTarget) {
+  const ForcePath highway(ScorePath::kHighway);
   for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
     SCOPED_TRACE(hwy::TargetName(target));
     hwy::SetSupportedTargetsForTest(target);
     ExpectSplitScoresMatchReference();
   }
   hwy::SetSupportedTargetsForTest(0);
+}
+
+// The int8 representation through the Highway kernel (the portable fallback), every target,
+// against the reference scoring the same codes and the same quantized queries.
+TEST(ScorerTest, Int8RepresentationMatchesReferenceForEveryTarget) {
+  const ForcePath highway(ScorePath::kHighway);
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    SCOPED_TRACE(hwy::TargetName(target));
+    hwy::SetSupportedTargetsForTest(target);
+    ExpectFusedScoresMatchReference(RepresentationFormat::kInt8);
+    ExpectMaxVoteScoresMatchReference(RepresentationFormat::kInt8);
+    ExpectSplitScoresMatchReference(RepresentationFormat::kInt8);
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+// The AVX512_BF16 path: bf16 queries exactly, fp16/fp32 ones as two bf16 parts.
+TEST(ScorerTest, Bf16DotPathMatchesReferenceOnAwkwardAndModelShapes) {
+  if (!ScorePathSupported(ScorePath::kBf16Dot, RepresentationFormat::kBf16)) {
+    GTEST_SKIP() << "this CPU has no AVX512_BF16: the bf16-dot path cannot run here";
+  }
+  const ForcePath bf16_dot(ScorePath::kBf16Dot);
+  ASSERT_EQ(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kBf16Dot);
+  ExpectFusedScoresMatchReference(RepresentationFormat::kBf16);
+  ExpectMaxVoteScoresMatchReference(RepresentationFormat::kBf16);
+  ExpectSplitScoresMatchReference(RepresentationFormat::kBf16);
+}
+
+TEST(ScorerTest, Int8VnniPathMatchesReferenceOnAwkwardAndModelShapes) {
+  if (!ScorePathSupported(ScorePath::kInt8Vnni, RepresentationFormat::kInt8)) {
+    GTEST_SKIP() << "this CPU has no AVX512_VNNI: the int8-vnni path cannot run here";
+  }
+  const ForcePath vnni(ScorePath::kInt8Vnni);
+  ASSERT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kInt8Vnni);
+  ExpectFusedScoresMatchReference(RepresentationFormat::kInt8);
+  ExpectMaxVoteScoresMatchReference(RepresentationFormat::kInt8);
+  ExpectSplitScoresMatchReference(RepresentationFormat::kInt8);
+}
+
+// Every path scores the same index to the same values (within rounding), on a Qwen-shaped layer
+// of several groups and chunks.
+TEST(ScorerTest, EveryPathAgreesWithTheHighwayKernel) {
+  const ModelShape shape = Shape(40, 8, 128, 128, DType::kBf16);
+  std::mt19937 rng(5);
+  KeyBlocks keys(shape, 150, rng);
+  const auto queries =
+      RandomElements(shape.dtype, size_t{8} * shape.num_q_heads * shape.head_dim, rng, 3.0f);
+  for (RepresentationFormat format : {RepresentationFormat::kBf16, RepresentationFormat::kInt8}) {
+    SCOPED_TRACE(RepresentationFormatName(format));
+    Knobs knobs;
+    knobs.representation_format = format;
+    auto index = SequenceIndex::Create(shape, knobs);
+    ASSERT_TRUE(index.ok());
+    ASSERT_TRUE((*index)->SealLayer(0, keys.spans).ok());
+    std::vector<float> highway_scores;
+    {
+      const ForcePath highway(ScorePath::kHighway);
+      ASSERT_TRUE(ScoreLayer(**index, 0, queries, 8, highway_scores).ok());
+    }
+    for (ScorePath path : {ScorePath::kBf16Dot, ScorePath::kInt8Vnni}) {
+      if (!ScorePathSupported(path, format)) continue;
+      SCOPED_TRACE(ScorePathName(path));
+      const ForcePath forced(path);
+      std::vector<float> scores;
+      ASSERT_TRUE(ScoreLayer(**index, 0, queries, 8, scores).ok());
+      ASSERT_EQ(scores.size(), highway_scores.size());
+      for (size_t b = 0; b < scores.size(); ++b) {
+        EXPECT_NEAR(scores[b], highway_scores[b], 1e-4f * highway_scores[b] + 1e-5f) << b;
+      }
+    }
+  }
+}
+
+TEST(ScorerTest, ForcedPathFallsBackToHighwayForAFormatItCannotScore) {
+  {
+    const ForcePath vnni(ScorePath::kInt8Vnni);
+    EXPECT_EQ(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kHighway);
+  }
+  {
+    const ForcePath bf16_dot(ScorePath::kBf16Dot);
+    EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
+  }
+  EXPECT_NE(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kAuto);
+  std::printf("automatic paths here: bf16 -> %s, int8 -> %s\n",
+              ScorePathName(ActiveScorePath(RepresentationFormat::kBf16)),
+              ScorePathName(ActiveScorePath(RepresentationFormat::kInt8)));
 }
 
 TEST(ScorerTest, ChunksPerHeadKeepsChunksOfAtLeastFourGroups) {

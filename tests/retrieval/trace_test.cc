@@ -244,10 +244,14 @@ class TraceTest : public ::testing::Test {
     trace_ = new Trace(std::move(*trace));
     results_ = new std::vector<std::vector<LayerResult>>(kNumConfigs);
     indexes_ = new std::vector<std::unique_ptr<SequenceIndex>>;
+    int8_results_ = new std::vector<std::vector<LayerResult>>(kNumConfigs);
+    int8_indexes_ = new std::vector<std::unique_ptr<SequenceIndex>>;
     Retriever retriever;
-    for (size_t c = 0; c < kNumConfigs; ++c) {
-      const Knobs knobs = MakeKnobs(kConfigs[c]);
-      std::vector<LayerResult>& results = (*results_)[c];
+    for (size_t c = 0; c < 2 * kNumConfigs; ++c) {
+      const bool int8 = c >= kNumConfigs;
+      Knobs knobs = MakeKnobs(kConfigs[c % kNumConfigs]);
+      if (int8) knobs.representation_format = RepresentationFormat::kInt8;
+      std::vector<LayerResult>& results = (int8 ? *int8_results_ : *results_)[c % kNumConfigs];
       results.resize(trace_->layers.size());
       auto index = SequenceIndex::Create(trace_->shape, knobs);
       ASSERT_TRUE(index.ok()) << index.status();
@@ -287,7 +291,7 @@ class TraceTest : public ::testing::Test {
         r.oracle = MiddleCapture(mass, oracle, knobs);
         r.window_only = MiddleCapture(mass, window_only, knobs);
       }
-      indexes_->push_back(std::move(*index));
+      (int8 ? int8_indexes_ : indexes_)->push_back(std::move(*index));
     }
     PrintTable();
     ready_ = true;
@@ -296,6 +300,8 @@ class TraceTest : public ::testing::Test {
   void SetUp() override { ASSERT_TRUE(ready_) << "the trace did not load or index"; }
 
   static void TearDownTestSuite() {
+    delete int8_indexes_;
+    delete int8_results_;
     delete indexes_;
     delete results_;
     delete trace_;
@@ -323,10 +329,15 @@ class TraceTest : public ::testing::Test {
   static Trace* trace_;
   static std::vector<std::vector<LayerResult>>* results_;        // [config][traced layer]
   static std::vector<std::unique_ptr<SequenceIndex>>* indexes_;  // [config], every traced layer
+  // The same with representation_format kInt8.
+  static std::vector<std::vector<LayerResult>>* int8_results_;
+  static std::vector<std::unique_ptr<SequenceIndex>>* int8_indexes_;
   static bool ready_;
 };
 
 Trace* TraceTest::trace_ = nullptr;
+std::vector<std::vector<LayerResult>>* TraceTest::int8_results_ = nullptr;
+std::vector<std::unique_ptr<SequenceIndex>>* TraceTest::int8_indexes_ = nullptr;
 std::vector<std::vector<LayerResult>>* TraceTest::results_ = nullptr;
 std::vector<std::unique_ptr<SequenceIndex>>* TraceTest::indexes_ = nullptr;
 bool TraceTest::ready_ = false;
@@ -348,13 +359,16 @@ TEST_F(TraceTest, TrueAttentionFromTheTraceMatchesTheModels) {
 }
 
 TEST_F(TraceTest, SimdIndexScoresAndSelectionMatchTheScalarReference) {
-  for (size_t c = 0; c < kNumConfigs; ++c) {
-    const Knobs knobs = MakeKnobs(kConfigs[c]);
-    const SequenceIndex& index = *(*indexes_)[c];
+  for (size_t c = 0; c < 2 * kNumConfigs; ++c) {
+    const bool int8 = c >= kNumConfigs;
+    Knobs knobs = MakeKnobs(kConfigs[c % kNumConfigs]);
+    if (int8) knobs.representation_format = RepresentationFormat::kInt8;
+    const SequenceIndex& index = *(int8 ? *int8_indexes_ : *indexes_)[c % kNumConfigs];
     for (uint32_t i = 0; i < trace_->layers.size(); ++i) {
-      SCOPED_TRACE(absl::StrCat(kConfigs[c].name, ", layer ", trace_->layers[i].model_layer));
+      SCOPED_TRACE(absl::StrCat(kConfigs[c % kNumConfigs].name, int8 ? " int8" : " bf16",
+                                ", layer ", trace_->layers[i].model_layer));
       const LayerTrace& layer = trace_->layers[i];
-      const LayerResult& r = (*results_)[c][i];
+      const LayerResult& r = (int8 ? *int8_results_ : *results_)[c % kNumConfigs][i];
       const std::vector<uint32_t> channels =
           ReferenceKeptChannels(trace_->shape, knobs, layer.blocks);
       const uint32_t kept = index.kept();
@@ -429,6 +443,27 @@ TEST_F(TraceTest, BeatsWindowOnlyOnAverageOverLayers) {
                 window_only);
     EXPECT_GT(capture, window_only) << kConfigs[c].name;
   }
+}
+
+// The accuracy guard of 8-bit representations: on every config and traced layer, the int8
+// index's selection captures the middle mass within 0.005 of the bf16 index's.
+TEST_F(TraceTest, Int8RepresentationKeepsMiddleCaptureWithinHalfAPercentOfBf16) {
+  std::printf("%-30s %5s %8s %8s %9s %9s\n", "config", "layer", "bf16", "int8", "int8-bf16",
+              "same-sel");
+  double worst = 0.0;
+  for (size_t c = 0; c < kNumConfigs; ++c) {
+    for (size_t i = 0; i < trace_->layers.size(); ++i) {
+      const LayerResult& bf16 = (*results_)[c][i];
+      const LayerResult& int8 = (*int8_results_)[c][i];
+      std::printf("%-30s %5u %8.4f %8.4f %+9.4f %9s\n", kConfigs[c].name,
+                  trace_->layers[i].model_layer, bf16.capture, int8.capture,
+                  int8.capture - bf16.capture, bf16.selected == int8.selected ? "yes" : "no");
+      worst = std::max(worst, std::fabs(int8.capture - bf16.capture));
+      EXPECT_NEAR(int8.capture, bf16.capture, 0.005)
+          << kConfigs[c].name << ", layer " << trace_->layers[i].model_layer;
+    }
+  }
+  std::printf("largest |int8 - bf16| middle capture: %.4f (guard 0.005)\n", worst);
 }
 
 }  // namespace

@@ -31,6 +31,13 @@ TEST(ValidationTest, ProfileDefaultsBlockSizeAndConfigDefaultsEveryKnob) {
   EXPECT_EQ(config->retrieval_stride(), 8u);
   EXPECT_FLOAT_EQ(config->blk_repre_dim_prune_ratio(), 0.25f);
   EXPECT_EQ(config->blk_repre_inner_token_merge(), 2u);
+  EXPECT_EQ(config->representation_format(), v1::REPRESENTATION_FORMAT_BF16);
+  EXPECT_EQ(ToKnobs(*config).representation_format, retrieval::RepresentationFormat::kBf16);
+  v1::KvstarConfig int8;
+  int8.set_representation_format(v1::REPRESENTATION_FORMAT_INT8);
+  absl::StatusOr<v1::KvstarConfig> int8_config = NormalizeConfig(int8, *profile);
+  ASSERT_TRUE(int8_config.ok()) << int8_config.status();
+  EXPECT_EQ(ToKnobs(*int8_config).representation_format, retrieval::RepresentationFormat::kInt8);
   EXPECT_EQ(BlockKeyBytes(*profile), 128u * 2 * 64 * 2);
   EXPECT_EQ(QueryRowBytes(*profile), 8u * 64 * 2);
 }
@@ -74,6 +81,10 @@ TEST(ValidationTest, BadProfilesAndKnobsNameTheField) {
        "config.blk_repre_inner_token_merge = 3"},
       {[](auto&, auto& c) { c.set_blk_repre_dim_prune_ratio(0.001f); },
        "config.blk_repre_dim_prune_ratio"},
+      {[](auto&, auto& c) {
+         c.set_representation_format(static_cast<v1::RepresentationFormat>(7));
+       },
+       "config.representation_format is 7"},
   };
   for (const Case& c : cases) {
     v1::ModelProfile profile = Profile();

@@ -48,7 +48,8 @@ typedef struct {
   uint32_t retrieval_stride;
   float blk_repre_dim_prune_ratio;
   uint32_t blk_repre_inner_token_merge;
-  uint32_t block_vote; /* 0 sum (default), 1 max: see KvstarConfig in client.h */
+  uint32_t block_vote;            /* 0 sum (default), 1 max: see KvstarConfig in client.h */
+  uint32_t representation_format; /* 0 bf16 (default), 1 int8: see KvstarConfig in client.h */
 } kvstar_config;
 
 typedef struct {

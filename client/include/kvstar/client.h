@@ -103,6 +103,9 @@ struct KvstarConfig {
   // How a KV head's query rows vote for blocks (BlockVote in kvstar.proto): 0 the sum of their
   // softmax shares (the original algorithm), 1 the largest share.
   uint32_t block_vote = 0;
+  // How the node stores block representations (RepresentationFormat in kvstar.proto): 0 bf16
+  // (the reference), 1 int8 with a scale per vector.
+  uint32_t representation_format = 0;
 };
 
 enum class BackendKind : uint32_t { kAuto = 0, kHost = 1, kCuda = 2 };

@@ -40,7 +40,7 @@ class _Config(ctypes.Structure):
                 ("sparse_ratio", ctypes.c_float), ("retrieval_stride", ctypes.c_uint32),
                 ("blk_repre_dim_prune_ratio", ctypes.c_float),
                 ("blk_repre_inner_token_merge", ctypes.c_uint32),
-                ("block_vote", ctypes.c_uint32)]
+                ("block_vote", ctypes.c_uint32), ("representation_format", ctypes.c_uint32)]
 
 
 class SlotTable(ctypes.Structure):
@@ -231,7 +231,8 @@ class Client:
                         dtype=BF16, block_size=128, max_blocks_per_layer=0, slots_per_layer=0,
                         slot_pool=None, **knobs):
         """knobs: init_window_sz, local_window_sz, sparse_ratio, retrieval_stride,
-        blk_repre_dim_prune_ratio, blk_repre_inner_token_merge, block_vote (0 sum, 1 max).
+        blk_repre_dim_prune_ratio, blk_repre_inner_token_merge, block_vote (0 sum, 1 max),
+        representation_format (0 bf16, 1 int8).
         slot_pool: a device tensor the slots live in (else the library allocates them)."""
         if isinstance(dtype, str) or not isinstance(dtype, int):
             dtype = _DTYPE_BY_NAME[str(dtype).replace("torch.", "")]
