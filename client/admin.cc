@@ -28,6 +28,7 @@ KvstarConfig FromProto(const v1::KvstarConfig& proto) {
   config.blk_repre_dim_prune_ratio = proto.blk_repre_dim_prune_ratio();
   config.blk_repre_inner_token_merge = proto.blk_repre_inner_token_merge();
   config.block_vote = static_cast<uint32_t>(proto.block_vote());
+  config.representation_format = static_cast<uint32_t>(proto.representation_format());
   return config;
 }
 

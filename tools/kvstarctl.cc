@@ -96,22 +96,28 @@ std::string ProfileJson(const ModelProfile& p) {
       p.num_layers, p.num_q_heads, p.num_kv_heads, p.head_dim, p.block_size, DTypeName(p.dtype));
 }
 
+const char* RepresentationName(uint32_t format) {
+  // RepresentationFormat in kvstar.proto: 0 bf16 (the reference), 1 int8.
+  return format == 1 ? "int8" : "bf16";
+}
+
 std::string ConfigText(const KvstarConfig& c) {
   return absl::StrFormat(
       "sparse_ratio %g, retrieval_stride %u, init/local windows %u/%u blocks, prune %g, "
-      "merge %u, block_vote %s",
+      "merge %u, block_vote %s, representation %s",
       c.sparse_ratio, c.retrieval_stride, c.init_window_sz, c.local_window_sz,
-      c.blk_repre_dim_prune_ratio, c.blk_repre_inner_token_merge,
-      c.block_vote == 1 ? "max" : "sum");
+      c.blk_repre_dim_prune_ratio, c.blk_repre_inner_token_merge, c.block_vote == 1 ? "max" : "sum",
+      RepresentationName(c.representation_format));
 }
 
 std::string ConfigJson(const KvstarConfig& c) {
   return absl::StrFormat(
       "{\"sparse_ratio\":%g,\"retrieval_stride\":%u,\"init_window_sz\":%u,"
       "\"local_window_sz\":%u,\"blk_repre_dim_prune_ratio\":%g,"
-      "\"blk_repre_inner_token_merge\":%u,\"block_vote\":%u}",
+      "\"blk_repre_inner_token_merge\":%u,\"block_vote\":%u,\"representation_format\":\"%s\"}",
       c.sparse_ratio, c.retrieval_stride, c.init_window_sz, c.local_window_sz,
-      c.blk_repre_dim_prune_ratio, c.blk_repre_inner_token_merge, c.block_vote);
+      c.blk_repre_dim_prune_ratio, c.blk_repre_inner_token_merge, c.block_vote,
+      RepresentationName(c.representation_format));
 }
 
 std::string SequenceJson(const SequenceDescription& s, bool with_blocks) {
