@@ -147,6 +147,7 @@ ClientImpl::~ClientImpl() {
   {
     absl::MutexLock lock(&mu_);
     segment_.reset();  // every copy from it completed with its sequence
+    slot_pool_.reset();  // every sequence left it
   }
   if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);
   staging_.reset();
@@ -163,6 +164,32 @@ void ClientImpl::PrepareContext(grpc::ClientContext* context) const {
   if (!options_.bearer_token.empty()) {
     context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
   }
+}
+
+absl::Status ClientImpl::CreateSlotPool(const SlotPoolOptions& options) {
+  absl::MutexLock lock(&mu_);
+  if (slot_pool_ != nullptr) {
+    return absl::FailedPreconditionError("CreateSlotPool: the client already has a slot pool");
+  }
+  if (!sequences_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CreateSlotPool: ", sequences_.size(), " sequences are open with pools of their own"));
+  }
+  absl::StatusOr<std::shared_ptr<SlotPool>> pool = SlotPool::Create(backend_.get(), options);
+  if (!pool.ok()) return pool.status();
+  slot_pool_ = *std::move(pool);
+  spdlog::info("kvstar client: shared slot pool of {} slots of {} bytes ({} headroom), {}",
+               options.num_slots, options.slot_bytes, options.headroom_slots,
+               options.memory != nullptr ? "the engine's memory" : "allocated by the library");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SlotPoolStats> ClientImpl::slot_pool_stats() const {
+  absl::MutexLock lock(&mu_);
+  if (slot_pool_ == nullptr) {
+    return absl::FailedPreconditionError("slot_pool_stats: the client has no shared slot pool");
+  }
+  return slot_pool_->stats();
 }
 
 absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence_id,
@@ -199,8 +226,13 @@ absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence
     return status;
   }
   // Otherwise a failed choice leaves bytes for now; it is tried again before the next retrieval.
+  std::shared_ptr<SlotPool> pool;
+  {
+    absl::MutexLock lock(&mu_);
+    pool = slot_pool_;
+  }
   auto sequence = std::make_unique<SequenceImpl>(this, sequence_id, profile, config);
-  if (absl::Status status = sequence->Init(options); !status.ok()) return status;
+  if (absl::Status status = sequence->Init(options, std::move(pool)); !status.ok()) return status;
   grpc::ClientContext context;
   PrepareContext(&context);
   v1::CreateSequenceResponse response;

@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "client/device_backend.h"
 #include "client/shared_segment.h"
+#include "client/slot_pool.h"
 #include "client/staging_pool.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
@@ -77,7 +78,6 @@ struct LayerState {
   int acquired_table = -1;
   uint32_t num_blocks = 0;  // blocks of the layer the sequence knows of (prompt + appended)
   std::map<uint32_t, int32_t> resident;  // block -> slot: visible, pending and appended blocks
-  std::vector<int32_t> free_slots;
   std::vector<RetiredSlot> retired;
   std::optional<PendingSelection> pending;
   std::vector<AppendedBlock> appended_unready;
@@ -91,8 +91,9 @@ class SequenceImpl : public Sequence {
   SequenceImpl(ClientImpl* client, std::string id, ModelProfile profile, KvstarConfig config);
   ~SequenceImpl() override;
 
-  // Allocates slots, tables and the query ring.
-  absl::Status Init(const SequenceOptions& options);
+  // Joins `shared_pool` (or, when null, creates a pool of its own), allocates tables and the
+  // query ring.
+  absl::Status Init(const SequenceOptions& options, std::shared_ptr<SlotPool> shared_pool);
 
   const std::string& id() const override { return id_; }
   const ModelProfile& profile() const override { return profile_; }
@@ -139,10 +140,14 @@ class SequenceImpl : public Sequence {
   // Stages one block and queues it for the offload thread.
   absl::Status StageAndQueue(uint32_t layer, uint32_t block_index, const void* key,
                              const void* value, MemoryKind where, void* stream);
-  char* SlotAddress(uint32_t layer, int32_t slot) const;
-  // Takes `count` free slots (reclaiming retired ones whose readers finished).
-  bool TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots)
+  char* SlotAddress(int32_t slot) const { return pool_->SlotAddress(slot); }
+  // Takes `count` slots from the pool (after giving back retired ones whose readers finished).
+  // RESOURCE_EXHAUSTED from the pool when it cannot.
+  absl::Status TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives the retired slots of `state` whose readers finished back to the pool.
+  void ReclaimRetiredLocked(LayerState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void GiveSlot(int32_t slot) { pool_->Give(holder_, {slot}); }
   bool ReadDone(const TableBuffer& table) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes selection ∪ (appended blocks >= known_blocks) the visible table. False when the other
   // buffer is still being read (try again at the next boundary).
@@ -167,10 +172,14 @@ class SequenceImpl : public Sequence {
   const KvstarConfig config_;
   const uint64_t key_bytes_;
   const uint64_t slot_bytes_;
-  uint32_t slots_per_layer_ = 0;
-  void* slot_pool_ = nullptr;
-  bool owns_pool_ = false;
-  int32_t* device_tables_ = nullptr;  // 2 * num_layers * slots_per_layer entries
+  std::shared_ptr<SlotPool> pool_;
+  SlotPool::HolderId holder_ = 0;
+  bool joined_ = false;
+  bool shared_pool_ = false;
+  // Most blocks one table may hold: max_blocks_per_layer (a shared pool) or slots_per_layer.
+  uint32_t table_capacity_ = 0;
+  uint32_t max_blocks_per_layer_ = 0;  // 0: unbounded (own pool sized by slots_per_layer)
+  int32_t* device_tables_ = nullptr;  // 2 * num_layers * table_capacity_ entries
   int32_t* pinned_tables_ = nullptr;
   char* query_ring_ = nullptr;  // pinned [2 windows][stride][num_layers][query_bytes]
   StreamHandle load_stream_ = nullptr;
@@ -206,6 +215,8 @@ class ClientImpl : public Client {
 
   BackendKind backend() const override { return backend_->kind(); }
   DataPlane data_plane() const override;
+  absl::Status CreateSlotPool(const SlotPoolOptions& options) override;
+  absl::StatusOr<SlotPoolStats> slot_pool_stats() const override;
   absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                            const ModelProfile& profile, const KvstarConfig& config,
                                            const SequenceOptions& options) override;
@@ -256,6 +267,7 @@ class ClientImpl : public Client {
   std::shared_ptr<const SharedSegment> segment_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<grpc::Channel> channel_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<SlotPool> slot_pool_ ABSL_GUARDED_BY(mu_);  // shared by sequences; may be null
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);
   std::deque<OffloadItem> offload_queue_ ABSL_GUARDED_BY(mu_);
   bool offload_in_flight_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,5 +1,6 @@
 // SequenceImpl: one sequence's slots, double-buffered slot tables, query ring and step logic.
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -44,59 +45,103 @@ SequenceImpl::SequenceImpl(ClientImpl* client, std::string id, ModelProfile prof
 
 SequenceImpl::~SequenceImpl() {
   absl::MutexLock lock(&mu_);
+  // Slots go back to a pool other sequences keep using: wait until nothing reads or writes them.
+  std::vector<int32_t> held;
   for (LayerState& state : layers_) {
-    for (TableBuffer& table : state.tables) backend_->ReleaseEvent(table.release_event);
-    for (RetiredSlot& retired : state.retired) backend_->ReleaseEvent(retired.event);
-    for (AppendedBlock& appended : state.appended_unready) backend_->ReleaseEvent(appended.event);
+    for (TableBuffer& table : state.tables) {
+      backend_->WaitEvent(table.release_event).IgnoreError();
+      backend_->ReleaseEvent(table.release_event);
+    }
+    for (RetiredSlot& retired : state.retired) {
+      backend_->WaitEvent(retired.event).IgnoreError();
+      backend_->ReleaseEvent(retired.event);
+      held.push_back(retired.slot);
+    }
+    for (AppendedBlock& appended : state.appended_unready) {
+      backend_->WaitEvent(appended.event).IgnoreError();
+      backend_->ReleaseEvent(appended.event);
+    }
     if (state.pending.has_value()) {
       backend_->WaitEvent(state.pending->load_event).IgnoreError();
       backend_->ReleaseEvent(state.pending->load_event);
       if (state.pending->staging != nullptr) client_->staging()->Release(state.pending->staging);
     }
+    for (const auto& [block, slot] : state.resident) held.push_back(slot);
+  }
+  if (joined_) {
+    pool_->Give(holder_, held);
+    pool_->Leave(holder_);
   }
   for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
   backend_->WaitEvent(segment_reads_).IgnoreError();
   backend_->ReleaseEvent(segment_reads_);
   if (load_stream_ != nullptr) backend_->DestroyStream(load_stream_);
-  if (owns_pool_ && slot_pool_ != nullptr) backend_->FreeDevice(slot_pool_);
   if (device_tables_ != nullptr) backend_->FreeDevice(device_tables_);
   if (pinned_tables_ != nullptr) backend_->FreePinned(pinned_tables_);
   if (query_ring_ != nullptr) backend_->FreePinned(query_ring_);
 }
 
-absl::Status SequenceImpl::Init(const SequenceOptions& options) {
+absl::Status SequenceImpl::Init(const SequenceOptions& options,
+                                std::shared_ptr<SlotPool> shared_pool) {
   if (absl::Status status = ValidateProfile(profile_); !status.ok()) return status;
   if (config_.retrieval_stride == 0) {
     return absl::InvalidArgumentError("config.retrieval_stride must be > 0");
   }
-  slots_per_layer_ = options.slots_per_layer;
-  if (slots_per_layer_ == 0) {
+  uint64_t reserved = 0;
+  if (shared_pool != nullptr) {
+    if (options.slots_per_layer != 0 || options.slot_pool != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "options.slots_per_layer ", options.slots_per_layer, " / options.slot_pool ",
+          options.slot_pool == nullptr ? "null" : "set",
+          ": the client has a shared slot pool; a sequence cannot have its own"));
+    }
     if (options.max_blocks_per_layer == 0) {
       return absl::InvalidArgumentError(
-          "options: set slots_per_layer or max_blocks_per_layer (both are 0)");
+          "options.max_blocks_per_layer must be > 0 with a shared slot pool (it sizes the "
+          "sequence's reservation)");
     }
-    const uint32_t windows = config_.init_window_sz + config_.local_window_sz;
-    const uint32_t middle =
-        options.max_blocks_per_layer > windows ? options.max_blocks_per_layer - windows : 0;
-    const uint32_t resident =
-        windows + static_cast<uint32_t>(std::ceil(middle * double{config_.sparse_ratio}));
-    slots_per_layer_ = 2 * resident + 2;
-  }
-  const uint64_t pool_bytes = uint64_t{profile_.num_layers} * slots_per_layer_ * slot_bytes_;
-  if (options.slot_pool != nullptr) {
-    if (options.slot_pool_bytes < pool_bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("options.slot_pool_bytes ", options.slot_pool_bytes, " < ", pool_bytes,
-                       " needed for ", slots_per_layer_, " slots per layer"));
+    if (shared_pool->slot_bytes() != slot_bytes_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile: a block of sequence ", id_, " is ", slot_bytes_,
+          " bytes (K + V), the shared slot pool's slots are ", shared_pool->slot_bytes()));
     }
-    slot_pool_ = options.slot_pool;
+    pool_ = std::move(shared_pool);
+    shared_pool_ = true;
+    max_blocks_per_layer_ = options.max_blocks_per_layer;
+    table_capacity_ = options.max_blocks_per_layer;
+    reserved = ReservedSlots(profile_, config_, options.max_blocks_per_layer);
   } else {
-    absl::StatusOr<void*> pool = backend_->AllocDevice(pool_bytes);
-    if (!pool.ok()) return pool.status();
-    slot_pool_ = *pool;
-    owns_pool_ = true;
+    uint32_t slots_per_layer = options.slots_per_layer;
+    if (slots_per_layer == 0) {
+      if (options.max_blocks_per_layer == 0) {
+        return absl::InvalidArgumentError(
+            "options: set slots_per_layer or max_blocks_per_layer (both are 0)");
+      }
+      slots_per_layer =
+          2 * static_cast<uint32_t>(ReservedSlots(profile_, config_, options.max_blocks_per_layer) /
+                                    profile_.num_layers) +
+          2;
+    }
+    SlotPoolOptions own;
+    own.slot_bytes = slot_bytes_;
+    own.num_slots = uint64_t{profile_.num_layers} * slots_per_layer;
+    own.memory = options.slot_pool;
+    own.memory_bytes = options.slot_pool_bytes;
+    absl::StatusOr<std::shared_ptr<SlotPool>> pool = SlotPool::Create(backend_, own);
+    if (!pool.ok()) {
+      return absl::Status(pool.status().code(),
+                          absl::StrCat("options (", slots_per_layer, " slots per layer): ",
+                                       pool.status().message()));
+    }
+    pool_ = *std::move(pool);
+    table_capacity_ = slots_per_layer;
+    reserved = own.num_slots;
   }
-  const uint64_t table_entries = uint64_t{2} * profile_.num_layers * slots_per_layer_;
+  absl::StatusOr<SlotPool::HolderId> holder = pool_->Join(id_, reserved);
+  if (!holder.ok()) return holder.status();
+  holder_ = *holder;
+  joined_ = true;
+  const uint64_t table_entries = uint64_t{2} * profile_.num_layers * table_capacity_;
   absl::StatusOr<void*> device_tables = backend_->AllocDevice(table_entries * sizeof(int32_t));
   if (!device_tables.ok()) return device_tables.status();
   device_tables_ = static_cast<int32_t*>(*device_tables);
@@ -118,13 +163,9 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options) {
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
     LayerState& state = layers_[layer];
     for (int buffer = 0; buffer < 2; ++buffer) {
-      const uint64_t offset = (uint64_t{layer} * 2 + buffer) * slots_per_layer_;
+      const uint64_t offset = (uint64_t{layer} * 2 + buffer) * table_capacity_;
       state.tables[buffer].device_slots = device_tables_ + offset;
       state.tables[buffer].pinned_slots = pinned_tables_ + offset;
-    }
-    // Popped from the back: slots are taken in ascending order, so fresh loads coalesce.
-    for (uint32_t slot = slots_per_layer_; slot > 0; --slot) {
-      state.free_slots.push_back(static_cast<int32_t>(slot - 1));
     }
   }
   return absl::OkStatus();
@@ -136,11 +177,6 @@ absl::Status SequenceImpl::CheckLayer(uint32_t layer) const {
                                                    " has ", profile_.num_layers, " layers"));
   }
   return absl::OkStatus();
-}
-
-char* SequenceImpl::SlotAddress(uint32_t layer, int32_t slot) const {
-  return static_cast<char*>(slot_pool_) +
-         (uint64_t{layer} * slots_per_layer_ + static_cast<uint64_t>(slot)) * slot_bytes_;
 }
 
 char* SequenceImpl::QueryAddress(uint64_t step, uint32_t layer) const {
@@ -237,14 +273,18 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
     if (!sealed_) return absl::FailedPreconditionError("AppendBlock before Seal");
     if (!error_.ok()) return error_;
     LayerState& state = layers_[layer];
-    if (!TakeSlots(state, 1, &slots)) {
-      return absl::ResourceExhaustedError(absl::StrCat("no free slot for decode block of layer ",
-                                                       layer, " (", slots_per_layer_,
-                                                       " slots per layer): raise slots_per_layer"));
+    if (max_blocks_per_layer_ != 0 && state.num_blocks >= max_blocks_per_layer_) {
+      return absl::OutOfRangeError(absl::StrCat("AppendBlock: layer ", layer, " of sequence ", id_,
+                                                " already has max_blocks_per_layer (",
+                                                max_blocks_per_layer_, ") blocks"));
+    }
+    if (absl::Status status = TakeSlots(state, 1, &slots); !status.ok()) {
+      return absl::Status(status.code(), absl::StrCat("decode block of layer ", layer, ": ",
+                                                      status.message()));
     }
     block_index = state.num_blocks++;
   }
-  char* slot = SlotAddress(layer, slots[0]);
+  char* slot = SlotAddress(slots[0]);
   absl::Status status = backend_->Copy(slot, MemoryKind::kDevice, key, where, key_bytes_, stream);
   if (status.ok()) {
     status =
@@ -256,7 +296,7 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
     absl::MutexLock lock(&mu_);
     LayerState& state = layers_[layer];
     if (!copied.ok()) {
-      state.free_slots.push_back(slots[0]);
+      GiveSlot(slots[0]);
       return copied.status();
     }
     state.resident[block_index] = slots[0];
@@ -446,9 +486,9 @@ absl::StatusOr<SlotTable> SequenceImpl::Acquire(uint32_t layer, void* stream) {
   result.device_slots = table.device_slots;
   result.host_slots = table.slots.data();
   result.block_indices = table.blocks.data();
-  result.slot_pool = slot_pool_;
+  result.slot_pool = pool_->base();
   result.slot_bytes = slot_bytes_;
-  result.slots_per_layer = slots_per_layer_;
+  result.slots_per_layer = 0;
   result.selection_step = table.selection_step;
   return result;
 }
@@ -474,6 +514,10 @@ SequenceStats SequenceImpl::stats() const {
   absl::MutexLock lock(&mu_);
   SequenceStats stats = stats_;
   stats.decode_step = decode_step_;
+  const SlotPool::HolderStats held = pool_->holder_stats(holder_);
+  stats.reserved_slots = held.reserved_slots;
+  stats.slots_held = held.slots_held;
+  stats.peak_slots_held = held.peak_slots_held;
   return stats;
 }
 
@@ -481,32 +525,40 @@ bool SequenceImpl::ReadDone(const TableBuffer& table) {
   return !table.acquired && backend_->EventDone(table.release_event);
 }
 
-bool SequenceImpl::TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots) {
-  if (state.free_slots.size() < count) {
-    auto reusable = [&](const RetiredSlot& retired) {
-      if (retired.table < 0) return backend_->EventDone(retired.event);
-      const TableBuffer& table = state.tables[retired.table];
-      return table.generation != retired.generation || ReadDone(table);
-    };
-    std::vector<RetiredSlot> still_read;
-    for (RetiredSlot& retired : state.retired) {
-      if (reusable(retired)) {
-        backend_->ReleaseEvent(retired.event);
-        state.free_slots.push_back(retired.slot);
-      } else {
-        still_read.push_back(retired);
-      }
+void SequenceImpl::ReclaimRetiredLocked(LayerState& state) {
+  auto reusable = [&](const RetiredSlot& retired) {
+    if (retired.table < 0) return backend_->EventDone(retired.event);
+    const TableBuffer& table = state.tables[retired.table];
+    return table.generation != retired.generation || ReadDone(table);
+  };
+  std::vector<RetiredSlot> still_read;
+  std::vector<int32_t> done;
+  for (RetiredSlot& retired : state.retired) {
+    if (reusable(retired)) {
+      backend_->ReleaseEvent(retired.event);
+      done.push_back(retired.slot);
+    } else {
+      still_read.push_back(retired);
     }
-    state.retired = std::move(still_read);
-    // Ascending order again (taken from the back), so loads into fresh slots coalesce.
-    std::sort(state.free_slots.begin(), state.free_slots.end(), std::greater<int32_t>());
   }
-  if (state.free_slots.size() < count) return false;
-  for (size_t i = 0; i < count; ++i) {
-    slots->push_back(state.free_slots.back());
-    state.free_slots.pop_back();
+  state.retired = std::move(still_read);
+  if (!done.empty()) pool_->Give(holder_, done);
+}
+
+absl::Status SequenceImpl::TakeSlots(LayerState& state, size_t count,
+                                     std::vector<int32_t>* slots) {
+  if (count == 0) return absl::OkStatus();
+  ReclaimRetiredLocked(state);
+  // An own pool keeps each layer within slots_per_layer, so a table always fits its capacity (in
+  // a shared pool a layer's resident blocks are distinct blocks below max_blocks_per_layer).
+  const size_t layer_held = state.resident.size() + state.retired.size();
+  if (!shared_pool_ && layer_held + count > table_capacity_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "sequence ", id_, " needs ", count, " more slots in a layer holding ", layer_held,
+        " of its ", table_capacity_,
+        " slots_per_layer; the others are still read: raise slots_per_layer"));
   }
-  return true;
+  return pool_->Take(holder_, count, slots);
 }
 
 bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
@@ -532,7 +584,7 @@ bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>&
     if (old_blocks.count(it->first) > 0) {
       state.retired.push_back({it->second, state.visible, old.generation, nullptr});
     } else {
-      state.free_slots.push_back(it->second);  // never visible: no reader
+      GiveSlot(it->second);  // never visible: no reader
     }
     state.appended_ready.erase(it->first);
     it = state.resident.erase(it);
@@ -543,6 +595,9 @@ bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>&
   for (uint32_t block : blocks) {
     auto resident = state.resident.find(block);
     if (resident == state.resident.end()) continue;  // selected but never loaded: skip it
+    // LoadSelection and AppendBlock keep a table within its capacity; never write past it.
+    assert(table.slots.size() < table_capacity_);
+    if (table.slots.size() >= table_capacity_) break;
     table.pinned_slots[table.slots.size()] = resident->second;
     table.blocks.push_back(block);
     table.slots.push_back(resident->second);
@@ -598,7 +653,11 @@ bool SequenceImpl::AdvanceStep() {
   absl::MutexLock lock(&mu_);
   if (!sealed_) return false;
   ++decode_step_;
-  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) PublishReadyLocked(layer);
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    PublishReadyLocked(layer);
+    // Slots nothing reads any more go back now, for any sequence of the pool to use.
+    ReclaimRetiredLocked(layers_[layer]);
+  }
   if (decode_step_ % config_.retrieval_stride != 0) return false;
   due_step_ = decode_step_;
   return true;
@@ -657,7 +716,7 @@ void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>
     if (keep.count(block) > 0 || shown.count(block) > 0) continue;
     auto resident = state.resident.find(block);
     if (resident == state.resident.end()) continue;
-    state.free_slots.push_back(resident->second);
+    GiveSlot(resident->second);
     state.resident.erase(resident);
   }
 }
@@ -721,16 +780,24 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
                                               " bytes, expected ", key_bytes_));
     }
   }
+  if (blocks.size() > table_capacity_) {
+    absl::MutexLock lock(&mu_);
+    ++stats_.selections_dropped;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
+        " blocks, more than a table holds (", table_capacity_,
+        shared_pool_ ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
+  }
   std::vector<int32_t> slots;
   {
     absl::MutexLock lock(&mu_);
     LayerState& state = layers_[layer];
-    if (!TakeSlots(state, needed.size(), &slots)) {
+    if (absl::Status status = TakeSlots(state, needed.size(), &slots); !status.ok()) {
       ++stats_.selections_dropped;
-      return absl::ResourceExhaustedError(
-          absl::StrCat("selection of layer ", layer, " needs ", needed.size(),
-                       " free slots; the others are still read: raise slots_per_layer (",
-                       slots_per_layer_, ")"));
+      return absl::Status(status.code(),
+                          absl::StrCat("selection of layer ", layer, " (", needed.size(),
+                                       " new blocks) dropped, the visible table stays: ",
+                                       status.message()));
     }
   }
   // Blocks in the segment are copied from it as they lie (K then V, like a slot); blocks that
@@ -753,13 +820,13 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     for (size_t i = 0; i < needed.size(); ++i) {
       const v1::Block& block = *by_index[needed[i]];
       if (block.has_shared()) {
-        segments.push_back({SlotAddress(layer, slots[i]),
+        segments.push_back({SlotAddress(slots[i]),
                             segment->Region(block.shared().offset(), key_bytes_), slot_bytes_});
         continue;
       }
       std::memcpy(staged, block.key().data(), key_bytes_);
       std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
-      segments.push_back({SlotAddress(layer, slots[i]), staged, slot_bytes_});
+      segments.push_back({SlotAddress(slots[i]), staged, slot_bytes_});
       staged += slot_bytes_;
     }
     status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
@@ -783,7 +850,7 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     backend_->WaitEvent(issued).IgnoreError();
     backend_->ReleaseEvent(issued);
     backend_->ReleaseEvent(loaded);
-    for (int32_t slot : slots) state.free_slots.push_back(slot);
+    pool_->Give(holder_, slots);
     if (staging != nullptr) client_->staging()->Release(staging);
     ++stats_.selections_dropped;
     return status;
