@@ -272,8 +272,8 @@ class Client:
                                       bearer_token.encode() if bearer_token else None,
                                       ctypes.byref(handle)))
         self._handle = handle
-        self._keep = []  # the shared pool's engine memory: alive as long as the client
         self._own_pools = {}  # sequence id -> the engine memory of its own pool
+        self.slot_pool_memory = None  # the tensor given to create_slot_pool, if any
 
     @property
     def backend(self):
@@ -314,8 +314,8 @@ class Client:
         if memory is not None:
             options.memory, _, _ = _buffer(memory, DEVICE)
             options.memory_bytes = memory.numel() * memory.element_size()
-            self._keep.append(memory)
         _check(_load().kvstar_create_slot_pool(self._handle, ctypes.byref(options)))
+        self.slot_pool_memory = memory
 
     def slot_pool_stats(self):
         """The shared pool's accounting (SlotPoolStats in client.h) as a dict."""
