@@ -109,6 +109,11 @@ absl::StatusOr<SlotPool::HolderId> SlotPool::Join(const std::string& name,
         " of the pool's ", reservable, " reservable slots are reserved by ", holders_.size(),
         " sequences (", num_slots_, " slots, ", headroom_slots_, " of them headroom)"));
   }
+  if (reserved_ + reserved_slots + headroom_in_use_ > num_slots_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "slot pool: sequence ", name, " needs ", reserved_slots, " reserved slots; ",
+        headroom_in_use_, " unreserved slots are in use by loads in flight: retry after a Step"));
+  }
   const HolderId id = next_holder_++;
   holders_[id] = Holder{name, reserved_slots, 0, 0};
   reserved_ += reserved_slots;
@@ -134,12 +139,13 @@ absl::Status SlotPool::Take(HolderId holder, size_t count, std::vector<int32_t>*
   }
   Holder& owner = found->second;
   const uint64_t extra = Excess(owner, owner.held + count) - Excess(owner, owner.held);
-  if (headroom_in_use_ + extra > headroom_slots_ || free_.size() < count) {
+  const uint64_t headroom = num_slots_ - reserved_;
+  if (headroom_in_use_ + extra > headroom || free_.size() < count) {
     ++takes_refused_;
     return absl::ResourceExhaustedError(absl::StrCat(
         "slot pool exhausted: sequence ", owner.name, " needs ", count, " more slots (holds ",
         owner.held, ", reserved ", owner.reserved, "); shared headroom ", headroom_in_use_,
-        " of ", headroom_slots_, " in use, ", free_.size(),
+        " of ", headroom, " in use, ", free_.size(),
         " slots free: loads in flight of other sequences hold it; retry after the next Step, or "
         "give the pool more headroom_slots"));
   }
@@ -152,7 +158,7 @@ absl::Status SlotPool::Take(HolderId holder, size_t count, std::vector<int32_t>*
   headroom_in_use_ += extra;
   peak_in_use_ = std::max<uint64_t>(peak_in_use_, num_slots_ - free_.size());
   peak_headroom_in_use_ = std::max(peak_headroom_in_use_, headroom_in_use_);
-  assert(headroom_in_use_ <= headroom_slots_);
+  assert(headroom_in_use_ <= num_slots_ - reserved_);
   return absl::OkStatus();
 }
 

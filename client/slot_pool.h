@@ -2,15 +2,16 @@
 // every sequence and layer that joins it. Slot s starts at base() + s * slot_bytes().
 //
 // Accounting. A holder (one sequence) joins with a reservation: the slots its resident set needs
-// at its longest. Reservations are guaranteed: a holder may always hold up to its reservation. The
-// pool keeps `headroom_slots` unreserved; any holder may hold more than its reservation (new
-// blocks loading while the old ones are still read) by drawing on that headroom, first come first
-// served, until it is used up. Take then fails with RESOURCE_EXHAUSTED, naming the holder and the
-// counts: the caller drops that load, nothing is overwritten. Leave returns all of a holder's
-// slots and its reservation.
+// at its longest. Reservations are guaranteed: a holder may always hold up to its reservation.
+// Every unreserved slot is headroom (at least `headroom_slots`: Join never reserves into those):
+// any holder may hold more than its reservation (new blocks loading while the old ones are still
+// read) by drawing on the headroom, first come first served, until it is used up. Take then fails
+// with RESOURCE_EXHAUSTED, naming the holder and the counts: the caller drops that load, nothing
+// is overwritten. Leave returns a holder's reservation, so the slots of a sequence that left
+// serve the others as headroom, or a new sequence's reservation.
 //
-// Invariant (checked): sum over holders of max(0, held - reserved) <= headroom_slots, so the free
-// slots always cover every holder's unused reservation.
+// Invariant (DCHECKed): sum over holders of max(0, held - reserved) <= num_slots - reserved, so
+// the free slots always cover every holder's unused reservation.
 //
 // Thread-safe.
 #ifndef KVSTAR_CLIENT_SLOT_POOL_H_
@@ -54,7 +55,8 @@ class SlotPool {
   char* SlotAddress(int32_t slot) const;
 
   // Registers a holder named `name` (for messages) with `reserved_slots` guaranteed.
-  // RESOURCE_EXHAUSTED when the reservations would eat into the headroom.
+  // RESOURCE_EXHAUSTED when the reservations would eat into the headroom_slots kept unreserved,
+  // or into headroom other holders use now.
   absl::StatusOr<HolderId> Join(const std::string& name, uint64_t reserved_slots);
   // Returns the holder's slots and reservation. REQUIRES: nothing reads or writes its slots any
   // more; `holder` joined and did not leave (DCHECKed).

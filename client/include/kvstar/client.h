@@ -174,7 +174,8 @@ struct SlotPoolOptions {
   uint64_t slot_bytes = 0;
   // All slots, headroom included.
   uint64_t num_slots = 0;
-  // Of num_slots, the ones no sequence reserves: shared by all for loads in flight.
+  // Of num_slots, the ones no sequence may reserve: shared by all for loads in flight. Slots no
+  // open sequence reserves (e.g. a dropped sequence's) serve as headroom too.
   uint64_t headroom_slots = 0;
   // The engine's memory (device memory on the CUDA backend, host memory on the host backend), at
   // least num_slots * slot_bytes bytes, outliving the Client; nullptr: the library allocates it.
@@ -191,7 +192,7 @@ SlotPoolOptions SlotPoolFor(const ModelProfile& profile, const KvstarConfig& con
 struct SlotPoolStats {
   uint64_t slot_bytes = 0;
   uint64_t num_slots = 0;
-  uint64_t headroom_slots = 0;
+  uint64_t headroom_slots = 0;         // as configured; the headroom now is num_slots - reserved
   uint64_t reserved_slots = 0;        // reserved by the open sequences
   uint64_t slots_in_use = 0;          // held by sequences (resident, loading or still read)
   uint64_t headroom_in_use = 0;       // held beyond the holders' reservations
