@@ -150,8 +150,8 @@ int kvstar_slot_pool_for(const kvstar_model_profile* profile, const kvstar_confi
   const kvstar::SlotPoolOptions sized =
       kvstar::SlotPoolFor(ToProfile(*profile), ToConfig(config), max_blocks_per_layer,
                           max_sequences, headroom_fraction);
-  *options = kvstar_slot_pool_options{sized.slot_bytes, sized.num_slots, sized.headroom_slots,
-                                      nullptr, 0};
+  *options =
+      kvstar_slot_pool_options{sized.slot_bytes, sized.num_slots, sized.headroom_slots, nullptr, 0};
   return Report(absl::OkStatus());
 }
 
@@ -170,10 +170,10 @@ int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_sta
   if (client == nullptr || stats == nullptr) return Invalid("client and stats are required");
   absl::StatusOr<kvstar::SlotPoolStats> s = client->client->slot_pool_stats();
   if (!s.ok()) return Report(s.status());
-  *stats = kvstar_slot_pool_stats{s->slot_bytes,     s->num_slots,         s->headroom_slots,
-                                  s->reserved_slots, s->slots_in_use,      s->headroom_in_use,
-                                  s->peak_slots_in_use, s->peak_headroom_in_use, s->sequences,
-                                  s->takes_refused};
+  *stats = kvstar_slot_pool_stats{
+      s->slot_bytes,   s->num_slots,       s->headroom_slots,    s->reserved_slots,
+      s->slots_in_use, s->headroom_in_use, s->peak_slots_in_use, s->peak_headroom_in_use,
+      s->sequences,    s->takes_refused};
   return Report(absl::OkStatus());
 }
 

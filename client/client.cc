@@ -146,7 +146,7 @@ ClientImpl::~ClientImpl() {
   sequences.clear();
   {
     absl::MutexLock lock(&mu_);
-    segment_.reset();  // every copy from it completed with its sequence
+    segment_.reset();    // every copy from it completed with its sequence
     slot_pool_.reset();  // every sequence left it
   }
   if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);

@@ -179,7 +179,7 @@ class SequenceImpl : public Sequence {
   // Most blocks one table may hold: max_blocks_per_layer (a shared pool) or slots_per_layer.
   uint32_t table_capacity_ = 0;
   uint32_t max_blocks_per_layer_ = 0;  // 0: unbounded (own pool sized by slots_per_layer)
-  int32_t* device_tables_ = nullptr;  // 2 * num_layers * table_capacity_ entries
+  int32_t* device_tables_ = nullptr;   // 2 * num_layers * table_capacity_ entries
   int32_t* pinned_tables_ = nullptr;
   char* query_ring_ = nullptr;  // pinned [2 windows][stride][num_layers][query_bytes]
   StreamHandle load_stream_ = nullptr;

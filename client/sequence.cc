@@ -90,10 +90,10 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
   uint64_t reserved = 0;
   if (shared_pool != nullptr) {
     if (options.slots_per_layer != 0 || options.slot_pool != nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "options.slots_per_layer ", options.slots_per_layer, " / options.slot_pool ",
-          options.slot_pool == nullptr ? "null" : "set",
-          ": the client has a shared slot pool; a sequence cannot have its own"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.slots_per_layer ", options.slots_per_layer, " / options.slot_pool ",
+                       options.slot_pool == nullptr ? "null" : "set",
+                       ": the client has a shared slot pool; a sequence cannot have its own"));
     }
     if (options.max_blocks_per_layer == 0) {
       return absl::InvalidArgumentError(
@@ -130,8 +130,8 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
     absl::StatusOr<std::shared_ptr<SlotPool>> pool = SlotPool::Create(backend_, own);
     if (!pool.ok()) {
       return absl::Status(pool.status().code(),
-                          absl::StrCat("options (", slots_per_layer, " slots per layer): ",
-                                       pool.status().message()));
+                          absl::StrCat("options (", slots_per_layer,
+                                       " slots per layer): ", pool.status().message()));
     }
     pool_ = *std::move(pool);
     table_capacity_ = slots_per_layer;
@@ -279,8 +279,8 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
                                                 max_blocks_per_layer_, ") blocks"));
     }
     if (absl::Status status = TakeSlots(state, 1, &slots); !status.ok()) {
-      return absl::Status(status.code(), absl::StrCat("decode block of layer ", layer, ": ",
-                                                      status.message()));
+      return absl::Status(status.code(),
+                          absl::StrCat("decode block of layer ", layer, ": ", status.message()));
     }
     block_index = state.num_blocks++;
   }
@@ -545,18 +545,17 @@ void SequenceImpl::ReclaimRetiredLocked(LayerState& state) {
   if (!done.empty()) pool_->Give(holder_, done);
 }
 
-absl::Status SequenceImpl::TakeSlots(LayerState& state, size_t count,
-                                     std::vector<int32_t>* slots) {
+absl::Status SequenceImpl::TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots) {
   if (count == 0) return absl::OkStatus();
   ReclaimRetiredLocked(state);
   // An own pool keeps each layer within slots_per_layer, so a table always fits its capacity (in
   // a shared pool a layer's resident blocks are distinct blocks below max_blocks_per_layer).
   const size_t layer_held = state.resident.size() + state.retired.size();
   if (!shared_pool_ && layer_held + count > table_capacity_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence ", id_, " needs ", count, " more slots in a layer holding ", layer_held,
-        " of its ", table_capacity_,
-        " slots_per_layer; the others are still read: raise slots_per_layer"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("sequence ", id_, " needs ", count, " more slots in a layer holding ",
+                     layer_held, " of its ", table_capacity_,
+                     " slots_per_layer; the others are still read: raise slots_per_layer"));
   }
   return pool_->Take(holder_, count, slots);
 }
@@ -783,10 +782,10 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   if (blocks.size() > table_capacity_) {
     absl::MutexLock lock(&mu_);
     ++stats_.selections_dropped;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
-        " blocks, more than a table holds (", table_capacity_,
-        shared_pool_ ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
+                     " blocks, more than a table holds (", table_capacity_,
+                     shared_pool_ ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
   }
   std::vector<int32_t> slots;
   {
@@ -794,10 +793,10 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     LayerState& state = layers_[layer];
     if (absl::Status status = TakeSlots(state, needed.size(), &slots); !status.ok()) {
       ++stats_.selections_dropped;
-      return absl::Status(status.code(),
-                          absl::StrCat("selection of layer ", layer, " (", needed.size(),
-                                       " new blocks) dropped, the visible table stays: ",
-                                       status.message()));
+      return absl::Status(
+          status.code(),
+          absl::StrCat("selection of layer ", layer, " (", needed.size(),
+                       " new blocks) dropped, the visible table stays: ", status.message()));
     }
   }
   // Blocks in the segment are copied from it as they lie (K then V, like a slot); blocks that

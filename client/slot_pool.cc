@@ -47,9 +47,8 @@ absl::StatusOr<std::shared_ptr<SlotPool>> SlotPool::Create(DeviceBackend* backen
         absl::StrCat("slot pool: num_slots ", options.num_slots, " exceeds ", INT32_MAX));
   }
   if (options.headroom_slots > options.num_slots) {
-    return absl::InvalidArgumentError(absl::StrCat("slot pool: headroom_slots ",
-                                                   options.headroom_slots, " > num_slots ",
-                                                   options.num_slots));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "slot pool: headroom_slots ", options.headroom_slots, " > num_slots ", options.num_slots));
   }
   const uint64_t bytes = options.num_slots * options.slot_bytes;
   void* base = options.memory;
@@ -64,8 +63,8 @@ absl::StatusOr<std::shared_ptr<SlotPool>> SlotPool::Create(DeviceBackend* backen
     absl::StatusOr<void*> allocated = backend->AllocDevice(bytes);
     if (!allocated.ok()) {
       return absl::ResourceExhaustedError(absl::StrCat("slot pool of ", options.num_slots,
-                                                       " slots (", bytes, " bytes): ",
-                                                       allocated.status().message()));
+                                                       " slots (", bytes,
+                                                       " bytes): ", allocated.status().message()));
     }
     base = *allocated;
     owns = true;
@@ -144,8 +143,8 @@ absl::Status SlotPool::Take(HolderId holder, size_t count, std::vector<int32_t>*
     ++takes_refused_;
     return absl::ResourceExhaustedError(absl::StrCat(
         "slot pool exhausted: sequence ", owner.name, " needs ", count, " more slots (holds ",
-        owner.held, ", reserved ", owner.reserved, "); shared headroom ", headroom_in_use_,
-        " of ", headroom, " in use, ", free_.size(),
+        owner.held, ", reserved ", owner.reserved, "); shared headroom ", headroom_in_use_, " of ",
+        headroom, " in use, ", free_.size(),
         " slots free: loads in flight of other sequences hold it; retry after the next Step, or "
         "give the pool more headroom_slots"));
   }

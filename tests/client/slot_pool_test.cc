@@ -1,6 +1,8 @@
 // One slot pool shared by all sequences of a client: the pool's own accounting (reservations,
 // shared headroom, refusals), sequences contending for headroom, a dropped sequence's slots used
 // by another, bad pool options, and the HBM a 32K-token sequence costs at sparse_ratio 0.25.
+#include "client/slot_pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -11,7 +13,6 @@
 #include <vector>
 
 #include "client/device_backend.h"
-#include "client/slot_pool.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstar/client.h"
@@ -328,10 +329,9 @@ TEST_F(SharedPoolTest, BadSequenceOptionsWithASharedPoolAreRefused) {
   EXPECT_THAT(std::string(unbounded.message()), HasSubstr("options.max_blocks_per_layer"));
   ModelProfile wider = SmallProfile();
   wider.head_dim = 128;
-  absl::Status shape = client_
-                           ->CreateSequence("wider", wider, SmallConfig(kStride),
-                                            SequenceOptions{0, kMaxBlocks})
-                           .status();
+  absl::Status shape =
+      client_->CreateSequence("wider", wider, SmallConfig(kStride), SequenceOptions{0, kMaxBlocks})
+          .status();
   EXPECT_EQ(shape.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(shape.message()), HasSubstr("slots are 65536"));
 }
@@ -344,9 +344,8 @@ TEST(SharedPoolClientTest, PoolStatsWithoutAPoolAndAPoolAfterSequencesAreRefused
   absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
   ASSERT_TRUE(client.ok());
   EXPECT_EQ((*client)->slot_pool_stats().status().code(), absl::StatusCode::kFailedPrecondition);
-  ASSERT_TRUE((*client)
-                  ->CreateSequence("own", SmallProfile(), SmallConfig(), SequenceOptions{0, 16})
-                  .ok());
+  ASSERT_TRUE(
+      (*client)->CreateSequence("own", SmallProfile(), SmallConfig(), SequenceOptions{0, 16}).ok());
   absl::Status late = (*client)->CreateSlotPool(SlotPoolFor(SmallProfile(), SmallConfig(), 16, 1));
   EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(late.message()), HasSubstr("1 sequences are open"));

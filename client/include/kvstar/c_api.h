@@ -83,8 +83,8 @@ typedef struct {
 
 /* SlotPoolOptions in client.h: one pool shared by every sequence of the client. */
 typedef struct {
-  uint64_t slot_bytes;     /* K + V of one block: 2 * block_size * num_kv_heads * head_dim * dtype */
-  uint64_t num_slots;      /* headroom included */
+  uint64_t slot_bytes; /* K + V of one block: 2 * block_size * num_kv_heads * head_dim * dtype */
+  uint64_t num_slots;  /* headroom included */
   uint64_t headroom_slots; /* unreserved, shared by all sequences for loads in flight */
   void* memory;            /* engine memory of num_slots * slot_bytes bytes, or NULL */
   uint64_t memory_bytes;

@@ -192,14 +192,14 @@ SlotPoolOptions SlotPoolFor(const ModelProfile& profile, const KvstarConfig& con
 struct SlotPoolStats {
   uint64_t slot_bytes = 0;
   uint64_t num_slots = 0;
-  uint64_t headroom_slots = 0;         // as configured; the headroom now is num_slots - reserved
-  uint64_t reserved_slots = 0;        // reserved by the open sequences
-  uint64_t slots_in_use = 0;          // held by sequences (resident, loading or still read)
-  uint64_t headroom_in_use = 0;       // held beyond the holders' reservations
-  uint64_t peak_slots_in_use = 0;     // since the pool was created
+  uint64_t headroom_slots = 0;     // as configured; the headroom now is num_slots - reserved
+  uint64_t reserved_slots = 0;     // reserved by the open sequences
+  uint64_t slots_in_use = 0;       // held by sequences (resident, loading or still read)
+  uint64_t headroom_in_use = 0;    // held beyond the holders' reservations
+  uint64_t peak_slots_in_use = 0;  // since the pool was created
   uint64_t peak_headroom_in_use = 0;
   uint64_t sequences = 0;
-  uint64_t takes_refused = 0;         // loads refused for want of headroom
+  uint64_t takes_refused = 0;  // loads refused for want of headroom
 };
 
 // What the attention kernel of one layer reads during one decode step. Valid until the matching
@@ -211,8 +211,8 @@ struct SlotTable {
   const int32_t* device_slots = nullptr;    // [count] slot of each resident block, device memory
   const int32_t* host_slots = nullptr;      // [count] the same, host memory
   const uint32_t* block_indices = nullptr;  // [count] ascending block index, host memory
-  void* slot_pool = nullptr;  // base of the pool the slots index (device memory)
-  uint64_t slot_bytes = 0;    // K + V of one block: slot s starts at slot_pool + s * slot_bytes
+  void* slot_pool = nullptr;                // base of the pool the slots index (device memory)
+  uint64_t slot_bytes = 0;       // K + V of one block: slot s starts at slot_pool + s * slot_bytes
   uint32_t slots_per_layer = 0;  // always 0: slot ids index the whole pool
   // Decode step the queries behind this selection ended at (0 for the Seal selection).
   uint64_t selection_step = 0;
@@ -229,8 +229,8 @@ struct SequenceStats {
   uint64_t last_staleness_steps = 0;  // visible step minus the selection's query step
   uint64_t max_staleness_steps = 0;
   uint64_t decode_step = 0;
-  uint64_t reserved_slots = 0;   // the sequence's reservation in its pool
-  uint64_t slots_held = 0;       // slots it holds now (resident, loading or still read)
+  uint64_t reserved_slots = 0;  // the sequence's reservation in its pool
+  uint64_t slots_held = 0;      // slots it holds now (resident, loading or still read)
   uint64_t peak_slots_held = 0;
 };
 
@@ -330,12 +330,13 @@ class Client {
   virtual absl::StatusOr<SlotPoolStats> slot_pool_stats() const = 0;
 
   // Registers a sequence on the server (idempotent for the same profile and knobs) and reserves
-  // its slots in the shared pool (or allocates its own pool without one); the first call also chooses the data plane (one GetServerInfo RPC). Errors: the
-  // server's (ALREADY_EXISTS for a different profile), INVALID_ARGUMENT for bad options (a
-  // profile whose slot bytes differ from the shared pool's, slots_per_layer or slot_pool with a
-  // shared pool, no max_blocks_per_layer), RESOURCE_EXHAUSTED when slots cannot be allocated or
-  // the shared pool's reservations are full (the message gives the counts), FAILED_PRECONDITION when data_plane is
-  // kSharedMemory and the server's segment cannot be used (the message says why).
+  // its slots in the shared pool (or allocates its own pool without one); the first call also
+  // chooses the data plane (one GetServerInfo RPC). Errors: the server's (ALREADY_EXISTS for a
+  // different profile), INVALID_ARGUMENT for bad options (a profile whose slot bytes differ from
+  // the shared pool's, slots_per_layer or slot_pool with a shared pool, no max_blocks_per_layer),
+  // RESOURCE_EXHAUSTED when slots cannot be allocated or the shared pool's reservations are full
+  // (the message gives the counts), FAILED_PRECONDITION when data_plane is kSharedMemory and the
+  // server's segment cannot be used (the message says why).
   virtual absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                                    const ModelProfile& profile,
                                                    const KvstarConfig& config,

@@ -273,7 +273,8 @@ class Client:
                                       ctypes.byref(handle)))
         self._handle = handle
         self._own_pools = {}  # sequence id -> the engine memory of its own pool
-        self.slot_pool_memory = None  # the tensor given to create_slot_pool, if any
+        self.has_slot_pool = False
+        self.slot_pool_memory = None  # the memory given to create_slot_pool, if any
 
     @property
     def backend(self):
@@ -304,18 +305,24 @@ class Client:
             self._own_pools[sequence_id] = slot_pool  # until drop_sequence
         return Sequence(self, handle, sequence_id, profile)
 
-    def create_slot_pool(self, num_slots, slot_bytes, headroom_slots=0, memory=None):
-        """One slot pool shared by every later sequence (Client::CreateSlotPool in client.h).
-        memory: a tensor of at least num_slots * slot_bytes bytes on the backend's device (a
-        CUDA tensor on the CUDA backend, a CPU one on the host backend), kept alive by this
-        Client; None: the library allocates the pool. Slot s starts at SlotTable.slot_pool +
-        s * slot_bytes."""
+    def create_slot_pool(self, num_slots, slot_bytes, headroom_slots=0, memory=None,
+                         memory_bytes=None):
+        """One slot pool shared by every later sequence (Client::CreateSlotPool in client.h);
+        call it before the first create_sequence. memory: a tensor of at least
+        num_slots * slot_bytes bytes on the backend's device (a CUDA tensor on the CUDA backend,
+        a CPU one on the host backend), kept alive by this Client, or a raw address with
+        memory_bytes; None: the library allocates the pool. Slot s starts at
+        SlotTable.slot_pool + s * slot_bytes. kvstar.hf.KvstarCache reads a tensor pool."""
         options = _PoolOptions(slot_bytes, num_slots, headroom_slots, None, 0)
         if memory is not None:
             options.memory, _, _ = _buffer(memory, DEVICE)
-            options.memory_bytes = memory.numel() * memory.element_size()
+            if memory_bytes is None:
+                if not hasattr(memory, "numel"):
+                    raise ValueError("memory given as an address needs memory_bytes")
+                memory_bytes = memory.numel() * memory.element_size()
+            options.memory_bytes = memory_bytes
         _check(_load().kvstar_create_slot_pool(self._handle, ctypes.byref(options)))
-        self.slot_pool_memory = memory
+        self.has_slot_pool, self.slot_pool_memory = True, memory
 
     def slot_pool_stats(self):
         """The shared pool's accounting (SlotPoolStats in client.h) as a dict."""

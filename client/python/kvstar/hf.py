@@ -325,7 +325,10 @@ class KvstarCache(SparseCache):
         self._where = DEVICE if device.type == "cuda" else HOST
         slot_shape = (2, self.block_size, self.num_kv_heads, self.head_dim)
         shared = self.client.slot_pool_memory
-        if shared is not None:
+        if self.client.has_slot_pool:
+            if not isinstance(shared, torch.Tensor):
+                raise ValueError("KvstarCache reads the client's shared slot pool as a tensor: "
+                                 "create it with Client.create_slot_pool(memory=<tensor>)")
             # The client's shared pool (Client.create_slot_pool over a tensor): every cache of
             # the client reads its slots from it.
             if shared.device.type != device.type:
