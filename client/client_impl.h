@@ -1,6 +1,6 @@
 // Implementation classes behind kvstar/client.h. ClientImpl owns the channel, the backend, the
-// staging pool, the background threads and the sequences; SequenceImpl owns one sequence's slots,
-// double-buffered slot tables and query ring.
+// staging pool, the shared slot pool, the background threads and the sequences; SequenceImpl owns
+// one sequence's resident set (ResidentSet: slots and tables) and query ring.
 //
 // Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before SequenceImpl::mu_. No lock is
 // held across an RPC, except resolve_mu_, which serializes choices of the data plane
@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "client/device_backend.h"
+#include "client/resident_set.h"
 #include "client/shared_segment.h"
 #include "client/slot_pool.h"
 #include "client/staging_pool.h"
@@ -32,59 +33,6 @@
 namespace kvstar::client_internal {
 
 class ClientImpl;
-
-// One slot table of one layer (one half of the double buffer).
-struct TableBuffer {
-  std::vector<uint32_t> blocks;     // ascending
-  std::vector<int32_t> slots;       // slot of blocks[i]
-  int32_t* pinned_slots = nullptr;  // pinned mirror, source of the device copy
-  int32_t* device_slots = nullptr;  // what kernels read
-  uint64_t generation = 0;          // bumped on each publish into this buffer
-  uint64_t selection_step = 0;
-  bool device_dirty = false;  // device_slots must be rewritten at the next Acquire
-  bool acquired = false;      // acquired and not yet released
-  EventHandle release_event = nullptr;
-};
-
-// A slot that left the resident set; reusable once nothing can still read (or write) it.
-struct RetiredSlot {
-  int32_t slot = -1;
-  int table = -1;           // table buffer that held it, or -1: wait for `event` instead
-  uint64_t generation = 0;  // that buffer's generation when it held the slot
-  EventHandle event = nullptr;
-};
-
-// A selection whose new blocks are being copied into slots; published at a step boundary.
-struct PendingSelection {
-  std::vector<uint32_t> blocks;  // the server's selection, ascending
-  uint32_t known_blocks = 0;     // the layer's block count when the selection was asked for
-  uint64_t selection_step = 0;
-  std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
-  EventHandle load_event = nullptr;
-  void* staging = nullptr;
-  // The segment some of its copies read: mapped at least until load_event completed.
-  std::shared_ptr<const SharedSegment> segment;
-};
-
-// A decode-generated block copied into a slot; joins the tables once its copy completed.
-struct AppendedBlock {
-  uint32_t block = 0;
-  EventHandle event = nullptr;
-};
-
-struct LayerState {
-  TableBuffer tables[2];
-  int visible = 0;
-  int acquired_table = -1;
-  uint32_t num_blocks = 0;  // blocks of the layer the sequence knows of (prompt + appended)
-  std::map<uint32_t, int32_t> resident;  // block -> slot: visible, pending and appended blocks
-  std::vector<RetiredSlot> retired;
-  std::optional<PendingSelection> pending;
-  std::vector<AppendedBlock> appended_unready;
-  std::set<uint32_t> appended_ready;
-  std::vector<uint32_t> visible_selection;  // the selection behind the visible table
-  uint32_t visible_known_blocks = 0;
-};
 
 class SequenceImpl : public Sequence {
  public:
@@ -141,22 +89,8 @@ class SequenceImpl : public Sequence {
   absl::Status StageAndQueue(uint32_t layer, uint32_t block_index, const void* key,
                              const void* value, MemoryKind where, void* stream);
   char* SlotAddress(int32_t slot) const { return pool_->SlotAddress(slot); }
-  // Takes `count` slots from the pool (after giving back retired ones whose readers finished).
-  // RESOURCE_EXHAUSTED from the pool when it cannot.
-  absl::Status TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Gives the retired slots of `state` whose readers finished back to the pool.
-  void ReclaimRetiredLocked(LayerState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void GiveSlot(int32_t slot) { pool_->Give(holder_, {slot}); }
-  bool ReadDone(const TableBuffer& table) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Makes selection ∪ (appended blocks >= known_blocks) the visible table. False when the other
-  // buffer is still being read (try again at the next boundary).
-  bool PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
-                     uint32_t known_blocks, uint64_t selection_step)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Publishes what is ready in `layer` (ResidentSet::PublishReady) and counts it.
   void PublishReadyLocked(uint32_t layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   char* QueryAddress(uint64_t step, uint32_t layer) const;
   // Waits for the query copies of the window ending at `end_step` and appends that window's
   // queries of every layer (oldest first) to `queries`.
@@ -172,20 +106,14 @@ class SequenceImpl : public Sequence {
   const KvstarConfig config_;
   const uint64_t key_bytes_;
   const uint64_t slot_bytes_;
-  std::shared_ptr<SlotPool> pool_;
-  SlotPool::HolderId holder_ = 0;
-  bool joined_ = false;
-  bool shared_pool_ = false;
-  // Most blocks one table may hold: max_blocks_per_layer (a shared pool) or slots_per_layer.
-  uint32_t table_capacity_ = 0;
+  std::shared_ptr<SlotPool> pool_;     // the one resident_ holds; set by Init, then constant
+  uint32_t resident_capacity_ = 0;     // most blocks one table holds (ResidentSet::table_capacity)
   uint32_t max_blocks_per_layer_ = 0;  // 0: unbounded (own pool sized by slots_per_layer)
-  int32_t* device_tables_ = nullptr;   // 2 * num_layers * table_capacity_ entries
-  int32_t* pinned_tables_ = nullptr;
-  char* query_ring_ = nullptr;  // pinned [2 windows][stride][num_layers][query_bytes]
+  char* query_ring_ = nullptr;         // pinned [2 windows][stride][num_layers][query_bytes]
   StreamHandle load_stream_ = nullptr;
 
   mutable absl::Mutex mu_;
-  std::vector<LayerState> layers_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<ResidentSet> resident_ ABSL_GUARDED_BY(mu_);
   bool sealed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t decode_step_ ABSL_GUARDED_BY(mu_) = 0;
   // The step at which the pending retrieval became due: its query window ends there.

@@ -44,40 +44,14 @@ SequenceImpl::SequenceImpl(ClientImpl* client, std::string id, ModelProfile prof
       slot_bytes_(2 * profile.block_key_bytes()) {}
 
 SequenceImpl::~SequenceImpl() {
-  absl::MutexLock lock(&mu_);
-  // Slots go back to a pool other sequences keep using: wait until nothing reads or writes them.
-  std::vector<int32_t> held;
-  for (LayerState& state : layers_) {
-    for (TableBuffer& table : state.tables) {
-      backend_->WaitEvent(table.release_event).IgnoreError();
-      backend_->ReleaseEvent(table.release_event);
-    }
-    for (RetiredSlot& retired : state.retired) {
-      backend_->WaitEvent(retired.event).IgnoreError();
-      backend_->ReleaseEvent(retired.event);
-      held.push_back(retired.slot);
-    }
-    for (AppendedBlock& appended : state.appended_unready) {
-      backend_->WaitEvent(appended.event).IgnoreError();
-      backend_->ReleaseEvent(appended.event);
-    }
-    if (state.pending.has_value()) {
-      backend_->WaitEvent(state.pending->load_event).IgnoreError();
-      backend_->ReleaseEvent(state.pending->load_event);
-      if (state.pending->staging != nullptr) client_->staging()->Release(state.pending->staging);
-    }
-    for (const auto& [block, slot] : state.resident) held.push_back(slot);
+  {
+    absl::MutexLock lock(&mu_);
+    resident_.reset();  // waits for the reads and copies of its slots, gives them back
+    for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
   }
-  if (joined_) {
-    pool_->Give(holder_, held);
-    pool_->Leave(holder_);
-  }
-  for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
   backend_->WaitEvent(segment_reads_).IgnoreError();
   backend_->ReleaseEvent(segment_reads_);
   if (load_stream_ != nullptr) backend_->DestroyStream(load_stream_);
-  if (device_tables_ != nullptr) backend_->FreeDevice(device_tables_);
-  if (pinned_tables_ != nullptr) backend_->FreePinned(pinned_tables_);
   if (query_ring_ != nullptr) backend_->FreePinned(query_ring_);
 }
 
@@ -88,6 +62,9 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
     return absl::InvalidArgumentError("config.retrieval_stride must be > 0");
   }
   uint64_t reserved = 0;
+  uint32_t table_capacity = 0;
+  uint32_t layer_slot_cap = 0;
+  std::shared_ptr<SlotPool> pool;
   if (shared_pool != nullptr) {
     if (options.slots_per_layer != 0 || options.slot_pool != nullptr) {
       return absl::InvalidArgumentError(
@@ -105,10 +82,9 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
           "profile: a block of sequence ", id_, " is ", slot_bytes_,
           " bytes (K + V), the shared slot pool's slots are ", shared_pool->slot_bytes()));
     }
-    pool_ = std::move(shared_pool);
-    shared_pool_ = true;
+    pool = std::move(shared_pool);
     max_blocks_per_layer_ = options.max_blocks_per_layer;
-    table_capacity_ = options.max_blocks_per_layer;
+    table_capacity = options.max_blocks_per_layer;
     reserved = ReservedSlots(profile_, config_, options.max_blocks_per_layer);
   } else {
     uint32_t slots_per_layer = options.slots_per_layer;
@@ -127,27 +103,23 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
     own.num_slots = uint64_t{profile_.num_layers} * slots_per_layer;
     own.memory = options.slot_pool;
     own.memory_bytes = options.slot_pool_bytes;
-    absl::StatusOr<std::shared_ptr<SlotPool>> pool = SlotPool::Create(backend_, own);
-    if (!pool.ok()) {
-      return absl::Status(pool.status().code(),
+    absl::StatusOr<std::shared_ptr<SlotPool>> own_pool = SlotPool::Create(backend_, own);
+    if (!own_pool.ok()) {
+      return absl::Status(own_pool.status().code(),
                           absl::StrCat("options (", slots_per_layer,
-                                       " slots per layer): ", pool.status().message()));
+                                       " slots per layer): ", own_pool.status().message()));
     }
-    pool_ = *std::move(pool);
-    table_capacity_ = slots_per_layer;
+    pool = *std::move(own_pool);
+    table_capacity = slots_per_layer;
+    layer_slot_cap = slots_per_layer;
     reserved = own.num_slots;
   }
-  absl::StatusOr<SlotPool::HolderId> holder = pool_->Join(id_, reserved);
-  if (!holder.ok()) return holder.status();
-  holder_ = *holder;
-  joined_ = true;
-  const uint64_t table_entries = uint64_t{2} * profile_.num_layers * table_capacity_;
-  absl::StatusOr<void*> device_tables = backend_->AllocDevice(table_entries * sizeof(int32_t));
-  if (!device_tables.ok()) return device_tables.status();
-  device_tables_ = static_cast<int32_t*>(*device_tables);
-  absl::StatusOr<void*> pinned_tables = backend_->AllocPinned(table_entries * sizeof(int32_t));
-  if (!pinned_tables.ok()) return pinned_tables.status();
-  pinned_tables_ = static_cast<int32_t*>(*pinned_tables);
+  pool_ = pool;
+  resident_capacity_ = table_capacity;
+  absl::StatusOr<std::unique_ptr<ResidentSet>> resident =
+      ResidentSet::Create(backend_, client_->staging(), std::move(pool), id_, reserved,
+                          profile_.num_layers, table_capacity, layer_slot_cap);
+  if (!resident.ok()) return resident.status();
   const uint64_t ring_bytes =
       uint64_t{2} * config_.retrieval_stride * profile_.num_layers * profile_.query_bytes();
   absl::StatusOr<void*> ring = backend_->AllocPinned(ring_bytes);
@@ -159,15 +131,7 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
   load_stream_ = *stream;
 
   absl::MutexLock lock(&mu_);
-  layers_.resize(profile_.num_layers);
-  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    LayerState& state = layers_[layer];
-    for (int buffer = 0; buffer < 2; ++buffer) {
-      const uint64_t offset = (uint64_t{layer} * 2 + buffer) * table_capacity_;
-      state.tables[buffer].device_slots = device_tables_ + offset;
-      state.tables[buffer].pinned_slots = pinned_tables_ + offset;
-    }
-  }
+  resident_ = *std::move(resident);
   return absl::OkStatus();
 }
 
@@ -254,11 +218,16 @@ absl::Status SequenceImpl::StageAndQueue(uint32_t layer, uint32_t block_index, c
 absl::Status SequenceImpl::Offload(uint32_t layer, uint32_t block_index, const void* key,
                                    const void* value, MemoryKind where, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  if (max_blocks_per_layer_ != 0 && block_index >= max_blocks_per_layer_) {
+    return absl::OutOfRangeError(absl::StrCat("Offload: block_index ", block_index, " of sequence ",
+                                              id_, " is past max_blocks_per_layer (",
+                                              max_blocks_per_layer_, ")"));
+  }
   {
     absl::MutexLock lock(&mu_);
     // An earlier background error is reported here too, but only Flush clears it.
     if (!error_.ok()) return error_;
-    layers_[layer].num_blocks = std::max(layers_[layer].num_blocks, block_index + 1);
+    resident_->NoteBlocks(layer, block_index + 1);
   }
   return StageAndQueue(layer, block_index, key, value, where, stream);
 }
@@ -266,23 +235,20 @@ absl::Status SequenceImpl::Offload(uint32_t layer, uint32_t block_index, const v
 absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const void* value,
                                        MemoryKind where, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
-  uint32_t block_index = 0;
   std::vector<int32_t> slots;
   {
     absl::MutexLock lock(&mu_);
     if (!sealed_) return absl::FailedPreconditionError("AppendBlock before Seal");
     if (!error_.ok()) return error_;
-    LayerState& state = layers_[layer];
-    if (max_blocks_per_layer_ != 0 && state.num_blocks >= max_blocks_per_layer_) {
+    if (max_blocks_per_layer_ != 0 && resident_->num_blocks(layer) >= max_blocks_per_layer_) {
       return absl::OutOfRangeError(absl::StrCat("AppendBlock: layer ", layer, " of sequence ", id_,
                                                 " already has max_blocks_per_layer (",
                                                 max_blocks_per_layer_, ") blocks"));
     }
-    if (absl::Status status = TakeSlots(state, 1, &slots); !status.ok()) {
+    if (absl::Status status = resident_->TakeSlots(layer, 1, &slots); !status.ok()) {
       return absl::Status(status.code(),
                           absl::StrCat("decode block of layer ", layer, ": ", status.message()));
     }
-    block_index = state.num_blocks++;
   }
   char* slot = SlotAddress(slots[0]);
   absl::Status status = backend_->Copy(slot, MemoryKind::kDevice, key, where, key_bytes_, stream);
@@ -292,15 +258,16 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
   }
   absl::StatusOr<EventHandle> copied =
       status.ok() ? backend_->RecordEvent(stream) : absl::StatusOr<EventHandle>(status);
+  uint32_t block_index = 0;
   {
     absl::MutexLock lock(&mu_);
-    LayerState& state = layers_[layer];
     if (!copied.ok()) {
-      GiveSlot(slots[0]);
+      resident_->GiveSlots(slots);
       return copied.status();
     }
-    state.resident[block_index] = slots[0];
-    state.appended_unready.push_back({block_index, *copied});
+    // The index is taken after the copy: AppendBlock is the decode thread's call, so the
+    // layer's next index has not moved since the max_blocks_per_layer check.
+    block_index = resident_->AppendBlock(layer, slots[0], *copied);
   }
   return StageAndQueue(layer, block_index, key, value, where, stream);
 }
@@ -344,15 +311,15 @@ absl::Status SequenceImpl::Seal(const void* queries, uint32_t num_queries, Memor
   if (absl::Status status = LoadSealSelections(*response, 0); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    LayerState& state = layers_[layer];
-    state.num_blocks = std::max(state.num_blocks, response->num_blocks());
-    if (state.pending.has_value()) {
-      if (absl::Status status = backend_->WaitEvent(state.pending->load_event); !status.ok()) {
+    resident_->NoteBlocks(layer, response->num_blocks());
+    if (resident_->has_pending(layer)) {
+      if (absl::Status status = backend_->WaitEvent(resident_->pending_load_event(layer));
+          !status.ok()) {
         return status;
       }
     }
     PublishReadyLocked(layer);
-    if (state.pending.has_value()) {
+    if (resident_->has_pending(layer)) {
       return absl::InternalError(
           absl::StrCat("first selection of layer ", layer, " could not be published"));
     }
@@ -464,188 +431,34 @@ absl::StatusOr<SlotTable> SequenceImpl::Acquire(uint32_t layer, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
   if (!sealed_) return absl::FailedPreconditionError("Acquire before Seal");
-  LayerState& state = layers_[layer];
-  if (state.acquired_table >= 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("layer ", layer, " acquired twice without Release"));
-  }
-  TableBuffer& table = state.tables[state.visible];
-  if (table.device_dirty) {
-    absl::Status status =
-        backend_->Copy(table.device_slots, MemoryKind::kDevice, table.pinned_slots,
-                       MemoryKind::kHost, table.slots.size() * sizeof(int32_t), stream);
-    if (!status.ok()) return status;
-    table.device_dirty = false;
-  }
-  table.acquired = true;
-  state.acquired_table = state.visible;
-  SlotTable result;
-  result.layer = layer;
-  result.step = decode_step_;
-  result.count = static_cast<uint32_t>(table.blocks.size());
-  result.device_slots = table.device_slots;
-  result.host_slots = table.slots.data();
-  result.block_indices = table.blocks.data();
-  result.slot_pool = pool_->base();
-  result.slot_bytes = slot_bytes_;
-  result.slots_per_layer = 0;
-  result.selection_step = table.selection_step;
-  return result;
+  absl::StatusOr<SlotTable> table = resident_->Acquire(layer, stream);
+  if (table.ok()) table->step = decode_step_;
+  return table;
 }
 
 absl::Status SequenceImpl::Release(uint32_t layer, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
-  LayerState& state = layers_[layer];
-  if (state.acquired_table < 0) {
-    return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " released, not acquired"));
-  }
-  absl::StatusOr<EventHandle> read = backend_->RecordEvent(stream);
-  if (!read.ok()) return read.status();
-  TableBuffer& table = state.tables[state.acquired_table];
-  backend_->ReleaseEvent(table.release_event);
-  table.release_event = *read;
-  table.acquired = false;
-  state.acquired_table = -1;
-  return absl::OkStatus();
+  return resident_->Release(layer, stream);
 }
 
 SequenceStats SequenceImpl::stats() const {
   absl::MutexLock lock(&mu_);
   SequenceStats stats = stats_;
   stats.decode_step = decode_step_;
-  const SlotPool::HolderStats held = pool_->holder_stats(holder_);
+  const SlotPool::HolderStats held = resident_->pool_stats();
   stats.reserved_slots = held.reserved_slots;
   stats.slots_held = held.slots_held;
   stats.peak_slots_held = held.peak_slots_held;
   return stats;
 }
 
-bool SequenceImpl::ReadDone(const TableBuffer& table) {
-  return !table.acquired && backend_->EventDone(table.release_event);
-}
-
-void SequenceImpl::ReclaimRetiredLocked(LayerState& state) {
-  auto reusable = [&](const RetiredSlot& retired) {
-    if (retired.table < 0) return backend_->EventDone(retired.event);
-    const TableBuffer& table = state.tables[retired.table];
-    return table.generation != retired.generation || ReadDone(table);
-  };
-  std::vector<RetiredSlot> still_read;
-  std::vector<int32_t> done;
-  for (RetiredSlot& retired : state.retired) {
-    if (reusable(retired)) {
-      backend_->ReleaseEvent(retired.event);
-      done.push_back(retired.slot);
-    } else {
-      still_read.push_back(retired);
-    }
-  }
-  state.retired = std::move(still_read);
-  if (!done.empty()) pool_->Give(holder_, done);
-}
-
-absl::Status SequenceImpl::TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots) {
-  if (count == 0) return absl::OkStatus();
-  ReclaimRetiredLocked(state);
-  // An own pool keeps each layer within slots_per_layer, so a table always fits its capacity (in
-  // a shared pool a layer's resident blocks are distinct blocks below max_blocks_per_layer).
-  const size_t layer_held = state.resident.size() + state.retired.size();
-  if (!shared_pool_ && layer_held + count > table_capacity_) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("sequence ", id_, " needs ", count, " more slots in a layer holding ",
-                     layer_held, " of its ", table_capacity_,
-                     " slots_per_layer; the others are still read: raise slots_per_layer"));
-  }
-  return pool_->Take(holder_, count, slots);
-}
-
-bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
-                                 uint32_t known_blocks, uint64_t selection_step) {
-  const int next = 1 - state.visible;
-  if (!ReadDone(state.tables[next])) return false;
-  std::set<uint32_t> blocks(selection.begin(), selection.end());
-  for (uint32_t block : state.appended_ready) {
-    if (block >= known_blocks) blocks.insert(block);
-  }
-  std::set<uint32_t> keep = blocks;
-  for (const AppendedBlock& appended : state.appended_unready) keep.insert(appended.block);
-  if (state.pending.has_value()) {
-    keep.insert(state.pending->new_blocks.begin(), state.pending->new_blocks.end());
-  }
-  const TableBuffer& old = state.tables[state.visible];
-  const std::set<uint32_t> old_blocks(old.blocks.begin(), old.blocks.end());
-  for (auto it = state.resident.begin(); it != state.resident.end();) {
-    if (keep.count(it->first) > 0) {
-      ++it;
-      continue;
-    }
-    if (old_blocks.count(it->first) > 0) {
-      state.retired.push_back({it->second, state.visible, old.generation, nullptr});
-    } else {
-      GiveSlot(it->second);  // never visible: no reader
-    }
-    state.appended_ready.erase(it->first);
-    it = state.resident.erase(it);
-  }
-  TableBuffer& table = state.tables[next];
-  table.blocks.clear();
-  table.slots.clear();
-  for (uint32_t block : blocks) {
-    auto resident = state.resident.find(block);
-    if (resident == state.resident.end()) continue;  // selected but never loaded: skip it
-    // LoadSelection and AppendBlock keep a table within its capacity; never write past it.
-    assert(table.slots.size() < table_capacity_);
-    if (table.slots.size() >= table_capacity_) break;
-    table.pinned_slots[table.slots.size()] = resident->second;
-    table.blocks.push_back(block);
-    table.slots.push_back(resident->second);
-  }
-  table.generation = std::max(state.tables[0].generation, state.tables[1].generation) + 1;
-  table.selection_step = selection_step;
-  table.device_dirty = true;
-  state.visible = next;
-  state.visible_selection = selection;
-  state.visible_known_blocks = known_blocks;
-  return true;
-}
-
 void SequenceImpl::PublishReadyLocked(uint32_t layer) {
-  LayerState& state = layers_[layer];
-  std::vector<AppendedBlock> unready;
-  for (AppendedBlock& appended : state.appended_unready) {
-    if (backend_->EventDone(appended.event)) {
-      backend_->ReleaseEvent(appended.event);
-      state.appended_ready.insert(appended.block);
-    } else {
-      unready.push_back(appended);
-    }
-  }
-  state.appended_unready = std::move(unready);
-  if (state.pending.has_value() && backend_->EventDone(state.pending->load_event)) {
-    PendingSelection pending = std::move(*state.pending);
-    state.pending.reset();
-    if (PublishLocked(state, pending.blocks, pending.known_blocks, pending.selection_step)) {
-      backend_->ReleaseEvent(pending.load_event);
-      if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
-      ++stats_.selections_published;
-      stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, pending.selection_step);
-      stats_.max_staleness_steps =
-          std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
-      return;
-    }
-    state.pending = std::move(pending);  // the other table is still read: next boundary
-    return;
-  }
-  const TableBuffer& visible = state.tables[state.visible];
-  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
-  for (uint32_t block : state.appended_ready) {
-    if (block >= state.visible_known_blocks && shown.count(block) == 0) {
-      PublishLocked(state, state.visible_selection, state.visible_known_blocks,
-                    visible.selection_step);
-      return;
-    }
-  }
+  const std::optional<uint64_t> published = resident_->PublishReady(layer);
+  if (!published.has_value()) return;
+  ++stats_.selections_published;
+  stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, *published);
+  stats_.max_staleness_steps = std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
 }
 
 bool SequenceImpl::AdvanceStep() {
@@ -655,7 +468,7 @@ bool SequenceImpl::AdvanceStep() {
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
     PublishReadyLocked(layer);
     // Slots nothing reads any more go back now, for any sequence of the pool to use.
-    ReclaimRetiredLocked(layers_[layer]);
+    resident_->ReclaimRetired(layer);
   }
   if (decode_step_ % config_.retrieval_stride != 0) return false;
   due_step_ = decode_step_;
@@ -680,11 +493,10 @@ absl::Status SequenceImpl::BuildRetrieval(v1::SequenceQueries* request,
   absl::MutexLock lock(&mu_);
   known_blocks->assign(profile_.num_layers, 0);
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    const LayerState& state = layers_[layer];
     v1::HeldBlocks* held = request->add_held();
     held->set_layer(layer);
-    for (const auto& [block, slot] : state.resident) held->add_block_indices(block);
-    (*known_blocks)[layer] = state.num_blocks;
+    for (uint32_t block : resident_->Held(layer)) held->add_block_indices(block);
+    (*known_blocks)[layer] = resident_->num_blocks(layer);
   }
   return absl::OkStatus();
 }
@@ -701,25 +513,6 @@ absl::Status SequenceImpl::WaitSegmentReads() {
   return status;
 }
 
-void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep) {
-  PendingSelection pending = std::move(*state.pending);
-  state.pending.reset();
-  // Replacing an unpublished selection is rare (its publication was deferred), and its copy was
-  // issued a stride ago: waiting here is short.
-  backend_->WaitEvent(pending.load_event).IgnoreError();
-  backend_->ReleaseEvent(pending.load_event);
-  if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
-  const TableBuffer& visible = state.tables[state.visible];
-  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
-  for (uint32_t block : pending.new_blocks) {
-    if (keep.count(block) > 0 || shown.count(block) > 0) continue;
-    auto resident = state.resident.find(block);
-    if (resident == state.resident.end()) continue;
-    GiveSlot(resident->second);
-    state.resident.erase(resident);
-  }
-}
-
 absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> blocks,
                                          uint32_t known_blocks, uint64_t selection_step,
                                          std::vector<v1::Block> data,
@@ -730,10 +523,7 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   std::vector<uint32_t> needed;
   {
     absl::MutexLock lock(&mu_);
-    const LayerState& state = layers_[layer];
-    for (uint32_t block : blocks) {
-      if (state.resident.count(block) == 0) needed.push_back(block);
-    }
+    needed = resident_->NotResident(layer, blocks);
   }
   // Bytes of each needed block: from the reply (in it or in the segment), else fetched.
   std::map<uint32_t, const v1::Block*> by_index;
@@ -779,19 +569,18 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
                                               " bytes, expected ", key_bytes_));
     }
   }
-  if (blocks.size() > table_capacity_) {
+  if (blocks.size() > resident_capacity_) {
     absl::MutexLock lock(&mu_);
     ++stats_.selections_dropped;
-    return absl::ResourceExhaustedError(
-        absl::StrCat("selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
-                     " blocks, more than a table holds (", table_capacity_,
-                     shared_pool_ ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
+        " blocks, more than a table holds (", resident_capacity_,
+        max_blocks_per_layer_ != 0 ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
   }
   std::vector<int32_t> slots;
   {
     absl::MutexLock lock(&mu_);
-    LayerState& state = layers_[layer];
-    if (absl::Status status = TakeSlots(state, needed.size(), &slots); !status.ok()) {
+    if (absl::Status status = resident_->TakeSlots(layer, needed.size(), &slots); !status.ok()) {
       ++stats_.selections_dropped;
       return absl::Status(
           status.code(),
@@ -841,7 +630,6 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     }
   }
   absl::MutexLock lock(&mu_);
-  LayerState& state = layers_[layer];
   if (!status.ok()) {
     // A failed copy may have been partly issued: wait for the stream before reusing the slots
     // (or letting the server reuse the regions).
@@ -849,15 +637,11 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     backend_->WaitEvent(issued).IgnoreError();
     backend_->ReleaseEvent(issued);
     backend_->ReleaseEvent(loaded);
-    pool_->Give(holder_, slots);
+    resident_->GiveSlots(slots);
     if (staging != nullptr) client_->staging()->Release(staging);
     ++stats_.selections_dropped;
     return status;
   }
-  if (state.pending.has_value()) {
-    DropPendingLocked(state, std::set<uint32_t>(blocks.begin(), blocks.end()));
-  }
-  for (size_t i = 0; i < needed.size(); ++i) state.resident[needed[i]] = slots[i];
   stats_.blocks_loaded += needed.size();
   stats_.bytes_loaded += needed.size() * slot_bytes_;
   stats_.blocks_already_resident += blocks.size() - needed.size();
@@ -868,8 +652,8 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   pending.new_blocks = std::move(needed);
   pending.load_event = loaded;
   pending.staging = staging;
-  if (shared_count > 0) pending.segment = std::move(segment);
-  state.pending = std::move(pending);
+  if (shared_count > 0) pending.source = std::move(segment);
+  resident_->SetPending(layer, std::move(pending), slots);
   if (segment_read != nullptr) {
     // The stream is in order: the latest event covers every earlier copy from the segment.
     backend_->ReleaseEvent(segment_reads_);
