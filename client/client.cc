@@ -146,7 +146,7 @@ ClientImpl::~ClientImpl() {
   sequences.clear();
   {
     absl::MutexLock lock(&mu_);
-    segment_.reset();    // every copy from it completed with its sequence
+    plane_.reset();      // every copy from it completed with its sequence
     slot_pool_.reset();  // every sequence left it
   }
   if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);
@@ -318,28 +318,26 @@ absl::Status ClientImpl::Reconnect(const std::string& address) {
   channel_ = channel;
   stub_ = v1::KvStore::NewStub(channel_);
   // Another server: choose again (loads in flight keep the old mapping alive until they end).
-  data_plane_ = DataPlane::kAuto;
-  segment_.reset();
+  plane_.reset();
   return absl::OkStatus();
 }
 
 DataPlane ClientImpl::data_plane() const {
   absl::MutexLock lock(&mu_);
-  return data_plane_;
+  return plane_ != nullptr ? plane_->kind() : DataPlane::kAuto;
 }
 
 absl::Status ClientImpl::EnsureDataPlane() {
   absl::MutexLock resolving(&resolve_mu_);
   {
     absl::MutexLock lock(&mu_);
-    if (data_plane_ != DataPlane::kAuto) return absl::OkStatus();
+    if (plane_ != nullptr) return absl::OkStatus();
   }
   return ResolveDataPlane();
 }
 
 absl::Status ClientImpl::ResolveDataPlane() {
-  DataPlane plane = DataPlane::kGrpcBytes;
-  std::unique_ptr<SharedSegment> segment;
+  std::shared_ptr<const BlockDataPlane> plane = GrpcBytesDataPlane();
   std::string why;
   if (options_.data_plane == DataPlane::kGrpcBytes) {
     why = "requested";
@@ -353,28 +351,24 @@ absl::Status ClientImpl::ResolveDataPlane() {
                                        mapped.status().message()));
     }
     if (*mapped != nullptr) {
-      segment = *std::move(mapped);
-      plane = DataPlane::kSharedMemory;
-      why = absl::StrCat("the server runs on this host; segment ", segment->name(), " of ",
-                         segment->size(), " bytes mapped read-only",
+      why = absl::StrCat("the server runs on this host; segment ", (*mapped)->name(), " of ",
+                         (*mapped)->size(), " bytes mapped read-only",
                          backend_->kind() == BackendKind::kCuda ? " and registered with CUDA" : "");
+      plane = MakeSharedMemoryDataPlane(*std::move(mapped));
     } else if (options_.data_plane == DataPlane::kSharedMemory) {
       return absl::FailedPreconditionError(
           absl::StrCat("data_plane shared-memory requested, but ", why));
     }
   }
-  std::shared_ptr<const SharedSegment> installed = std::move(segment);
   bool changed = false;
   {
     absl::MutexLock lock(&mu_);
-    const std::string old_name = segment_ != nullptr ? segment_->name() : "";
-    const std::string new_name = installed != nullptr ? installed->name() : "";
-    changed = data_plane_ != plane || old_name != new_name;
-    data_plane_ = plane;
-    segment_ = installed;
+    changed = plane_ == nullptr || plane_->kind() != plane->kind() ||
+              plane_->segment_name() != plane->segment_name();
+    plane_ = plane;
   }
   if (changed) {
-    spdlog::info("kvstar client: {} data plane ({})", DataPlaneName(plane), why);
+    spdlog::info("kvstar client: {} data plane ({})", DataPlaneName(plane->kind()), why);
   }
   return absl::OkStatus();
 }
@@ -561,10 +555,10 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
   if (absl::Status status = EnsureDataPlane(); !status.ok()) {
     if (options_.data_plane == DataPlane::kSharedMemory) return status;
   }
-  std::shared_ptr<const SharedSegment> segment;
+  std::shared_ptr<const BlockDataPlane> plane;
   {
     absl::MutexLock lock(&mu_);
-    segment = segment_;
+    plane = plane_ != nullptr ? plane_ : GrpcBytesDataPlane();
   }
   // The server reuses a sequence's regions as soon as its next Retrieve arrives.
   {
@@ -576,7 +570,7 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
         known_blocks.erase(part.sequence_id());
         continue;
       }
-      part.set_shared_memory(segment != nullptr);
+      part.set_shared_memory(plane->wants_shared_memory());
       *ready.add_sequences() = std::move(part);
     }
     request = std::move(ready);
@@ -611,8 +605,7 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
         ++shared_blocks;
         // A server restarted on the same address (the channel reconnects by itself) has a new
         // segment: map it.
-        if (!segment_checked &&
-            (segment == nullptr || block.shared().segment() != segment->name())) {
+        if (!segment_checked && !plane->Readable(block)) {
           segment_checked = true;
           absl::Status resolved;
           {
@@ -620,7 +613,7 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
             resolved = ResolveDataPlane();
           }
           absl::MutexLock lock(&mu_);
-          if (resolved.ok()) segment = segment_;
+          if (resolved.ok() && plane_ != nullptr) plane = plane_;
         }
       }
       data.push_back(std::move(block));
@@ -637,7 +630,7 @@ absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
                                  reply.selection().block_indices().end());
     absl::Status status =
         sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
-                                reply.decode_step(), std::move(data), segment);
+                                reply.decode_step(), std::move(data), plane);
     partial.erase({reply.sequence_id(), layer});
     if (!status.ok() && first.ok()) first = status;
   }

@@ -21,6 +21,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "client/data_plane.h"
 #include "client/device_backend.h"
 #include "client/resident_set.h"
 #include "client/shared_segment.h"
@@ -71,11 +72,12 @@ class SequenceImpl : public Sequence {
   // completed: the server reuses them once the sequence's next Retrieve arrives.
   absl::Status WaitSegmentReads();
   // Loads a selection (from Seal or a Retrieve reply) into slots as this layer's pending selection.
-  // Blocks of `data` that arrived as regions of `segment` are copied from it straight into slots;
-  // those naming another segment (or with `segment` null) are fetched as bytes with GetBlocks.
+  // Blocks of `data` are located through `plane` (null: gRPC bytes): regions of its segment are
+  // copied from there straight into slots, bytes are staged, and blocks it cannot read (regions
+  // of another segment) or that did not come are fetched as bytes with GetBlocks.
   absl::Status LoadSelection(uint32_t layer, std::vector<uint32_t> blocks, uint32_t known_blocks,
                              uint64_t selection_step, std::vector<v1::Block> data,
-                             std::shared_ptr<const SharedSegment> segment);
+                             std::shared_ptr<const BlockDataPlane> plane);
   // Outcome of a PutBlocks batch of `blocks` of this sequence.
   void OffloadDone(uint64_t blocks, const absl::Status& status);
   // Remembers a background error to surface on the next call.
@@ -190,9 +192,8 @@ class ClientImpl : public Client {
 
   absl::Mutex resolve_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
-  // kAuto until chosen; segment_ is set exactly when data_plane_ is kSharedMemory.
-  DataPlane data_plane_ ABSL_GUARDED_BY(mu_) = DataPlane::kAuto;
-  std::shared_ptr<const SharedSegment> segment_ ABSL_GUARDED_BY(mu_);
+  // Null until chosen (kAuto).
+  std::shared_ptr<const BlockDataPlane> plane_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<grpc::Channel> channel_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<SlotPool> slot_pool_ ABSL_GUARDED_BY(mu_);  // shared by sequences; may be null

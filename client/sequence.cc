@@ -516,7 +516,8 @@ absl::Status SequenceImpl::WaitSegmentReads() {
 absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> blocks,
                                          uint32_t known_blocks, uint64_t selection_step,
                                          std::vector<v1::Block> data,
-                                         std::shared_ptr<const SharedSegment> segment) {
+                                         std::shared_ptr<const BlockDataPlane> plane) {
+  if (plane == nullptr) plane = GrpcBytesDataPlane();
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
@@ -530,9 +531,7 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   for (const v1::Block& block : data) {
     if (block.layer() != layer) continue;
     // A region of a segment this client has not mapped (the server restarted): fetch it.
-    if (block.has_shared() && (segment == nullptr || block.shared().segment() != segment->name())) {
-      continue;
-    }
+    if (!plane->Readable(block)) continue;
     by_index[block.block_index()] = &block;
   }
   std::vector<uint32_t> missing;
@@ -547,27 +546,17 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
       if (block.layer() == layer) by_index[block.block_index()] = &block;
     }
   }
+  // Where each needed block's K then V lie: in the segment (copied from there) or in a message.
+  std::vector<const char*> sources;
   for (uint32_t block : needed) {
     auto found = by_index.find(block);
     if (found == by_index.end()) {
       return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer,
                                               " was selected but its bytes never came"));
     }
-    const v1::Block& bytes = *found->second;
-    if (bytes.has_shared()) {
-      const v1::SharedMemoryRef& region = bytes.shared();
-      if (region.length() != key_bytes_ ||
-          segment->Region(region.offset(), key_bytes_) == nullptr) {
-        return absl::DataLossError(absl::StrCat(
-            "block ", block, " of layer ", layer, ": shared region at offset ", region.offset(),
-            " of ", region.length(), " bytes per K/V (expected ", key_bytes_,
-            ") does not fit segment ", segment->name(), " of ", segment->size(), " bytes"));
-      }
-    } else if (bytes.key().size() != key_bytes_ || bytes.value().size() != key_bytes_) {
-      return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer, ": K/V of ",
-                                              bytes.key().size(), "/", bytes.value().size(),
-                                              " bytes, expected ", key_bytes_));
-    }
+    absl::StatusOr<const char*> source = plane->Locate(*found->second, key_bytes_);
+    if (!source.ok()) return source.status();
+    sources.push_back(*source);
   }
   if (blocks.size() > resident_capacity_) {
     absl::MutexLock lock(&mu_);
@@ -591,7 +580,7 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   // Blocks in the segment are copied from it as they lie (K then V, like a slot); blocks that
   // came as bytes are staged in pinned memory first.
   size_t shared_count = 0;
-  for (uint32_t block : needed) shared_count += by_index[block]->has_shared() ? 1 : 0;
+  for (const char* source : sources) shared_count += source != nullptr ? 1 : 0;
   const size_t staged_count = needed.size() - shared_count;
   void* staging = nullptr;
   EventHandle loaded = nullptr;
@@ -606,12 +595,11 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     std::vector<CopySegment> segments;
     char* staged = static_cast<char*>(staging);
     for (size_t i = 0; i < needed.size(); ++i) {
-      const v1::Block& block = *by_index[needed[i]];
-      if (block.has_shared()) {
-        segments.push_back({SlotAddress(slots[i]),
-                            segment->Region(block.shared().offset(), key_bytes_), slot_bytes_});
+      if (sources[i] != nullptr) {
+        segments.push_back({SlotAddress(slots[i]), sources[i], slot_bytes_});
         continue;
       }
+      const v1::Block& block = *by_index[needed[i]];
       std::memcpy(staged, block.key().data(), key_bytes_);
       std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
       segments.push_back({SlotAddress(slots[i]), staged, slot_bytes_});
@@ -652,7 +640,7 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   pending.new_blocks = std::move(needed);
   pending.load_event = loaded;
   pending.staging = staging;
-  if (shared_count > 0) pending.source = std::move(segment);
+  if (shared_count > 0) pending.source = std::move(plane);
   resident_->SetPending(layer, std::move(pending), slots);
   if (segment_read != nullptr) {
     // The stream is in order: the latest event covers every earlier copy from the segment.
