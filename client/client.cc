@@ -120,7 +120,7 @@ absl::Status ClientImpl::Init() {
     stub_ = v1::KvStore::NewStub(channel_);
   }
   offload_thread_ = std::thread([this] { OffloadLoop(); });
-  retrieval_thread_ = std::thread([this] { RetrievalLoop(); });
+  scheduler_ = std::make_unique<RetrievalScheduler>(this);
   return absl::OkStatus();
 }
 
@@ -130,7 +130,7 @@ ClientImpl::~ClientImpl() {
     stopping_ = true;
   }
   if (offload_thread_.joinable()) offload_thread_.join();
-  if (retrieval_thread_.joinable()) retrieval_thread_.join();
+  scheduler_.reset();  // before the sequences its jobs point to
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences;
   {
     absl::MutexLock lock(&mu_);
@@ -249,18 +249,15 @@ absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
   std::unique_ptr<SequenceImpl> sequence;
   {
     absl::MutexLock lock(&mu_);
-    // The retrieval thread may hold a pointer to it until its job ends.
-    mu_.Await(absl::Condition(
-        +[](ClientImpl* client)
-             ABSL_NO_THREAD_SAFETY_ANALYSIS { return !client->retrieval_in_flight_; },
-        this));
     auto found = sequences_.find(sequence_id);
     if (found == sequences_.end()) {
       return absl::NotFoundError(absl::StrCat("sequence ", sequence_id, " is not open"));
     }
     sequence = std::move(found->second);
-    sequences_.erase(found);
+    sequences_.erase(found);  // no later Step submits it
   }
+  // A retrieval in flight may still point to it until its job ends.
+  scheduler_->WaitIdle();
   sequence.reset();
   grpc::ClientContext context;
   PrepareContext(&context);
@@ -276,25 +273,9 @@ absl::Status ClientImpl::Step() {
   for (auto& [id, sequence] : sequences_) {
     if (sequence->AdvanceStep()) due.push_back(sequence.get());
   }
-  if (!due.empty()) {
-    // The next queries overwrite the window the previous retrieval reads; it copies them out as
-    // it starts, so this wait is empty unless the retrieval thread stalled for a whole stride.
-    mu_.Await(absl::Condition(
-        +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return !client->snapshot_pending_ || client->stopping_;
-        },
-        this));
-    if (retrieval_in_flight_) {
-      ++stats_.retrievals_skipped;
-    } else {
-      retrieval_job_ = std::move(due);
-      retrieval_in_flight_ = true;
-      snapshot_pending_ = true;
-    }
-  }
-  absl::Status status = std::move(error_);
-  error_ = absl::OkStatus();
-  return status;
+  // Under mu_: DropSequence cannot destroy a due sequence before the scheduler holds it.
+  scheduler_->Submit(std::move(due));
+  return scheduler_->TakeError();
 }
 
 absl::Status ClientImpl::Flush() {
@@ -410,9 +391,21 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> ClientImpl::MapServerSegment(std:
   return segment;
 }
 
-ClientStats ClientImpl::stats() const {
+ClientStats ClientImpl::stats() const { return scheduler_->stats(); }
+
+absl::StatusOr<std::shared_ptr<const BlockDataPlane>> ClientImpl::DataPlaneForRetrieval(
+    bool ask_again) {
+  absl::Status status;
+  if (ask_again) {
+    absl::MutexLock resolving(&resolve_mu_);
+    status = ResolveDataPlane();
+  } else {
+    status = EnsureDataPlane();
+  }
+  if (!status.ok() && options_.data_plane == DataPlane::kSharedMemory) return status;
   absl::MutexLock lock(&mu_);
-  return stats_;
+  // A failed choice leaves bytes for now; it is tried again before the next retrieval.
+  return plane_ != nullptr ? plane_ : GrpcBytesDataPlane();
 }
 
 void ClientImpl::EnqueueOffload(OffloadItem item) {
@@ -501,141 +494,6 @@ absl::Status ClientImpl::SendBatch(std::vector<OffloadItem>& batch) {
   if (status.ok()) status = local;
   for (auto& [sequence, blocks] : blocks_of) sequence->OffloadDone(blocks, status);
   return status;
-}
-
-void ClientImpl::RetrievalLoop() {
-  while (true) {
-    std::vector<SequenceImpl*> due;
-    {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return client->retrieval_job_.has_value() || client->stopping_;
-          },
-          this));
-      if (stopping_) {
-        retrieval_in_flight_ = false;
-        snapshot_pending_ = false;
-        return;
-      }
-      due = std::move(*retrieval_job_);
-      retrieval_job_.reset();
-    }
-    absl::Status status = RunRetrieval(due);
-    absl::MutexLock lock(&mu_);
-    ++stats_.retrievals_completed;
-    retrieval_in_flight_ = false;
-    snapshot_pending_ = false;
-    if (!status.ok() && error_.ok()) error_ = status;
-  }
-}
-
-absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
-  v1::RetrieveRequest request;
-  std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
-  absl::Status first;
-  for (SequenceImpl* sequence : due) {
-    std::vector<uint32_t> known;
-    v1::SequenceQueries queries;
-    absl::Status status = sequence->BuildRetrieval(&queries, &known);
-    if (!status.ok()) {
-      if (first.ok()) first = status;
-      continue;
-    }
-    *request.add_sequences() = std::move(queries);
-    known_blocks[sequence->id()] = {sequence, std::move(known)};
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    snapshot_pending_ = false;
-    ++stats_.retrievals_sent;
-  }
-  if (request.sequences_size() == 0) return first;
-  // The engine goes on meanwhile: what follows may wait for the server and the device.
-  if (absl::Status status = EnsureDataPlane(); !status.ok()) {
-    if (options_.data_plane == DataPlane::kSharedMemory) return status;
-  }
-  std::shared_ptr<const BlockDataPlane> plane;
-  {
-    absl::MutexLock lock(&mu_);
-    plane = plane_ != nullptr ? plane_ : GrpcBytesDataPlane();
-  }
-  // The server reuses a sequence's regions as soon as its next Retrieve arrives.
-  {
-    v1::RetrieveRequest ready;
-    for (v1::SequenceQueries& part : *request.mutable_sequences()) {
-      SequenceImpl* sequence = known_blocks.at(part.sequence_id()).first;
-      if (absl::Status status = sequence->WaitSegmentReads(); !status.ok()) {
-        if (first.ok()) first = status;
-        known_blocks.erase(part.sequence_id());
-        continue;
-      }
-      part.set_shared_memory(plane->wants_shared_memory());
-      *ready.add_sequences() = std::move(part);
-    }
-    request = std::move(ready);
-  }
-  if (request.sequences_size() == 0) return first;
-  bool segment_checked = false;  // re-resolved after a reply named an unknown segment
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
-      stub()->Retrieve(&context, request);
-  // A layer may come as several replies (`more`); its new blocks add up until the last one.
-  std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
-  v1::RetrieveResponse reply;
-  while (reader->Read(&reply)) {
-    {
-      absl::MutexLock lock(&mu_);
-      ++stats_.retrieve_replies;
-    }
-    auto found = known_blocks.find(reply.sequence_id());
-    if (found == known_blocks.end()) {
-      if (first.ok()) {
-        first = absl::InternalError(
-            absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
-      }
-      continue;
-    }
-    const uint32_t layer = reply.selection().layer();
-    std::vector<v1::Block>& data = partial[{reply.sequence_id(), layer}];
-    uint64_t shared_blocks = 0;
-    for (v1::Block& block : *reply.mutable_new_blocks()) {
-      if (block.has_shared()) {
-        ++shared_blocks;
-        // A server restarted on the same address (the channel reconnects by itself) has a new
-        // segment: map it.
-        if (!segment_checked && !plane->Readable(block)) {
-          segment_checked = true;
-          absl::Status resolved;
-          {
-            absl::MutexLock resolving(&resolve_mu_);
-            resolved = ResolveDataPlane();
-          }
-          absl::MutexLock lock(&mu_);
-          if (resolved.ok() && plane_ != nullptr) plane = plane_;
-        }
-      }
-      data.push_back(std::move(block));
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      stats_.blocks_received_shared += shared_blocks;
-      stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
-    }
-    if (reply.more()) continue;
-    SequenceImpl* sequence = found->second.first;
-    const std::vector<uint32_t>& known = found->second.second;
-    std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
-                                 reply.selection().block_indices().end());
-    absl::Status status =
-        sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
-                                reply.decode_step(), std::move(data), plane);
-    partial.erase({reply.sequence_id(), layer});
-    if (!status.ok() && first.ok()) first = status;
-  }
-  absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
-  return status.ok() ? first : status;
 }
 
 absl::StatusOr<v1::SealResponse> ClientImpl::SealRpc(const v1::SealRequest& request) {

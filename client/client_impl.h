@@ -1,8 +1,10 @@
 // Implementation classes behind kvstar/client.h. ClientImpl owns the channel, the backend, the
-// staging pool, the shared slot pool, the background threads and the sequences; SequenceImpl owns
+// staging pool, the shared slot pool, the offload thread, the retrieval scheduler, the data plane
+// and the sequences; SequenceImpl owns
 // one sequence's resident set (ResidentSet: slots and tables) and query ring.
 //
-// Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before SequenceImpl::mu_. No lock is
+// Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before RetrievalScheduler::mu_ before
+// SequenceImpl::mu_ (the scheduler calls sequences holding none of its own). No lock is
 // held across an RPC, except resolve_mu_, which serializes choices of the data plane
 // (GetServerInfo) between CreateSequence and the retrieval thread.
 #ifndef KVSTAR_CLIENT_CLIENT_IMPL_H_
@@ -24,6 +26,7 @@
 #include "client/data_plane.h"
 #include "client/device_backend.h"
 #include "client/resident_set.h"
+#include "client/retrieval_scheduler.h"
 #include "client/shared_segment.h"
 #include "client/slot_pool.h"
 #include "client/staging_pool.h"
@@ -137,7 +140,7 @@ struct OffloadItem {
   EventHandle ready = nullptr;  // the device->staging copy
 };
 
-class ClientImpl : public Client {
+class ClientImpl : public Client, public RetrievalScheduler::Channel {
  public:
   ClientImpl(const ClientOptions& options, std::unique_ptr<DeviceBackend> backend);
   ~ClientImpl() override;
@@ -168,12 +171,13 @@ class ClientImpl : public Client {
                             const std::vector<uint32_t>& blocks, std::vector<v1::Block>* out);
 
  private:
-  std::shared_ptr<v1::KvStore::Stub> stub() const;
-  void PrepareContext(grpc::ClientContext* context) const;
+  // RetrievalScheduler::Channel.
+  std::shared_ptr<v1::KvStore::Stub> stub() const override;
+  void PrepareContext(grpc::ClientContext* context) const override;
+  absl::StatusOr<std::shared_ptr<const BlockDataPlane>> DataPlaneForRetrieval(
+      bool ask_again) override ABSL_LOCKS_EXCLUDED(resolve_mu_, mu_);
   void OffloadLoop();
-  void RetrievalLoop();
   absl::Status SendBatch(std::vector<OffloadItem>& batch);
-  absl::Status RunRetrieval(const std::vector<SequenceImpl*>& due);
   // Chooses the data plane when none is chosen yet (see ResolveDataPlane).
   absl::Status EnsureDataPlane() ABSL_LOCKS_EXCLUDED(resolve_mu_, mu_);
   // Asks the server (GetServerInfo) and chooses the data plane again, mapping its segment when
@@ -200,15 +204,10 @@ class ClientImpl : public Client {
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);
   std::deque<OffloadItem> offload_queue_ ABSL_GUARDED_BY(mu_);
   bool offload_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<std::vector<SequenceImpl*>> retrieval_job_ ABSL_GUARDED_BY(mu_);
-  bool retrieval_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  bool snapshot_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status error_ ABSL_GUARDED_BY(mu_);
-  ClientStats stats_ ABSL_GUARDED_BY(mu_);
 
   std::thread offload_thread_;
-  std::thread retrieval_thread_;
+  std::unique_ptr<RetrievalScheduler> scheduler_;  // set by Init
 };
 
 absl::Status FromGrpc(const grpc::Status& status, const char* what);
