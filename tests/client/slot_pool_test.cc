@@ -77,6 +77,8 @@ TEST_F(SlotPoolAccountingTest, ReservationsAreGuaranteedAndHeadroomIsFirstComeFi
   std::vector<int32_t> a_slots;
   ASSERT_TRUE(pool->Take(*a, 6, &a_slots).ok());  // 4 reserved + the whole headroom
   EXPECT_EQ(pool->stats().headroom_in_use, 2u);
+  EXPECT_EQ(pool->Take(*a, 1, &a_slots).code(), absl::StatusCode::kResourceExhausted)
+      << "4 slots are free, but they are b's reservation, not headroom";
   std::vector<int32_t> b_slots;
   absl::Status refused = pool->Take(*b, 5, &b_slots);
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
@@ -92,7 +94,7 @@ TEST_F(SlotPoolAccountingTest, ReservationsAreGuaranteedAndHeadroomIsFirstComeFi
   pool->Give(*a, {a_slots[0], a_slots[1]});
   EXPECT_EQ(pool->stats().headroom_in_use, 0u);
   ASSERT_TRUE(pool->Take(*b, 2, &b_slots).ok());
-  EXPECT_EQ(pool->stats().takes_refused, 1u);
+  EXPECT_EQ(pool->stats().takes_refused, 2u);
   EXPECT_EQ(pool->stats().peak_slots_in_use, 10u);
   pool->Give(*a, std::vector<int32_t>(a_slots.begin() + 2, a_slots.end()));
   pool->Give(*b, b_slots);
@@ -288,6 +290,31 @@ TEST_F(SharedPoolTest, TwoSequencesContendForHeadroomAndTheLoserKeepsItsTable) {
   const std::set<int32_t> b_slots = CheckTables(*b);
   for (int32_t slot : a_slots) EXPECT_EQ(b_slots.count(slot), 0u) << "slot " << slot;
   EXPECT_FALSE(b_before.empty());
+}
+
+TEST_F(SharedPoolTest, AnUnusedReservationIsNotAnotherSequencesHeadroom) {
+  // Headroom for 2 new blocks; a's next selection needs 4. b reserved its slots but has not
+  // loaded anything yet: they are free, and still not a's to take.
+  CreatePool(2, 2);
+  absl::StatusOr<Sequence*> a = OpenSealed("a");
+  ASSERT_TRUE(a.ok());
+  absl::StatusOr<Sequence*> b = client_->CreateSequence("b", SmallProfile(), SmallConfig(kStride),
+                                                        SequenceOptions{0, kMaxBlocks});
+  ASSERT_TRUE(b.ok());
+  absl::Status status;
+  for (uint32_t i = 0; i < 3 * kStride && status.ok(); ++i) {
+    status = RunStep({*a});
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("shared headroom 2 of 2 in use"));
+  CheckTables(*a);
+  // b's reservation is whole: its first selection loads.
+  ASSERT_TRUE(OffloadBlocks(*b, 0, kBlocks).ok());
+  const std::string queries = MakeQueries(SmallProfile(), kStride, 1);
+  absl::Status sealed = (*b)->Seal(queries.data(), kStride, MemoryKind::kHost, nullptr);
+  ASSERT_TRUE(sealed.ok()) << sealed;
+  EXPECT_EQ(CheckTables(*b).size(), kReservedPerSequence);
 }
 
 TEST_F(SharedPoolTest, ADroppedSequencesSlotsServeTheNextSequence) {
