@@ -153,9 +153,8 @@ TEST_F(GpuTest, SlotsHoldTheSelectedBlocksAndReadersNeverSeeAnOverwrite) {
       ASSERT_CUDA(cudaMemcpyAsync(read.device_slots.data(), table->device_slots,
                                   table->count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
       for (uint32_t i = 0; i < table->count; ++i) {
-        const char* slot =
-            static_cast<const char*>(table->slot_pool) +
-            (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) * table->slot_bytes;
+        const char* slot = static_cast<const char*>(table->slot_pool) +
+                           uint64_t(table->host_slots[i]) * table->slot_bytes;
         ASSERT_CUDA(cudaMemcpyAsync(read.bytes.data() + i * table->slot_bytes, slot,
                                     table->slot_bytes, cudaMemcpyDeviceToHost, stream_));
       }
@@ -195,8 +194,7 @@ TEST_F(GpuTest, DecodeBlocksFromDeviceMemoryJoinTheTable) {
   ASSERT_EQ(table->block_indices[table->count - 1], kBlocks);
   std::vector<char> bytes(table->slot_bytes);
   const char* slot = static_cast<const char*>(table->slot_pool) +
-                     (uint64_t{1} * table->slots_per_layer + table->host_slots[table->count - 1]) *
-                         table->slot_bytes;
+                     uint64_t(table->host_slots[table->count - 1]) * table->slot_bytes;
   ASSERT_CUDA(cudaMemcpyAsync(bytes.data(), slot, bytes.size(), cudaMemcpyDeviceToHost, stream_));
   ASSERT_TRUE(sequence_->Release(1, stream_).ok());
   ASSERT_CUDA(cudaStreamSynchronize(stream_));
@@ -310,8 +308,7 @@ TEST(GpuDataPlaneTest, SharedMemoryAndBytesLoadTheSameDeviceSlots) {
           bytes[layer].resize(table->count * table->slot_bytes);
           for (uint32_t i = 0; i < table->count; ++i) {
             const char* slot = static_cast<const char*>(table->slot_pool) +
-                               (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) *
-                                   table->slot_bytes;
+                               uint64_t(table->host_slots[i]) * table->slot_bytes;
             ASSERT_CUDA(cudaMemcpyAsync(bytes[layer].data() + i * table->slot_bytes, slot,
                                         table->slot_bytes, cudaMemcpyDeviceToHost, stream));
           }
