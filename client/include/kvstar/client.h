@@ -26,7 +26,11 @@
 // reserves the slots of its resident set at its longest (ReservedSlots), and the pool's headroom,
 // shared by all, holds the new blocks of selections still loading while the old ones are read.
 // A sequence returns its slots when dropped; slots it stops using return at step boundaries.
-// When the headroom is used up, a load fails with RESOURCE_EXHAUSTED (reported by Step) and the
+// A load holds headroom from its copy until the step boundary after its table's readers released
+// the old slots (normally one or two steps), so sequences due on the same step share it: stagger
+// their Seals over the retrieval_stride, or size the headroom for one stride's loads. As a torch
+// tensor the pool is [num_slots][2][block_size][num_kv_heads][head_dim]. When the headroom is
+// used up, a load fails with RESOURCE_EXHAUSTED (reported by Step) and the
 // sequence keeps its visible table: nothing is overwritten. Without a shared pool, a sequence gets
 // a pool of its own (SequenceOptions below).
 //
