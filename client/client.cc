@@ -1,5 +1,5 @@
-// ClientImpl: channel, backend, staging, sequences and the two background threads (offload and
-// retrieval).
+// ClientImpl: channel, backend, staging, the shared slot pool, the data plane choice, the offload
+// thread and the sequences; retrieval runs in its RetrievalScheduler (retrieval_scheduler.h).
 #include <xxhash.h>
 
 #include <chrono>

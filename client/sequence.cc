@@ -1,8 +1,8 @@
-// SequenceImpl: one sequence's slots, double-buffered slot tables, query ring and step logic.
+// SequenceImpl: one sequence's offloads, seal, query ring and step logic; its slots and tables are
+// its ResidentSet (resident_set.h), the bytes of its loads come through a BlockDataPlane.
 #include <algorithm>
-#include <cassert>
-#include <cmath>
 #include <cstring>
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
