@@ -79,6 +79,13 @@ void kvstar_config_default(kvstar_config* config) {
 
 int kvstar_connect(const char* address, int backend, int use_tls, const char* tls_root_pem,
                    const char* bearer_token, kvstar_client** client) {
+  return kvstar_connect_tls(address, backend, use_tls, tls_root_pem, nullptr, nullptr, bearer_token,
+                            client);
+}
+
+int kvstar_connect_tls(const char* address, int backend, int use_tls, const char* tls_root_pem,
+                       const char* tls_cert_chain_pem, const char* tls_private_key_pem,
+                       const char* bearer_token, kvstar_client** client) {
   if (address == nullptr || client == nullptr) return Invalid("address and client are required");
   if (backend < KVSTAR_BACKEND_AUTO || backend > KVSTAR_BACKEND_CUDA) {
     return Invalid("backend must be KVSTAR_BACKEND_AUTO, _HOST or _CUDA");
@@ -88,6 +95,8 @@ int kvstar_connect(const char* address, int backend, int use_tls, const char* tl
   options.backend = static_cast<kvstar::BackendKind>(backend);
   options.use_tls = use_tls != 0;
   if (tls_root_pem != nullptr) options.tls_root_certs_pem = tls_root_pem;
+  if (tls_cert_chain_pem != nullptr) options.tls_cert_chain_pem = tls_cert_chain_pem;
+  if (tls_private_key_pem != nullptr) options.tls_private_key_pem = tls_private_key_pem;
   if (bearer_token != nullptr) options.bearer_token = bearer_token;
   absl::StatusOr<std::unique_ptr<kvstar::Client>> connected = kvstar::Client::Connect(options);
   if (!connected.ok()) return Report(connected.status());

@@ -55,6 +55,13 @@ const char* DataPlaneName(DataPlane plane) {
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  if (options.tls_cert_chain_pem.empty() != options.tls_private_key_pem.empty()) {
+    return absl::InvalidArgumentError(
+        "tls_cert_chain_pem and tls_private_key_pem must be given together");
+  }
+  if (!options.use_tls && !options.tls_cert_chain_pem.empty()) {
+    return absl::InvalidArgumentError("a client certificate was given but use_tls is false");
+  }
   absl::StatusOr<std::unique_ptr<client_internal::DeviceBackend>> backend =
       client_internal::SelectBackend(options.backend, options.cuda_device);
   if (!backend.ok()) return backend.status();
@@ -72,6 +79,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const ClientOptions& options,
   if (options.use_tls) {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = options.tls_root_certs_pem;
+    ssl.pem_cert_chain = options.tls_cert_chain_pem;
+    ssl.pem_private_key = options.tls_private_key_pem;
     credentials = grpc::SslCredentials(ssl);
   } else {
     credentials = grpc::InsecureChannelCredentials();

@@ -7,7 +7,7 @@ packages=(
   bazel-bootstrap default-jdk-headless build-essential pkg-config git ca-certificates
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
   libabsl-dev librocksdb-dev libhwy-dev libspdlog-dev libfmt-dev libxxhash-dev
-  libgtest-dev libgmock-dev libbenchmark-dev python3 clang-format
+  libgtest-dev libgmock-dev libbenchmark-dev python3 clang-format openssl
 )
 
 missing=()

@@ -55,6 +55,14 @@ def accuracy(rows):
     return 100.0 * statistics.mean(r["correct"] for r in rows) if rows else float("nan")
 
 
+def agreement(rows, full_text):
+    """Percent of rows whose generation equals full attention's on the same task."""
+    rows = [r for r in rows if r["task"] in full_text]
+    if not rows:
+        return float("nan")
+    return 100.0 * sum(r["generated"] == full_text[r["task"]] for r in rows) / len(rows)
+
+
 def fmt(value, digits=3):
     return "–" if value is None or value != value else f"{value:.{digits}f}"
 
@@ -90,6 +98,16 @@ def main_tables(rows, model):
                                   r["target"] == t]), 0) for t in targets for k in kinds]
              for m in ORDER]
     text += ["Per task kind:", "", table(header, lines), ""]
+    full_text = {r["task"]: r["generated"] for r in main if r["method"] == "full"}
+    header = ["method"] + [f"{t} tok" for t in targets] + ["all"]
+    lines = []
+    for method in ORDER[1:]:
+        cells = [agreement([r for r in main if r["method"] == method and r["target"] == t],
+                           full_text) for t in targets]
+        cells.append(agreement([r for r in main if r["method"] == method], full_text))
+        lines.append([method] + [fmt(c, 1) for c in cells])
+    text += ["Generations identical to full attention's (%, all new tokens), which compares "
+             "methods even where the model's own answers are wrong:", "", table(header, lines), ""]
     text += [f"### {model}: attention recall at 25% of the middle blocks", "",
              "window mass: the share of attention in the init and local windows and the tail "
              "(every method keeps them); capture: the share of the middle blocks' mass that the "

@@ -29,6 +29,13 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
           "File of \"<token> <tenant>\" lines. When set, every kvstar call needs "
           "\"authorization: Bearer <token>\" metadata and sees only its tenant's sequences; "
           "unset, every caller is tenant \"default\".");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain. With --tls_key_file the server speaks TLS only; unset, it "
+          "speaks plaintext (fine on loopback; bearer tokens travel in clear off it).");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file's certificate.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA bundle. When set (with TLS on), every client must present a certificate this "
+          "CA signed (mutual TLS).");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound port is written to this file once the server is serving.");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn or error.");
@@ -50,6 +57,9 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
   config.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
   config.log_level = absl::GetFlag(FLAGS_log_level);
 
   if (config.backend != "rocksdb" && config.backend != "nfs" && config.backend != "memory") {

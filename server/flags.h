@@ -19,7 +19,10 @@ struct ServerConfig {
   int retrieval_threads = 0;  // 0: one per hardware thread
   uint64_t max_message_bytes = 0;
   std::string auth_tokens_file;  // "<token> <tenant>" lines; empty: no authentication
-  std::string port_file;         // when set, the bound port is written here once serving
+  std::string tls_cert_file;     // PEM chain; with tls_key_file: serve TLS only
+  std::string tls_key_file;
+  std::string tls_client_ca_file;  // set: clients must present a certificate this CA signed
+  std::string port_file;           // when set, the bound port is written here once serving
   std::string log_level;
 };
 

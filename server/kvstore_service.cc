@@ -714,6 +714,7 @@ grpc::Status KvStoreService::Stats(grpc::ServerContext* context, const v1::Stats
     out->set_hits(tier.hits);
     out->set_misses(tier.misses);
     out->set_evictions(tier.evictions);
+    response->set_corrupt_blocks(response->corrupt_blocks() + tier.corrupt_blocks);
   }
   response->set_blocks_put(blocks_put_.load(std::memory_order_relaxed));
   response->set_blocks_got(blocks_got_.load(std::memory_order_relaxed));

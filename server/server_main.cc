@@ -14,6 +14,7 @@
 #include "grpcpp/resource_quota.h"
 #include "server/flags.h"
 #include "server/kvstore_service.h"
+#include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
 
@@ -94,11 +95,18 @@ int Run(int argc, char** argv) {
     return 1;
   }
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(
+      {config->tls_cert_file, config->tls_key_file, config->tls_client_ca_file});
+  if (!credentials.ok()) {
+    spdlog::error("{}", std::string(credentials.status().message()));
+    return 2;
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config->listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(config->listen_address, *credentials, &port);
   builder.RegisterService(service->get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
@@ -116,11 +124,14 @@ int Run(int argc, char** argv) {
   const std::string host = config->listen_address.substr(0, config->listen_address.rfind(':'));
   spdlog::info(
       "kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-      "worker threads, shared memory {})",
+      "worker threads, shared memory {}, {})",
       kServiceName, host, port, config->backend, config->data_dir, config->dram_budget_bytes,
       config->worker_threads,
       shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(), " bytes")
-                    : std::string("off"));
+                    : std::string("off"),
+      config->tls_cert_file.empty()        ? "plaintext"
+      : config->tls_client_ca_file.empty() ? "TLS"
+                                           : "TLS with client certificates");
   if (!config->port_file.empty()) {
     // Write then rename, so a reader never sees a partial port number.
     const std::string temp = config->port_file + ".tmp";

@@ -1,6 +1,8 @@
 #include "server/validation.h"
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace kvstar::server {
 namespace {
@@ -13,6 +15,34 @@ absl::Status OutOfRange(absl::string_view field, uint64_t value, uint64_t lo, ui
 absl::Status CheckRange(absl::string_view field, uint64_t value, uint64_t lo, uint64_t hi) {
   if (value < lo || value > hi) return OutOfRange(field, value, lo, hi);
   return absl::OkStatus();
+}
+
+// Length of the UTF-8 sequence starting at text[i], or 0 when it is not valid UTF-8 (truncated,
+// a bad continuation byte, an overlong form, a surrogate or a code point above U+10FFFF).
+size_t Utf8SequenceLength(absl::string_view text, size_t i) {
+  const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+  const unsigned char lead = byte(i);
+  size_t length = 0;
+  uint32_t code_point = 0;
+  uint32_t smallest = 0;
+  if (lead < 0x80) return 1;
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    length = 2, code_point = lead & 0x1f, smallest = 0x80;
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    length = 3, code_point = lead & 0x0f, smallest = 0x800;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    length = 4, code_point = lead & 0x07, smallest = 0x10000;
+  } else {
+    return 0;
+  }
+  if (i + length > text.size()) return 0;
+  for (size_t k = 1; k < length; ++k) {
+    if ((byte(i + k) & 0xc0) != 0x80) return 0;
+    code_point = (code_point << 6) | (byte(i + k) & 0x3f);
+  }
+  if (code_point < smallest || code_point > 0x10ffff) return 0;
+  if (code_point >= 0xd800 && code_point <= 0xdfff) return 0;
+  return length;
 }
 
 }  // namespace
@@ -45,6 +75,21 @@ absl::Status ValidateSequenceId(absl::string_view sequence_id) {
                                                    " bytes, at most ", kMaxSequenceIdBytes,
                                                    " allowed"));
   }
+  for (size_t i = 0; i < sequence_id.size();) {
+    const auto byte = static_cast<unsigned char>(sequence_id[i]);
+    if (byte < 0x20 || byte == 0x7f) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "sequence_id \"%s\" holds control character 0x%02x at byte %d; ids are printable UTF-8",
+          absl::CHexEscape(sequence_id), byte, i));
+    }
+    const size_t length = Utf8SequenceLength(sequence_id, i);
+    if (length == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("sequence_id \"%s\" is not valid UTF-8 (byte 0x%02x at byte %d)",
+                          absl::CHexEscape(sequence_id), byte, i));
+    }
+    i += length;
+  }
   return absl::OkStatus();
 }
 
@@ -73,9 +118,19 @@ absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profil
     return s;
   }
   if (DTypeBytes(out.dtype()) == 0) {
+    // An unknown value has no name: print the number.
+    const std::string dtype = v1::DType_IsValid(out.dtype())
+                                  ? v1::DType_Name(out.dtype())
+                                  : absl::StrCat(static_cast<int>(out.dtype()), " (unknown)");
     return absl::InvalidArgumentError(
-        absl::StrCat("profile.dtype is ", v1::DType_Name(out.dtype()),
-                     ", must be DTYPE_BF16, DTYPE_FP16 or DTYPE_FP32"));
+        absl::StrCat("profile.dtype is ", dtype, ", must be DTYPE_BF16, DTYPE_FP16 or DTYPE_FP32"));
+  }
+  const uint64_t block_bytes = 2 * BlockKeyBytes(out);
+  if (block_bytes > kMaxBlockBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "profile: one block is ", block_bytes, " bytes (K and V of block_size ", out.block_size(),
+        " x num_kv_heads ", out.num_kv_heads(), " x head_dim ", out.head_dim(), " x ",
+        DTypeBytes(out.dtype()), " bytes each), at most ", kMaxBlockBytes, " allowed"));
   }
   return out;
 }

@@ -24,6 +24,9 @@ inline constexpr uint32_t kDefaultBlockSize = 128;
 inline constexpr uint32_t kMaxBlocksPerLayer = 1u << 20;
 // The POSIX store turns keys (tenant + id) into directory names of at most 127 bytes.
 inline constexpr size_t kMaxSequenceIdBytes = 100;
+// K plus V of one block of one layer. Every message, cache entry and segment holds whole blocks;
+// a profile whose block exceeds this could never be stored (the largest in-range one is 512 GiB).
+inline constexpr uint64_t kMaxBlockBytes = uint64_t{1} << 30;
 
 // Bytes of one element of `dtype`, or 0 for DTYPE_UNSPECIFIED / unknown values.
 uint32_t DTypeBytes(v1::DType dtype);
@@ -34,9 +37,15 @@ uint64_t BlockKeyBytes(const v1::ModelProfile& profile);
 // Bytes of one query row set [num_q_heads][head_dim] of `profile`. REQUIRES: profile is valid.
 uint64_t QueryRowBytes(const v1::ModelProfile& profile);
 
+// InvalidArgument naming sequence_id unless it is 1..kMaxSequenceIdBytes bytes of valid UTF-8
+// without control characters (which would let an id forge lines in logs). Messages escape the id.
+// Over gRPC, protobuf's parser already refuses invalid UTF-8 in a proto3 string field, before
+// any handler runs (gRPC answers INTERNAL with an empty message: issue 11); this check is for
+// callers of the core that do not come through that parser.
 absl::Status ValidateSequenceId(absl::string_view sequence_id);
 
-// Checks a profile and returns it with defaults filled in (block_size 0 -> 128).
+// Checks a profile and returns it with defaults filled in (block_size 0 -> 128). One block (K+V)
+// may be at most kMaxBlockBytes.
 absl::StatusOr<v1::ModelProfile> NormalizeProfile(const v1::ModelProfile& profile);
 
 // Checks the knobs against a normalized profile and returns them with every field set.

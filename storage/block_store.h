@@ -6,7 +6,9 @@
 //
 // Backends: RocksDB (embedded default), a POSIX/NFS directory, and a DRAM tier that caches either
 // under a byte budget. Every implementation is thread-safe: any method may be called from any
-// thread concurrently. Errors are values; no method throws.
+// thread concurrently. Errors are values; no method throws. A failing device gives
+// ResourceExhausted (no space) or Unavailable (an I/O error) naming the file; the store keeps
+// serving, and a failed write may or may not have been applied, but only whole.
 #ifndef KVSTAR_STORAGE_BLOCK_STORE_H_
 #define KVSTAR_STORAGE_BLOCK_STORE_H_
 
@@ -67,6 +69,9 @@ struct TierStats {
   uint64_t hits = 0;          // block reads served by this tier
   uint64_t misses = 0;        // block reads this tier could not serve
   uint64_t evictions = 0;     // blocks evicted to stay within budget
+  // Block reads that found the stored bytes damaged (a checksum mismatch, the store's or the
+  // backend's own) and answered DataLoss. Each is also logged (spdlog, error level).
+  uint64_t corrupt_blocks = 0;
 };
 
 struct DropResult {
@@ -96,8 +101,9 @@ class BlockStore {
                                  absl::Span<const BlockWrite> blocks) = 0;
 
   // Reads blocks in the order of `ids` into `out` (resized to ids.size()). Fails with NotFound
-  // naming the first missing block (or the sequence), DataLoss when stored bytes fail their
-  // checksum. On failure `out` is unspecified.
+  // naming the first missing block (or the sequence), DataLoss naming the first block whose
+  // stored bytes fail a checksum (logged, and counted in its tier's corrupt_blocks). On failure
+  // `out` is unspecified.
   virtual absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                                  std::vector<BlockData>* out) = 0;
 
@@ -116,7 +122,9 @@ class BlockStore {
 // and on disk.
 uint64_t BlockChecksum(absl::string_view key, absl::string_view value);
 
-// Opens (creating if needed) a RocksDB store in `dir`.
+// Opens (creating if needed) a RocksDB store in `dir`. A write-ahead log damaged anywhere but in
+// a torn last record (a write a crash cut short, never acknowledged) fails the open with
+// DataLoss: replaying up to the damage would silently drop acknowledged writes after it.
 absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir);
 
 // Opens (creating if needed) a store in a POSIX directory, which may be an NFS mount shared by

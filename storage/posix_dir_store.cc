@@ -234,6 +234,7 @@ class PosixDirStore final : public BlockStore {
   std::atomic<uint64_t> next_generation_{1};
   std::atomic<uint64_t> hits_{0};
   std::atomic<uint64_t> misses_{0};
+  std::atomic<uint64_t> corrupt_blocks_{0};
   // Held across a mutation of one sequence, so generations of one sequence are installed in
   // increasing order and a drop never interleaves with a write.
   SequenceLockTable sequence_locks_;
@@ -507,6 +508,10 @@ absl::Status PosixDirStore::TryGetBlocks(absl::string_view sequence_key,
         status =
             VerifyStoredBlock(sequence_key, block.id, block.key, block.value, location.checksum);
       }
+      // A checksum mismatch, or a segment shorter than its index says.
+      if (absl::IsDataLoss(status)) {
+        ReportCorruptBlock("nfs", sequence_key, block.id, status, &corrupt_blocks_);
+      }
       if (!status.ok()) return status;
     }
   }
@@ -559,6 +564,7 @@ std::vector<TierStats> PosixDirStore::Stats() {
   TierStats stats = CatalogStats("nfs", sequences_);
   stats.hits = hits_.load(std::memory_order_relaxed);
   stats.misses = misses_.load(std::memory_order_relaxed);
+  stats.corrupt_blocks = corrupt_blocks_.load(std::memory_order_relaxed);
   return {stats};
 }
 

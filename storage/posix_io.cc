@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -16,7 +17,7 @@ namespace kvstar::storage {
 namespace {
 
 absl::Status ErrnoError(int error_number, absl::string_view operation, const std::string& path) {
-  return absl::ErrnoToStatus(error_number, absl::StrCat(operation, " ", path));
+  return FileIoError(error_number, absl::StrCat(operation, " ", path));
 }
 
 class PosixFileIo final : public FileIo {
@@ -35,7 +36,7 @@ class PosixFileIo final : public FileIo {
 
   absl::Status Close(int fd) override {
     // Linux releases the descriptor even when close fails, so it is never retried.
-    if (::close(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("closing fd ", fd));
+    if (::close(fd) != 0) return FileIoError(errno, absl::StrCat("closing fd ", fd));
     return absl::OkStatus();
   }
 
@@ -44,7 +45,7 @@ class PosixFileIo final : public FileIo {
       const ssize_t n = ::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return absl::ErrnoToStatus(errno, absl::StrCat("writing fd ", fd, " at ", offset));
+        return FileIoError(errno, absl::StrCat("writing fd ", fd, " at ", offset));
       }
       data.remove_prefix(static_cast<size_t>(n));
       offset += static_cast<uint64_t>(n);
@@ -57,7 +58,7 @@ class PosixFileIo final : public FileIo {
       const ssize_t n = ::pread(fd, buffer, size, static_cast<off_t>(offset));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return absl::ErrnoToStatus(errno, absl::StrCat("reading fd ", fd, " at ", offset));
+        return FileIoError(errno, absl::StrCat("reading fd ", fd, " at ", offset));
       }
       if (n == 0) {
         return absl::DataLossError(
@@ -72,12 +73,12 @@ class PosixFileIo final : public FileIo {
 
   absl::StatusOr<uint64_t> FileSize(int fd) override {
     struct stat st;
-    if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fstat fd ", fd));
+    if (::fstat(fd, &st) != 0) return FileIoError(errno, absl::StrCat("fstat fd ", fd));
     return static_cast<uint64_t>(st.st_size);
   }
 
   absl::Status Sync(int fd) override {
-    if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync fd ", fd));
+    if (::fsync(fd) != 0) return FileIoError(errno, absl::StrCat("fsync fd ", fd));
     return absl::OkStatus();
   }
 
@@ -150,6 +151,14 @@ class PosixFileIo final : public FileIo {
 };
 
 }  // namespace
+
+absl::Status FileIoError(int error_number, absl::string_view message) {
+  // absl maps EIO to UNKNOWN, which tells a client nothing.
+  if (error_number == EIO) {
+    return absl::UnavailableError(absl::StrCat(message, ": ", std::strerror(EIO)));
+  }
+  return absl::ErrnoToStatus(error_number, message);
+}
 
 FileIo* DefaultFileIo() {
   static FileIo* const io = new PosixFileIo();

@@ -46,8 +46,57 @@ class FileIo {
   virtual absl::Status RemoveTree(const std::string& path) = 0;
 };
 
+// The Status a FileIo call returns when the system call failed with `error_number`: as
+// absl::ErrnoToStatus (ENOSPC is ResourceExhausted, ENOENT NotFound, ...), except that EIO, a
+// device error, is Unavailable rather than Unknown. `message` names the operation and path.
+absl::Status FileIoError(int error_number, absl::string_view message);
+
 // The real thing: POSIX calls on the local or NFS file system. Never deleted.
 FileIo* DefaultFileIo();
+
+// Forwards every call to `target` (not owned). Subclasses override the calls they change, the way
+// LevelDB's EnvWrapper is used by its fault-injection tests.
+class FileIoWrapper : public FileIo {
+ public:
+  explicit FileIoWrapper(FileIo* target) : target_(target) {}
+  FileIo* target() const { return target_; }
+
+  absl::StatusOr<int> CreateExclusive(const std::string& path) override {
+    return target_->CreateExclusive(path);
+  }
+  absl::StatusOr<int> OpenForRead(const std::string& path) override {
+    return target_->OpenForRead(path);
+  }
+  absl::Status Close(int fd) override { return target_->Close(fd); }
+  absl::Status WriteAt(int fd, absl::string_view data, uint64_t offset) override {
+    return target_->WriteAt(fd, data, offset);
+  }
+  absl::Status ReadAt(int fd, uint64_t offset, uint64_t size, char* buffer) override {
+    return target_->ReadAt(fd, offset, size, buffer);
+  }
+  absl::StatusOr<uint64_t> FileSize(int fd) override { return target_->FileSize(fd); }
+  absl::Status Sync(int fd) override { return target_->Sync(fd); }
+  absl::Status Rename(const std::string& from, const std::string& to) override {
+    return target_->Rename(from, to);
+  }
+  absl::Status Unlink(const std::string& path) override { return target_->Unlink(path); }
+  absl::Status MakeDirectory(const std::string& path) override {
+    return target_->MakeDirectory(path);
+  }
+  absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& path) override {
+    return target_->ListDirectory(path);
+  }
+  absl::StatusOr<bool> IsDirectory(const std::string& path) override {
+    return target_->IsDirectory(path);
+  }
+  absl::Status SyncDirectory(const std::string& path) override {
+    return target_->SyncDirectory(path);
+  }
+  absl::Status RemoveTree(const std::string& path) override { return target_->RemoveTree(path); }
+
+ private:
+  FileIo* const target_;
+};
 
 // Closes a descriptor when it goes out of scope (errors on close of a read-only file are moot).
 class ScopedFd {

@@ -16,6 +16,7 @@
 #include "rocksdb/slice.h"
 #include "rocksdb/table.h"
 #include "rocksdb/write_batch.h"
+#include "spdlog/spdlog.h"
 #include "storage/store_util.h"
 
 namespace kvstar::storage {
@@ -109,12 +110,16 @@ struct SequenceIndex {
 
 class RocksDbStore final : public BlockStore {
  public:
-  explicit RocksDbStore(std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+  RocksDbStore(std::string dir, rocksdb::Options options, std::unique_ptr<rocksdb::DB> db)
+      : dir_(std::move(dir)), options_(std::move(options)), db_(std::move(db)) {}
 
   // Builds the in-memory index with one scan of the whole key space. The scan reads values too
   // (RocksDB stores them inline with keys), so opening costs a sequential read of the store;
   // it bypasses the block cache so it does not evict anything.
-  absl::Status LoadIndex();
+  absl::Status LoadIndex() ABSL_LOCKS_EXCLUDED(db_mu_) {
+    absl::ReaderMutexLock lock(&db_mu_);
+    return LoadIndexLocked();
+  }
 
   absl::Status PutSequence(absl::string_view sequence_key, absl::string_view metadata) override;
   absl::StatusOr<std::string> GetSequence(absl::string_view sequence_key) override;
@@ -140,19 +145,49 @@ class RocksDbStore final : public BlockStore {
 
   bool SequenceExists(absl::string_view sequence_key) ABSL_LOCKS_EXCLUDED(mu_);
 
-  const std::unique_ptr<rocksdb::DB> db_;
+  absl::Status LoadIndexLocked() ABSL_SHARED_LOCKS_REQUIRED(db_mu_);
+
+  // Writes `batch` with SyncWrite(); `context` prefixes an error. A failed WAL write or sync
+  // makes RocksDB (paranoid checks) refuse every later write, whichever sequence it is for, until
+  // it resumes or is reopened; so after a failure this resumes or reopens it before answering, and
+  // the store takes writes again as soon as the device does. The failed write is not retried.
+  absl::Status WriteSynced(rocksdb::WriteBatch* batch, absl::string_view context)
+      ABSL_LOCKS_EXCLUDED(db_mu_, mu_);
+  // One db_->Write under db_mu_; IOError when db_ is closed. Sets *generation to db_'s.
+  rocksdb::Status WriteOnce(rocksdb::WriteBatch* batch, uint64_t* generation)
+      ABSL_LOCKS_EXCLUDED(db_mu_);
+  // Makes db_ take writes again after a write of generation `failed_generation` failed: RocksDB's
+  // Resume if it can, else close, reopen (replaying the WAL) and rebuild the index from the DB.
+  // Nothing if another writer already did it since.
+  absl::Status RecoverFromWriteError(uint64_t failed_generation) ABSL_LOCKS_EXCLUDED(db_mu_, mu_);
+  // Unavailable naming the reason db_ is closed.
+  absl::Status Closed() const ABSL_SHARED_LOCKS_REQUIRED(db_mu_);
+
+  const std::string dir_;
+  const rocksdb::Options options_;
+  // Every use of db_ holds db_mu_ shared; replacing it holds it exclusively. Taken after a
+  // sequence lock and before mu_. db_ is null only after a reopen failed; the next write retries.
+  mutable absl::Mutex db_mu_;
+  std::unique_ptr<rocksdb::DB> db_ ABSL_GUARDED_BY(db_mu_);
+  uint64_t db_generation_ ABSL_GUARDED_BY(db_mu_) = 0;
+  std::string reopen_error_ ABSL_GUARDED_BY(db_mu_);
   // Held across a mutation of one sequence so RocksDB and the index change together.
   SequenceLockTable sequence_locks_;
   absl::Mutex mu_ ABSL_ACQUIRED_AFTER(sequence_locks_);
   std::map<std::string, SequenceIndex> sequences_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> hits_{0};
   std::atomic<uint64_t> misses_{0};
+  std::atomic<uint64_t> corrupt_blocks_{0};
 };
 
-absl::Status RocksDbStore::LoadIndex() {
+absl::Status RocksDbStore::LoadIndexLocked() {
+  if (db_ == nullptr) return Closed();
   rocksdb::ReadOptions options;
   options.fill_cache = false;
   options.readahead_size = 2 << 20;
+  // The scan needs keys and value sizes only. Verifying here would make one damaged block fail
+  // the whole open; GetBlocks verifies every block it reads and answers DataLoss for that block.
+  options.verify_checksums = false;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(options));
   std::map<std::string, SequenceIndex> sequences;
   std::map<std::string, SequenceIndex> blocks_by_sequence;
@@ -191,6 +226,67 @@ absl::Status RocksDbStore::LoadIndex() {
   return absl::OkStatus();
 }
 
+absl::Status RocksDbStore::Closed() const {
+  return absl::UnavailableError(
+      absl::StrCat("rocksdb store at ", dir_,
+                   " is closed after a write error: reopening it failed: ", reopen_error_));
+}
+
+rocksdb::Status RocksDbStore::WriteOnce(rocksdb::WriteBatch* batch, uint64_t* generation) {
+  absl::ReaderMutexLock lock(&db_mu_);
+  *generation = db_generation_;
+  if (db_ == nullptr) return rocksdb::Status::IOError("the store is closed after a write error");
+  return db_->Write(SyncWrite(), batch);
+}
+
+absl::Status RocksDbStore::WriteSynced(rocksdb::WriteBatch* batch, absl::string_view context) {
+  uint64_t generation = 0;
+  bool closed = false;
+  {
+    absl::ReaderMutexLock lock(&db_mu_);
+    closed = db_ == nullptr;
+    generation = db_generation_;
+  }
+  if (closed) {
+    // An earlier reopen failed; this write never reached the device, so it may go after one.
+    absl::Status recovered = RecoverFromWriteError(generation);
+    if (!recovered.ok()) {
+      return absl::Status(recovered.code(), absl::StrCat(context, ": ", recovered.message()));
+    }
+  }
+  const rocksdb::Status written = WriteOnce(batch, &generation);
+  if (written.ok() || written.IsInvalidArgument()) return FromRocksDb(written, context);
+  absl::Status recovered = RecoverFromWriteError(generation);
+  if (!recovered.ok()) {
+    spdlog::error("rocksdb store at {}: recovering from a failed write: {}", dir_,
+                  recovered.ToString());
+  }
+  return FromRocksDb(written, context);
+}
+
+absl::Status RocksDbStore::RecoverFromWriteError(uint64_t failed_generation) {
+  absl::MutexLock lock(&db_mu_);
+  if (db_generation_ != failed_generation && db_ != nullptr) return absl::OkStatus();
+  ++db_generation_;
+  if (db_ != nullptr) {
+    // OK when RocksDB has no background error, or could clear it in place.
+    if (db_->Resume().ok()) return absl::OkStatus();
+    db_->Close().PermitUncheckedError();
+    db_.reset();
+  }
+  rocksdb::DB* raw_db = nullptr;
+  const rocksdb::Status opened = rocksdb::DB::Open(options_, dir_, &raw_db);
+  if (!opened.ok()) {
+    reopen_error_ = opened.ToString();
+    return FromRocksDb(opened, absl::StrCat("reopening rocksdb store at ", dir_));
+  }
+  db_.reset(raw_db);
+  spdlog::warn("rocksdb store at {} reopened after a write error", dir_);
+  // The failed write may be in the replayed WAL (written, then its sync failed): the index must
+  // say what the DB holds.
+  return LoadIndexLocked();
+}
+
 bool RocksDbStore::SequenceExists(absl::string_view sequence_key) {
   absl::MutexLock lock(&mu_);
   return sequences_.find(std::string(sequence_key)) != sequences_.end();
@@ -199,9 +295,13 @@ bool RocksDbStore::SequenceExists(absl::string_view sequence_key) {
 absl::Status RocksDbStore::PutSequence(absl::string_view sequence_key, absl::string_view metadata) {
   if (sequence_key.empty()) return absl::InvalidArgumentError("sequence key is empty");
   absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
+  rocksdb::WriteBatch batch;
   absl::Status written = FromRocksDb(
-      db_->Put(SyncWrite(), ToSlice(RocksDbMetadataKey(sequence_key)), ToSlice(metadata)),
-      absl::StrCat("writing metadata of ", DescribeSequence(sequence_key)));
+      batch.Put(ToSlice(RocksDbMetadataKey(sequence_key)), ToSlice(metadata)), "batching metadata");
+  if (written.ok()) {
+    written =
+        WriteSynced(&batch, absl::StrCat("writing metadata of ", DescribeSequence(sequence_key)));
+  }
   if (!written.ok()) return written;
   absl::MutexLock lock(&mu_);
   sequences_.try_emplace(std::string(sequence_key));
@@ -210,6 +310,8 @@ absl::Status RocksDbStore::PutSequence(absl::string_view sequence_key, absl::str
 
 absl::StatusOr<std::string> RocksDbStore::GetSequence(absl::string_view sequence_key) {
   std::string metadata;
+  absl::ReaderMutexLock db_lock(&db_mu_);
+  if (db_ == nullptr) return Closed();
   const rocksdb::Status status =
       db_->Get(rocksdb::ReadOptions(), ToSlice(RocksDbMetadataKey(sequence_key)), &metadata);
   if (status.IsNotFound()) return SequenceNotFound(sequence_key);
@@ -250,9 +352,8 @@ absl::Status RocksDbStore::PutBlocks(absl::string_view sequence_key,
         absl::StrCat("batching ", DescribeBlock(sequence_key, block.id)));
     if (!added.ok()) return added;
   }
-  absl::Status written = FromRocksDb(
-      db_->Write(SyncWrite(), &batch),
-      absl::StrCat("writing ", blocks.size(), " blocks of ", DescribeSequence(sequence_key)));
+  absl::Status written = WriteSynced(&batch, absl::StrCat("writing ", blocks.size(), " blocks of ",
+                                                          DescribeSequence(sequence_key)));
   if (!written.ok()) return written;
 
   absl::MutexLock lock(&mu_);
@@ -275,8 +376,12 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key, absl::Span<
   std::vector<rocksdb::Slice> key_slices(keys.begin(), keys.end());
   std::vector<rocksdb::PinnableSlice> values(ids.size());
   std::vector<rocksdb::Status> statuses(ids.size());
-  db_->MultiGet(rocksdb::ReadOptions(), db_->DefaultColumnFamily(), ids.size(), key_slices.data(),
-                values.data(), statuses.data());
+  {
+    absl::ReaderMutexLock db_lock(&db_mu_);
+    if (db_ == nullptr) return Closed();
+    db_->MultiGet(rocksdb::ReadOptions(), db_->DefaultColumnFamily(), ids.size(), key_slices.data(),
+                  values.data(), statuses.data());
+  }
   out->resize(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) {
     if (statuses[i].IsNotFound()) {
@@ -285,8 +390,11 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key, absl::Span<
     }
     absl::Status read =
         FromRocksDb(statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
-    if (!read.ok()) return read;
-    read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    if (read.ok()) read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    // RocksDB's block checksum (Corruption) or the store's own: either way the bytes are bad.
+    if (absl::IsDataLoss(read)) {
+      ReportCorruptBlock("rocksdb", sequence_key, ids[i], read, &corrupt_blocks_);
+    }
     if (!read.ok()) return read;
   }
   hits_.fetch_add(ids.size(), std::memory_order_relaxed);
@@ -315,8 +423,8 @@ absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence
                           "batching a metadata delete");
   }
   if (!batched.ok()) return batched;
-  absl::Status written = FromRocksDb(db_->Write(SyncWrite(), &batch),
-                                     absl::StrCat("dropping ", DescribeSequence(sequence_key)));
+  absl::Status written =
+      WriteSynced(&batch, absl::StrCat("dropping ", DescribeSequence(sequence_key)));
   if (!written.ok()) return written;
   {
     absl::MutexLock lock(&mu_);
@@ -330,6 +438,8 @@ absl::StatusOr<DropResult> RocksDbStore::DropSequence(absl::string_view sequence
   compact.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForceOptimized;
   const rocksdb::Slice begin = ToSlice(range.begin);
   const rocksdb::Slice end = ToSlice(range.end);
+  absl::ReaderMutexLock db_lock(&db_mu_);
+  if (db_ == nullptr) return Closed();
   absl::Status compacted =
       FromRocksDb(db_->CompactRange(compact, &begin, &end),
                   absl::StrCat("compacting away dropped ", DescribeSequence(sequence_key),
@@ -343,6 +453,7 @@ std::vector<TierStats> RocksDbStore::Stats() {
   TierStats stats = CatalogStats("rocksdb", sequences_);
   stats.hits = hits_.load(std::memory_order_relaxed);
   stats.misses = misses_.load(std::memory_order_relaxed);
+  stats.corrupt_blocks = corrupt_blocks_.load(std::memory_order_relaxed);
   return {stats};
 }
 
@@ -359,9 +470,20 @@ std::string RocksDbMetadataKey(absl::string_view sequence_key) {
   return SequencePrefix(kMetadataTag, sequence_key);
 }
 
-absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::string& dir,
+                                                                    rocksdb::Env* env) {
   rocksdb::Options options;
   options.create_if_missing = true;
+  if (env != nullptr) options.env = env;
+  // Corruption is never silent. RocksDB's default recovery (kPointInTimeRecovery) stops replaying
+  // the WAL at the first damaged record and opens cleanly without every later record, which are
+  // acknowledged, intact writes. kTolerateCorruptedTailRecords accepts only a torn last record (a
+  // synced write a crash cut short, so never acknowledged) and refuses to open on any other
+  // damage; paranoid checks make a failed write stop further writes instead of being skipped.
+  options.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
+  options.paranoid_checks = true;
+  // A WAL file that is missing or shorter than its last synced size fails the open too.
+  options.track_and_verify_wals_in_manifest = true;
   // KV blocks are bf16/fp16 activations: effectively incompressible, so compression would only
   // cost CPU on every flush, compaction and read.
   options.compression = rocksdb::kNoCompression;
@@ -379,13 +501,24 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& 
   options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
 
   rocksdb::DB* raw_db = nullptr;
-  absl::Status opened = FromRocksDb(rocksdb::DB::Open(options, dir, &raw_db),
-                                    absl::StrCat("opening rocksdb store at ", dir));
+  const rocksdb::Status open_status = rocksdb::DB::Open(options, dir, &raw_db);
+  if (open_status.IsCorruption()) {
+    return absl::DataLossError(absl::StrCat(
+        "opening rocksdb store at ", dir, ": rocksdb: ", open_status.ToString(),
+        "; its write-ahead log, MANIFEST or a table file is damaged, and the store refuses to "
+        "open rather than drop acknowledged writes (",
+        dir, "/LOG names the file and offset)"));
+  }
+  absl::Status opened = FromRocksDb(open_status, absl::StrCat("opening rocksdb store at ", dir));
   if (!opened.ok()) return opened;
-  auto store = std::make_unique<RocksDbStore>(std::unique_ptr<rocksdb::DB>(raw_db));
+  auto store = std::make_unique<RocksDbStore>(dir, options, std::unique_ptr<rocksdb::DB>(raw_db));
   absl::Status loaded = store->LoadIndex();
   if (!loaded.ok()) return loaded;
   return std::unique_ptr<BlockStore>(std::move(store));
+}
+
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
+  return OpenRocksDbStoreWithEnv(dir, nullptr);
 }
 
 }  // namespace kvstar::storage

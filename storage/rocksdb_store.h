@@ -11,12 +11,20 @@
 #ifndef KVSTAR_STORAGE_ROCKSDB_STORE_H_
 #define KVSTAR_STORAGE_ROCKSDB_STORE_H_
 
+#include <memory>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "rocksdb/env.h"
 #include "storage/block_store.h"
 
 namespace kvstar::storage {
+
+// OpenRocksDbStore with every file operation going through `env` (not owned; must outlive the
+// store; nullptr: RocksDB's default), for fault-injection tests.
+absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::string& dir,
+                                                                    rocksdb::Env* env);
 
 std::string RocksDbBlockKey(absl::string_view sequence_key, BlockId id);
 std::string RocksDbMetadataKey(absl::string_view sequence_key);

@@ -4,6 +4,8 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "spdlog/spdlog.h"
 
 namespace kvstar::storage {
 
@@ -52,6 +54,28 @@ absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl:
                                           " is corrupt: checksum recorded ",
                                           absl::Hex(checksum, absl::kZeroPad16), ", bytes hash to ",
                                           absl::Hex(actual, absl::kZeroPad16)));
+}
+
+std::string EscapeForLog(absl::string_view text) {
+  std::string escaped;
+  escaped.reserve(text.size());
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte > 0x7e) {
+      absl::StrAppendFormat(&escaped, "\\x%02x", byte);
+    } else {
+      escaped.push_back(c);
+    }
+  }
+  return escaped;
+}
+
+void ReportCorruptBlock(absl::string_view tier, absl::string_view sequence_key, BlockId id,
+                        const absl::Status& status, std::atomic<uint64_t>* corrupt_blocks) {
+  corrupt_blocks->fetch_add(1, std::memory_order_relaxed);
+  spdlog::error("corrupt block read: tier {}, sequence \"{}\", layer {}, block {}: {}",
+                EscapeForLog(tier), absl::CHexEscape(sequence_key), id.layer, id.block_index,
+                EscapeForLog(status.message()));
 }
 
 void AppendBigEndian32(uint32_t v, std::string* out) {

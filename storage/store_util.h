@@ -3,6 +3,7 @@
 #ifndef KVSTAR_STORAGE_STORE_UTIL_H_
 #define KVSTAR_STORAGE_STORE_UTIL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -35,6 +36,14 @@ absl::Status ValidateBlockWrites(absl::string_view sequence_key,
 // DataLoss naming the block unless `checksum` matches BlockChecksum(key, value).
 absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl::string_view key,
                                absl::string_view value, uint64_t checksum);
+
+// For a block read that failed with DataLoss: logs one line (spdlog, error level) naming the
+// tier, the escaped sequence key and the block, and adds one to `corrupt_blocks`.
+void ReportCorruptBlock(absl::string_view tier, absl::string_view sequence_key, BlockId id,
+                        const absl::Status& status, std::atomic<uint64_t>* corrupt_blocks);
+
+// `text` with control characters and bytes above 0x7e written as \xNN, so it fits on one log line.
+std::string EscapeForLog(absl::string_view text);
 
 // Big-endian: keys that must sort numerically as bytes (RocksDB).
 void AppendBigEndian32(uint32_t v, std::string* out);

@@ -266,6 +266,21 @@ std::vector<BadRequest> BadRequests() {
        create(good, std::string(300, 'a'))},
       {"no dtype", grpc::StatusCode::INVALID_ARGUMENT, "profile.dtype",
        create(with([](auto& p) { p.set_dtype(v1::DTYPE_UNSPECIFIED); }))},
+      {"unknown dtype", grpc::StatusCode::INVALID_ARGUMENT, "profile.dtype is 17 (unknown)",
+       create(with([](auto& p) { p.set_dtype(static_cast<v1::DType>(17)); }))},
+      {"one block would be 512 GiB", grpc::StatusCode::INVALID_ARGUMENT,
+       "one block is 549755813888 bytes", create(with([](auto& p) {
+         p.set_num_q_heads(1024);
+         p.set_num_kv_heads(1024);
+         p.set_head_dim(1024);
+         p.set_block_size(65536);
+         p.set_dtype(v1::DTYPE_FP32);
+       }))},
+      {"sequence id with a newline", grpc::StatusCode::INVALID_ARGUMENT,
+       R"(sequence_id "a\n[info] forged" holds control character 0x0a)",
+       create(good, "a\n[info] forged")},
+      {"get with a newline in the id", grpc::StatusCode::INVALID_ARGUMENT,
+       "holds control character", get("seq\n", {ref(0, 0)})},
       {"q heads not a multiple of kv heads", grpc::StatusCode::INVALID_ARGUMENT,
        "not a multiple of profile.num_kv_heads",
        create(with([](auto& p) { p.set_num_q_heads(30); }))},

@@ -23,6 +23,7 @@
 #include "storage/posix_dir_store.h"
 #include "storage/posix_io.h"
 #include "storage/rocksdb_store.h"
+#include "tests/storage/store_test_util.h"
 
 namespace kvstar::storage {
 namespace {
@@ -30,16 +31,6 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-// One layer's K (or V) of a 128-token block with 4 KV heads of dim 128 in bf16: 128 KiB.
-constexpr size_t kBlockHalfBytes = 128 * 4 * 128 * 2;
-
-std::string MakeTempDir() {
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string path = std::string(base != nullptr ? base : "/tmp") + "/block_store_XXXXXX";
-  if (::mkdtemp(path.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed for " << path;
-  return path;
-}
 
 // Bytes the directory occupies on disk (allocated blocks, not apparent sizes).
 uint64_t DiskUsageBytes(const std::string& dir) {
@@ -49,66 +40,6 @@ uint64_t DiskUsageBytes(const std::string& dir) {
     if (::lstat(entry.path().c_str(), &st) == 0) total += uint64_t{512} * st.st_blocks;
   }
   return total;
-}
-
-std::vector<fs::path> FilesEndingWith(const std::string& dir, const std::string& suffix) {
-  std::vector<fs::path> found;
-  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-    if (entry.is_regular_file() && absl::EndsWith(entry.path().string(), suffix)) {
-      found.push_back(entry.path());
-    }
-  }
-  std::sort(found.begin(), found.end());
-  return found;
-}
-
-void FlipByteInFile(const fs::path& path, uint64_t offset) {
-  std::fstream file(path, std::ios::in | std::ios::out | std::ios::binary);
-  ASSERT_TRUE(file.good()) << path;
-  file.seekg(static_cast<std::streamoff>(offset));
-  char byte = 0;
-  file.get(byte);
-  file.seekp(static_cast<std::streamoff>(offset));
-  file.put(static_cast<char>(byte ^ 0x5a));
-}
-
-std::string RandomBytes(size_t size, std::mt19937_64& rng) {
-  std::string bytes(size, '\0');
-  for (size_t i = 0; i < size; i += 8) {
-    const uint64_t word = rng();
-    for (size_t j = 0; j < 8 && i + j < size; ++j)
-      bytes[i + j] = static_cast<char>(word >> (8 * j));
-  }
-  return bytes;
-}
-
-// A block the test owns, so the BlockWrite views stay valid.
-struct TestBlock {
-  BlockId id;
-  std::string key;
-  std::string value;
-
-  BlockWrite Write() const { return BlockWrite{id, key, value, BlockChecksum(key, value)}; }
-};
-
-TestBlock RandomBlock(BlockId id, std::mt19937_64& rng, size_t half_bytes = kBlockHalfBytes) {
-  return TestBlock{id, RandomBytes(half_bytes, rng), RandomBytes(half_bytes, rng)};
-}
-
-std::vector<BlockWrite> Writes(const std::vector<TestBlock>& blocks) {
-  std::vector<BlockWrite> writes;
-  for (const TestBlock& block : blocks) writes.push_back(block.Write());
-  return writes;
-}
-
-void ExpectSameBlock(const BlockData& actual, const TestBlock& expected) {
-  EXPECT_EQ(actual.id, expected.id);
-  // Compared as booleans: a failure must not print 256 KiB of bytes.
-  EXPECT_TRUE(actual.key == expected.key)
-      << "K differs for layer " << expected.id.layer << " index " << expected.id.block_index;
-  EXPECT_TRUE(actual.value == expected.value)
-      << "V differs for layer " << expected.id.layer << " index " << expected.id.block_index;
-  EXPECT_EQ(actual.checksum, BlockChecksum(expected.key, expected.value));
 }
 
 // Each backend: how to open it in a directory and how to damage one stored block's bytes while
@@ -394,17 +325,26 @@ TYPED_TEST(BlockStoreTest, ReopenKeepsSequencesMetadataAndBlocks) {
   EXPECT_EQ(backend.bytes, 2 * 2 * kBlockHalfBytes + 2 * 2000);
 }
 
-TYPED_TEST(BlockStoreTest, CorruptedStoredBytesAreDataLoss) {
-  this->CreateSequence("seq");
-  this->Put("seq", {RandomBlock({2, 5}, this->rng_)});
+TYPED_TEST(BlockStoreTest, CorruptedStoredBytesAreDataLossLoggedOnceAndCounted) {
+  // A newline in the key must not forge a second log line.
+  const std::string key = "seq\nforged";
+  this->CreateSequence(key);
+  this->Put(key, {RandomBlock({2, 5}, this->rng_)});
   this->store_.reset();
-  TypeParam::CorruptBlock(this->dir_, "seq", BlockId{2, 5});
+  TypeParam::CorruptBlock(this->dir_, key, BlockId{2, 5});
   this->Reopen();
+  EXPECT_EQ(CorruptBlocks(*this->store_), 0u);
+  CapturedLog log;
   std::vector<BlockData> out;
-  const absl::Status status = this->store_->GetBlocks("seq", {BlockId{2, 5}}, &out);
+  const absl::Status status = this->store_->GetBlocks(key, {BlockId{2, 5}}, &out);
   EXPECT_TRUE(absl::IsDataLoss(status)) << status;
   EXPECT_THAT(std::string(status.message()), HasSubstr("layer 2, index 5"));
-  EXPECT_THAT(std::string(status.message()), HasSubstr("seq"));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("seq\\nforged"));
+  EXPECT_EQ(CorruptBlocks(*this->store_), 1u);
+  const std::vector<std::string> lines = log.LinesContaining("corrupt block read");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_THAT(lines[0], HasSubstr("sequence \"seq\\nforged\", layer 2, block 5"));
+  EXPECT_TRUE(log.LinesContaining("forged\"").size() == 1) << "the key broke the line";
 }
 
 TYPED_TEST(BlockStoreTest, ConcurrentPutsAndGetsFromManyThreadsStayConsistent) {

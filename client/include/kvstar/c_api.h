@@ -113,6 +113,11 @@ void kvstar_config_default(kvstar_config* config);
 /* tls_root_pem and bearer_token may be NULL. backend: KVSTAR_BACKEND_*. */
 int kvstar_connect(const char* address, int backend, int use_tls, const char* tls_root_pem,
                    const char* bearer_token, kvstar_client** client);
+/* kvstar_connect plus the client's own PEM certificate chain and key, for servers that require
+   client certificates; both NULL or both set, and then use_tls must be 1. */
+int kvstar_connect_tls(const char* address, int backend, int use_tls, const char* tls_root_pem,
+                       const char* tls_cert_chain_pem, const char* tls_private_key_pem,
+                       const char* bearer_token, kvstar_client** client);
 void kvstar_client_destroy(kvstar_client* client);
 /* KVSTAR_BACKEND_HOST or KVSTAR_BACKEND_CUDA. */
 int kvstar_client_backend(const kvstar_client* client);

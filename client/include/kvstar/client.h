@@ -137,6 +137,10 @@ struct ClientOptions {
   // TLS via grpc::SslCredentials; an empty root bundle uses the system's roots.
   bool use_tls = false;
   std::string tls_root_certs_pem;
+  // The client's own certificate chain and key (PEM), for servers that require client
+  // certificates (--tls_client_ca_file). Both or neither.
+  std::string tls_cert_chain_pem;
+  std::string tls_private_key_pem;
   // Sent as "authorization: Bearer <token>" on every call when non-empty.
   std::string bearer_token;
   // kAuto: CUDA when usable, else the host backend. kCuda fails Connect when CUDA is unusable.

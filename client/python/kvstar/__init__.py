@@ -115,6 +115,8 @@ def _load():
         "kvstar_config_default": ([ctypes.POINTER(_Config)], None),
         "kvstar_connect": ([ctypes.c_char_p, i, i, ctypes.c_char_p, ctypes.c_char_p,
                             ctypes.POINTER(p)], i),
+        "kvstar_connect_tls": ([ctypes.c_char_p, i, i, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(p)], i),
         "kvstar_client_destroy": ([p], None),
         "kvstar_client_backend": ([p], i),
         "kvstar_step": ([p], i),
@@ -265,12 +267,16 @@ class Client:
     """A connection to a kvstar storage node plus the local slots of its sequences."""
 
     def __init__(self, address, backend=BACKEND_AUTO, bearer_token=None, use_tls=False,
-                 tls_root_pem=None):
+                 tls_root_pem=None, tls_cert_pem=None, tls_key_pem=None):
+        """tls_cert_pem/tls_key_pem: the client's certificate chain and key (PEM text), for a
+        server started with --tls_client_ca_file."""
+        def text(value):
+            return value.encode() if value else None
         handle = ctypes.c_void_p()
-        _check(_load().kvstar_connect(address.encode(), backend, int(use_tls),
-                                      tls_root_pem.encode() if tls_root_pem else None,
-                                      bearer_token.encode() if bearer_token else None,
-                                      ctypes.byref(handle)))
+        _check(_load().kvstar_connect_tls(address.encode(), backend, int(use_tls),
+                                          text(tls_root_pem), text(tls_cert_pem),
+                                          text(tls_key_pem), text(bearer_token),
+                                          ctypes.byref(handle)))
         self._handle = handle
         self._own_pools = {}  # sequence id -> the engine memory of its own pool
         self.has_slot_pool = False

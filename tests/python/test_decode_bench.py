@@ -1,0 +1,120 @@
+"""bench/decode_bench.py runs end to end on a CPU: a tiny random decoder decoding through a real
+storage node (host backend) and with full attention, its rows and its last-line JSON; and a
+configuration whose first selection exceeds the client's staging budget is skipped, not hung.
+Skips without the server binary or the client library (build them with bazel)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "client" / "python"))
+
+import kvstar  # noqa: E402
+import kvstar.node  # noqa: E402
+
+TINY = ["--models", "tiny", "--contexts", "1024", "--warmup", "4", "--steps", "12",
+        "--stride", "2", "--topic_period", "4", "--host_reserve_gib", "0",
+        "--shared_memory_gib", "0.0625", "--no_graphs"]
+
+
+@pytest.fixture(scope="module")
+def environment():
+    try:
+        kvstar.node.find_server()
+        kvstar._load()
+    except (FileNotFoundError, OSError) as error:
+        pytest.skip(str(error))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, even on a GPU machine
+    return env
+
+
+def run_bench(environment, tmp_path, *extra):
+    results = tmp_path / "rows.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "decode_bench.py"), *TINY,
+                           "--results", str(results), *extra],
+                          env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return rows, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_full_and_kvstar_rows_and_summary(environment, tmp_path):
+    rows, summary = run_bench(environment, tmp_path, "--configs", "full,kvstar0.25",
+                              "--kvstar_max_batch_contexts", "1024", "--kvstar_max_batch", "2")
+    full = [r for r in rows if r["config"] == "full"]
+    sparse = [r for r in rows if r["config"] == "kvstar0.25"]
+    assert [r["batch"] for r in sparse] == [2, 1]  # the largest batch run, then batch 1
+    assert full and all(r["step_ms_p50"] > 0 for r in full + sparse)
+    for r in sparse:
+        assert r["retrievals"] > 0  # selections came back from the node while decoding
+        assert r["selections_dropped"] == 0
+        assert 0 < r["hbm_kv_fraction"]
+    for key in ("step_ms_full", "step_ms_kvstar", "max_batch_full", "max_batch_kvstar",
+                "tokens_per_s_full", "tokens_per_s_kvstar", "gpu_wait_fraction",
+                "hbm_kv_fraction", "retrievals_per_s"):
+        assert key in summary, key
+
+
+def test_seal_over_the_staging_budget_is_skipped(environment, tmp_path):
+    rows, summary = run_bench(environment, tmp_path, "--configs", "kvstar0.1",
+                              "--client_staging_bytes", "1024")
+    assert len(rows) == 1 and rows[0]["skipped"].startswith("Seal would wait forever")
+    assert summary == {}  # nothing measured
+
+
+def test_planted_topics_draw_the_models_own_queries():
+    """The synthetic KV moves attention: at every depth the model's queries put most of their
+    attention mass on the current topic's blocks, and the mass follows the topic."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import decode_bench as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    shape = bench.Shape(12, 8, 2, 128, 512, 1024, 512)
+    cpu = torch.device("cpu")
+    model = bench.RandomDecoder(shape, cpu)
+    tokens = torch.arange(8) * 37 + 11
+    plant = bench.Plant(8, 16, 0.5, tokens, model.topic_directions(tokens))
+    blocks = 24
+    pool = torch.empty((shape.layers * (blocks + 1), 2, 128, shape.kv_heads, shape.head_dim),
+                       dtype=torch.bfloat16)
+    base = torch.arange(shape.layers)[:, None] * (blocks + 1)
+    kv = bench.PagedKv(pool, shape.layers, 1, blocks + 1, base + blocks, cpu)
+    kv.table.copy_((base[:, :, None] + torch.arange(blocks + 1)).to(torch.int32))
+    kv.count.fill_(blocks + 1)
+    topics = bench.block_topics(0, blocks, 8)
+    generator = torch.Generator().manual_seed(1)
+    for layer in range(shape.layers):
+        k, v = bench.synthetic_layer_kv(shape, plant, layer, blocks, topics, (1, 2), generator,
+                                        cpu)
+        pool[layer * (blocks + 1):layer * (blocks + 1) + blocks, 0] = k
+        pool[layer * (blocks + 1):layer * (blocks + 1) + blocks, 1] = v
+    attention = bench.make_attention("repack", kv, shape, 1, 0, cpu, blocks + 1)
+    queries = torch.zeros((shape.layers, 1, shape.q_heads, shape.head_dim), dtype=torch.bfloat16)
+    group = shape.q_heads // shape.kv_heads
+    middle = topics[1:blocks - 2]
+    for step in (0, 16, 32):
+        topic = plant.topic_at(step)
+        kv.tokens.fill_(int(tokens[topic]))
+        kv.tail_pos.fill_(step)
+        kv.tail_len.fill_(step + 1)
+        model.step(kv.tokens, kv, attention, queries)
+        for layer in (0, shape.layers - 1):
+            first = layer * (blocks + 1)
+            keys = pool[first:first + blocks, 0].float().reshape(blocks * 128, shape.kv_heads,
+                                                                 shape.head_dim)
+            scores = torch.einsum("hd,thd->ht", queries[layer, 0].float(),
+                                  keys.repeat_interleave(group, 1)) / math.sqrt(shape.head_dim)
+            mass = torch.softmax(scores, -1).mean(0).view(blocks, 128).sum(1)[1:blocks - 2]
+            assert float(mass[middle == topic].sum()) > 0.5, (step, layer)
