@@ -413,7 +413,6 @@ class KvstarBatch:
         stream = self.stream_handle()
         L = self.shape.layers
         batch = len(self.sequences)
-        slots = self.slot_source.slots_per_layer
         acquire, memmove, byref = self.lib.kvstar_acquire, ctypes.memmove, ctypes.byref
         base, row_bytes = host_table.ctypes.data, host_table.strides[1]
         layer_bytes = host_table.strides[0]
@@ -430,6 +429,9 @@ class KvstarBatch:
                 host_count[layer, b] = table.count
                 stale_out[b, layer] = table.step - table.selection_step
         # Library slots -> pages of the shared pool, then each row's tail page after its slots.
+        # The library's slot ids index the whole view it was handed (it reports slots_per_layer
+        # 0); older libraries numbered slots per layer and reported slots_per_layer.
+        slots = self.tables[0][0].slots_per_layer if batch else 0
         offsets = (np.asarray(self.first_page[:batch], dtype=np.int32)[None, :] +
                    np.arange(L, dtype=np.int32)[:, None] * slots)
         host_table[:, :batch] += offsets[:, :, None]

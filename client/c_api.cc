@@ -30,6 +30,32 @@ kvstar::Sequence* Unwrap(kvstar_sequence* sequence) {
   return reinterpret_cast<kvstar::Sequence*>(sequence);
 }
 
+kvstar::ModelProfile ToProfile(const kvstar_model_profile& profile) {
+  kvstar::ModelProfile model;
+  model.num_layers = profile.num_layers;
+  model.num_q_heads = profile.num_q_heads;
+  model.num_kv_heads = profile.num_kv_heads;
+  model.head_dim = profile.head_dim;
+  model.block_size = profile.block_size == 0 ? 128 : profile.block_size;
+  model.dtype = static_cast<kvstar::DType>(profile.dtype);
+  return model;
+}
+
+kvstar::KvstarConfig ToConfig(const kvstar_config* config) {
+  kvstar::KvstarConfig knobs;
+  if (config != nullptr) {
+    knobs.init_window_sz = config->init_window_sz;
+    knobs.local_window_sz = config->local_window_sz;
+    knobs.sparse_ratio = config->sparse_ratio;
+    knobs.retrieval_stride = config->retrieval_stride;
+    knobs.blk_repre_dim_prune_ratio = config->blk_repre_dim_prune_ratio;
+    knobs.blk_repre_inner_token_merge = config->blk_repre_inner_token_merge;
+    knobs.block_vote = config->block_vote;
+    knobs.representation_format = config->representation_format;
+  }
+  return knobs;
+}
+
 kvstar::MemoryKind Where(int where) {
   return where == KVSTAR_DEVICE ? kvstar::MemoryKind::kDevice : kvstar::MemoryKind::kHost;
 }
@@ -108,24 +134,8 @@ int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
   if (client == nullptr || sequence_id == nullptr || profile == nullptr || sequence == nullptr) {
     return Invalid("client, sequence_id, profile and sequence are required");
   }
-  kvstar::ModelProfile model;
-  model.num_layers = profile->num_layers;
-  model.num_q_heads = profile->num_q_heads;
-  model.num_kv_heads = profile->num_kv_heads;
-  model.head_dim = profile->head_dim;
-  model.block_size = profile->block_size == 0 ? 128 : profile->block_size;
-  model.dtype = static_cast<kvstar::DType>(profile->dtype);
-  kvstar::KvstarConfig knobs;
-  if (config != nullptr) {
-    knobs.init_window_sz = config->init_window_sz;
-    knobs.local_window_sz = config->local_window_sz;
-    knobs.sparse_ratio = config->sparse_ratio;
-    knobs.retrieval_stride = config->retrieval_stride;
-    knobs.blk_repre_dim_prune_ratio = config->blk_repre_dim_prune_ratio;
-    knobs.blk_repre_inner_token_merge = config->blk_repre_inner_token_merge;
-    knobs.block_vote = config->block_vote;
-    knobs.representation_format = config->representation_format;
-  }
+  const kvstar::ModelProfile model = ToProfile(*profile);
+  const kvstar::KvstarConfig knobs = ToConfig(config);
   kvstar::SequenceOptions options;
   options.slots_per_layer = slots_per_layer;
   options.max_blocks_per_layer = max_blocks_per_layer;
@@ -135,6 +145,46 @@ int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
       client->client->CreateSequence(sequence_id, model, knobs, options);
   if (!created.ok()) return Report(created.status());
   *sequence = reinterpret_cast<kvstar_sequence*>(*created);
+  return Report(absl::OkStatus());
+}
+
+uint64_t kvstar_reserved_slots(const kvstar_model_profile* profile, const kvstar_config* config,
+                               uint32_t max_blocks_per_layer) {
+  if (profile == nullptr) return 0;
+  return kvstar::ReservedSlots(ToProfile(*profile), ToConfig(config), max_blocks_per_layer);
+}
+
+int kvstar_slot_pool_for(const kvstar_model_profile* profile, const kvstar_config* config,
+                         uint32_t max_blocks_per_layer, uint32_t max_sequences,
+                         double headroom_fraction, kvstar_slot_pool_options* options) {
+  if (profile == nullptr || options == nullptr) return Invalid("profile and options are required");
+  const kvstar::SlotPoolOptions sized =
+      kvstar::SlotPoolFor(ToProfile(*profile), ToConfig(config), max_blocks_per_layer,
+                          max_sequences, headroom_fraction);
+  *options =
+      kvstar_slot_pool_options{sized.slot_bytes, sized.num_slots, sized.headroom_slots, nullptr, 0};
+  return Report(absl::OkStatus());
+}
+
+int kvstar_create_slot_pool(kvstar_client* client, const kvstar_slot_pool_options* options) {
+  if (client == nullptr || options == nullptr) return Invalid("client and options are required");
+  kvstar::SlotPoolOptions pool;
+  pool.slot_bytes = options->slot_bytes;
+  pool.num_slots = options->num_slots;
+  pool.headroom_slots = options->headroom_slots;
+  pool.memory = options->memory;
+  pool.memory_bytes = options->memory_bytes;
+  return Report(client->client->CreateSlotPool(pool));
+}
+
+int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_stats* stats) {
+  if (client == nullptr || stats == nullptr) return Invalid("client and stats are required");
+  absl::StatusOr<kvstar::SlotPoolStats> s = client->client->slot_pool_stats();
+  if (!s.ok()) return Report(s.status());
+  *stats = kvstar_slot_pool_stats{
+      s->slot_bytes,   s->num_slots,       s->headroom_slots,    s->reserved_slots,
+      s->slots_in_use, s->headroom_in_use, s->peak_slots_in_use, s->peak_headroom_in_use,
+      s->sequences,    s->takes_refused};
   return Report(absl::OkStatus());
 }
 
@@ -214,7 +264,8 @@ int kvstar_sequence_stats_get(const kvstar_sequence* sequence, kvstar_sequence_s
       kvstar_sequence_stats{s.blocks_offloaded,   s.unacknowledged_blocks,   s.blocks_loaded,
                             s.bytes_loaded,       s.blocks_already_resident, s.selections_published,
                             s.selections_dropped, s.last_staleness_steps,    s.max_staleness_steps,
-                            s.decode_step};
+                            s.decode_step,        s.reserved_slots,          s.slots_held,
+                            s.peak_slots_held};
   return Report(absl::OkStatus());
 }
 

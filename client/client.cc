@@ -1,5 +1,5 @@
-// ClientImpl: channel, backend, staging, sequences and the two background threads (offload and
-// retrieval).
+// ClientImpl: channel, backend, staging, the shared slot pool, the data plane choice, the offload
+// thread and the sequences; retrieval runs in its RetrievalScheduler (retrieval_scheduler.h).
 #include <xxhash.h>
 
 #include <chrono>
@@ -96,7 +96,7 @@ absl::Status ClientImpl::Init() {
     stub_ = v1::KvStore::NewStub(channel_);
   }
   offload_thread_ = std::thread([this] { OffloadLoop(); });
-  retrieval_thread_ = std::thread([this] { RetrievalLoop(); });
+  scheduler_ = std::make_unique<RetrievalScheduler>(this);
   return absl::OkStatus();
 }
 
@@ -106,7 +106,7 @@ ClientImpl::~ClientImpl() {
     stopping_ = true;
   }
   if (offload_thread_.joinable()) offload_thread_.join();
-  if (retrieval_thread_.joinable()) retrieval_thread_.join();
+  scheduler_.reset();  // before the sequences its jobs point to
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences;
   {
     absl::MutexLock lock(&mu_);
@@ -122,7 +122,8 @@ ClientImpl::~ClientImpl() {
   sequences.clear();
   {
     absl::MutexLock lock(&mu_);
-    segment_.reset();  // every copy from it completed with its sequence
+    plane_.reset();      // every copy from it completed with its sequence
+    slot_pool_.reset();  // every sequence left it
   }
   if (query_stream_ != nullptr) backend_->DestroyStream(query_stream_);
   staging_.reset();
@@ -135,6 +136,32 @@ std::shared_ptr<v1::KvStore::Stub> ClientImpl::stub() const {
 
 void ClientImpl::PrepareContext(grpc::ClientContext* context) const {
   client_internal::PrepareContext(options_, context);
+}
+
+absl::Status ClientImpl::CreateSlotPool(const SlotPoolOptions& options) {
+  absl::MutexLock lock(&mu_);
+  if (slot_pool_ != nullptr) {
+    return absl::FailedPreconditionError("CreateSlotPool: the client already has a slot pool");
+  }
+  if (!sequences_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CreateSlotPool: ", sequences_.size(), " sequences are open with pools of their own"));
+  }
+  absl::StatusOr<std::shared_ptr<SlotPool>> pool = SlotPool::Create(backend_.get(), options);
+  if (!pool.ok()) return pool.status();
+  slot_pool_ = *std::move(pool);
+  spdlog::info("kvstar client: shared slot pool of {} slots of {} bytes ({} headroom), {}",
+               options.num_slots, options.slot_bytes, options.headroom_slots,
+               options.memory != nullptr ? "the engine's memory" : "allocated by the library");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SlotPoolStats> ClientImpl::slot_pool_stats() const {
+  absl::MutexLock lock(&mu_);
+  if (slot_pool_ == nullptr) {
+    return absl::FailedPreconditionError("slot_pool_stats: the client has no shared slot pool");
+  }
+  return slot_pool_->stats();
 }
 
 absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence_id,
@@ -173,8 +200,13 @@ absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence
     return status;
   }
   // Otherwise a failed choice leaves bytes for now; it is tried again before the next retrieval.
+  std::shared_ptr<SlotPool> pool;
+  {
+    absl::MutexLock lock(&mu_);
+    pool = slot_pool_;
+  }
   auto sequence = std::make_unique<SequenceImpl>(this, sequence_id, profile, config);
-  if (absl::Status status = sequence->Init(options); !status.ok()) return status;
+  if (absl::Status status = sequence->Init(options, std::move(pool)); !status.ok()) return status;
   grpc::ClientContext context;
   PrepareContext(&context);
   v1::CreateSequenceResponse response;
@@ -191,18 +223,15 @@ absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
   std::unique_ptr<SequenceImpl> sequence;
   {
     absl::MutexLock lock(&mu_);
-    // The retrieval thread may hold a pointer to it until its job ends.
-    mu_.Await(absl::Condition(
-        +[](ClientImpl* client)
-             ABSL_NO_THREAD_SAFETY_ANALYSIS { return !client->retrieval_in_flight_; },
-        this));
     auto found = sequences_.find(sequence_id);
     if (found == sequences_.end()) {
       return absl::NotFoundError(absl::StrCat("sequence ", sequence_id, " is not open"));
     }
     sequence = std::move(found->second);
-    sequences_.erase(found);
+    sequences_.erase(found);  // no later Step submits it
   }
+  // A retrieval in flight may still point to it until its job ends.
+  scheduler_->WaitIdle();
   sequence.reset();
   grpc::ClientContext context;
   PrepareContext(&context);
@@ -218,25 +247,9 @@ absl::Status ClientImpl::Step() {
   for (auto& [id, sequence] : sequences_) {
     if (sequence->AdvanceStep()) due.push_back(sequence.get());
   }
-  if (!due.empty()) {
-    // The next queries overwrite the window the previous retrieval reads; it copies them out as
-    // it starts, so this wait is empty unless the retrieval thread stalled for a whole stride.
-    mu_.Await(absl::Condition(
-        +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return !client->snapshot_pending_ || client->stopping_;
-        },
-        this));
-    if (retrieval_in_flight_) {
-      ++stats_.retrievals_skipped;
-    } else {
-      retrieval_job_ = std::move(due);
-      retrieval_in_flight_ = true;
-      snapshot_pending_ = true;
-    }
-  }
-  absl::Status status = std::move(error_);
-  error_ = absl::OkStatus();
-  return status;
+  // Under mu_: DropSequence cannot destroy a due sequence before the scheduler holds it.
+  scheduler_->Submit(std::move(due));
+  return scheduler_->TakeError();
 }
 
 absl::Status ClientImpl::Flush() {
@@ -260,28 +273,26 @@ absl::Status ClientImpl::Reconnect(const std::string& address) {
   channel_ = channel;
   stub_ = v1::KvStore::NewStub(channel_);
   // Another server: choose again (loads in flight keep the old mapping alive until they end).
-  data_plane_ = DataPlane::kAuto;
-  segment_.reset();
+  plane_.reset();
   return absl::OkStatus();
 }
 
 DataPlane ClientImpl::data_plane() const {
   absl::MutexLock lock(&mu_);
-  return data_plane_;
+  return plane_ != nullptr ? plane_->kind() : DataPlane::kAuto;
 }
 
 absl::Status ClientImpl::EnsureDataPlane() {
   absl::MutexLock resolving(&resolve_mu_);
   {
     absl::MutexLock lock(&mu_);
-    if (data_plane_ != DataPlane::kAuto) return absl::OkStatus();
+    if (plane_ != nullptr) return absl::OkStatus();
   }
   return ResolveDataPlane();
 }
 
 absl::Status ClientImpl::ResolveDataPlane() {
-  DataPlane plane = DataPlane::kGrpcBytes;
-  std::unique_ptr<SharedSegment> segment;
+  std::shared_ptr<const BlockDataPlane> plane = GrpcBytesDataPlane();
   std::string why;
   if (options_.data_plane == DataPlane::kGrpcBytes) {
     why = "requested";
@@ -295,28 +306,24 @@ absl::Status ClientImpl::ResolveDataPlane() {
                                        mapped.status().message()));
     }
     if (*mapped != nullptr) {
-      segment = *std::move(mapped);
-      plane = DataPlane::kSharedMemory;
-      why = absl::StrCat("the server runs on this host; segment ", segment->name(), " of ",
-                         segment->size(), " bytes mapped read-only",
+      why = absl::StrCat("the server runs on this host; segment ", (*mapped)->name(), " of ",
+                         (*mapped)->size(), " bytes mapped read-only",
                          backend_->kind() == BackendKind::kCuda ? " and registered with CUDA" : "");
+      plane = MakeSharedMemoryDataPlane(*std::move(mapped));
     } else if (options_.data_plane == DataPlane::kSharedMemory) {
       return absl::FailedPreconditionError(
           absl::StrCat("data_plane shared-memory requested, but ", why));
     }
   }
-  std::shared_ptr<const SharedSegment> installed = std::move(segment);
   bool changed = false;
   {
     absl::MutexLock lock(&mu_);
-    const std::string old_name = segment_ != nullptr ? segment_->name() : "";
-    const std::string new_name = installed != nullptr ? installed->name() : "";
-    changed = data_plane_ != plane || old_name != new_name;
-    data_plane_ = plane;
-    segment_ = installed;
+    changed = plane_ == nullptr || plane_->kind() != plane->kind() ||
+              plane_->segment_name() != plane->segment_name();
+    plane_ = plane;
   }
   if (changed) {
-    spdlog::info("kvstar client: {} data plane ({})", DataPlaneName(plane), why);
+    spdlog::info("kvstar client: {} data plane ({})", DataPlaneName(plane->kind()), why);
   }
   return absl::OkStatus();
 }
@@ -358,9 +365,21 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> ClientImpl::MapServerSegment(std:
   return segment;
 }
 
-ClientStats ClientImpl::stats() const {
+ClientStats ClientImpl::stats() const { return scheduler_->stats(); }
+
+absl::StatusOr<std::shared_ptr<const BlockDataPlane>> ClientImpl::DataPlaneForRetrieval(
+    bool ask_again) {
+  absl::Status status;
+  if (ask_again) {
+    absl::MutexLock resolving(&resolve_mu_);
+    status = ResolveDataPlane();
+  } else {
+    status = EnsureDataPlane();
+  }
+  if (!status.ok() && options_.data_plane == DataPlane::kSharedMemory) return status;
   absl::MutexLock lock(&mu_);
-  return stats_;
+  // A failed choice leaves bytes for now; it is tried again before the next retrieval.
+  return plane_ != nullptr ? plane_ : GrpcBytesDataPlane();
 }
 
 void ClientImpl::EnqueueOffload(OffloadItem item) {
@@ -449,142 +468,6 @@ absl::Status ClientImpl::SendBatch(std::vector<OffloadItem>& batch) {
   if (status.ok()) status = local;
   for (auto& [sequence, blocks] : blocks_of) sequence->OffloadDone(blocks, status);
   return status;
-}
-
-void ClientImpl::RetrievalLoop() {
-  while (true) {
-    std::vector<SequenceImpl*> due;
-    {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](ClientImpl* client) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return client->retrieval_job_.has_value() || client->stopping_;
-          },
-          this));
-      if (stopping_) {
-        retrieval_in_flight_ = false;
-        snapshot_pending_ = false;
-        return;
-      }
-      due = std::move(*retrieval_job_);
-      retrieval_job_.reset();
-    }
-    absl::Status status = RunRetrieval(due);
-    absl::MutexLock lock(&mu_);
-    ++stats_.retrievals_completed;
-    retrieval_in_flight_ = false;
-    snapshot_pending_ = false;
-    if (!status.ok() && error_.ok()) error_ = status;
-  }
-}
-
-absl::Status ClientImpl::RunRetrieval(const std::vector<SequenceImpl*>& due) {
-  v1::RetrieveRequest request;
-  std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
-  absl::Status first;
-  for (SequenceImpl* sequence : due) {
-    std::vector<uint32_t> known;
-    v1::SequenceQueries queries;
-    absl::Status status = sequence->BuildRetrieval(&queries, &known);
-    if (!status.ok()) {
-      if (first.ok()) first = status;
-      continue;
-    }
-    *request.add_sequences() = std::move(queries);
-    known_blocks[sequence->id()] = {sequence, std::move(known)};
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    snapshot_pending_ = false;
-    ++stats_.retrievals_sent;
-  }
-  if (request.sequences_size() == 0) return first;
-  // The engine goes on meanwhile: what follows may wait for the server and the device.
-  if (absl::Status status = EnsureDataPlane(); !status.ok()) {
-    if (options_.data_plane == DataPlane::kSharedMemory) return status;
-  }
-  std::shared_ptr<const SharedSegment> segment;
-  {
-    absl::MutexLock lock(&mu_);
-    segment = segment_;
-  }
-  // The server reuses a sequence's regions as soon as its next Retrieve arrives.
-  {
-    v1::RetrieveRequest ready;
-    for (v1::SequenceQueries& part : *request.mutable_sequences()) {
-      SequenceImpl* sequence = known_blocks.at(part.sequence_id()).first;
-      if (absl::Status status = sequence->WaitSegmentReads(); !status.ok()) {
-        if (first.ok()) first = status;
-        known_blocks.erase(part.sequence_id());
-        continue;
-      }
-      part.set_shared_memory(segment != nullptr);
-      *ready.add_sequences() = std::move(part);
-    }
-    request = std::move(ready);
-  }
-  if (request.sequences_size() == 0) return first;
-  bool segment_checked = false;  // re-resolved after a reply named an unknown segment
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
-      stub()->Retrieve(&context, request);
-  // A layer may come as several replies (`more`); its new blocks add up until the last one.
-  std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
-  v1::RetrieveResponse reply;
-  while (reader->Read(&reply)) {
-    {
-      absl::MutexLock lock(&mu_);
-      ++stats_.retrieve_replies;
-    }
-    auto found = known_blocks.find(reply.sequence_id());
-    if (found == known_blocks.end()) {
-      if (first.ok()) {
-        first = absl::InternalError(
-            absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
-      }
-      continue;
-    }
-    const uint32_t layer = reply.selection().layer();
-    std::vector<v1::Block>& data = partial[{reply.sequence_id(), layer}];
-    uint64_t shared_blocks = 0;
-    for (v1::Block& block : *reply.mutable_new_blocks()) {
-      if (block.has_shared()) {
-        ++shared_blocks;
-        // A server restarted on the same address (the channel reconnects by itself) has a new
-        // segment: map it.
-        if (!segment_checked &&
-            (segment == nullptr || block.shared().segment() != segment->name())) {
-          segment_checked = true;
-          absl::Status resolved;
-          {
-            absl::MutexLock resolving(&resolve_mu_);
-            resolved = ResolveDataPlane();
-          }
-          absl::MutexLock lock(&mu_);
-          if (resolved.ok()) segment = segment_;
-        }
-      }
-      data.push_back(std::move(block));
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      stats_.blocks_received_shared += shared_blocks;
-      stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
-    }
-    if (reply.more()) continue;
-    SequenceImpl* sequence = found->second.first;
-    const std::vector<uint32_t>& known = found->second.second;
-    std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
-                                 reply.selection().block_indices().end());
-    absl::Status status =
-        sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
-                                reply.decode_step(), std::move(data), segment);
-    partial.erase({reply.sequence_id(), layer});
-    if (!status.ok() && first.ok()) first = status;
-  }
-  absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
-  return status.ok() ? first : status;
 }
 
 absl::StatusOr<v1::SealResponse> ClientImpl::SealRpc(const v1::SealRequest& request) {

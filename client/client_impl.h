@@ -1,8 +1,10 @@
 // Implementation classes behind kvstar/client.h. ClientImpl owns the channel, the backend, the
-// staging pool, the background threads and the sequences; SequenceImpl owns one sequence's slots,
-// double-buffered slot tables and query ring.
+// staging pool, the shared slot pool, the offload thread, the retrieval scheduler, the data plane
+// and the sequences; SequenceImpl owns
+// one sequence's resident set (ResidentSet: slots and tables) and query ring.
 //
-// Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before SequenceImpl::mu_. No lock is
+// Lock order: ClientImpl::resolve_mu_ before ClientImpl::mu_ before RetrievalScheduler::mu_ before
+// SequenceImpl::mu_ (the scheduler calls sequences holding none of its own). No lock is
 // held across an RPC, except resolve_mu_, which serializes choices of the data plane
 // (GetServerInfo) between CreateSequence and the retrieval thread.
 #ifndef KVSTAR_CLIENT_CLIENT_IMPL_H_
@@ -21,8 +23,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "client/data_plane.h"
 #include "client/device_backend.h"
+#include "client/resident_set.h"
+#include "client/retrieval_scheduler.h"
 #include "client/shared_segment.h"
+#include "client/slot_pool.h"
 #include "client/staging_pool.h"
 #include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
@@ -32,67 +38,14 @@ namespace kvstar::client_internal {
 
 class ClientImpl;
 
-// One slot table of one layer (one half of the double buffer).
-struct TableBuffer {
-  std::vector<uint32_t> blocks;     // ascending
-  std::vector<int32_t> slots;       // slot of blocks[i]
-  int32_t* pinned_slots = nullptr;  // pinned mirror, source of the device copy
-  int32_t* device_slots = nullptr;  // what kernels read
-  uint64_t generation = 0;          // bumped on each publish into this buffer
-  uint64_t selection_step = 0;
-  bool device_dirty = false;  // device_slots must be rewritten at the next Acquire
-  bool acquired = false;      // acquired and not yet released
-  EventHandle release_event = nullptr;
-};
-
-// A slot that left the resident set; reusable once nothing can still read (or write) it.
-struct RetiredSlot {
-  int32_t slot = -1;
-  int table = -1;           // table buffer that held it, or -1: wait for `event` instead
-  uint64_t generation = 0;  // that buffer's generation when it held the slot
-  EventHandle event = nullptr;
-};
-
-// A selection whose new blocks are being copied into slots; published at a step boundary.
-struct PendingSelection {
-  std::vector<uint32_t> blocks;  // the server's selection, ascending
-  uint32_t known_blocks = 0;     // the layer's block count when the selection was asked for
-  uint64_t selection_step = 0;
-  std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
-  EventHandle load_event = nullptr;
-  void* staging = nullptr;
-  // The segment some of its copies read: mapped at least until load_event completed.
-  std::shared_ptr<const SharedSegment> segment;
-};
-
-// A decode-generated block copied into a slot; joins the tables once its copy completed.
-struct AppendedBlock {
-  uint32_t block = 0;
-  EventHandle event = nullptr;
-};
-
-struct LayerState {
-  TableBuffer tables[2];
-  int visible = 0;
-  int acquired_table = -1;
-  uint32_t num_blocks = 0;  // blocks of the layer the sequence knows of (prompt + appended)
-  std::map<uint32_t, int32_t> resident;  // block -> slot: visible, pending and appended blocks
-  std::vector<int32_t> free_slots;
-  std::vector<RetiredSlot> retired;
-  std::optional<PendingSelection> pending;
-  std::vector<AppendedBlock> appended_unready;
-  std::set<uint32_t> appended_ready;
-  std::vector<uint32_t> visible_selection;  // the selection behind the visible table
-  uint32_t visible_known_blocks = 0;
-};
-
 class SequenceImpl : public Sequence {
  public:
   SequenceImpl(ClientImpl* client, std::string id, ModelProfile profile, KvstarConfig config);
   ~SequenceImpl() override;
 
-  // Allocates slots, tables and the query ring.
-  absl::Status Init(const SequenceOptions& options);
+  // Joins `shared_pool` (or, when null, creates a pool of its own), allocates tables and the
+  // query ring.
+  absl::Status Init(const SequenceOptions& options, std::shared_ptr<SlotPool> shared_pool);
 
   const std::string& id() const override { return id_; }
   const ModelProfile& profile() const override { return profile_; }
@@ -122,11 +75,12 @@ class SequenceImpl : public Sequence {
   // completed: the server reuses them once the sequence's next Retrieve arrives.
   absl::Status WaitSegmentReads();
   // Loads a selection (from Seal or a Retrieve reply) into slots as this layer's pending selection.
-  // Blocks of `data` that arrived as regions of `segment` are copied from it straight into slots;
-  // those naming another segment (or with `segment` null) are fetched as bytes with GetBlocks.
+  // Blocks of `data` are located through `plane` (null: gRPC bytes): regions of its segment are
+  // copied from there straight into slots, bytes are staged, and blocks it cannot read (regions
+  // of another segment) or that did not come are fetched as bytes with GetBlocks.
   absl::Status LoadSelection(uint32_t layer, std::vector<uint32_t> blocks, uint32_t known_blocks,
                              uint64_t selection_step, std::vector<v1::Block> data,
-                             std::shared_ptr<const SharedSegment> segment);
+                             std::shared_ptr<const BlockDataPlane> plane);
   // Outcome of a PutBlocks batch of `blocks` of this sequence.
   void OffloadDone(uint64_t blocks, const absl::Status& status);
   // Remembers a background error to surface on the next call.
@@ -139,19 +93,9 @@ class SequenceImpl : public Sequence {
   // Stages one block and queues it for the offload thread.
   absl::Status StageAndQueue(uint32_t layer, uint32_t block_index, const void* key,
                              const void* value, MemoryKind where, void* stream);
-  char* SlotAddress(uint32_t layer, int32_t slot) const;
-  // Takes `count` free slots (reclaiming retired ones whose readers finished).
-  bool TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool ReadDone(const TableBuffer& table) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Makes selection ∪ (appended blocks >= known_blocks) the visible table. False when the other
-  // buffer is still being read (try again at the next boundary).
-  bool PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
-                     uint32_t known_blocks, uint64_t selection_step)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  char* SlotAddress(int32_t slot) const { return pool_->SlotAddress(slot); }
+  // Publishes what is ready in `layer` (ResidentSet::PublishReady) and counts it.
   void PublishReadyLocked(uint32_t layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   char* QueryAddress(uint64_t step, uint32_t layer) const;
   // Waits for the query copies of the window ending at `end_step` and appends that window's
   // queries of every layer (oldest first) to `queries`.
@@ -167,16 +111,14 @@ class SequenceImpl : public Sequence {
   const KvstarConfig config_;
   const uint64_t key_bytes_;
   const uint64_t slot_bytes_;
-  uint32_t slots_per_layer_ = 0;
-  void* slot_pool_ = nullptr;
-  bool owns_pool_ = false;
-  int32_t* device_tables_ = nullptr;  // 2 * num_layers * slots_per_layer entries
-  int32_t* pinned_tables_ = nullptr;
-  char* query_ring_ = nullptr;  // pinned [2 windows][stride][num_layers][query_bytes]
+  std::shared_ptr<SlotPool> pool_;     // the one resident_ holds; set by Init, then constant
+  uint32_t resident_capacity_ = 0;     // most blocks one table holds (ResidentSet::table_capacity)
+  uint32_t max_blocks_per_layer_ = 0;  // 0: unbounded (own pool sized by slots_per_layer)
+  char* query_ring_ = nullptr;         // pinned [2 windows][stride][num_layers][query_bytes]
   StreamHandle load_stream_ = nullptr;
 
   mutable absl::Mutex mu_;
-  std::vector<LayerState> layers_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<ResidentSet> resident_ ABSL_GUARDED_BY(mu_);
   bool sealed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t decode_step_ ABSL_GUARDED_BY(mu_) = 0;
   // The step at which the pending retrieval became due: its query window ends there.
@@ -198,7 +140,7 @@ struct OffloadItem {
   EventHandle ready = nullptr;  // the device->staging copy
 };
 
-class ClientImpl : public Client {
+class ClientImpl : public Client, public RetrievalScheduler::Channel {
  public:
   ClientImpl(const ClientOptions& options, std::unique_ptr<DeviceBackend> backend);
   ~ClientImpl() override;
@@ -206,6 +148,8 @@ class ClientImpl : public Client {
 
   BackendKind backend() const override { return backend_->kind(); }
   DataPlane data_plane() const override;
+  absl::Status CreateSlotPool(const SlotPoolOptions& options) override;
+  absl::StatusOr<SlotPoolStats> slot_pool_stats() const override;
   absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                            const ModelProfile& profile, const KvstarConfig& config,
                                            const SequenceOptions& options) override;
@@ -227,12 +171,13 @@ class ClientImpl : public Client {
                             const std::vector<uint32_t>& blocks, std::vector<v1::Block>* out);
 
  private:
-  std::shared_ptr<v1::KvStore::Stub> stub() const;
-  void PrepareContext(grpc::ClientContext* context) const;
+  // RetrievalScheduler::Channel.
+  std::shared_ptr<v1::KvStore::Stub> stub() const override;
+  void PrepareContext(grpc::ClientContext* context) const override;
+  absl::StatusOr<std::shared_ptr<const BlockDataPlane>> DataPlaneForRetrieval(
+      bool ask_again) override ABSL_LOCKS_EXCLUDED(resolve_mu_, mu_);
   void OffloadLoop();
-  void RetrievalLoop();
   absl::Status SendBatch(std::vector<OffloadItem>& batch);
-  absl::Status RunRetrieval(const std::vector<SequenceImpl*>& due);
   // Chooses the data plane when none is chosen yet (see ResolveDataPlane).
   absl::Status EnsureDataPlane() ABSL_LOCKS_EXCLUDED(resolve_mu_, mu_);
   // Asks the server (GetServerInfo) and chooses the data plane again, mapping its segment when
@@ -251,23 +196,18 @@ class ClientImpl : public Client {
 
   absl::Mutex resolve_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
-  // kAuto until chosen; segment_ is set exactly when data_plane_ is kSharedMemory.
-  DataPlane data_plane_ ABSL_GUARDED_BY(mu_) = DataPlane::kAuto;
-  std::shared_ptr<const SharedSegment> segment_ ABSL_GUARDED_BY(mu_);
+  // Null until chosen (kAuto).
+  std::shared_ptr<const BlockDataPlane> plane_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<grpc::Channel> channel_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<SlotPool> slot_pool_ ABSL_GUARDED_BY(mu_);  // shared by sequences; may be null
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);
   std::deque<OffloadItem> offload_queue_ ABSL_GUARDED_BY(mu_);
   bool offload_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<std::vector<SequenceImpl*>> retrieval_job_ ABSL_GUARDED_BY(mu_);
-  bool retrieval_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  bool snapshot_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status error_ ABSL_GUARDED_BY(mu_);
-  ClientStats stats_ ABSL_GUARDED_BY(mu_);
 
   std::thread offload_thread_;
-  std::thread retrieval_thread_;
+  std::unique_ptr<RetrievalScheduler> scheduler_;  // set by Init
 };
 
 }  // namespace kvstar::client_internal

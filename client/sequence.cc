@@ -1,7 +1,8 @@
-// SequenceImpl: one sequence's slots, double-buffered slot tables, query ring and step logic.
+// SequenceImpl: one sequence's offloads, seal, query ring and step logic; its slots and tables are
+// its ResidentSet (resident_set.h), the bytes of its loads come through a BlockDataPlane.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -43,66 +44,82 @@ SequenceImpl::SequenceImpl(ClientImpl* client, std::string id, ModelProfile prof
       slot_bytes_(2 * profile.block_key_bytes()) {}
 
 SequenceImpl::~SequenceImpl() {
-  absl::MutexLock lock(&mu_);
-  for (LayerState& state : layers_) {
-    for (TableBuffer& table : state.tables) backend_->ReleaseEvent(table.release_event);
-    for (RetiredSlot& retired : state.retired) backend_->ReleaseEvent(retired.event);
-    for (AppendedBlock& appended : state.appended_unready) backend_->ReleaseEvent(appended.event);
-    if (state.pending.has_value()) {
-      backend_->WaitEvent(state.pending->load_event).IgnoreError();
-      backend_->ReleaseEvent(state.pending->load_event);
-      if (state.pending->staging != nullptr) client_->staging()->Release(state.pending->staging);
-    }
+  {
+    absl::MutexLock lock(&mu_);
+    resident_.reset();  // waits for the reads and copies of its slots, gives them back
+    for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
   }
-  for (EventHandle& event : query_events_) backend_->ReleaseEvent(event);
   backend_->WaitEvent(segment_reads_).IgnoreError();
   backend_->ReleaseEvent(segment_reads_);
   if (load_stream_ != nullptr) backend_->DestroyStream(load_stream_);
-  if (owns_pool_ && slot_pool_ != nullptr) backend_->FreeDevice(slot_pool_);
-  if (device_tables_ != nullptr) backend_->FreeDevice(device_tables_);
-  if (pinned_tables_ != nullptr) backend_->FreePinned(pinned_tables_);
   if (query_ring_ != nullptr) backend_->FreePinned(query_ring_);
 }
 
-absl::Status SequenceImpl::Init(const SequenceOptions& options) {
+absl::Status SequenceImpl::Init(const SequenceOptions& options,
+                                std::shared_ptr<SlotPool> shared_pool) {
   if (absl::Status status = ValidateProfile(profile_); !status.ok()) return status;
   if (config_.retrieval_stride == 0) {
     return absl::InvalidArgumentError("config.retrieval_stride must be > 0");
   }
-  slots_per_layer_ = options.slots_per_layer;
-  if (slots_per_layer_ == 0) {
+  uint64_t reserved = 0;
+  uint32_t table_capacity = 0;
+  uint32_t layer_slot_cap = 0;
+  std::shared_ptr<SlotPool> pool;
+  if (shared_pool != nullptr) {
+    if (options.slots_per_layer != 0 || options.slot_pool != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.slots_per_layer ", options.slots_per_layer, " / options.slot_pool ",
+                       options.slot_pool == nullptr ? "null" : "set",
+                       ": the client has a shared slot pool; a sequence cannot have its own"));
+    }
     if (options.max_blocks_per_layer == 0) {
       return absl::InvalidArgumentError(
-          "options: set slots_per_layer or max_blocks_per_layer (both are 0)");
+          "options.max_blocks_per_layer must be > 0 with a shared slot pool (it sizes the "
+          "sequence's reservation)");
     }
-    const uint32_t windows = config_.init_window_sz + config_.local_window_sz;
-    const uint32_t middle =
-        options.max_blocks_per_layer > windows ? options.max_blocks_per_layer - windows : 0;
-    const uint32_t resident =
-        windows + static_cast<uint32_t>(std::ceil(middle * double{config_.sparse_ratio}));
-    slots_per_layer_ = 2 * resident + 2;
-  }
-  const uint64_t pool_bytes = uint64_t{profile_.num_layers} * slots_per_layer_ * slot_bytes_;
-  if (options.slot_pool != nullptr) {
-    if (options.slot_pool_bytes < pool_bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("options.slot_pool_bytes ", options.slot_pool_bytes, " < ", pool_bytes,
-                       " needed for ", slots_per_layer_, " slots per layer"));
+    if (shared_pool->slot_bytes() != slot_bytes_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile: a block of sequence ", id_, " is ", slot_bytes_,
+          " bytes (K + V), the shared slot pool's slots are ", shared_pool->slot_bytes()));
     }
-    slot_pool_ = options.slot_pool;
+    pool = std::move(shared_pool);
+    max_blocks_per_layer_ = options.max_blocks_per_layer;
+    table_capacity = options.max_blocks_per_layer;
+    reserved = ReservedSlots(profile_, config_, options.max_blocks_per_layer);
   } else {
-    absl::StatusOr<void*> pool = backend_->AllocDevice(pool_bytes);
-    if (!pool.ok()) return pool.status();
-    slot_pool_ = *pool;
-    owns_pool_ = true;
+    uint32_t slots_per_layer = options.slots_per_layer;
+    if (slots_per_layer == 0) {
+      if (options.max_blocks_per_layer == 0) {
+        return absl::InvalidArgumentError(
+            "options: set slots_per_layer or max_blocks_per_layer (both are 0)");
+      }
+      slots_per_layer =
+          2 * static_cast<uint32_t>(ReservedSlots(profile_, config_, options.max_blocks_per_layer) /
+                                    profile_.num_layers) +
+          2;
+    }
+    SlotPoolOptions own;
+    own.slot_bytes = slot_bytes_;
+    own.num_slots = uint64_t{profile_.num_layers} * slots_per_layer;
+    own.memory = options.slot_pool;
+    own.memory_bytes = options.slot_pool_bytes;
+    absl::StatusOr<std::shared_ptr<SlotPool>> own_pool = SlotPool::Create(backend_, own);
+    if (!own_pool.ok()) {
+      return absl::Status(own_pool.status().code(),
+                          absl::StrCat("options (", slots_per_layer,
+                                       " slots per layer): ", own_pool.status().message()));
+    }
+    pool = *std::move(own_pool);
+    table_capacity = slots_per_layer;
+    layer_slot_cap = slots_per_layer;
+    reserved = own.num_slots;
   }
-  const uint64_t table_entries = uint64_t{2} * profile_.num_layers * slots_per_layer_;
-  absl::StatusOr<void*> device_tables = backend_->AllocDevice(table_entries * sizeof(int32_t));
-  if (!device_tables.ok()) return device_tables.status();
-  device_tables_ = static_cast<int32_t*>(*device_tables);
-  absl::StatusOr<void*> pinned_tables = backend_->AllocPinned(table_entries * sizeof(int32_t));
-  if (!pinned_tables.ok()) return pinned_tables.status();
-  pinned_tables_ = static_cast<int32_t*>(*pinned_tables);
+  pool_ = pool;
+  resident_capacity_ = table_capacity;
+  absl::StatusOr<std::unique_ptr<ResidentSet>> resident =
+      ResidentSet::Create(backend_, client_->staging(), std::move(pool), id_, reserved,
+                          profile_.num_layers, table_capacity, layer_slot_cap);
+  if (!resident.ok()) return resident.status();
   const uint64_t ring_bytes =
       uint64_t{2} * config_.retrieval_stride * profile_.num_layers * profile_.query_bytes();
   absl::StatusOr<void*> ring = backend_->AllocPinned(ring_bytes);
@@ -114,19 +131,7 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options) {
   load_stream_ = *stream;
 
   absl::MutexLock lock(&mu_);
-  layers_.resize(profile_.num_layers);
-  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    LayerState& state = layers_[layer];
-    for (int buffer = 0; buffer < 2; ++buffer) {
-      const uint64_t offset = (uint64_t{layer} * 2 + buffer) * slots_per_layer_;
-      state.tables[buffer].device_slots = device_tables_ + offset;
-      state.tables[buffer].pinned_slots = pinned_tables_ + offset;
-    }
-    // Popped from the back: slots are taken in ascending order, so fresh loads coalesce.
-    for (uint32_t slot = slots_per_layer_; slot > 0; --slot) {
-      state.free_slots.push_back(static_cast<int32_t>(slot - 1));
-    }
-  }
+  resident_ = *std::move(resident);
   return absl::OkStatus();
 }
 
@@ -136,11 +141,6 @@ absl::Status SequenceImpl::CheckLayer(uint32_t layer) const {
                                                    " has ", profile_.num_layers, " layers"));
   }
   return absl::OkStatus();
-}
-
-char* SequenceImpl::SlotAddress(uint32_t layer, int32_t slot) const {
-  return static_cast<char*>(slot_pool_) +
-         (uint64_t{layer} * slots_per_layer_ + static_cast<uint64_t>(slot)) * slot_bytes_;
 }
 
 char* SequenceImpl::QueryAddress(uint64_t step, uint32_t layer) const {
@@ -218,11 +218,16 @@ absl::Status SequenceImpl::StageAndQueue(uint32_t layer, uint32_t block_index, c
 absl::Status SequenceImpl::Offload(uint32_t layer, uint32_t block_index, const void* key,
                                    const void* value, MemoryKind where, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
+  if (max_blocks_per_layer_ != 0 && block_index >= max_blocks_per_layer_) {
+    return absl::OutOfRangeError(absl::StrCat("Offload: block_index ", block_index, " of sequence ",
+                                              id_, " is past max_blocks_per_layer (",
+                                              max_blocks_per_layer_, ")"));
+  }
   {
     absl::MutexLock lock(&mu_);
     // An earlier background error is reported here too, but only Flush clears it.
     if (!error_.ok()) return error_;
-    layers_[layer].num_blocks = std::max(layers_[layer].num_blocks, block_index + 1);
+    resident_->NoteBlocks(layer, block_index + 1);
   }
   return StageAndQueue(layer, block_index, key, value, where, stream);
 }
@@ -230,21 +235,22 @@ absl::Status SequenceImpl::Offload(uint32_t layer, uint32_t block_index, const v
 absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const void* value,
                                        MemoryKind where, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
-  uint32_t block_index = 0;
   std::vector<int32_t> slots;
   {
     absl::MutexLock lock(&mu_);
     if (!sealed_) return absl::FailedPreconditionError("AppendBlock before Seal");
     if (!error_.ok()) return error_;
-    LayerState& state = layers_[layer];
-    if (!TakeSlots(state, 1, &slots)) {
-      return absl::ResourceExhaustedError(absl::StrCat("no free slot for decode block of layer ",
-                                                       layer, " (", slots_per_layer_,
-                                                       " slots per layer): raise slots_per_layer"));
+    if (max_blocks_per_layer_ != 0 && resident_->num_blocks(layer) >= max_blocks_per_layer_) {
+      return absl::OutOfRangeError(absl::StrCat("AppendBlock: layer ", layer, " of sequence ", id_,
+                                                " already has max_blocks_per_layer (",
+                                                max_blocks_per_layer_, ") blocks"));
     }
-    block_index = state.num_blocks++;
+    if (absl::Status status = resident_->TakeSlots(layer, 1, &slots); !status.ok()) {
+      return absl::Status(status.code(),
+                          absl::StrCat("decode block of layer ", layer, ": ", status.message()));
+    }
   }
-  char* slot = SlotAddress(layer, slots[0]);
+  char* slot = SlotAddress(slots[0]);
   absl::Status status = backend_->Copy(slot, MemoryKind::kDevice, key, where, key_bytes_, stream);
   if (status.ok()) {
     status =
@@ -252,15 +258,16 @@ absl::Status SequenceImpl::AppendBlock(uint32_t layer, const void* key, const vo
   }
   absl::StatusOr<EventHandle> copied =
       status.ok() ? backend_->RecordEvent(stream) : absl::StatusOr<EventHandle>(status);
+  uint32_t block_index = 0;
   {
     absl::MutexLock lock(&mu_);
-    LayerState& state = layers_[layer];
     if (!copied.ok()) {
-      state.free_slots.push_back(slots[0]);
+      resident_->GiveSlots(slots);
       return copied.status();
     }
-    state.resident[block_index] = slots[0];
-    state.appended_unready.push_back({block_index, *copied});
+    // The index is taken after the copy: AppendBlock is the decode thread's call, so the
+    // layer's next index has not moved since the max_blocks_per_layer check.
+    block_index = resident_->AppendBlock(layer, slots[0], *copied);
   }
   return StageAndQueue(layer, block_index, key, value, where, stream);
 }
@@ -304,15 +311,15 @@ absl::Status SequenceImpl::Seal(const void* queries, uint32_t num_queries, Memor
   if (absl::Status status = LoadSealSelections(*response, 0); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    LayerState& state = layers_[layer];
-    state.num_blocks = std::max(state.num_blocks, response->num_blocks());
-    if (state.pending.has_value()) {
-      if (absl::Status status = backend_->WaitEvent(state.pending->load_event); !status.ok()) {
+    resident_->NoteBlocks(layer, response->num_blocks());
+    if (resident_->has_pending(layer)) {
+      if (absl::Status status = backend_->WaitEvent(resident_->pending_load_event(layer));
+          !status.ok()) {
         return status;
       }
     }
     PublishReadyLocked(layer);
-    if (state.pending.has_value()) {
+    if (resident_->has_pending(layer)) {
       return absl::InternalError(
           absl::StrCat("first selection of layer ", layer, " could not be published"));
     }
@@ -424,181 +431,45 @@ absl::StatusOr<SlotTable> SequenceImpl::Acquire(uint32_t layer, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
   if (!sealed_) return absl::FailedPreconditionError("Acquire before Seal");
-  LayerState& state = layers_[layer];
-  if (state.acquired_table >= 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("layer ", layer, " acquired twice without Release"));
-  }
-  TableBuffer& table = state.tables[state.visible];
-  if (table.device_dirty) {
-    absl::Status status =
-        backend_->Copy(table.device_slots, MemoryKind::kDevice, table.pinned_slots,
-                       MemoryKind::kHost, table.slots.size() * sizeof(int32_t), stream);
-    if (!status.ok()) return status;
-    table.device_dirty = false;
-  }
-  table.acquired = true;
-  state.acquired_table = state.visible;
-  SlotTable result;
-  result.layer = layer;
-  result.step = decode_step_;
-  result.count = static_cast<uint32_t>(table.blocks.size());
-  result.device_slots = table.device_slots;
-  result.host_slots = table.slots.data();
-  result.block_indices = table.blocks.data();
-  result.slot_pool = slot_pool_;
-  result.slot_bytes = slot_bytes_;
-  result.slots_per_layer = slots_per_layer_;
-  result.selection_step = table.selection_step;
-  return result;
+  absl::StatusOr<SlotTable> table = resident_->Acquire(layer, stream);
+  if (table.ok()) table->step = decode_step_;
+  return table;
 }
 
 absl::Status SequenceImpl::Release(uint32_t layer, void* stream) {
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   absl::MutexLock lock(&mu_);
-  LayerState& state = layers_[layer];
-  if (state.acquired_table < 0) {
-    return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " released, not acquired"));
-  }
-  absl::StatusOr<EventHandle> read = backend_->RecordEvent(stream);
-  if (!read.ok()) return read.status();
-  TableBuffer& table = state.tables[state.acquired_table];
-  backend_->ReleaseEvent(table.release_event);
-  table.release_event = *read;
-  table.acquired = false;
-  state.acquired_table = -1;
-  return absl::OkStatus();
+  return resident_->Release(layer, stream);
 }
 
 SequenceStats SequenceImpl::stats() const {
   absl::MutexLock lock(&mu_);
   SequenceStats stats = stats_;
   stats.decode_step = decode_step_;
+  const SlotPool::HolderStats held = resident_->pool_stats();
+  stats.reserved_slots = held.reserved_slots;
+  stats.slots_held = held.slots_held;
+  stats.peak_slots_held = held.peak_slots_held;
   return stats;
 }
 
-bool SequenceImpl::ReadDone(const TableBuffer& table) {
-  return !table.acquired && backend_->EventDone(table.release_event);
-}
-
-bool SequenceImpl::TakeSlots(LayerState& state, size_t count, std::vector<int32_t>* slots) {
-  if (state.free_slots.size() < count) {
-    auto reusable = [&](const RetiredSlot& retired) {
-      if (retired.table < 0) return backend_->EventDone(retired.event);
-      const TableBuffer& table = state.tables[retired.table];
-      return table.generation != retired.generation || ReadDone(table);
-    };
-    std::vector<RetiredSlot> still_read;
-    for (RetiredSlot& retired : state.retired) {
-      if (reusable(retired)) {
-        backend_->ReleaseEvent(retired.event);
-        state.free_slots.push_back(retired.slot);
-      } else {
-        still_read.push_back(retired);
-      }
-    }
-    state.retired = std::move(still_read);
-    // Ascending order again (taken from the back), so loads into fresh slots coalesce.
-    std::sort(state.free_slots.begin(), state.free_slots.end(), std::greater<int32_t>());
-  }
-  if (state.free_slots.size() < count) return false;
-  for (size_t i = 0; i < count; ++i) {
-    slots->push_back(state.free_slots.back());
-    state.free_slots.pop_back();
-  }
-  return true;
-}
-
-bool SequenceImpl::PublishLocked(LayerState& state, const std::vector<uint32_t>& selection,
-                                 uint32_t known_blocks, uint64_t selection_step) {
-  const int next = 1 - state.visible;
-  if (!ReadDone(state.tables[next])) return false;
-  std::set<uint32_t> blocks(selection.begin(), selection.end());
-  for (uint32_t block : state.appended_ready) {
-    if (block >= known_blocks) blocks.insert(block);
-  }
-  std::set<uint32_t> keep = blocks;
-  for (const AppendedBlock& appended : state.appended_unready) keep.insert(appended.block);
-  if (state.pending.has_value()) {
-    keep.insert(state.pending->new_blocks.begin(), state.pending->new_blocks.end());
-  }
-  const TableBuffer& old = state.tables[state.visible];
-  const std::set<uint32_t> old_blocks(old.blocks.begin(), old.blocks.end());
-  for (auto it = state.resident.begin(); it != state.resident.end();) {
-    if (keep.count(it->first) > 0) {
-      ++it;
-      continue;
-    }
-    if (old_blocks.count(it->first) > 0) {
-      state.retired.push_back({it->second, state.visible, old.generation, nullptr});
-    } else {
-      state.free_slots.push_back(it->second);  // never visible: no reader
-    }
-    state.appended_ready.erase(it->first);
-    it = state.resident.erase(it);
-  }
-  TableBuffer& table = state.tables[next];
-  table.blocks.clear();
-  table.slots.clear();
-  for (uint32_t block : blocks) {
-    auto resident = state.resident.find(block);
-    if (resident == state.resident.end()) continue;  // selected but never loaded: skip it
-    table.pinned_slots[table.slots.size()] = resident->second;
-    table.blocks.push_back(block);
-    table.slots.push_back(resident->second);
-  }
-  table.generation = std::max(state.tables[0].generation, state.tables[1].generation) + 1;
-  table.selection_step = selection_step;
-  table.device_dirty = true;
-  state.visible = next;
-  state.visible_selection = selection;
-  state.visible_known_blocks = known_blocks;
-  return true;
-}
-
 void SequenceImpl::PublishReadyLocked(uint32_t layer) {
-  LayerState& state = layers_[layer];
-  std::vector<AppendedBlock> unready;
-  for (AppendedBlock& appended : state.appended_unready) {
-    if (backend_->EventDone(appended.event)) {
-      backend_->ReleaseEvent(appended.event);
-      state.appended_ready.insert(appended.block);
-    } else {
-      unready.push_back(appended);
-    }
-  }
-  state.appended_unready = std::move(unready);
-  if (state.pending.has_value() && backend_->EventDone(state.pending->load_event)) {
-    PendingSelection pending = std::move(*state.pending);
-    state.pending.reset();
-    if (PublishLocked(state, pending.blocks, pending.known_blocks, pending.selection_step)) {
-      backend_->ReleaseEvent(pending.load_event);
-      if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
-      ++stats_.selections_published;
-      stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, pending.selection_step);
-      stats_.max_staleness_steps =
-          std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
-      return;
-    }
-    state.pending = std::move(pending);  // the other table is still read: next boundary
-    return;
-  }
-  const TableBuffer& visible = state.tables[state.visible];
-  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
-  for (uint32_t block : state.appended_ready) {
-    if (block >= state.visible_known_blocks && shown.count(block) == 0) {
-      PublishLocked(state, state.visible_selection, state.visible_known_blocks,
-                    visible.selection_step);
-      return;
-    }
-  }
+  const std::optional<uint64_t> published = resident_->PublishReady(layer);
+  if (!published.has_value()) return;
+  ++stats_.selections_published;
+  stats_.last_staleness_steps = decode_step_ - std::min(decode_step_, *published);
+  stats_.max_staleness_steps = std::max(stats_.max_staleness_steps, stats_.last_staleness_steps);
 }
 
 bool SequenceImpl::AdvanceStep() {
   absl::MutexLock lock(&mu_);
   if (!sealed_) return false;
   ++decode_step_;
-  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) PublishReadyLocked(layer);
+  for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
+    PublishReadyLocked(layer);
+    // Slots nothing reads any more go back now, for any sequence of the pool to use.
+    resident_->ReclaimRetired(layer);
+  }
   if (decode_step_ % config_.retrieval_stride != 0) return false;
   due_step_ = decode_step_;
   return true;
@@ -622,11 +493,10 @@ absl::Status SequenceImpl::BuildRetrieval(v1::SequenceQueries* request,
   absl::MutexLock lock(&mu_);
   known_blocks->assign(profile_.num_layers, 0);
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
-    const LayerState& state = layers_[layer];
     v1::HeldBlocks* held = request->add_held();
     held->set_layer(layer);
-    for (const auto& [block, slot] : state.resident) held->add_block_indices(block);
-    (*known_blocks)[layer] = state.num_blocks;
+    for (uint32_t block : resident_->Held(layer)) held->add_block_indices(block);
+    (*known_blocks)[layer] = resident_->num_blocks(layer);
   }
   return absl::OkStatus();
 }
@@ -643,48 +513,25 @@ absl::Status SequenceImpl::WaitSegmentReads() {
   return status;
 }
 
-void SequenceImpl::DropPendingLocked(LayerState& state, const std::set<uint32_t>& keep) {
-  PendingSelection pending = std::move(*state.pending);
-  state.pending.reset();
-  // Replacing an unpublished selection is rare (its publication was deferred), and its copy was
-  // issued a stride ago: waiting here is short.
-  backend_->WaitEvent(pending.load_event).IgnoreError();
-  backend_->ReleaseEvent(pending.load_event);
-  if (pending.staging != nullptr) client_->staging()->Release(pending.staging);
-  const TableBuffer& visible = state.tables[state.visible];
-  const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
-  for (uint32_t block : pending.new_blocks) {
-    if (keep.count(block) > 0 || shown.count(block) > 0) continue;
-    auto resident = state.resident.find(block);
-    if (resident == state.resident.end()) continue;
-    state.free_slots.push_back(resident->second);
-    state.resident.erase(resident);
-  }
-}
-
 absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> blocks,
                                          uint32_t known_blocks, uint64_t selection_step,
                                          std::vector<v1::Block> data,
-                                         std::shared_ptr<const SharedSegment> segment) {
+                                         std::shared_ptr<const BlockDataPlane> plane) {
+  if (plane == nullptr) plane = GrpcBytesDataPlane();
   if (absl::Status status = CheckLayer(layer); !status.ok()) return status;
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
   std::vector<uint32_t> needed;
   {
     absl::MutexLock lock(&mu_);
-    const LayerState& state = layers_[layer];
-    for (uint32_t block : blocks) {
-      if (state.resident.count(block) == 0) needed.push_back(block);
-    }
+    needed = resident_->NotResident(layer, blocks);
   }
   // Bytes of each needed block: from the reply (in it or in the segment), else fetched.
   std::map<uint32_t, const v1::Block*> by_index;
   for (const v1::Block& block : data) {
     if (block.layer() != layer) continue;
     // A region of a segment this client has not mapped (the server restarted): fetch it.
-    if (block.has_shared() && (segment == nullptr || block.shared().segment() != segment->name())) {
-      continue;
-    }
+    if (!plane->Readable(block)) continue;
     by_index[block.block_index()] = &block;
   }
   std::vector<uint32_t> missing;
@@ -699,44 +546,41 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
       if (block.layer() == layer) by_index[block.block_index()] = &block;
     }
   }
+  // Where each needed block's K then V lie: in the segment (copied from there) or in a message.
+  std::vector<const char*> sources;
   for (uint32_t block : needed) {
     auto found = by_index.find(block);
     if (found == by_index.end()) {
       return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer,
                                               " was selected but its bytes never came"));
     }
-    const v1::Block& bytes = *found->second;
-    if (bytes.has_shared()) {
-      const v1::SharedMemoryRef& region = bytes.shared();
-      if (region.length() != key_bytes_ ||
-          segment->Region(region.offset(), key_bytes_) == nullptr) {
-        return absl::DataLossError(absl::StrCat(
-            "block ", block, " of layer ", layer, ": shared region at offset ", region.offset(),
-            " of ", region.length(), " bytes per K/V (expected ", key_bytes_,
-            ") does not fit segment ", segment->name(), " of ", segment->size(), " bytes"));
-      }
-    } else if (bytes.key().size() != key_bytes_ || bytes.value().size() != key_bytes_) {
-      return absl::DataLossError(absl::StrCat("block ", block, " of layer ", layer, ": K/V of ",
-                                              bytes.key().size(), "/", bytes.value().size(),
-                                              " bytes, expected ", key_bytes_));
-    }
+    absl::StatusOr<const char*> source = plane->Locate(*found->second, key_bytes_);
+    if (!source.ok()) return source.status();
+    sources.push_back(*source);
+  }
+  if (blocks.size() > resident_capacity_) {
+    absl::MutexLock lock(&mu_);
+    ++stats_.selections_dropped;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "selection of layer ", layer, " of sequence ", id_, " has ", blocks.size(),
+        " blocks, more than a table holds (", resident_capacity_,
+        max_blocks_per_layer_ != 0 ? ": max_blocks_per_layer)" : ": slots_per_layer)"));
   }
   std::vector<int32_t> slots;
   {
     absl::MutexLock lock(&mu_);
-    LayerState& state = layers_[layer];
-    if (!TakeSlots(state, needed.size(), &slots)) {
+    if (absl::Status status = resident_->TakeSlots(layer, needed.size(), &slots); !status.ok()) {
       ++stats_.selections_dropped;
-      return absl::ResourceExhaustedError(
-          absl::StrCat("selection of layer ", layer, " needs ", needed.size(),
-                       " free slots; the others are still read: raise slots_per_layer (",
-                       slots_per_layer_, ")"));
+      return absl::Status(
+          status.code(),
+          absl::StrCat("selection of layer ", layer, " (", needed.size(),
+                       " new blocks) dropped, the visible table stays: ", status.message()));
     }
   }
   // Blocks in the segment are copied from it as they lie (K then V, like a slot); blocks that
   // came as bytes are staged in pinned memory first.
   size_t shared_count = 0;
-  for (uint32_t block : needed) shared_count += by_index[block]->has_shared() ? 1 : 0;
+  for (const char* source : sources) shared_count += source != nullptr ? 1 : 0;
   const size_t staged_count = needed.size() - shared_count;
   void* staging = nullptr;
   EventHandle loaded = nullptr;
@@ -751,15 +595,14 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     std::vector<CopySegment> segments;
     char* staged = static_cast<char*>(staging);
     for (size_t i = 0; i < needed.size(); ++i) {
-      const v1::Block& block = *by_index[needed[i]];
-      if (block.has_shared()) {
-        segments.push_back({SlotAddress(layer, slots[i]),
-                            segment->Region(block.shared().offset(), key_bytes_), slot_bytes_});
+      if (sources[i] != nullptr) {
+        segments.push_back({SlotAddress(slots[i]), sources[i], slot_bytes_});
         continue;
       }
+      const v1::Block& block = *by_index[needed[i]];
       std::memcpy(staged, block.key().data(), key_bytes_);
       std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
-      segments.push_back({SlotAddress(layer, slots[i]), staged, slot_bytes_});
+      segments.push_back({SlotAddress(slots[i]), staged, slot_bytes_});
       staged += slot_bytes_;
     }
     status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
@@ -775,7 +618,6 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     }
   }
   absl::MutexLock lock(&mu_);
-  LayerState& state = layers_[layer];
   if (!status.ok()) {
     // A failed copy may have been partly issued: wait for the stream before reusing the slots
     // (or letting the server reuse the regions).
@@ -783,15 +625,11 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
     backend_->WaitEvent(issued).IgnoreError();
     backend_->ReleaseEvent(issued);
     backend_->ReleaseEvent(loaded);
-    for (int32_t slot : slots) state.free_slots.push_back(slot);
+    resident_->GiveSlots(slots);
     if (staging != nullptr) client_->staging()->Release(staging);
     ++stats_.selections_dropped;
     return status;
   }
-  if (state.pending.has_value()) {
-    DropPendingLocked(state, std::set<uint32_t>(blocks.begin(), blocks.end()));
-  }
-  for (size_t i = 0; i < needed.size(); ++i) state.resident[needed[i]] = slots[i];
   stats_.blocks_loaded += needed.size();
   stats_.bytes_loaded += needed.size() * slot_bytes_;
   stats_.blocks_already_resident += blocks.size() - needed.size();
@@ -802,8 +640,8 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   pending.new_blocks = std::move(needed);
   pending.load_event = loaded;
   pending.staging = staging;
-  if (shared_count > 0) pending.segment = std::move(segment);
-  state.pending = std::move(pending);
+  if (shared_count > 0) pending.source = std::move(plane);
+  resident_->SetPending(layer, std::move(pending), slots);
   if (segment_read != nullptr) {
     // The stream is in order: the latest event covers every earlier copy from the segment.
     backend_->ReleaseEvent(segment_reads_);

@@ -66,7 +66,7 @@ def main():
             seq.flush()
             seq.seal(queries_about(5), STRIDE)
             stream = torch.cuda.Stream()
-            slots = pool.view(LAYERS, SLOTS, slot_bytes)
+            slots = pool.view(LAYERS * SLOTS, slot_bytes)  # slot ids index the whole pool
             target, late = 5, 0
             for step in range(1, 12 * STRIDE + 1):
                 if step % (2 * STRIDE) == 1:
@@ -77,8 +77,8 @@ def main():
                         table = seq.acquire(layer, stream)
                         for i, block in enumerate(table.blocks()):
                             slot = table.slots()[i]
-                            k_ok = torch.equal(slots[layer, slot, :slot_bytes // 2], key_bytes[layer, block])
-                            v_ok = torch.equal(slots[layer, slot, slot_bytes // 2:], value_bytes[layer, block])
+                            k_ok = torch.equal(slots[slot, :slot_bytes // 2], key_bytes[layer, block])
+                            v_ok = torch.equal(slots[slot, slot_bytes // 2:], value_bytes[layer, block])
                             if not (k_ok and v_ok):
                                 failures += 1
                                 print(f"step {step} layer {layer}: slot {slot} does not hold block {block}")

@@ -95,6 +95,88 @@ TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
   kvstar_client_destroy(client);
 }
 
+TEST_F(CApiTest, ASharedSlotPoolServesTwoSequencesThroughTheCFunctions) {
+  kvstar_client* client = nullptr;
+  ASSERT_EQ(
+      kvstar_connect(server_->address().c_str(), KVSTAR_BACKEND_HOST, 0, nullptr, nullptr, &client),
+      KVSTAR_OK)
+      << kvstar_last_error();
+  const ModelProfile profile = SmallProfile();
+  kvstar_model_profile c_profile = {profile.num_layers, profile.num_q_heads, profile.num_kv_heads,
+                                    profile.head_dim,   profile.block_size,  KVSTAR_DTYPE_FP16};
+  kvstar_slot_pool_stats pool_stats;
+  EXPECT_EQ(kvstar_slot_pool_stats_get(client, &pool_stats), 9);  // FAILED_PRECONDITION
+  EXPECT_EQ(kvstar_reserved_slots(&c_profile, nullptr, 16), kLayers * 7u);
+  kvstar_slot_pool_options options;
+  ASSERT_EQ(kvstar_slot_pool_for(&c_profile, nullptr, 16, 2, 0.5, &options), KVSTAR_OK);
+  EXPECT_EQ(options.slot_bytes, 2 * profile.block_key_bytes());
+  EXPECT_EQ(options.num_slots, 2 * kLayers * 7u + kLayers * 7u);
+  // The engine's memory, one byte short: refused, naming the field.
+  std::vector<char> memory(options.num_slots * options.slot_bytes);
+  options.memory = memory.data();
+  options.memory_bytes = memory.size() - 1;
+  EXPECT_EQ(kvstar_create_slot_pool(client, &options), 3);
+  EXPECT_NE(std::string(kvstar_last_error()).find("memory_bytes"), std::string::npos);
+  options.memory_bytes = memory.size();
+  ASSERT_EQ(kvstar_create_slot_pool(client, &options), KVSTAR_OK) << kvstar_last_error();
+
+  kvstar_config config;
+  kvstar_config_default(&config);
+  config.retrieval_stride = 4;
+  kvstar_sequence* sequences[2] = {nullptr, nullptr};
+  const char* ids[2] = {"c-shared-0", "c-shared-1"};
+  const uint64_t key_bytes = profile.block_key_bytes();
+  const std::string queries = MakeQueries(profile, 4, 5);
+  for (int i = 0; i < 2; ++i) {
+    // With a shared pool, a pool of the sequence's own is refused.
+    EXPECT_EQ(kvstar_create_sequence(client, ids[i], &c_profile, &config, 8, 16, nullptr, 0,
+                                     &sequences[i]),
+              3);
+    ASSERT_EQ(kvstar_create_sequence(client, ids[i], &c_profile, &config, 0, 16, nullptr, 0,
+                                     &sequences[i]),
+              KVSTAR_OK)
+        << kvstar_last_error();
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      for (uint32_t index = 0; index < 16; ++index) {
+        const v1::Block block = TestBlock(kSeed, layer, index, key_bytes);
+        ASSERT_EQ(kvstar_offload(sequences[i], layer, index, block.key().data(),
+                                 block.value().data(), KVSTAR_HOST, nullptr),
+                  KVSTAR_OK);
+      }
+    }
+    ASSERT_EQ(kvstar_seal(sequences[i], queries.data(), 4, KVSTAR_HOST, nullptr), KVSTAR_OK)
+        << kvstar_last_error();
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      kvstar_slot_table table;
+      ASSERT_EQ(kvstar_acquire(sequences[i], layer, nullptr, &table), KVSTAR_OK);
+      EXPECT_EQ(table.slot_pool, memory.data());
+      EXPECT_EQ(table.slots_per_layer, 0u);
+      for (uint32_t j = 0; j < table.count; ++j) {
+        const v1::Block block = TestBlock(kSeed, layer, table.block_indices[j], key_bytes);
+        const char* slot = memory.data() + uint64_t(table.host_slots[j]) * table.slot_bytes;
+        ASSERT_EQ(std::memcmp(slot, block.key().data(), key_bytes), 0);
+        ASSERT_EQ(std::memcmp(slot + key_bytes, block.value().data(), key_bytes), 0);
+      }
+      ASSERT_EQ(kvstar_release(sequences[i], layer, nullptr), KVSTAR_OK);
+    }
+  }
+  ASSERT_EQ(kvstar_slot_pool_stats_get(client, &pool_stats), KVSTAR_OK);
+  EXPECT_EQ(pool_stats.sequences, 2u);
+  EXPECT_EQ(pool_stats.reserved_slots, 2 * kLayers * 7u);
+  kvstar_sequence_stats stats;
+  ASSERT_EQ(kvstar_sequence_stats_get(sequences[0], &stats), KVSTAR_OK);
+  EXPECT_EQ(stats.reserved_slots, kLayers * 7u);
+  EXPECT_EQ(stats.slots_held, pool_stats.slots_in_use / 2);
+  EXPECT_EQ(kvstar_drop_sequence(client, ids[0]), KVSTAR_OK);
+  ASSERT_EQ(kvstar_slot_pool_stats_get(client, &pool_stats), KVSTAR_OK);
+  EXPECT_EQ(pool_stats.sequences, 1u);
+  EXPECT_EQ(pool_stats.reserved_slots, kLayers * 7u);
+  EXPECT_EQ(kvstar_drop_sequence(client, ids[1]), KVSTAR_OK);
+  kvstar_client_destroy(client);
+}
+
 TEST_F(CApiTest, PythonPackageDrivesTheSharedLibrary) {
   const std::string command =
       "KVSTAR_LIB=client/libkvstar_client.so PYTHONPATH=client/python /usr/bin/python3 "

@@ -77,13 +77,13 @@ inline std::string MakeQueries(const ModelProfile& profile, uint32_t rows, uint6
   return queries;
 }
 
-// Slots in host-addressable memory (host backend): every table entry holds its block's K and V.
+// Slots in host-addressable memory (host backend): every table entry holds its block's K and V
+// (slot s at slot_pool + s * slot_bytes: slot ids index the whole pool).
 inline void ExpectTableHoldsBlocks(const SlotTable& table, uint64_t key_bytes,
                                    uint64_t seed = kSeed) {
   for (uint32_t i = 0; i < table.count; ++i) {
-    const char* slot =
-        static_cast<const char*>(table.slot_pool) +
-        (uint64_t{table.layer} * table.slots_per_layer + table.host_slots[i]) * table.slot_bytes;
+    const char* slot = static_cast<const char*>(table.slot_pool) +
+                       uint64_t(table.host_slots[i]) * table.slot_bytes;
     ASSERT_EQ(table.device_slots[i], table.host_slots[i]);
     const v1::Block expected = TestBlock(seed, table.layer, table.block_indices[i], key_bytes);
     ASSERT_EQ(std::memcmp(slot, expected.key().data(), key_bytes), 0)

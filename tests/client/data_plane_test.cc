@@ -38,9 +38,8 @@ struct DecodeRun {
 std::string TableBytes(const SlotTable& table) {
   std::string bytes;
   for (uint32_t i = 0; i < table.count; ++i) {
-    const char* slot =
-        static_cast<const char*>(table.slot_pool) +
-        (uint64_t{table.layer} * table.slots_per_layer + table.host_slots[i]) * table.slot_bytes;
+    const char* slot = static_cast<const char*>(table.slot_pool) +
+                       uint64_t(table.host_slots[i]) * table.slot_bytes;
     bytes.append(slot, table.slot_bytes);
   }
   return bytes;

@@ -94,6 +94,11 @@ class FakeKvStore : public v1::KvStore::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status DropSequence(grpc::ServerContext*, const v1::DropSequenceRequest*,
+                            v1::DropSequenceResponse*) override {
+    return grpc::Status::OK;  // blocks are shared by the test's sequences: keep them
+  }
+
   std::string authorization() const {
     absl::MutexLock lock(&mu_);
     return authorization_;

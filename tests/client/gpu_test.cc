@@ -3,7 +3,8 @@
 // scattered copy on every path, and a race test: cudaMemcpy readers on the engine's stream read
 // every slot of every table while the next selections load; and the shared-memory data plane
 // against the real server (device slots loaded from the registered segment equal those loaded
-// from gRPC bytes). Skipped without a usable GPU.
+// from gRPC bytes); two sequences sharing one slot pool in the engine's device memory. Skipped
+// without a usable GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -153,9 +155,8 @@ TEST_F(GpuTest, SlotsHoldTheSelectedBlocksAndReadersNeverSeeAnOverwrite) {
       ASSERT_CUDA(cudaMemcpyAsync(read.device_slots.data(), table->device_slots,
                                   table->count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
       for (uint32_t i = 0; i < table->count; ++i) {
-        const char* slot =
-            static_cast<const char*>(table->slot_pool) +
-            (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) * table->slot_bytes;
+        const char* slot = static_cast<const char*>(table->slot_pool) +
+                           uint64_t(table->host_slots[i]) * table->slot_bytes;
         ASSERT_CUDA(cudaMemcpyAsync(read.bytes.data() + i * table->slot_bytes, slot,
                                     table->slot_bytes, cudaMemcpyDeviceToHost, stream_));
       }
@@ -195,8 +196,7 @@ TEST_F(GpuTest, DecodeBlocksFromDeviceMemoryJoinTheTable) {
   ASSERT_EQ(table->block_indices[table->count - 1], kBlocks);
   std::vector<char> bytes(table->slot_bytes);
   const char* slot = static_cast<const char*>(table->slot_pool) +
-                     (uint64_t{1} * table->slots_per_layer + table->host_slots[table->count - 1]) *
-                         table->slot_bytes;
+                     uint64_t(table->host_slots[table->count - 1]) * table->slot_bytes;
   ASSERT_CUDA(cudaMemcpyAsync(bytes.data(), slot, bytes.size(), cudaMemcpyDeviceToHost, stream_));
   ASSERT_TRUE(sequence_->Release(1, stream_).ok());
   ASSERT_CUDA(cudaStreamSynchronize(stream_));
@@ -310,8 +310,7 @@ TEST(GpuDataPlaneTest, SharedMemoryAndBytesLoadTheSameDeviceSlots) {
           bytes[layer].resize(table->count * table->slot_bytes);
           for (uint32_t i = 0; i < table->count; ++i) {
             const char* slot = static_cast<const char*>(table->slot_pool) +
-                               (uint64_t{layer} * table->slots_per_layer + table->host_slots[i]) *
-                                   table->slot_bytes;
+                               uint64_t(table->host_slots[i]) * table->slot_bytes;
             ASSERT_CUDA(cudaMemcpyAsync(bytes[layer].data() + i * table->slot_bytes, slot,
                                         table->slot_bytes, cudaMemcpyDeviceToHost, stream));
           }
@@ -350,6 +349,92 @@ TEST(GpuDataPlaneTest, SharedMemoryAndBytesLoadTheSameDeviceSlots) {
       EXPECT_TRUE(server.Stop().ok());  // a clean stop unlinks it
     }
   }
+}
+
+TEST(GpuSharedPoolTest, TwoSequencesShareAPoolInEngineDeviceMemory) {
+  absl::Status usable = client_internal::CudaUsable(0);
+  if (!usable.ok()) GTEST_SKIP() << "no usable GPU: " << usable;
+  FakeKvStore fake;
+  fake.set_selector(MovingSelection);
+  ClientOptions options;
+  options.address = fake.address();
+  options.backend = BackendKind::kCuda;
+  absl::StatusOr<std::unique_ptr<Client>> connected = Client::Connect(options);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  Client& client = **connected;
+  const ModelProfile profile = SmallProfile();
+  const uint64_t key_bytes = profile.block_key_bytes();
+  SlotPoolOptions pool = SlotPoolFor(profile, SmallConfig(kStride), kBlocks + 8, 2, 0.5);
+  void* memory = nullptr;  // the engine's, e.g. its paged KV pool
+  ASSERT_CUDA(cudaMalloc(&memory, pool.num_slots * pool.slot_bytes));
+  pool.memory = memory;
+  pool.memory_bytes = pool.num_slots * pool.slot_bytes;
+  ASSERT_TRUE(client.CreateSlotPool(pool).ok());
+  cudaStream_t stream = nullptr;
+  ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::vector<Sequence*> sequences;
+  const std::string queries = MakeQueries(profile, kStride, 1);
+  for (const char* id : {"gpu-shared-0", "gpu-shared-1"}) {
+    absl::StatusOr<Sequence*> sequence =
+        client.CreateSequence(id, profile, SmallConfig(kStride), {0, kBlocks + 8});
+    ASSERT_TRUE(sequence.ok()) << sequence.status();
+    ASSERT_TRUE(OffloadBlocks(*sequence, 0, kBlocks).ok());
+    absl::Status sealed = (*sequence)->Seal(queries.data(), kStride, MemoryKind::kHost, nullptr);
+    ASSERT_TRUE(sealed.ok()) << sealed;
+    sequences.push_back(*sequence);
+  }
+  for (uint32_t step = 0; step < 3 * kStride; ++step) {
+    const std::string query = MakeQueries(profile, 1, 100 + step);
+    for (Sequence* sequence : sequences) {
+      for (uint32_t layer = 0; layer < kLayers; ++layer) {
+        ASSERT_TRUE(sequence->Acquire(layer, stream).ok());
+        ASSERT_TRUE(sequence
+                        ->RecordQuery(layer, query.data() + layer * profile.query_bytes(),
+                                      MemoryKind::kHost, stream)
+                        .ok());
+        ASSERT_TRUE(sequence->Release(layer, stream).ok());
+      }
+    }
+    absl::Status stepped = client.Step();
+    ASSERT_TRUE(stepped.ok()) << stepped;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::vector<std::set<int32_t>> slots(sequences.size());
+  for (size_t s = 0; s < sequences.size(); ++s) {
+    EXPECT_GE(sequences[s]->stats().selections_published, kLayers * 2u);
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      absl::StatusOr<SlotTable> table = sequences[s]->Acquire(layer, stream);
+      ASSERT_TRUE(table.ok()) << table.status();
+      ASSERT_EQ(table->slot_pool, memory);
+      std::vector<int32_t> device_slots(table->count);
+      ASSERT_CUDA(cudaMemcpyAsync(device_slots.data(), table->device_slots,
+                                  table->count * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+      std::vector<char> bytes(table->slot_bytes);
+      for (uint32_t i = 0; i < table->count; ++i) {
+        ASSERT_CUDA(cudaMemcpyAsync(
+            bytes.data(),
+            static_cast<const char*>(memory) + uint64_t(table->host_slots[i]) * table->slot_bytes,
+            bytes.size(), cudaMemcpyDeviceToHost, stream));
+        ASSERT_CUDA(cudaStreamSynchronize(stream));
+        const v1::Block expected = TestBlock(kSeed, layer, table->block_indices[i], key_bytes);
+        ASSERT_EQ(std::memcmp(bytes.data(), expected.key().data(), key_bytes), 0)
+            << "K of sequence " << s << " layer " << layer << " block " << table->block_indices[i];
+        ASSERT_EQ(std::memcmp(bytes.data() + key_bytes, expected.value().data(), key_bytes), 0);
+        slots[s].insert(table->host_slots[i]);
+      }
+      ASSERT_CUDA(cudaStreamSynchronize(stream));
+      EXPECT_EQ(device_slots,
+                std::vector<int32_t>(table->host_slots, table->host_slots + table->count));
+      ASSERT_TRUE(sequences[s]->Release(layer, stream).ok());
+    }
+  }
+  for (int32_t slot : slots[0]) EXPECT_EQ(slots[1].count(slot), 0u) << "slot " << slot;
+  ASSERT_TRUE(client.DropSequence("gpu-shared-0").ok());
+  ASSERT_TRUE(client.DropSequence("gpu-shared-1").ok());
+  EXPECT_EQ(client.slot_pool_stats()->slots_in_use, 0u);
+  connected->reset();
+  cudaStreamDestroy(stream);
+  cudaFree(memory);
 }
 
 }  // namespace

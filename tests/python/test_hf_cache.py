@@ -81,6 +81,42 @@ def test_full_ratio_reproduces_dynamic_cache_greedy_tokens(model_and_tokenizer, 
     assert stats["decode_step"] == new_tokens - 1
 
 
+def test_caches_sharing_one_slot_pool_reproduce_dynamic_cache_and_hand_slots_on(
+        model_and_tokenizer):
+    """Two requests, one after the other, over one client's shared pool (a tensor, as an
+    engine's paged KV pool would be): each reproduces DynamicCache's tokens at sparse_ratio 1,
+    and closing the first returns its slots for the second."""
+    model, tokenizer = model_and_tokenizer
+    try:
+        kvstar.node.find_server()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    ids = prompt_ids(tokenizer, 600)
+    block_size, new_tokens = 16, 20
+    max_tokens = ids.shape[1] + new_tokens + block_size
+    max_blocks = -(-max_tokens // block_size) + 1  # as KvstarCache sizes it
+    config = model.config
+    heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    sizes = kvstar.slot_pool_for(config.num_hidden_layers, config.num_attention_heads, heads,
+                                 head_dim, max_blocks, max_sequences=1, headroom_fraction=0.25,
+                                 dtype="float32", block_size=block_size, sparse_ratio=1.0)
+    memory = torch.empty(sizes["num_slots"] * sizes["slot_bytes"], dtype=torch.uint8,
+                         device=DEVICE)
+    backend = kvstar.BACKEND_CUDA if DEVICE == "cuda" else kvstar.BACKEND_HOST
+    with kvhf.StorageNode() as node, kvstar.Client(node.address, backend=backend) as pooled:
+        pooled.create_slot_pool(memory=memory, **sizes)
+        for request in ("hf-pool-0", "hf-pool-1"):
+            cache, stats = expect_same_greedy_tokens(model, tokenizer, pooled, request, ids,
+                                                     block_size, new_tokens)
+            assert stats["reserved_slots"] == sizes["num_slots"] - sizes["headroom_slots"]
+            assert 0 < stats["peak_slots_held"] <= sizes["num_slots"], stats
+            pool = pooled.slot_pool_stats()
+            # The request's slots were the shared pool's, and closing it gave them all back.
+            assert pool["peak_slots_in_use"] >= stats["peak_slots_held"], pool
+            assert pool["sequences"] == 0 and pool["slots_in_use"] == 0, pool
+
+
 def test_quarter_budget_attends_to_fewer_blocks_and_reports_recall(model_and_tokenizer, client):
     model, tokenizer = model_and_tokenizer
     ids = prompt_ids(tokenizer, 1400)

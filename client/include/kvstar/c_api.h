@@ -77,7 +77,33 @@ typedef struct {
   uint64_t last_staleness_steps;
   uint64_t max_staleness_steps;
   uint64_t decode_step;
+  uint64_t reserved_slots;
+  uint64_t slots_held;
+  uint64_t peak_slots_held;
 } kvstar_sequence_stats;
+
+/* SlotPoolOptions in client.h: one pool shared by every sequence of the client. */
+typedef struct {
+  uint64_t slot_bytes; /* K + V of one block: 2 * block_size * num_kv_heads * head_dim * dtype */
+  uint64_t num_slots;  /* headroom included */
+  uint64_t headroom_slots; /* unreserved, shared by all sequences for loads in flight */
+  void* memory;            /* engine memory of num_slots * slot_bytes bytes, or NULL */
+  uint64_t memory_bytes;
+} kvstar_slot_pool_options;
+
+/* SlotPoolStats in client.h. */
+typedef struct {
+  uint64_t slot_bytes;
+  uint64_t num_slots;
+  uint64_t headroom_slots;
+  uint64_t reserved_slots;
+  uint64_t slots_in_use;
+  uint64_t headroom_in_use;
+  uint64_t peak_slots_in_use;
+  uint64_t peak_headroom_in_use;
+  uint64_t sequences;
+  uint64_t takes_refused;
+} kvstar_slot_pool_stats;
 
 /* The message of the last failed call on this thread ("" when it succeeded). */
 const char* kvstar_last_error(void);
@@ -100,7 +126,21 @@ int kvstar_step(kvstar_client* client);
 int kvstar_client_flush(kvstar_client* client);
 int kvstar_reconnect(kvstar_client* client, const char* address);
 
-/* config NULL: defaults. slot_pool NULL: the library allocates the slots. */
+/* ReservedSlots in client.h (config NULL: defaults); 0 for a NULL profile. */
+uint64_t kvstar_reserved_slots(const kvstar_model_profile* profile, const kvstar_config* config,
+                               uint32_t max_blocks_per_layer);
+/* SlotPoolFor in client.h: fills *options (memory NULL). config NULL: defaults. */
+int kvstar_slot_pool_for(const kvstar_model_profile* profile, const kvstar_config* config,
+                         uint32_t max_blocks_per_layer, uint32_t max_sequences,
+                         double headroom_fraction, kvstar_slot_pool_options* options);
+/* Client::CreateSlotPool: before the first kvstar_create_sequence. */
+int kvstar_create_slot_pool(kvstar_client* client, const kvstar_slot_pool_options* options);
+/* Client::slot_pool_stats: 9 FAILED_PRECONDITION without a shared pool. */
+int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_stats* stats);
+
+/* config NULL: defaults. With a shared pool: slots_per_layer 0, slot_pool NULL and
+ * max_blocks_per_layer > 0. Without one, slot_pool NULL: the library allocates the sequence's
+ * own slots. */
 int kvstar_create_sequence(kvstar_client* client, const char* sequence_id,
                            const kvstar_model_profile* profile, const kvstar_config* config,
                            uint32_t slots_per_layer, uint32_t max_blocks_per_layer, void* slot_pool,

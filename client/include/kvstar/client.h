@@ -19,10 +19,20 @@
 //   completed (a CUDA event recorded on the engine's stream; on the host backend, the Release call
 //   itself).
 //
-// Slots. Each sequence owns a slot pool in device memory: `slots_per_layer` slots per layer, each
-// `slot_bytes` = K then V of one block ([block_size][num_kv_heads][head_dim] each). Slot s of layer
-// l starts at slot_pool + (l * slots_per_layer + s) * slot_bytes. The pool is allocated by the
-// library or handed in by the engine (e.g. a torch tensor's data pointer).
+// Slots. A slot holds K then V of one block of one layer ([block_size][num_kv_heads][head_dim]
+// each; `slot_bytes`). Slot s starts at slot_pool + s * slot_bytes: slot ids index the whole pool,
+// whatever the layer. Normally one pool is shared by every sequence and layer of the client
+// (Client::CreateSlotPool, e.g. over the engine's paged KV pool, a torch tensor): each sequence
+// reserves the slots of its resident set at its longest (ReservedSlots), and the pool's headroom,
+// shared by all, holds the new blocks of selections still loading while the old ones are read.
+// A sequence returns its slots when dropped; slots it stops using return at step boundaries.
+// A load holds headroom from its copy until the step boundary after its table's readers released
+// the old slots (normally one or two steps), so sequences due on the same step share it: stagger
+// their Seals over the retrieval_stride, or size the headroom for one stride's loads. As a torch
+// tensor the pool is [num_slots][2][block_size][num_kv_heads][head_dim]. When the headroom is
+// used up, a load fails with RESOURCE_EXHAUSTED (reported by Step) and the
+// sequence keeps its visible table: nothing is overwritten. Without a shared pool, a sequence gets
+// a pool of its own (SequenceOptions below).
 //
 // Data planes. Retrieve replies carry new blocks' bytes either in the gRPC messages (remote node)
 // or, for a client on the server's host (the co-located sidecar), as regions of the server's
@@ -150,15 +160,57 @@ struct ClientOptions {
 };
 
 struct SequenceOptions {
-  // Slots per layer; 0 picks init + local + ceil(sparse_ratio * middle) for `max_blocks_per_layer`
-  // blocks, doubled so a whole new selection can load while the current one is read, plus 2.
+  // Only without a shared pool (INVALID_ARGUMENT with one): the sequence's own pool of
+  // num_layers * slots_per_layer slots; 0 picks the resident set for max_blocks_per_layer blocks,
+  // doubled so a whole new selection can load while the current one is read, plus 2, per layer.
   uint32_t slots_per_layer = 0;
-  // Longest the sequence may grow, in blocks per layer. Required when slots_per_layer is 0.
+  // Longest the sequence may grow, in blocks per layer. Required with a shared pool (it sizes the
+  // reservation, ReservedSlots; AppendBlock past it fails with OUT_OF_RANGE) and without one when
+  // slots_per_layer is 0.
   uint32_t max_blocks_per_layer = 0;
-  // Engine-provided device pool (nullptr: the library allocates it). Must hold
+  // Engine-provided memory of that own pool (nullptr: the library allocates it). Must hold
   // num_layers * slots_per_layer * slot_bytes bytes and outlive the sequence.
   void* slot_pool = nullptr;
   uint64_t slot_pool_bytes = 0;
+};
+
+// Slots a sequence reserves in a shared pool: per layer, init + local windows plus
+// ceil(sparse_ratio * middle blocks) of `max_blocks_per_layer` blocks, times num_layers.
+uint64_t ReservedSlots(const ModelProfile& profile, const KvstarConfig& config,
+                       uint32_t max_blocks_per_layer);
+
+// One slot pool shared by all sequences of a client (see "Slots" above).
+struct SlotPoolOptions {
+  // K + V of one block: 2 * profile.block_key_bytes() of every sequence that will use the pool.
+  uint64_t slot_bytes = 0;
+  // All slots, headroom included.
+  uint64_t num_slots = 0;
+  // Of num_slots, the ones no sequence may reserve: shared by all for loads in flight. Slots no
+  // open sequence reserves (e.g. a dropped sequence's) serve as headroom too.
+  uint64_t headroom_slots = 0;
+  // The engine's memory (device memory on the CUDA backend, host memory on the host backend), at
+  // least num_slots * slot_bytes bytes, outliving the Client; nullptr: the library allocates it.
+  void* memory = nullptr;
+  uint64_t memory_bytes = 0;
+};
+
+// A pool for `max_sequences` sequences of up to `max_blocks_per_layer` blocks: each one's
+// ReservedSlots, plus headroom_fraction of them as shared headroom (rounded up).
+SlotPoolOptions SlotPoolFor(const ModelProfile& profile, const KvstarConfig& config,
+                            uint32_t max_blocks_per_layer, uint32_t max_sequences,
+                            double headroom_fraction = 0.1);
+
+struct SlotPoolStats {
+  uint64_t slot_bytes = 0;
+  uint64_t num_slots = 0;
+  uint64_t headroom_slots = 0;     // as configured; the headroom now is num_slots - reserved
+  uint64_t reserved_slots = 0;     // reserved by the open sequences
+  uint64_t slots_in_use = 0;       // held by sequences (resident, loading or still read)
+  uint64_t headroom_in_use = 0;    // held beyond the holders' reservations
+  uint64_t peak_slots_in_use = 0;  // since the pool was created
+  uint64_t peak_headroom_in_use = 0;
+  uint64_t sequences = 0;
+  uint64_t takes_refused = 0;  // loads refused for want of headroom
 };
 
 // What the attention kernel of one layer reads during one decode step. Valid until the matching
@@ -170,9 +222,9 @@ struct SlotTable {
   const int32_t* device_slots = nullptr;    // [count] slot of each resident block, device memory
   const int32_t* host_slots = nullptr;      // [count] the same, host memory
   const uint32_t* block_indices = nullptr;  // [count] ascending block index, host memory
-  void* slot_pool = nullptr;                // base of the sequence's pool (device memory)
-  uint64_t slot_bytes = 0;                  // K + V of one block
-  uint32_t slots_per_layer = 0;
+  void* slot_pool = nullptr;                // base of the pool the slots index (device memory)
+  uint64_t slot_bytes = 0;       // K + V of one block: slot s starts at slot_pool + s * slot_bytes
+  uint32_t slots_per_layer = 0;  // always 0: slot ids index the whole pool
   // Decode step the queries behind this selection ended at (0 for the Seal selection).
   uint64_t selection_step = 0;
 };
@@ -188,6 +240,9 @@ struct SequenceStats {
   uint64_t last_staleness_steps = 0;  // visible step minus the selection's query step
   uint64_t max_staleness_steps = 0;
   uint64_t decode_step = 0;
+  uint64_t reserved_slots = 0;  // the sequence's reservation in its pool
+  uint64_t slots_held = 0;      // slots it holds now (resident, loading or still read)
+  uint64_t peak_slots_held = 0;
 };
 
 struct ClientStats {
@@ -276,17 +331,31 @@ class Client {
   // changed because it restarted).
   virtual DataPlane data_plane() const = 0;
 
-  // Registers a sequence on the server (idempotent for the same profile and knobs) and allocates
-  // its slots; the first call also chooses the data plane (one GetServerInfo RPC). Errors: the
-  // server's (ALREADY_EXISTS for a different profile), INVALID_ARGUMENT for bad options,
-  // RESOURCE_EXHAUSTED when slots cannot be allocated, FAILED_PRECONDITION when data_plane is
-  // kSharedMemory and the server's segment cannot be used (the message says why).
+  // Creates the slot pool every later sequence shares (see "Slots" above). FAILED_PRECONDITION
+  // when the client already has one or sequences are open; INVALID_ARGUMENT for zero sizes,
+  // headroom_slots above num_slots or memory_bytes too small; RESOURCE_EXHAUSTED when the
+  // library cannot allocate it.
+  virtual absl::Status CreateSlotPool(const SlotPoolOptions& options) = 0;
+
+  // The shared pool's accounting; FAILED_PRECONDITION without one.
+  virtual absl::StatusOr<SlotPoolStats> slot_pool_stats() const = 0;
+
+  // Registers a sequence on the server (idempotent for the same profile and knobs) and reserves
+  // its slots in the shared pool (or allocates its own pool without one); the first call also
+  // chooses the data plane (one GetServerInfo RPC). Errors: the server's (ALREADY_EXISTS for a
+  // different profile), INVALID_ARGUMENT for bad options (a profile whose slot bytes differ from
+  // the shared pool's, slots_per_layer or slot_pool with a shared pool, no max_blocks_per_layer),
+  // RESOURCE_EXHAUSTED when slots cannot be allocated or the shared pool's reservations are full
+  // (the message gives the counts), FAILED_PRECONDITION when data_plane is kSharedMemory and the
+  // server's segment cannot be used (the message says why).
   virtual absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                                    const ModelProfile& profile,
                                                    const KvstarConfig& config,
                                                    const SequenceOptions& options) = 0;
 
-  // Waits for the sequence's background work, drops it on the server and frees its slots.
+  // Waits for the sequence's background work and for the reads of its tables (Release events),
+  // drops it on the server and returns its slots to the pool (or frees its own pool).
+  // REQUIRES: every Acquire of the sequence was Released.
   virtual absl::Status DropSequence(const std::string& sequence_id) = 0;
 
   // Ends a decode step of every sealed sequence: publishes selections whose copies completed, and

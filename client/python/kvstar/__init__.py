@@ -11,7 +11,7 @@ on the loader's search path.
 import ctypes
 import os
 
-__all__ = ["Client", "Sequence", "KvstarError", "HOST", "DEVICE", "BACKEND_AUTO", "BACKEND_HOST",
+__all__ = ["Client", "Sequence", "KvstarError", "reserved_slots", "slot_pool_for", "HOST", "DEVICE", "BACKEND_AUTO", "BACKEND_HOST",
            "BACKEND_CUDA", "BF16", "FP16", "FP32"]
 
 HOST, DEVICE = 0, 1
@@ -50,7 +50,8 @@ class SlotTable(ctypes.Structure):
                 ("host_slots", ctypes.POINTER(ctypes.c_int32)),
                 ("block_indices", ctypes.POINTER(ctypes.c_uint32)),
                 ("slot_pool", ctypes.c_void_p), ("slot_bytes", ctypes.c_uint64),
-                ("slots_per_layer", ctypes.c_uint32), ("reserved", ctypes.c_uint32),
+                ("slots_per_layer", ctypes.c_uint32),  # always 0: slot ids index the whole pool
+                ("reserved", ctypes.c_uint32),
                 ("selection_step", ctypes.c_uint64)]
 
     def blocks(self):
@@ -60,16 +61,29 @@ class SlotTable(ctypes.Structure):
         return [self.host_slots[i] for i in range(self.count)]
 
     def slot_address(self, i):
-        """Address of K of the i-th resident block (V follows K)."""
-        slot = self.host_slots[i]
-        return self.slot_pool + (self.layer * self.slots_per_layer + slot) * self.slot_bytes
+        """Address of K of the i-th resident block (V follows K): slot ids index the whole pool."""
+        return self.slot_pool + self.host_slots[i] * self.slot_bytes
 
 
 class _Stats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "blocks_offloaded", "unacknowledged_blocks", "blocks_loaded", "bytes_loaded",
         "blocks_already_resident", "selections_published", "selections_dropped",
-        "last_staleness_steps", "max_staleness_steps", "decode_step")]
+        "last_staleness_steps", "max_staleness_steps", "decode_step", "reserved_slots",
+        "slots_held", "peak_slots_held")]
+
+
+class _PoolOptions(ctypes.Structure):
+    _fields_ = [("slot_bytes", ctypes.c_uint64), ("num_slots", ctypes.c_uint64),
+                ("headroom_slots", ctypes.c_uint64), ("memory", ctypes.c_void_p),
+                ("memory_bytes", ctypes.c_uint64)]
+
+
+class _PoolStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "slot_bytes", "num_slots", "headroom_slots", "reserved_slots", "slots_in_use",
+        "headroom_in_use", "peak_slots_in_use", "peak_headroom_in_use", "sequences",
+        "takes_refused")]
 
 
 _lib = None
@@ -112,6 +126,11 @@ def _load():
                                     ctypes.POINTER(_Config), u32, u32, p, u64,
                                     ctypes.POINTER(p)], i),
         "kvstar_drop_sequence": ([p, ctypes.c_char_p], i),
+        "kvstar_reserved_slots": ([ctypes.POINTER(_Profile), ctypes.POINTER(_Config), u32], u64),
+        "kvstar_slot_pool_for": ([ctypes.POINTER(_Profile), ctypes.POINTER(_Config), u32, u32,
+                                  ctypes.c_double, ctypes.POINTER(_PoolOptions)], i),
+        "kvstar_create_slot_pool": ([p, ctypes.POINTER(_PoolOptions)], i),
+        "kvstar_slot_pool_stats_get": ([p, ctypes.POINTER(_PoolStats)], i),
         "kvstar_offload": ([p, u32, u32, p, p, i, p], i),
         "kvstar_append_block": ([p, u32, p, p, i, p], i),
         "kvstar_flush": ([p], i),
@@ -149,6 +168,44 @@ def _buffer(obj, where=None):
         return ctypes.addressof(holder), HOST, holder
     holder = (ctypes.c_char * len(memoryview(obj).cast("B"))).from_buffer(obj)
     return ctypes.addressof(holder), HOST, holder
+
+
+def _profile_and_config(num_layers, num_q_heads, num_kv_heads, head_dim, dtype, block_size,
+                        knobs):
+    if isinstance(dtype, str) or not isinstance(dtype, int):
+        dtype = _DTYPE_BY_NAME[str(dtype).replace("torch.", "")]
+    profile = _Profile(num_layers, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
+    config = _Config()
+    _load().kvstar_config_default(ctypes.byref(config))
+    for name, value in knobs.items():
+        if name not in dict(_Config._fields_):
+            raise TypeError(f"unknown knob {name}")
+        setattr(config, name, value)
+    return profile, config
+
+
+def reserved_slots(num_layers, num_q_heads, num_kv_heads, head_dim, max_blocks_per_layer,
+                   dtype=BF16, block_size=128, **knobs):
+    """Slots one sequence reserves in a shared pool (ReservedSlots in client.h): per layer the
+    init and local windows plus ceil(sparse_ratio * middle blocks), times num_layers."""
+    profile, config = _profile_and_config(num_layers, num_q_heads, num_kv_heads, head_dim, dtype,
+                                          block_size, knobs)
+    return _load().kvstar_reserved_slots(ctypes.byref(profile), ctypes.byref(config),
+                                         max_blocks_per_layer)
+
+
+def slot_pool_for(num_layers, num_q_heads, num_kv_heads, head_dim, max_blocks_per_layer,
+                  max_sequences, headroom_fraction=0.1, dtype=BF16, block_size=128, **knobs):
+    """Sizes a shared pool (SlotPoolFor in client.h): dict(slot_bytes, num_slots,
+    headroom_slots), for Client.create_slot_pool(**sizes)."""
+    profile, config = _profile_and_config(num_layers, num_q_heads, num_kv_heads, head_dim, dtype,
+                                          block_size, knobs)
+    options = _PoolOptions()
+    _check(_load().kvstar_slot_pool_for(ctypes.byref(profile), ctypes.byref(config),
+                                        max_blocks_per_layer, max_sequences, headroom_fraction,
+                                        ctypes.byref(options)))
+    return {"slot_bytes": options.slot_bytes, "num_slots": options.num_slots,
+            "headroom_slots": options.headroom_slots}
 
 
 def _stream(stream):
@@ -221,6 +278,9 @@ class Client:
                                           text(tls_key_pem), text(bearer_token),
                                           ctypes.byref(handle)))
         self._handle = handle
+        self._own_pools = {}  # sequence id -> the engine memory of its own pool
+        self.has_slot_pool = False
+        self.slot_pool_memory = None  # the memory given to create_slot_pool, if any
 
     @property
     def backend(self):
@@ -233,17 +293,13 @@ class Client:
         """knobs: init_window_sz, local_window_sz, sparse_ratio, retrieval_stride,
         blk_repre_dim_prune_ratio, blk_repre_inner_token_merge, block_vote (0 sum, 1 max),
         representation_format (0 bf16, 1 int8).
-        slot_pool: a device tensor the slots live in (else the library allocates them)."""
-        if isinstance(dtype, str) or not isinstance(dtype, int):
-            dtype = _DTYPE_BY_NAME[str(dtype).replace("torch.", "")]
-        profile = _Profile(num_layers, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
-        config = _Config()
-        _load().kvstar_config_default(ctypes.byref(config))
-        for name, value in knobs.items():
-            if name not in dict(_Config._fields_):
-                raise TypeError(f"unknown knob {name}")
-            setattr(config, name, value)
-        pool, pool_bytes, self._pool_keep = None, 0, slot_pool
+        With a shared pool (create_slot_pool): max_blocks_per_layer is required and sizes the
+        sequence's reservation; slots_per_layer and slot_pool must stay unset. Without one:
+        slot_pool is a device tensor the sequence's own slots live in (else the library
+        allocates them)."""
+        profile, config = _profile_and_config(num_layers, num_q_heads, num_kv_heads, head_dim,
+                                              dtype, block_size, knobs)
+        pool, pool_bytes = None, 0
         if slot_pool is not None:
             pool, _, _ = _buffer(slot_pool, DEVICE)
             pool_bytes = slot_pool.numel() * slot_pool.element_size()
@@ -252,10 +308,40 @@ class Client:
                                               ctypes.byref(profile), ctypes.byref(config),
                                               slots_per_layer, max_blocks_per_layer, pool,
                                               pool_bytes, ctypes.byref(handle)))
+        if slot_pool is not None:
+            self._own_pools[sequence_id] = slot_pool  # until drop_sequence
         return Sequence(self, handle, sequence_id, profile)
 
+    def create_slot_pool(self, num_slots, slot_bytes, headroom_slots=0, memory=None,
+                         memory_bytes=None):
+        """One slot pool shared by every later sequence (Client::CreateSlotPool in client.h);
+        call it before the first create_sequence. memory: a tensor of at least
+        num_slots * slot_bytes bytes on the backend's device (a CUDA tensor on the CUDA backend,
+        a CPU one on the host backend), kept alive by this Client, or a raw address with
+        memory_bytes; None: the library allocates the pool. Slot s starts at
+        SlotTable.slot_pool + s * slot_bytes. kvstar.hf.KvstarCache reads a tensor pool."""
+        options = _PoolOptions(slot_bytes, num_slots, headroom_slots, None, 0)
+        if memory is not None:
+            options.memory, _, _ = _buffer(memory, DEVICE)
+            if memory_bytes is None:
+                if not hasattr(memory, "numel"):
+                    raise ValueError("memory given as an address needs memory_bytes")
+                memory_bytes = memory.numel() * memory.element_size()
+            options.memory_bytes = memory_bytes
+        _check(_load().kvstar_create_slot_pool(self._handle, ctypes.byref(options)))
+        self.has_slot_pool, self.slot_pool_memory = True, memory
+
+    def slot_pool_stats(self):
+        """The shared pool's accounting (SlotPoolStats in client.h) as a dict."""
+        stats = _PoolStats()
+        _check(_load().kvstar_slot_pool_stats_get(self._handle, ctypes.byref(stats)))
+        return {name: getattr(stats, name) for name, _ in _PoolStats._fields_}
+
     def drop_sequence(self, sequence_id):
-        _check(_load().kvstar_drop_sequence(self._handle, sequence_id.encode()))
+        try:
+            _check(_load().kvstar_drop_sequence(self._handle, sequence_id.encode()))
+        finally:
+            self._own_pools.pop(sequence_id, None)
 
     def step(self):
         _check(_load().kvstar_step(self._handle))

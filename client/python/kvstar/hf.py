@@ -316,18 +316,35 @@ class KvstarCache(SparseCache):
 
     def _open(self, dtype, device):
         max_blocks = math.ceil(self.max_tokens / self.block_size) + 1
-        self.slots_per_layer = resident_slots_per_layer(max_blocks, self.init_window_sz,
-                                                        self.local_window_sz, self.sparse_ratio)
         if device.type == "cuda" and self.client.backend != "cuda":
             raise ValueError("the model runs on CUDA but the kvstar client runs on the host "
                              f"backend ({self.client.backend}): connect with BACKEND_CUDA")
         if device.type != "cuda" and self.client.backend == "cuda":
             raise ValueError("the model runs on the CPU but the kvstar client uses CUDA: connect "
                              "with backend=kvstar.BACKEND_HOST")
-        self.pool = torch.empty((len(self.sparse_layers), self.slots_per_layer, 2,
-                                 self.block_size, self.num_kv_heads, self.head_dim),
-                                dtype=dtype, device=device)
         self._where = DEVICE if device.type == "cuda" else HOST
+        slot_shape = (2, self.block_size, self.num_kv_heads, self.head_dim)
+        shared = self.client.slot_pool_memory
+        if self.client.has_slot_pool:
+            if not isinstance(shared, torch.Tensor):
+                raise ValueError("KvstarCache reads the client's shared slot pool as a tensor: "
+                                 "create it with Client.create_slot_pool(memory=<tensor>)")
+            # The client's shared pool (Client.create_slot_pool over a tensor): every cache of
+            # the client reads its slots from it.
+            if shared.device.type != device.type:
+                raise ValueError(f"the client's slot pool is on {shared.device}, the model's K/V "
+                                 f"on {device}")
+            self.pool = shared.view(torch.uint8).view(dtype).view(-1, *slot_shape)
+            self.sequence = self.client.create_sequence(
+                self.sequence_id, len(self.sparse_layers), self.num_q_heads, self.num_kv_heads,
+                self.head_dim, dtype=_TORCH_DTYPES[dtype], block_size=self.block_size,
+                max_blocks_per_layer=max_blocks, **self.knobs)
+            return
+        # A pool of the sequence's own; slot ids index it whole, whatever the layer.
+        self.slots_per_layer = resident_slots_per_layer(max_blocks, self.init_window_sz,
+                                                        self.local_window_sz, self.sparse_ratio)
+        self.pool = torch.empty((len(self.sparse_layers) * self.slots_per_layer, *slot_shape),
+                                dtype=dtype, device=device)
         self.sequence = self.client.create_sequence(
             self.sequence_id, len(self.sparse_layers), self.num_q_heads, self.num_kv_heads,
             self.head_dim, dtype=_TORCH_DTYPES[dtype], block_size=self.block_size,
@@ -363,7 +380,7 @@ class KvstarCache(SparseCache):
         ids = [block for block, _ in resident]
         slots = torch.tensor([slot for _, slot in resident], dtype=torch.long,
                              device=self.pool.device)
-        blocks = self.pool[layer.sparse_layer].index_select(0, slots)  # [n, 2, bs, Hkv, D]
+        blocks = self.pool.index_select(0, slots)  # [n, 2, bs, Hkv, D]
         n = blocks.shape[0]
         k = blocks[:, 0].reshape(n * self.block_size, self.num_kv_heads, self.head_dim)
         v = blocks[:, 1].reshape(n * self.block_size, self.num_kv_heads, self.head_dim)

@@ -1,0 +1,192 @@
+// RetrievalScheduler: the background thread that batches due sequences into one Retrieve and
+// loads the replies.
+#include "client/retrieval_scheduler.h"
+
+#include <map>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/client_impl.h"
+
+namespace kvstar::client_internal {
+
+RetrievalScheduler::RetrievalScheduler(Channel* channel) : channel_(channel) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+RetrievalScheduler::~RetrievalScheduler() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void RetrievalScheduler::Submit(std::vector<SequenceImpl*> due) {
+  if (due.empty()) return;
+  absl::MutexLock lock(&mu_);
+  // The next queries overwrite the window the previous retrieval reads; it copies them out as it
+  // starts, so this wait is empty unless the retrieval thread stalled for a whole stride.
+  mu_.Await(absl::Condition(
+      +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return !scheduler->snapshot_pending_ || scheduler->stopping_;
+      },
+      this));
+  if (in_flight_) {
+    ++stats_.retrievals_skipped;
+    return;
+  }
+  job_ = std::move(due);
+  in_flight_ = true;
+  snapshot_pending_ = true;
+}
+
+void RetrievalScheduler::WaitIdle() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](RetrievalScheduler* scheduler)
+           ABSL_NO_THREAD_SAFETY_ANALYSIS { return !scheduler->in_flight_; },
+      this));
+}
+
+absl::Status RetrievalScheduler::TakeError() {
+  absl::MutexLock lock(&mu_);
+  absl::Status status = std::move(error_);
+  error_ = absl::OkStatus();
+  return status;
+}
+
+ClientStats RetrievalScheduler::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+void RetrievalScheduler::Loop() {
+  while (true) {
+    std::vector<SequenceImpl*> due;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return scheduler->job_.has_value() || scheduler->stopping_;
+          },
+          this));
+      if (stopping_) {
+        in_flight_ = false;
+        snapshot_pending_ = false;
+        return;
+      }
+      due = std::move(*job_);
+      job_.reset();
+    }
+    absl::Status status = Run(due);
+    absl::MutexLock lock(&mu_);
+    ++stats_.retrievals_completed;
+    in_flight_ = false;
+    snapshot_pending_ = false;
+    if (!status.ok() && error_.ok()) error_ = status;
+  }
+}
+
+absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
+  v1::RetrieveRequest request;
+  std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
+  absl::Status first;
+  for (SequenceImpl* sequence : due) {
+    std::vector<uint32_t> known;
+    v1::SequenceQueries queries;
+    absl::Status status = sequence->BuildRetrieval(&queries, &known);
+    if (!status.ok()) {
+      if (first.ok()) first = status;
+      continue;
+    }
+    *request.add_sequences() = std::move(queries);
+    known_blocks[sequence->id()] = {sequence, std::move(known)};
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    snapshot_pending_ = false;
+    ++stats_.retrievals_sent;
+  }
+  if (request.sequences_size() == 0) return first;
+  // The engine goes on meanwhile: what follows may wait for the server and the device.
+  absl::StatusOr<std::shared_ptr<const BlockDataPlane>> chosen =
+      channel_->DataPlaneForRetrieval(/*ask_again=*/false);
+  if (!chosen.ok()) return chosen.status();
+  std::shared_ptr<const BlockDataPlane> plane = *std::move(chosen);
+  // The server reuses a sequence's regions as soon as its next Retrieve arrives.
+  {
+    v1::RetrieveRequest ready;
+    for (v1::SequenceQueries& part : *request.mutable_sequences()) {
+      SequenceImpl* sequence = known_blocks.at(part.sequence_id()).first;
+      if (absl::Status status = sequence->WaitSegmentReads(); !status.ok()) {
+        if (first.ok()) first = status;
+        known_blocks.erase(part.sequence_id());
+        continue;
+      }
+      part.set_shared_memory(plane->wants_shared_memory());
+      *ready.add_sequences() = std::move(part);
+    }
+    request = std::move(ready);
+  }
+  if (request.sequences_size() == 0) return first;
+  bool segment_checked = false;  // re-resolved after a reply named an unknown segment
+  grpc::ClientContext context;
+  channel_->PrepareContext(&context);
+  std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
+      channel_->stub()->Retrieve(&context, request);
+  // A layer may come as several replies (`more`); its new blocks add up until the last one.
+  std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
+  v1::RetrieveResponse reply;
+  while (reader->Read(&reply)) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++stats_.retrieve_replies;
+    }
+    auto found = known_blocks.find(reply.sequence_id());
+    if (found == known_blocks.end()) {
+      if (first.ok()) {
+        first = absl::InternalError(
+            absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
+      }
+      continue;
+    }
+    const uint32_t layer = reply.selection().layer();
+    std::vector<v1::Block>& data = partial[{reply.sequence_id(), layer}];
+    uint64_t shared_blocks = 0;
+    for (v1::Block& block : *reply.mutable_new_blocks()) {
+      if (block.has_shared()) {
+        ++shared_blocks;
+        // A server restarted on the same address (the channel reconnects by itself) has a new
+        // segment: map it.
+        if (!segment_checked && !plane->Readable(block)) {
+          segment_checked = true;
+          absl::StatusOr<std::shared_ptr<const BlockDataPlane>> again =
+              channel_->DataPlaneForRetrieval(/*ask_again=*/true);
+          if (again.ok()) plane = *std::move(again);
+        }
+      }
+      data.push_back(std::move(block));
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      stats_.blocks_received_shared += shared_blocks;
+      stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
+    }
+    if (reply.more()) continue;
+    SequenceImpl* sequence = found->second.first;
+    const std::vector<uint32_t>& known = found->second.second;
+    std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
+                                 reply.selection().block_indices().end());
+    absl::Status status =
+        sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
+                                reply.decode_step(), std::move(data), plane);
+    partial.erase({reply.sequence_id(), layer});
+    if (!status.ok() && first.ok()) first = status;
+  }
+  absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
+  return status.ok() ? first : status;
+}
+
+}  // namespace kvstar::client_internal
