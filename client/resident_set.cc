@@ -170,6 +170,18 @@ void ResidentSet::SetPending(uint32_t layer, PendingSelection pending,
   state.pending = std::move(pending);
 }
 
+absl::Status ResidentSet::ReleasePendingStaging(uint32_t layer) {
+  assert(layer < layers_.size());
+  LayerState& state = layers_[layer];
+  if (!state.pending.has_value() || state.pending->staging == nullptr) return absl::OkStatus();
+  if (absl::Status status = backend_->WaitEvent(state.pending->load_event); !status.ok()) {
+    return status;
+  }
+  staging_->Release(state.pending->staging);
+  state.pending->staging = nullptr;
+  return absl::OkStatus();
+}
+
 void ResidentSet::DropPending(LayerState& state, const std::set<uint32_t>& keep) {
   PendingSelection pending = std::move(*state.pending);
   state.pending.reset();

@@ -87,6 +87,11 @@ class ResidentSet {
   void SetPending(uint32_t layer, PendingSelection pending, const std::vector<int32_t>& slots);
   // The pending selection's load event (nullptr when none is pending).
   bool has_pending(uint32_t layer) const { return layers_[layer].pending.has_value(); }
+  // Waits for the layer's pending copy and gives its pinned staging back at once, instead of at
+  // publication: the bytes are in the slots then. Seal loads every layer's first selection
+  // before publishing any, so without this their staging adds up and a first selection larger
+  // than the staging budget would wait forever for a release that comes only after it.
+  absl::Status ReleasePendingStaging(uint32_t layer);
   EventHandle pending_load_event(uint32_t layer) const;
 
   // --- Step boundary ---

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "client/channel.h"
 #include "client/client_impl.h"
 
 namespace kvstar::client_internal {

@@ -342,6 +342,11 @@ absl::Status SequenceImpl::LoadSealSelections(const v1::SealResponse& response,
     absl::Status status = LoadSelection(selection.layer(), std::move(blocks), response.num_blocks(),
                                         selection_step, {}, nullptr);
     if (!status.ok()) return status;
+    absl::MutexLock lock(&mu_);
+    if (absl::Status released = resident_->ReleasePendingStaging(selection.layer());
+        !released.ok()) {
+      return released;
+    }
   }
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
     if (!selected[layer]) {

@@ -2,7 +2,9 @@
 // read-back of a 4K-token sequence, Seal/Retrieve end to end, error paths, and a server restart in
 // the middle of decoding.
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
@@ -144,6 +146,40 @@ TEST(ClientAuthTest, BearerTokenAuthenticatesAgainstTheRealServer) {
             ->Offload(0, 0, block.key().data(), block.value().data(), MemoryKind::kHost, nullptr)
             .ok());
     EXPECT_TRUE((*sequence)->Flush().ok());
+  }
+}
+
+TEST(ClientStagingTest, SealLoadsAFirstSelectionLargerThanTheStagingBudget) {
+  const std::string dir = MakeTempDir("client-staging");
+  ServerProcess server({"--data_dir=" + dir + "/data", "--log_level=warn"});
+  ASSERT_TRUE(server.Start().ok());
+  ClientOptions options;
+  options.address = server.address();
+  options.backend = BackendKind::kHost;
+  // One layer's first selection (11 blocks of 64 KiB) fits; all four layers' (2.75 MiB) do not.
+  options.staging_budget_bytes = 1 << 20;
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  absl::StatusOr<Sequence*> sequence =
+      (*client)->CreateSequence("staged", SmallProfile(), SmallConfig(4), {0, kPromptBlocks + 16});
+  ASSERT_TRUE(sequence.ok()) << sequence.status();
+  ASSERT_TRUE(OffloadBlocks(*sequence, 0, kPromptBlocks).ok());
+  const std::string queries = MakeQueries(SmallProfile(), 4, 3);
+  std::future<absl::Status> sealed = std::async(std::launch::async, [&] {
+    return (*sequence)->Seal(queries.data(), 4, MemoryKind::kHost, nullptr);
+  });
+  if (sealed.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+    ADD_FAILURE() << "Seal did not return within 60 s: its layers' staging waits on itself";
+    std::_Exit(1);  // the blocked thread cannot be joined
+  }
+  absl::Status status = sealed.get();
+  ASSERT_TRUE(status.ok()) << status;
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    absl::StatusOr<SlotTable> table = (*sequence)->Acquire(layer, nullptr);
+    ASSERT_TRUE(table.ok()) << table.status();
+    EXPECT_GT(table->count, 3u);  // init + local windows and the selected middle blocks
+    ExpectTableHoldsBlocks(*table, SmallProfile().block_key_bytes());
+    ASSERT_TRUE((*sequence)->Release(layer, nullptr).ok());
   }
 }
 
