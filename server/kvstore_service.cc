@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "spdlog/spdlog.h"
+#include "storage/log_value.h"
 
 namespace kvstar::server {
 namespace {
@@ -118,8 +119,8 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
   void OnDone() override { service_->Unregister(this); }
 
   void Expire(uint64_t timeout_ms) override {
-    spdlog::warn("PutBlocks of tenant {}: no message for {} ms; ending the stream", tenant_,
-                 timeout_ms);
+    spdlog::warn("event=stream_idle method=PutBlocks tenant={} idle_ms={} action=ended",
+                 storage::LogValue(tenant_), timeout_ms);
     FinishOnce(absl::DeadlineExceededError(
         absl::StrCat("PutBlocks stream sent no message for ", timeout_ms,
                      " ms (--stream_idle_timeout_ms=", timeout_ms, ")")));
@@ -163,7 +164,8 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
     absl::Status added = put_->Add(message_.sequence_id(), std::move(blocks));
     Reconcile();
     if (!added.ok()) {
-      spdlog::warn("PutBlocks rejected: {}", added.ToString());
+      spdlog::warn("event=put_rejected code={} message={}", absl::StatusCodeToString(added.code()),
+                   storage::LogValue(added.message()));
       return FinishOnce(added);
     }
     message_.Clear();
@@ -189,12 +191,13 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
     absl::Status stored = put_->Flush();
     Reconcile();
     if (!stored.ok()) {
-      spdlog::warn("PutBlocks rejected: {}", stored.ToString());
+      spdlog::warn("event=put_rejected code={} message={}", absl::StatusCodeToString(stored.code()),
+                   storage::LogValue(stored.message()));
       return FinishOnce(stored);
     }
     response_->set_blocks_written(put_->blocks_written());
     response_->set_bytes_written(put_->bytes_written());
-    spdlog::debug("PutBlocks stored {} blocks ({} bytes) from {} messages", put_->blocks_written(),
+    spdlog::debug("event=put_stored blocks={} bytes={} messages={}", put_->blocks_written(),
                   put_->bytes_written(), put_->messages());
     FinishOnce(absl::OkStatus());
   }
@@ -283,8 +286,9 @@ class KvStoreService::WriteReactor final : public grpc::ServerWriteReactor<Respo
   void OnDone() override { service_->Unregister(this); }
 
   void Expire(uint64_t timeout_ms) override {
-    spdlog::warn("stream of tenant {}: client read no reply for {} ms; cancelling it", tenant_,
-                 timeout_ms);
+    spdlog::warn(
+        "event=stream_idle tenant={} idle_ms={} action=cancelled (the client read no reply)",
+        storage::LogValue(tenant_), timeout_ms);
     cancelled_.store(true);
     context_->TryCancel();
   }
@@ -337,8 +341,8 @@ void KvStoreService::SetHealthCheckService(grpc::HealthCheckServiceInterface* he
 }
 
 void KvStoreService::ReportServing(bool serving) {
-  spdlog::info("{}", serving ? "limits: taking work again (SERVING)"
-                             : "limits: a node-wide limit is reached (NOT_SERVING)");
+  spdlog::info("event=health status={} reason={}", serving ? "SERVING" : "NOT_SERVING",
+               serving ? "below_limits" : "node_wide_limit_reached");
   if (grpc::HealthCheckServiceInterface* health = health_.load()) {
     health->SetServingStatus(serving);
   }
@@ -419,7 +423,8 @@ grpc::ServerReadReactor<v1::PutBlocksRequest>* KvStoreService::PutBlocks(
   absl::StatusOr<std::string> tenant = Tenant(context);
   if (!tenant.ok()) return new Refused<Reactor>(tenant.status());
   if (absl::Status s = limits_.OpenStream(*tenant); !s.ok()) {
-    spdlog::warn("PutBlocks refused: {}", s.ToString());
+    spdlog::warn("event=put_refused code={} message={}", absl::StatusCodeToString(s.code()),
+                 storage::LogValue(s.message()));
     return new Refused<Reactor>(s);
   }
   auto reactor = std::make_shared<PutReactor>(this, context, *std::move(tenant), response);

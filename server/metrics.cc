@@ -15,6 +15,7 @@
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/interceptor.h"
 #include "spdlog/spdlog.h"
+#include "storage/log_value.h"
 
 namespace kvstar::server {
 namespace {
@@ -110,12 +111,14 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
             ? spdlog::level::warn
             : spdlog::level::info;
     if (!spdlog::should_log(level)) return;
-    std::string line = absl::StrCat(
-        "event=rpc request_id=", request_id_, " method=", method_, " code=", CodeName(code),
-        absl::StrFormat(" duration_ms=%.3f", elapsed.count() * 1e3), " peer=", LogValue(peer_));
-    if (!sequence_id_.empty()) absl::StrAppend(&line, " sequence_id=", LogValue(sequence_id_));
+    std::string line = absl::StrCat("event=rpc request_id=", request_id_, " method=", method_,
+                                    " code=", CodeName(code),
+                                    absl::StrFormat(" duration_ms=%.3f", elapsed.count() * 1e3),
+                                    " peer=", storage::LogValue(peer_));
+    if (!sequence_id_.empty())
+      absl::StrAppend(&line, " sequence_id=", storage::LogValue(sequence_id_));
     if (code != grpc::StatusCode::OK) {
-      absl::StrAppend(&line, " message=", LogValue(status.error_message()));
+      absl::StrAppend(&line, " message=", storage::LogValue(status.error_message()));
     }
     spdlog::log(level, "{}", line);
   }
@@ -160,26 +163,6 @@ void Sample(std::string* out, const std::string& name, const std::string& labels
 }
 
 }  // namespace
-
-std::string LogValue(absl::string_view value) {
-  bool plain = !value.empty();
-  for (unsigned char c : value) {
-    if (c <= ' ' || c == '"' || c == '\\' || c == '=' || c >= 0x7f) plain = false;
-  }
-  if (plain) return std::string(value);
-  std::string quoted = "\"";
-  for (unsigned char c : value) {
-    if (c == '"' || c == '\\') {
-      quoted += '\\';
-      quoted += static_cast<char>(c);
-    } else if (c < ' ' || c >= 0x7f) {
-      quoted += absl::StrFormat("\\x%02x", c);
-    } else {
-      quoted += static_cast<char>(c);
-    }
-  }
-  return quoted + "\"";
-}
 
 std::string EscapeLabelValue(const std::string& value) {
   std::string escaped;

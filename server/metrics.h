@@ -60,11 +60,6 @@ class Metrics {
   std::map<std::string, RpcSeries> rpcs_ ABSL_GUARDED_BY(mu_);
 };
 
-// A value for a key=value log line: as is when it is plain printable ASCII without spaces,
-// quotes, backslashes or '='; otherwise double-quoted with those escaped and other bytes as \xNN,
-// so an id can never break a line or forge a key.
-std::string LogValue(absl::string_view value);
-
 // Escapes a label value for the text format (backslash, double quote, newline).
 std::string EscapeLabelValue(const std::string& value);
 

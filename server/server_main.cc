@@ -17,6 +17,7 @@
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
+#include "storage/log_value.h"
 
 namespace kvstar::server {
 namespace {
@@ -55,8 +56,9 @@ int Run(int argc, char** argv) {
 
   absl::StatusOr<std::unique_ptr<storage::BlockStore>> store = OpenStore(*config);
   if (!store.ok()) {
-    spdlog::error("cannot open {} store in {}: {}", config->backend, config->data_dir,
-                  store.status().ToString());
+    spdlog::error("event=store_open_failed backend={} data_dir={} message={}", config->backend,
+                  storage::LogValue(config->data_dir),
+                  storage::LogValue(store.status().ToString()));
     return 1;
   }
   // A segment the size asked for, or none: co-located clients then receive bytes through gRPC.
@@ -67,8 +69,8 @@ int Run(int argc, char** argv) {
     if (arena.ok()) {
       shared_memory = *std::move(arena);
     } else {
-      spdlog::warn("no shared-memory segment ({}); co-located clients get bytes over gRPC",
-                   arena.status().ToString());
+      spdlog::warn("event=no_shared_memory message={} (co-located clients get bytes over gRPC)",
+                   storage::LogValue(arena.status().ToString()));
     }
   }
   std::unique_ptr<TokenAuth> auth;
@@ -76,11 +78,12 @@ int Run(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<TokenAuth>> loaded =
         TokenAuth::LoadFile(config->auth_tokens_file);
     if (!loaded.ok()) {
-      spdlog::error("--auth_tokens_file: {}", loaded.status().ToString());
+      spdlog::error("event=config_error flag=auth_tokens_file message={}",
+                    storage::LogValue(loaded.status().ToString()));
       return 2;
     }
     auth = *std::move(loaded);
-    spdlog::info("bearer-token authentication on: {} tokens", auth->size());
+    spdlog::info("event=auth tokens={}", auth->size());
   }
   ServiceOptions options;
   options.auth = auth.get();
@@ -98,14 +101,15 @@ int Run(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<KvStoreService>> service =
       KvStoreService::Create(store->get(), options);
   if (!service.ok()) {
-    spdlog::error("cannot load sequences: {}", service.status().ToString());
+    spdlog::error("event=load_failed message={}", storage::LogValue(service.status().ToString()));
     return 1;
   }
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(
       {config->tls_cert_file, config->tls_key_file, config->tls_client_ca_file});
   if (!credentials.ok()) {
-    spdlog::error("{}", std::string(credentials.status().message()));
+    spdlog::error("event=config_error message={}",
+                  storage::LogValue(credentials.status().message()));
     return 2;
   }
 
@@ -126,7 +130,7 @@ int Run(int argc, char** argv) {
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    spdlog::error("cannot listen on {}", config->listen_address);
+    spdlog::error("event=listen_failed address={}", storage::LogValue(config->listen_address));
     return 1;
   }
   server->GetHealthCheckService()->SetServingStatus(kServiceName, true);
@@ -136,16 +140,18 @@ int Run(int argc, char** argv) {
 
   const std::string host = config->listen_address.substr(0, config->listen_address.rfind(':'));
   spdlog::info(
-      "kvstar_server serving {} on {}:{} (backend {} in {}, DRAM tier {} bytes, {} "
-      "worker threads, shared memory {}, {}; limits: {} open streams ({} per tenant), {} "
-      "in-flight put bytes ({} per tenant), stream idle timeout {} ms)",
-      kServiceName, host, port, config->backend, config->data_dir, config->dram_budget_bytes,
-      config->worker_threads,
-      shared_memory ? absl::StrCat(shared_memory->name(), ", ", shared_memory->size(), " bytes")
-                    : std::string("off"),
+      "event=serving service={} address={}:{} backend={} data_dir={} dram_budget_bytes={} "
+      "worker_threads={} shared_memory={} transport={} max_open_streams={} "
+      "max_open_streams_per_tenant={} max_inflight_put_bytes={} "
+      "max_inflight_put_bytes_per_tenant={} stream_idle_timeout_ms={}",
+      kServiceName, host, port, config->backend, storage::LogValue(config->data_dir),
+      config->dram_budget_bytes, config->worker_threads,
+      shared_memory
+          ? storage::LogValue(absl::StrCat(shared_memory->name(), ":", shared_memory->size()))
+          : std::string("off"),
       config->tls_cert_file.empty()        ? "plaintext"
-      : config->tls_client_ca_file.empty() ? "TLS"
-                                           : "TLS with client certificates",
+      : config->tls_client_ca_file.empty() ? "tls"
+                                           : "mutual_tls",
       config->max_open_streams, config->max_open_streams_per_tenant, config->max_inflight_put_bytes,
       config->max_inflight_put_bytes_per_tenant, config->stream_idle_timeout_ms);
   std::unique_ptr<MetricsHttpServer> metrics_http;
@@ -153,11 +159,11 @@ int Run(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<MetricsHttpServer>> started =
         MetricsHttpServer::Start(config->metrics_listen, &metrics);
     if (!started.ok()) {
-      spdlog::error("{}", std::string(started.status().message()));
+      spdlog::error("event=config_error message={}", storage::LogValue(started.status().message()));
       return 2;
     }
     metrics_http = *std::move(started);
-    spdlog::info("metrics at http://{}:{}/metrics",
+    spdlog::info("event=metrics url=http://{}:{}/metrics",
                  config->metrics_listen.substr(0, config->metrics_listen.rfind(':')),
                  metrics_http->port());
   }
@@ -170,13 +176,13 @@ int Run(int argc, char** argv) {
 
   int signal = 0;
   sigwait(&signals, &signal);
-  spdlog::info("signal {}: shutting down", signal);
+  spdlog::info("event=shutdown signal={}", signal);
   (*service)->SetHealthCheckService(nullptr);
   server->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
   metrics_http.reset();
-  spdlog::info("stopped");
+  spdlog::info("event=stopped");
   return 0;
 }
 

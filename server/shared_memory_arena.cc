@@ -33,7 +33,7 @@ void RemoveStaleSegments() {
     const int fd = shm_open(("/" + name).c_str(), O_RDONLY, 0);
     if (fd < 0) continue;
     if (flock(fd, LOCK_EX | LOCK_NB) == 0 && shm_unlink(("/" + name).c_str()) == 0) {
-      spdlog::info("removed shared-memory segment {} left by a server that is gone", name);
+      spdlog::info("event=stale_segment_removed segment={} (left by a server that is gone)", name);
     }
     close(fd);
   }

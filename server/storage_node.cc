@@ -11,6 +11,7 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "server/validation.h"
 #include "spdlog/spdlog.h"
+#include "storage/log_value.h"
 
 namespace kvstar::server {
 
@@ -61,7 +62,7 @@ absl::StatusOr<std::unique_ptr<StorageNode>> StorageNode::Create(storage::BlockS
     absl::MutexLock lock(&node->mu_);
     node->sequences_[key] = std::move(sequence);
   }
-  spdlog::info("loaded {} sequences from the store; {} retrieval threads", keys->size(),
+  spdlog::info("event=loaded sequences={} retrieval_threads={}", keys->size(),
                node->retriever_.num_threads());
   return node;
 }
@@ -128,8 +129,8 @@ absl::StatusOr<CreateResult> StorageNode::CreateSequence(absl::string_view tenan
         sequence->live.store(true);
       }
       result.created = true;
-      spdlog::info("created sequence {} ({})", std::string(sequence_id),
-                   profile->ShortDebugString());
+      spdlog::info("event=created tenant={} sequence_id={} profile={}", storage::LogValue(tenant),
+                   storage::LogValue(sequence_id), storage::LogValue(profile->ShortDebugString()));
       return result;
     }
     Sequence::State state;
@@ -362,7 +363,8 @@ absl::StatusOr<SealResult> StorageNode::Seal(absl::string_view tenant,
     sequence.last_decode_step = 0;
   }
   Count(tenant, &Counters::blocks_scored, uint64_t{num_blocks} * num_layers);
-  spdlog::info("sealed sequence {}: {} layers x {} blocks", sequence.id, num_layers, num_blocks);
+  spdlog::info("event=sealed sequence_id={} layers={} blocks={}", storage::LogValue(sequence.id),
+               num_layers, num_blocks);
   return result;
 }
 
@@ -524,8 +526,8 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
     sent = SendLayer(request.sequences(item.request), item.request, sequence, item.layer,
                      item.selected, held[item.request][item.layer], sink);
     if (!sent.ok()) {
-      spdlog::warn("Retrieve: sending layer {} of sequence {} failed ({}); stopping the retrieval",
-                   item.layer, sequence.id, sent.ToString());
+      spdlog::warn("event=retrieve_send_failed sequence_id={} layer={} message={} action=stopped",
+                   storage::LogValue(sequence.id), item.layer, storage::LogValue(sent.ToString()));
       stop.store(true);
     }
   }
@@ -662,8 +664,9 @@ absl::StatusOr<storage::DropResult> StorageNode::DropSequence(absl::string_view 
     absl::MutexLock sequence_lock(&sequence->mu);
     FreeSharedRegions(*sequence);
   }
-  spdlog::info("dropped sequence {} ({} blocks, {} bytes)", std::string(sequence_id),
-               dropped->blocks, dropped->bytes);
+  spdlog::info("event=dropped tenant={} sequence_id={} blocks={} bytes={}",
+               storage::LogValue(tenant), storage::LogValue(sequence_id), dropped->blocks,
+               dropped->bytes);
   return dropped;
 }
 

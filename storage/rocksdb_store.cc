@@ -258,8 +258,8 @@ absl::Status RocksDbStore::WriteSynced(rocksdb::WriteBatch* batch, absl::string_
   if (written.ok() || written.IsInvalidArgument()) return FromRocksDb(written, context);
   absl::Status recovered = RecoverFromWriteError(generation);
   if (!recovered.ok()) {
-    spdlog::error("rocksdb store at {}: recovering from a failed write: {}", dir_,
-                  recovered.ToString());
+    spdlog::error("event=rocksdb_recovering dir={} message={}", LogValue(dir_),
+                  LogValue(recovered.ToString()));
   }
   return FromRocksDb(written, context);
 }
@@ -281,7 +281,7 @@ absl::Status RocksDbStore::RecoverFromWriteError(uint64_t failed_generation) {
     return FromRocksDb(opened, absl::StrCat("reopening rocksdb store at ", dir_));
   }
   db_.reset(raw_db);
-  spdlog::warn("rocksdb store at {} reopened after a write error", dir_);
+  spdlog::warn("event=rocksdb_reopened dir={} (after a write error)", LogValue(dir_));
   // The failed write may be in the replayed WAL (written, then its sync failed): the index must
   // say what the DB holds.
   return LoadIndexLocked();

@@ -56,26 +56,12 @@ absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl:
                                           absl::Hex(actual, absl::kZeroPad16)));
 }
 
-std::string EscapeForLog(absl::string_view text) {
-  std::string escaped;
-  escaped.reserve(text.size());
-  for (const char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (byte < 0x20 || byte > 0x7e) {
-      absl::StrAppendFormat(&escaped, "\\x%02x", byte);
-    } else {
-      escaped.push_back(c);
-    }
-  }
-  return escaped;
-}
-
 void ReportCorruptBlock(absl::string_view tier, absl::string_view sequence_key, BlockId id,
                         const absl::Status& status, std::atomic<uint64_t>* corrupt_blocks) {
   corrupt_blocks->fetch_add(1, std::memory_order_relaxed);
-  spdlog::error("corrupt block read: tier {}, sequence \"{}\", layer {}, block {}: {}",
-                EscapeForLog(tier), absl::CHexEscape(sequence_key), id.layer, id.block_index,
-                EscapeForLog(status.message()));
+  spdlog::error("event=corrupt_block tier={} sequence={} layer={} block={} message={}",
+                LogValue(tier), LogValue(sequence_key), id.layer, id.block_index,
+                LogValue(status.message()));
 }
 
 void AppendBigEndian32(uint32_t v, std::string* out) {

@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "storage/block_store.h"
+#include "storage/log_value.h"
 
 namespace kvstar::storage {
 
@@ -41,9 +42,6 @@ absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl:
 // tier, the escaped sequence key and the block, and adds one to `corrupt_blocks`.
 void ReportCorruptBlock(absl::string_view tier, absl::string_view sequence_key, BlockId id,
                         const absl::Status& status, std::atomic<uint64_t>* corrupt_blocks);
-
-// `text` with control characters and bytes above 0x7e written as \xNN, so it fits on one log line.
-std::string EscapeForLog(absl::string_view text);
 
 // Big-endian: keys that must sort numerically as bytes (RocksDB).
 void AppendBigEndian32(uint32_t v, std::string* out);

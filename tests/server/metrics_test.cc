@@ -8,6 +8,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "storage/log_value.h"
 
 namespace kvstar::server {
 namespace {
@@ -87,13 +88,13 @@ TEST(MetricsTest, NodeStatsAndTenantsAppearAtScrapeTime) {
 }
 
 TEST(MetricsTest, LogValuesAreQuotedAndEscapedUnlessPlain) {
-  EXPECT_EQ(LogValue("seq-1_a.b/c"), "seq-1_a.b/c");
-  EXPECT_EQ(LogValue(""), "\"\"");
-  EXPECT_EQ(LogValue("two words"), "\"two words\"");
-  EXPECT_EQ(LogValue("a=b"), "\"a=b\"");
-  EXPECT_EQ(LogValue("q\"\\"), "\"q\\\"\\\\\"");
-  EXPECT_EQ(LogValue("line\nevent=x"), "\"line\\x0aevent=x\"");
-  EXPECT_EQ(LogValue("\xff"), "\"\\xff\"");
+  EXPECT_EQ(storage::LogValue("seq-1_a.b/c"), "seq-1_a.b/c");
+  EXPECT_EQ(storage::LogValue(""), "\"\"");
+  EXPECT_EQ(storage::LogValue("two words"), "\"two words\"");
+  EXPECT_EQ(storage::LogValue("a=b"), "\"a=b\"");
+  EXPECT_EQ(storage::LogValue("q\"\\"), "\"q\\\"\\\\\"");
+  EXPECT_EQ(storage::LogValue("line\nevent=x"), "\"line\\x0aevent=x\"");
+  EXPECT_EQ(storage::LogValue("\xff"), "\"\\xff\"");
 }
 
 TEST(MetricsTest, LabelValuesAreEscaped) {

@@ -341,9 +341,9 @@ TYPED_TEST(BlockStoreTest, CorruptedStoredBytesAreDataLossLoggedOnceAndCounted) 
   EXPECT_THAT(std::string(status.message()), HasSubstr("layer 2, index 5"));
   EXPECT_THAT(std::string(status.message()), HasSubstr("seq\\nforged"));
   EXPECT_EQ(CorruptBlocks(*this->store_), 1u);
-  const std::vector<std::string> lines = log.LinesContaining("corrupt block read");
+  const std::vector<std::string> lines = log.LinesContaining("event=corrupt_block ");
   ASSERT_EQ(lines.size(), 1u);
-  EXPECT_THAT(lines[0], HasSubstr("sequence \"seq\\nforged\", layer 2, block 5"));
+  EXPECT_THAT(lines[0], HasSubstr("seq\\x0aforged\" layer=2 block=5"));
   EXPECT_TRUE(log.LinesContaining("forged\"").size() == 1) << "the key broke the line";
 }
 

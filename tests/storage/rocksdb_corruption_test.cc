@@ -127,7 +127,7 @@ TEST_F(RocksDbCorruptionTest, FlippedByteInATableFileIsDataLossForThatBlockOnly)
   }
   EXPECT_EQ(damaged, 1);
   EXPECT_EQ(CorruptBlocks(**store), 1u);
-  EXPECT_EQ(log.LinesContaining("corrupt block read: tier rocksdb").size(), 1u);
+  EXPECT_EQ(log.LinesContaining("event=corrupt_block tier=rocksdb ").size(), 1u);
 }
 
 }  // namespace
