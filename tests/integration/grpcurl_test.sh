@@ -66,5 +66,33 @@ set -e
 expect "unknown sequence is NOT_FOUND" "$out" "Code: NotFound"
 expect "message names the sequence" "$out" "sequence_id nope is not stored"
 
+# A whole sequence's life in grpcurl, as docs/api.md shows it: a tiny profile (1 layer, 2/1 heads
+# of 16, 16-token blocks) whose K, V and 8 queries are 512 zero bytes each; XXH3-64 of 1024 zero
+# bytes is the blocks' checksum.
+zeros=$(head -c 512 /dev/zero | base64 -w0)
+block() { echo "{\"layer\":0,\"blockIndex\":$1,\"key\":\"$zeros\",\"value\":\"$zeros\",\"checksum\":\"16023549825231321409\"}"; }
+queries="[{\"layer\":0,\"numQueries\":8,\"queries\":\"$zeros\"}]"
+tiny='{"numLayers":1,"numQHeads":2,"numKvHeads":1,"headDim":16,"blockSize":16,"dtype":"DTYPE_BF16"}'
+out=$("$GRPCURL" -plaintext -d "{\"sequenceId\":\"life\",\"profile\":$tiny}" "$addr" \
+  kvstar.v1.KvStore/CreateSequence)
+expect "create the tiny sequence" "$out" '"created": true'
+out=$("$GRPCURL" -plaintext -d "{\"sequenceId\":\"life\",\"blocks\":[$(block 0),$(block 1),$(block 2),$(block 3)]}" \
+  "$addr" kvstar.v1.KvStore/PutBlocks)
+expect "PutBlocks stores four blocks" "$out" '"blocks_written": "4"'
+out=$("$GRPCURL" -plaintext -d "{\"sequenceId\":\"life\",\"queries\":$queries}" "$addr" \
+  kvstar.v1.KvStore/Seal)
+expect "Seal covers the four blocks" "$out" '"num_blocks": 4'
+out=$("$GRPCURL" -plaintext -d "{\"sequences\":[{\"sequenceId\":\"life\",\"decodeStep\":8,\"queries\":$queries,\"held\":[{\"layer\":0,\"blockIndices\":[0,2,3]}],\"includeData\":true}]}" \
+  "$addr" kvstar.v1.KvStore/Retrieve)
+expect "Retrieve answers for the decode step" "$out" '"decode_step": "8"'
+expect "Retrieve sends the one block not held" "$out" '"block_index": 1'
+out=$("$GRPCURL" -plaintext -d '{"sequenceId":"life"}' "$addr" kvstar.v1.KvStore/DescribeSequence)
+expect "DescribeSequence: sealed" "$out" '"sealed": true'
+expect "DescribeSequence: bytes" "$out" '"bytes": "4096"'
+out=$("$GRPCURL" -plaintext -d '{}' "$addr" kvstar.v1.KvStore/ListSequences)
+expect "ListSequences names it" "$out" '"sequence_id": "life"'
+out=$("$GRPCURL" -plaintext -d '{"sequenceId":"life"}' "$addr" kvstar.v1.KvStore/DropSequence)
+expect "DropSequence removes its blocks" "$out" '"blocks_dropped": "4"'
+
 write_xml GrpcurlTalksToTheServer passed ""
 echo "PASS"
