@@ -162,6 +162,7 @@ class ClientImpl : public Client, public RetrievalScheduler::Channel {
   // --- For SequenceImpl ---
   DeviceBackend* device() { return backend_.get(); }
   StagingPool* staging() { return staging_.get(); }
+  const ClientOptions& options() const { return options_; }
   StreamHandle query_stream() const { return query_stream_; }
   void EnqueueOffload(OffloadItem item);
   // Waits until the offload queue is empty and no batch is in flight.

@@ -1,5 +1,7 @@
 // SequenceImpl: one sequence's offloads, seal, query ring and step logic; its slots and tables are
 // its ResidentSet (resident_set.h), the bytes of its loads come through a BlockDataPlane.
+#include <xxhash.h>
+
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -599,18 +601,30 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   if (status.ok() && !needed.empty()) {
     std::vector<CopySegment> segments;
     char* staged = static_cast<char*>(staging);
-    for (size_t i = 0; i < needed.size(); ++i) {
-      if (sources[i] != nullptr) {
-        segments.push_back({SlotAddress(slots[i]), sources[i], slot_bytes_});
-        continue;
-      }
+    const ClientOptions& options = client_->options();
+    for (size_t i = 0; i < needed.size() && status.ok(); ++i) {
       const v1::Block& block = *by_index[needed[i]];
-      std::memcpy(staged, block.key().data(), key_bytes_);
-      std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
-      segments.push_back({SlotAddress(slots[i]), staged, slot_bytes_});
-      staged += slot_bytes_;
+      const char* bytes = sources[i];
+      if (bytes == nullptr) {
+        std::memcpy(staged, block.key().data(), key_bytes_);
+        std::memcpy(staged + key_bytes_, block.value().data(), key_bytes_);
+        bytes = staged;
+        staged += slot_bytes_;
+      }
+      // K then V lie contiguous here (staging or segment), as the checksum covers them.
+      const bool verify = sources[i] == nullptr ? options.verify_block_checksums
+                                                : options.verify_shared_memory_checksums;
+      if (verify && XXH3_64bits(bytes, slot_bytes_) != block.checksum()) {
+        status = absl::DataLossError(absl::StrCat(
+            "block ", needed[i], " of layer ", layer, " of sequence ", id_,
+            " arrived with bytes that do not match its checksum; its selection is dropped"));
+        break;
+      }
+      segments.push_back({SlotAddress(slots[i]), bytes, slot_bytes_});
     }
-    status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
+    if (status.ok()) {
+      status = backend_->CopyToDeviceBatch(segments.data(), segments.size(), load_stream_);
+    }
     if (status.ok()) {
       absl::StatusOr<EventHandle> event = backend_->RecordEvent(load_stream_);
       status = event.status();

@@ -58,6 +58,14 @@ class FakeKvStore : public v1::KvStore::Service {
     retrieve_failure_ = std::move(status);
   }
 
+  // Flips one byte of a stored block's V and keeps its checksum: replies then carry bytes that
+  // do not match it, as a damaged or tampered transport would.
+  void CorruptStoredBlock(uint32_t layer, uint32_t index) {
+    absl::MutexLock lock(&mu_);
+    std::string* value = blocks_.at({layer, index}).mutable_value();
+    (*value)[value->size() / 2] ^= 0x40;
+  }
+
   uint64_t blocks_put() const {
     absl::MutexLock lock(&mu_);
     return blocks_.size();

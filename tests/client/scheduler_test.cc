@@ -237,6 +237,24 @@ TEST_F(SchedulerTest, RetrieveErrorSurfacesOnceOnStepAndDecodingGoesOn) {
   EXPECT_THAT(VisibleBlocks(0), ElementsAre(0, 1, 2, 3, 4, 14, 15));
 }
 
+TEST_F(SchedulerTest, BlockBytesThatFailTheirChecksumNeverReachASlot) {
+  // The first retrieval brings block 5 into every layer; layer 0's copy arrives damaged.
+  fake_->CorruptStoredBlock(0, 5);
+  absl::Status failed;
+  for (uint32_t i = 0; i < 4 * kStride && failed.ok(); ++i) {
+    failed = RunStep();
+    if (failed.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(failed.code(), absl::StatusCode::kDataLoss) << failed;
+  EXPECT_THAT(std::string(failed.message()),
+              ::testing::HasSubstr("block 5 of layer 0 of sequence seq arrived with bytes that "
+                                   "do not match its checksum"));
+  EXPECT_GE(sequence_->stats().selections_dropped, 1u);
+  ASSERT_TRUE(RunStep().ok());
+  EXPECT_THAT(VisibleBlocks(0), ElementsAre(0, 1, 2, 3, 4, 14, 15));  // the old table stays
+  EXPECT_THAT(VisibleBlocks(1), ElementsAre(0, 2, 3, 4, 5, 14, 15));  // intact layers load
+}
+
 TEST_F(SchedulerTest, ARetrievalStillInFlightIsNotDuplicated) {
   fake_->CloseGate();
   for (uint32_t i = 0; i < 3 * kStride; ++i) ASSERT_TRUE(RunStep().ok());

@@ -157,6 +157,12 @@ struct ClientOptions {
   // Largest PutBlocks message the library sends (the server's --max_message_bytes bounds it).
   uint64_t max_message_bytes = uint64_t{4} << 20;
   DataPlane data_plane = DataPlane::kAuto;
+  // Check each loaded block's bytes against its XXH3-64 checksum before they reach a slot: a
+  // mismatch drops that selection (DATA_LOSS from Step or Seal, the visible table stays). On by
+  // default for blocks that arrive as bytes; off by default for blocks read from the server's
+  // shared-memory segment (one more pass over host memory per block).
+  bool verify_block_checksums = true;
+  bool verify_shared_memory_checksums = false;
 };
 
 struct SequenceOptions {
