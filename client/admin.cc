@@ -67,11 +67,10 @@ class AdminImpl final : public Admin {
   }
 
   absl::StatusOr<NodeStatsInfo> Stats() override {
-    grpc::ClientContext context;
-    client_internal::PrepareContext(options_, &context);
     v1::StatsResponse response;
-    grpc::Status status = stub_->Stats(&context, v1::StatsRequest(), &response);
-    if (!status.ok()) return client_internal::FromGrpc(status, "Stats");
+    if (absl::Status s = Call(&Stub::Stats, v1::StatsRequest(), &response, "Stats"); !s.ok()) {
+      return s;
+    }
     NodeStatsInfo stats;
     stats.scope = response.scope();
     stats.sequences = response.sequences();
@@ -90,39 +89,50 @@ class AdminImpl final : public Admin {
   }
 
   absl::StatusOr<std::vector<SequenceDescription>> ListSequences() override {
-    grpc::ClientContext context;
-    client_internal::PrepareContext(options_, &context);
     v1::ListSequencesResponse response;
-    grpc::Status status = stub_->ListSequences(&context, v1::ListSequencesRequest(), &response);
-    if (!status.ok()) return client_internal::FromGrpc(status, "ListSequences");
+    if (absl::Status s =
+            Call(&Stub::ListSequences, v1::ListSequencesRequest(), &response, "ListSequences");
+        !s.ok()) {
+      return s;
+    }
     std::vector<SequenceDescription> sequences;
     for (const v1::SequenceInfo& info : response.sequences()) sequences.push_back(FromProto(info));
     return sequences;
   }
 
   absl::StatusOr<SequenceDescription> DescribeSequence(const std::string& sequence_id) override {
-    grpc::ClientContext context;
-    client_internal::PrepareContext(options_, &context);
     v1::DescribeSequenceRequest request;
     request.set_sequence_id(sequence_id);
     v1::DescribeSequenceResponse response;
-    grpc::Status status = stub_->DescribeSequence(&context, request, &response);
-    if (!status.ok()) return client_internal::FromGrpc(status, "DescribeSequence");
+    if (absl::Status s = Call(&Stub::DescribeSequence, request, &response, "DescribeSequence");
+        !s.ok()) {
+      return s;
+    }
     return FromProto(response.sequence());
   }
 
   absl::StatusOr<uint64_t> DropSequence(const std::string& sequence_id) override {
-    grpc::ClientContext context;
-    client_internal::PrepareContext(options_, &context);
     v1::DropSequenceRequest request;
     request.set_sequence_id(sequence_id);
     v1::DropSequenceResponse response;
-    grpc::Status status = stub_->DropSequence(&context, request, &response);
-    if (!status.ok()) return client_internal::FromGrpc(status, "DropSequence");
+    if (absl::Status s = Call(&Stub::DropSequence, request, &response, "DropSequence"); !s.ok()) {
+      return s;
+    }
     return response.blocks_dropped();
   }
 
  private:
+  using Stub = v1::KvStore::Stub;
+
+  // One unary call with the options' deadline and token; gRPC errors keep their code.
+  template <typename Request, typename Response>
+  absl::Status Call(grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+                    const Request& request, Response* response, const char* what) {
+    grpc::ClientContext context;
+    client_internal::PrepareContext(options_, &context);
+    return client_internal::FromGrpc((stub_.get()->*method)(&context, request, response), what);
+  }
+
   const ClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;
   const std::unique_ptr<v1::KvStore::Stub> stub_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -358,6 +359,14 @@ absl::StatusOr<std::string> KvStoreService::Tenant(
                               : absl::string_view(found->second.data(), found->second.size()));
 }
 
+std::optional<std::string> KvStoreService::TenantOrFinish(
+    const grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor) const {
+  absl::StatusOr<std::string> tenant = Tenant(context);
+  if (tenant.ok()) return *std::move(tenant);
+  reactor->Finish(ToGrpc(tenant.status()));
+  return std::nullopt;
+}
+
 void KvStoreService::Register(std::shared_ptr<Stream> stream) {
   absl::MutexLock lock(&streams_mu_);
   Stream* key = stream.get();
@@ -399,11 +408,8 @@ grpc::ServerUnaryReactor* KvStoreService::CreateSequence(grpc::CallbackServerCon
                                                          const v1::CreateSequenceRequest* request,
                                                          v1::CreateSequenceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
     absl::StatusOr<CreateResult> created = node_->CreateSequence(
         tenant, request->sequence_id(), request->profile(), request->config());
@@ -438,11 +444,8 @@ grpc::ServerUnaryReactor* KvStoreService::Seal(grpc::CallbackServerContext* cont
                                                const v1::SealRequest* request,
                                                v1::SealResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
     absl::StatusOr<SealResult> sealed = node_->Seal(tenant, *request);
     if (sealed.ok()) {
@@ -539,11 +542,8 @@ grpc::ServerUnaryReactor* KvStoreService::DropSequence(grpc::CallbackServerConte
                                                        const v1::DropSequenceRequest* request,
                                                        v1::DropSequenceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   drop_pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
     absl::StatusOr<storage::DropResult> dropped =
         node_->DropSequence(tenant, request->sequence_id());
@@ -560,11 +560,8 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
                                                 const v1::StatsRequest*,
                                                 v1::StatsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   // Without authentication there is one tenant, so it sees the node; with it, only the admin
   // tenant does, and every other tenant sees its own sequences and calls.
   const bool node_scope = options_.auth == nullptr ||
@@ -599,10 +596,7 @@ grpc::ServerUnaryReactor* KvStoreService::GetServerInfo(grpc::CallbackServerCont
                                                         const v1::ServerInfoRequest*,
                                                         v1::ServerInfoResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::StatusOr<std::string> tenant = Tenant(context); !tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  if (!TenantOrFinish(context, reactor)) return reactor;
   response->set_host_id(host_id_);
   response->set_api_version("kvstar.v1");
   if (SharedMemoryArena* arena = node_->shared_memory()) {
@@ -631,11 +625,8 @@ grpc::ServerUnaryReactor* KvStoreService::ListSequences(grpc::CallbackServerCont
                                                         const v1::ListSequencesRequest*,
                                                         v1::ListSequencesResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   // In-memory only (no store reads): cheap enough for gRPC's thread.
   for (const SequenceInfo& info : node_->ListSequences(*tenant)) {
     ToProto(info, response->add_sequences());
@@ -648,11 +639,8 @@ grpc::ServerUnaryReactor* KvStoreService::DescribeSequence(
     grpc::CallbackServerContext* context, const v1::DescribeSequenceRequest* request,
     v1::DescribeSequenceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::StatusOr<std::string> tenant = Tenant(context);
-  if (!tenant.ok()) {
-    reactor->Finish(ToGrpc(tenant.status()));
-    return reactor;
-  }
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   pool_.Schedule([this, reactor, request, response, tenant = *std::move(tenant)] {
     absl::StatusOr<SequenceInfo> info = node_->DescribeSequence(tenant, request->sequence_id());
     if (info.ok()) ToProto(*info, response->mutable_sequence());

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -110,6 +111,9 @@ class KvStoreService final : public v1::KvStore::CallbackService {
 
   // The caller's tenant (from its bearer token), or UNAUTHENTICATED.
   absl::StatusOr<std::string> Tenant(const grpc::CallbackServerContext* context) const;
+  // The same for unary calls: on failure finishes `reactor` with the error and returns nullopt.
+  std::optional<std::string> TenantOrFinish(const grpc::CallbackServerContext* context,
+                                            grpc::ServerUnaryReactor* reactor) const;
   void Register(std::shared_ptr<Stream> stream) ABSL_LOCKS_EXCLUDED(streams_mu_);
   // Forgets the stream; it is destroyed once no watchdog pass holds it.
   void Unregister(Stream* stream) ABSL_LOCKS_EXCLUDED(streams_mu_);
