@@ -53,7 +53,10 @@ absl::StatusOr<std::unique_ptr<StorageNode>> StorageNode::Create(storage::BlockS
     if (!record.ParseFromString(*metadata)) {
       return absl::DataLossError(absl::StrCat("metadata of sequence ", key, " does not parse"));
     }
-    auto sequence = std::make_shared<Sequence>(key, record);
+    // The key is "<tenant>/<sequence_id>" (SequenceKey).
+    std::string tenant = key.substr(0, key.size() - record.sequence_id().size() - 1);
+    Counters* counters = &node->TenantCounters(tenant);
+    auto sequence = std::make_shared<Sequence>(std::move(tenant), record, counters);
     {
       absl::MutexLock lifecycle(&sequence->lifecycle_mu);
       sequence->state = Sequence::State::kLive;
@@ -106,7 +109,8 @@ absl::StatusOr<CreateResult> StorageNode::CreateSequence(absl::string_view tenan
       absl::MutexLock lock(&mu_);
       auto [it, inserted] = sequences_.try_emplace(key);
       if (inserted) {
-        it->second = std::make_shared<Sequence>(key, record);
+        it->second =
+            std::make_shared<Sequence>(std::string(tenant), record, &TenantCounters(tenant));
         mine = true;
       }
       sequence = it->second;
@@ -223,7 +227,7 @@ absl::Status StorageNode::FlushPut(PutStream& stream) {
   if (stored.ok()) {
     stream.blocks_written_ += writes.size();
     stream.bytes_written_ += stream.bytes_;
-    Count(stream.tenant_, &Counters::blocks_put, writes.size());
+    Count(TenantCounters(stream.tenant_), &Counters::blocks_put, writes.size());
   } else {
     stored = Prefixed(
         stored, absl::StrCat("messages ", stream.first_message_, "..", stream.last_message_, ": "));
@@ -361,8 +365,10 @@ absl::StatusOr<SealResult> StorageNode::Seal(absl::string_view tenant,
     absl::MutexLock lock(&sequence.mu);
     sequence.index = *std::move(index);
     sequence.last_decode_step = 0;
+    sequence.sealed_blocks.store(static_cast<uint32_t>(num_blocks));
+    sequence.sealed.store(true);
   }
-  Count(tenant, &Counters::blocks_scored, uint64_t{num_blocks} * num_layers);
+  Count(*sequence.counters, &Counters::blocks_scored, uint64_t{num_blocks} * num_layers);
   spdlog::info("event=sealed sequence_id={} layers={} blocks={}", storage::LogValue(sequence.id),
                num_layers, num_blocks);
   return result;
@@ -474,6 +480,7 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
     Sequence& sequence = *sequences[i];
     sequence.mu.AssertHeld();
     if (auto s = CatchUp(sequence); !s.ok()) return s;
+    sequence.sealed_blocks.store(sequence.index->num_blocks(0));
     // The client asked again, so it is done with the previous reply's regions.
     FreeSharedRegions(sequence);
     sequence.last_decode_step = request.sequences(i).decode_step();
@@ -534,8 +541,9 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
   scorer.join();
   locks.clear();
 
-  Count(tenant, &Counters::retrievals, 1);
-  Count(tenant, &Counters::blocks_scored, blocks_scored);
+  Counters& counters = TenantCounters(tenant);
+  Count(counters, &Counters::retrievals, 1);
+  Count(counters, &Counters::blocks_scored, blocks_scored);
   if (was_cancelled || cancelled()) return absl::CancelledError("cancelled");
   if (!sent.ok()) return sent;
   return scored;
@@ -555,37 +563,36 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
     for (uint32_t block : selected) {
       if (!held.contains(block)) wanted.push_back({layer, block});
     }
-    Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_skipped_held,
-          selected.size() - wanted.size());
+    Count(*sequence.counters, &Counters::blocks_skipped_held, selected.size() - wanted.size());
   }
   if (wanted.empty()) {
     if (!sink(reply)) return absl::CancelledError("client went away");
     return absl::OkStatus();
   }
   size_t sent = 0;
-  return ForEachBlockBatch(
-      sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
-      [&](std::vector<storage::BlockData>& batch) {
-        sequence.mu.AssertHeld();
-        reply.blocks.clear();
-        reply.shared_blocks.clear();
-        for (storage::BlockData& data : batch) {
-          std::optional<SharedBlockRef> shared;
-          if (part.shared_memory()) shared = ToShared(data, options_.shared_memory);
-          if (shared) {
-            sequence.shared_regions.push_back(shared->offset);
-            reply.shared_blocks.push_back(*shared);
-            Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_sent_shared, 1);
-          } else {
-            reply.blocks.push_back(std::move(data));
-          }
-        }
-        sent += batch.size();
-        reply.more = sent < wanted.size();
-        if (!sink(reply)) return absl::CancelledError("client went away");
-        Count(TenantOfKey(sequence.key, sequence.id), &Counters::blocks_sent, batch.size());
-        return absl::OkStatus();
-      });
+  return ForEachBlockBatch(sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
+                           [&](std::vector<storage::BlockData>& batch) {
+                             sequence.mu.AssertHeld();
+                             reply.blocks.clear();
+                             reply.shared_blocks.clear();
+                             for (storage::BlockData& data : batch) {
+                               std::optional<SharedBlockRef> shared;
+                               if (part.shared_memory())
+                                 shared = ToShared(data, options_.shared_memory);
+                               if (shared) {
+                                 sequence.shared_regions.push_back(shared->offset);
+                                 reply.shared_blocks.push_back(*shared);
+                                 Count(*sequence.counters, &Counters::blocks_sent_shared, 1);
+                               } else {
+                                 reply.blocks.push_back(std::move(data));
+                               }
+                             }
+                             sent += batch.size();
+                             reply.more = sent < wanted.size();
+                             if (!sink(reply)) return absl::CancelledError("client went away");
+                             Count(*sequence.counters, &Counters::blocks_sent, batch.size());
+                             return absl::OkStatus();
+                           });
 }
 
 absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view sequence_id,
@@ -616,7 +623,7 @@ absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view 
                            [&](std::vector<storage::BlockData>& batch) {
                              const size_t count = batch.size();
                              if (!sink(batch)) return absl::CancelledError("client went away");
-                             Count(tenant, &Counters::blocks_got, count);
+                             Count(*(*sequence)->counters, &Counters::blocks_got, count);
                              return absl::OkStatus();
                            });
 }
@@ -682,17 +689,16 @@ NodeStats StorageNode::Read(const Counters& counters) {
   return stats;
 }
 
-void StorageNode::Count(absl::string_view tenant, std::atomic<uint64_t> Counters::*field,
-                        uint64_t n) {
+StorageNode::Counters& StorageNode::TenantCounters(absl::string_view tenant) {
+  absl::MutexLock lock(&counters_mu_);
+  std::unique_ptr<Counters>& slot = tenant_counters_[tenant];
+  if (slot == nullptr) slot = std::make_unique<Counters>();
+  return *slot;
+}
+
+void StorageNode::Count(Counters& tenant, std::atomic<uint64_t> Counters::*field, uint64_t n) {
   (node_counters_.*field).fetch_add(n, std::memory_order_relaxed);
-  Counters* counters;
-  {
-    absl::MutexLock lock(&counters_mu_);
-    std::unique_ptr<Counters>& slot = tenant_counters_[tenant];
-    if (slot == nullptr) slot = std::make_unique<Counters>();
-    counters = slot.get();
-  }
-  (counters->*field).fetch_add(n, std::memory_order_relaxed);
+  (tenant.*field).fetch_add(n, std::memory_order_relaxed);
 }
 
 NodeStats StorageNode::Stats() {
@@ -712,20 +718,20 @@ NodeStats StorageNode::TenantStats(absl::string_view tenant) {
     auto it = tenant_counters_.find(tenant);
     if (it != tenant_counters_.end()) stats = Read(*it->second);
   }
-  const std::map<std::string, uint64_t> per_tenant = SequencesPerTenant();
-  auto it = per_tenant.find(std::string(tenant));
-  stats.sequences = it == per_tenant.end() ? 0 : it->second;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, sequence] : sequences_) {
+    stats.sequences += sequence->live.load() && sequence->tenant == tenant;
+  }
   return stats;
 }
 
-SequenceInfo StorageNode::Describe(Sequence& sequence) const {
+SequenceInfo StorageNode::Describe(const Sequence& sequence) {
   SequenceInfo info;
   info.sequence_id = sequence.id;
   info.profile = sequence.profile;
   info.config = sequence.config;
-  absl::MutexLock lock(&sequence.mu);
-  info.sealed = sequence.index != nullptr;
-  if (info.sealed) info.sealed_blocks = sequence.index->num_blocks(0);
+  info.sealed = sequence.sealed.load();
+  info.sealed_blocks = info.sealed ? sequence.sealed_blocks.load() : 0;
   return info;
 }
 
@@ -734,7 +740,7 @@ std::vector<SequenceInfo> StorageNode::ListSequences(absl::string_view tenant) c
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, sequence] : sequences_) {
-      if (sequence->live.load() && TenantOfKey(key, sequence->id) == tenant) {
+      if (sequence->live.load() && sequence->tenant == tenant) {
         mine.push_back(sequence);
       }
     }
@@ -763,16 +769,12 @@ absl::StatusOr<SequenceInfo> StorageNode::DescribeSequence(absl::string_view ten
   return info;
 }
 
-absl::string_view TenantOfKey(absl::string_view key, absl::string_view sequence_id) {
-  return key.substr(0, key.size() - sequence_id.size() - 1);
-}
-
 std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
   std::map<std::string, uint64_t> counts;
   absl::MutexLock lock(&mu_);
   for (const auto& [key, sequence] : sequences_) {
     if (!sequence->live.load()) continue;
-    ++counts[std::string(TenantOfKey(key, sequence->id))];
+    ++counts[sequence->tenant];
   }
   return counts;
 }

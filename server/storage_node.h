@@ -112,6 +112,9 @@ struct SequenceInfo {
   uint64_t bytes = 0;
 };
 
+// Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
+std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id);
+
 class StorageNode;
 
 // The blocks of one PutBlocks stream. Add checks each message before anything is stored and
@@ -205,17 +208,32 @@ class StorageNode {
  private:
   friend class PutStream;
 
+  // The counters of Stats, kept for the node and for each tenant.
+  struct Counters {
+    std::atomic<uint64_t> blocks_put{0};
+    std::atomic<uint64_t> blocks_got{0};
+    std::atomic<uint64_t> retrievals{0};
+    std::atomic<uint64_t> blocks_scored{0};
+    std::atomic<uint64_t> blocks_sent{0};
+    std::atomic<uint64_t> blocks_skipped_held{0};
+    std::atomic<uint64_t> blocks_sent_shared{0};
+  };
+
   // One stored sequence. profile and config never change after creation; the retrieval state is
   // guarded by the sequence's own mutex so calls on different sequences never contend.
   struct Sequence {
-    Sequence(std::string store_key, const v1::CreateSequenceRequest& record)
-        : key(std::move(store_key)),
+    Sequence(std::string owner, const v1::CreateSequenceRequest& record, Counters* tenant_counters)
+        : key(SequenceKey(owner, record.sequence_id())),
+          tenant(std::move(owner)),
           id(record.sequence_id()),
+          counters(tenant_counters),
           profile(record.profile()),
           config(record.config()) {}
 
     const std::string key;  // "<tenant>/<id>", the store's key
+    const std::string tenant;
     const std::string id;
+    Counters* const counters;  // the tenant's (StorageNode::TenantCounters)
     const v1::ModelProfile profile;
     const v1::KvstarConfig config;
 
@@ -234,6 +252,10 @@ class StorageNode {
     absl::Mutex mu;
     // Built by Seal; null before.
     std::unique_ptr<retrieval::SequenceIndex> index ABSL_GUARDED_BY(mu);
+    // Mirror the index (sealed, blocks per layer it holds) for readers that must not wait for
+    // mu, which a Seal or Retrieve holds while it scores (ListSequences, DescribeSequence).
+    std::atomic<bool> sealed{false};
+    std::atomic<uint32_t> sealed_blocks{0};
     // Decode step of the last accepted Retrieve; steps must not go backwards.
     uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
     // Shared-memory regions of the last Retrieve's replies; freed by the next one or by Drop.
@@ -277,21 +299,12 @@ class StorageNode {
   // Sequence key (tenant-scoped id) -> sequence, including ones being created or dropped.
   absl::flat_hash_map<std::string, std::shared_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
 
-  // The counters of Stats, kept for the node and for each tenant.
-  struct Counters {
-    std::atomic<uint64_t> blocks_put{0};
-    std::atomic<uint64_t> blocks_got{0};
-    std::atomic<uint64_t> retrievals{0};
-    std::atomic<uint64_t> blocks_scored{0};
-    std::atomic<uint64_t> blocks_sent{0};
-    std::atomic<uint64_t> blocks_skipped_held{0};
-    std::atomic<uint64_t> blocks_sent_shared{0};
-  };
-  // Adds `n` to the node's and the tenant's `field`.
-  void Count(absl::string_view tenant, std::atomic<uint64_t> Counters::*field, uint64_t n)
-      ABSL_LOCKS_EXCLUDED(counters_mu_);
+  // The tenant's counters, made on first use; the reference stays valid for the node's life.
+  Counters& TenantCounters(absl::string_view tenant) ABSL_LOCKS_EXCLUDED(counters_mu_);
+  // Adds `n` to the node's `field` and to the tenant's.
+  void Count(Counters& tenant, std::atomic<uint64_t> Counters::*field, uint64_t n);
   static NodeStats Read(const Counters& counters);
-  SequenceInfo Describe(Sequence& sequence) const;
+  static SequenceInfo Describe(const Sequence& sequence);
 
   Counters node_counters_;
   mutable absl::Mutex counters_mu_;
@@ -299,12 +312,6 @@ class StorageNode {
   absl::flat_hash_map<std::string, std::unique_ptr<Counters>> tenant_counters_
       ABSL_GUARDED_BY(counters_mu_);
 };
-
-// The tenant part of a sequence key "<tenant>/<sequence_id>".
-absl::string_view TenantOfKey(absl::string_view key, absl::string_view sequence_id);
-
-// Stored sequences are keyed "<tenant>/<sequence_id>": tenants never see each other's ids.
-std::string SequenceKey(absl::string_view tenant, absl::string_view sequence_id);
 
 }  // namespace kvstar::server
 
