@@ -2,8 +2,10 @@
 // thread and the sequences; retrieval runs in its RetrievalScheduler (retrieval_scheduler.h).
 #include <xxhash.h>
 
+#include <algorithm>
 #include <chrono>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/channel.h"
@@ -164,6 +166,30 @@ absl::StatusOr<SlotPoolStats> ClientImpl::slot_pool_stats() const {
   return slot_pool_->stats();
 }
 
+std::pair<uint32_t, uint64_t> ClientImpl::DueSlotForSeal(uint32_t stride) const {
+  absl::MutexLock lock(&mu_);
+  if (!options_.stagger_retrievals || stride <= 1) return {0, 0};
+  std::vector<uint32_t> users(stride, 0);
+  for (const auto& [id, sequence] : sequences_) {
+    if (sequence->sealed() && sequence->config().retrieval_stride == stride) {
+      ++users[sequence->due_slot() % stride];
+    }
+  }
+  // Among the least used slots, the first in bit-reversed order (0, 4, 2, 6, 1, ... for 8): any
+  // number of sequences spreads evenly, not on neighbouring steps.
+  uint32_t bits = 0;
+  while ((1u << bits) < stride) ++bits;
+  uint32_t best = 0;
+  bool found = false;
+  for (uint32_t i = 0; i < (1u << bits); ++i) {
+    uint32_t slot = 0;
+    for (uint32_t b = 0; b < bits; ++b) slot |= ((i >> b) & 1u) << (bits - 1 - b);
+    if (slot >= stride) continue;
+    if (!found || users[slot] < users[best]) best = slot, found = true;
+  }
+  return {best, steps_};
+}
+
 absl::StatusOr<Sequence*> ClientImpl::CreateSequence(const std::string& sequence_id,
                                                      const ModelProfile& profile,
                                                      const KvstarConfig& config,
@@ -231,7 +257,7 @@ absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
     sequences_.erase(found);  // no later Step submits it
   }
   // A retrieval in flight may still point to it until its job ends.
-  scheduler_->WaitIdle();
+  scheduler_->Forget(sequence.get());
   sequence.reset();
   grpc::ClientContext context;
   PrepareContext(&context);
@@ -243,6 +269,7 @@ absl::Status ClientImpl::DropSequence(const std::string& sequence_id) {
 
 absl::Status ClientImpl::Step() {
   absl::MutexLock lock(&mu_);
+  ++steps_;
   std::vector<SequenceImpl*> due;
   for (auto& [id, sequence] : sequences_) {
     if (sequence->AdvanceStep()) due.push_back(sequence.get());

@@ -17,6 +17,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -67,6 +68,9 @@ class SequenceImpl : public Sequence {
 
   // --- For ClientImpl ---
   bool sealed() const;
+  // The client's step (mod retrieval_stride) at which this sealed sequence is due; the
+  // client picks it at Seal (ClientImpl::DueSlotForSeal).
+  uint32_t due_slot() const { return due_slot_.load(std::memory_order_relaxed); }
   // Ends the decode step: publishes what is ready. Returns true when a retrieval is due.
   bool AdvanceStep();
   // Appends this sequence's part of a Retrieve (queries of the window that just ended).
@@ -96,7 +100,13 @@ class SequenceImpl : public Sequence {
   char* SlotAddress(int32_t slot) const { return pool_->SlotAddress(slot); }
   // Publishes what is ready in `layer` (ResidentSet::PublishReady) and counts it.
   void PublishReadyLocked(uint32_t layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The query ring and the due steps run on the sequence's clock, step + phase: a window is one
+  // ring half, the `retrieval_stride` steps before a due step. The phase in [0, stride) is set
+  // at Seal: the sequence is due at the steps s >= stride with (s + phase) % stride == 0.
+  uint64_t Clock(uint64_t step) const { return step + phase_.load(std::memory_order_relaxed); }
   char* QueryAddress(uint64_t step, uint32_t layer) const;
+  // The latest due step at or before `step` (0 when none: fewer than a whole window recorded).
+  uint64_t LastDueStep(uint64_t step) const;
   // Waits for the query copies of the window ending at `end_step` and appends that window's
   // queries of every layer (oldest first) to `queries`.
   absl::Status CollectWindow(uint64_t end_step,
@@ -109,6 +119,8 @@ class SequenceImpl : public Sequence {
   const std::string id_;
   const ModelProfile profile_;
   const KvstarConfig config_;
+  std::atomic<uint32_t> phase_{0};     // written by Seal before it publishes sealed_
+  std::atomic<uint32_t> due_slot_{0};
   const uint64_t key_bytes_;
   const uint64_t slot_bytes_;
   std::shared_ptr<SlotPool> pool_;     // the one resident_ holds; set by Init, then constant
@@ -150,6 +162,10 @@ class ClientImpl : public Client, public RetrievalScheduler::Channel {
   DataPlane data_plane() const override;
   absl::Status CreateSlotPool(const SlotPoolOptions& options) override;
   absl::StatusOr<SlotPoolStats> slot_pool_stats() const override;
+  // For a sequence sealing now: the client step (mod `stride`) at which it will be due, the one
+  // fewest sealed sequences of that stride use (see ClientOptions::stagger_retrievals), and the
+  // client's step count now.
+  std::pair<uint32_t, uint64_t> DueSlotForSeal(uint32_t stride) const;
   absl::StatusOr<Sequence*> CreateSequence(const std::string& sequence_id,
                                            const ModelProfile& profile, const KvstarConfig& config,
                                            const SequenceOptions& options) override;
@@ -203,6 +219,7 @@ class ClientImpl : public Client, public RetrievalScheduler::Channel {
   std::shared_ptr<v1::KvStore::Stub> stub_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<SlotPool> slot_pool_ ABSL_GUARDED_BY(mu_);  // shared by sequences; may be null
   std::map<std::string, std::unique_ptr<SequenceImpl>> sequences_ ABSL_GUARDED_BY(mu_);
+  uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;  // Step calls so far
   std::deque<OffloadItem> offload_queue_ ABSL_GUARDED_BY(mu_);
   bool offload_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

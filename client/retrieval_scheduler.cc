@@ -2,6 +2,7 @@
 // loads the replies.
 #include "client/retrieval_scheduler.h"
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <utility>
@@ -24,30 +25,52 @@ RetrievalScheduler::~RetrievalScheduler() {
   if (thread_.joinable()) thread_.join();
 }
 
+namespace {
+
+bool Holds(const std::vector<SequenceImpl*>& sequences, const SequenceImpl* sequence) {
+  return std::find(sequences.begin(), sequences.end(), sequence) != sequences.end();
+}
+
+}  // namespace
+
 void RetrievalScheduler::Submit(std::vector<SequenceImpl*> due) {
   if (due.empty()) return;
   absl::MutexLock lock(&mu_);
-  // The next queries overwrite the window the previous retrieval reads; it copies them out as it
-  // starts, so this wait is empty unless the retrieval thread stalled for a whole stride.
-  mu_.Await(absl::Condition(
-      +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return !scheduler->snapshot_pending_ || scheduler->stopping_;
-      },
-      this));
-  if (in_flight_) {
-    ++stats_.retrievals_skipped;
-    return;
+  // The engine overwrites a taken sequence's previous window from now on: wait until it was
+  // copied out (it is as soon as the retrieval thread starts the job).
+  const auto copied_out = [this, &due]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (stopping_) return true;
+    for (const SequenceImpl* sequence : due) {
+      if (Holds(snapshot_pending_, sequence)) return false;
+    }
+    return true;
+  };
+  mu_.Await(absl::Condition(&copied_out));
+  for (SequenceImpl* sequence : due) {
+    if (Holds(queue_, sequence)) {
+      ++stats_.retrievals_skipped;  // still queued: it goes once, with this latest window
+      continue;
+    }
+    queue_.push_back(sequence);
   }
-  job_ = std::move(due);
-  in_flight_ = true;
-  snapshot_pending_ = true;
+}
+
+void RetrievalScheduler::Forget(SequenceImpl* sequence) {
+  absl::MutexLock lock(&mu_);
+  queue_.erase(std::remove(queue_.begin(), queue_.end(), sequence), queue_.end());
+  const auto released = [this, sequence]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return !Holds(in_flight_, sequence);
+  };
+  mu_.Await(absl::Condition(&released));
 }
 
 void RetrievalScheduler::WaitIdle() {
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
-      +[](RetrievalScheduler* scheduler)
-           ABSL_NO_THREAD_SAFETY_ANALYSIS { return !scheduler->in_flight_; },
+      +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return scheduler->stopping_ ||
+               (scheduler->queue_.empty() && scheduler->in_flight_.empty());
+      },
       this));
 }
 
@@ -70,22 +93,22 @@ void RetrievalScheduler::Loop() {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return scheduler->job_.has_value() || scheduler->stopping_;
+            return !scheduler->queue_.empty() || scheduler->stopping_;
           },
           this));
       if (stopping_) {
-        in_flight_ = false;
-        snapshot_pending_ = false;
+        queue_.clear();
         return;
       }
-      due = std::move(*job_);
-      job_.reset();
+      due.swap(queue_);
+      in_flight_ = due;
+      snapshot_pending_ = due;
     }
     absl::Status status = Run(due);
     absl::MutexLock lock(&mu_);
     ++stats_.retrievals_completed;
-    in_flight_ = false;
-    snapshot_pending_ = false;
+    in_flight_.clear();
+    snapshot_pending_.clear();
     if (!status.ok() && error_.ok()) error_ = status;
   }
 }
@@ -107,7 +130,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   }
   {
     absl::MutexLock lock(&mu_);
-    snapshot_pending_ = false;
+    snapshot_pending_.clear();
     ++stats_.retrievals_sent;
   }
   if (request.sequences_size() == 0) return first;

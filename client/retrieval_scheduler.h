@@ -2,14 +2,16 @@
 // is due; Client::Step hands the due sequences of all sealed sequences to one background thread,
 // which sends them as one Retrieve (continuous batching), reads the replies layer by layer as
 // they stream in and loads each layer's new blocks into slots (SequenceImpl::LoadSelection). At
-// most one Retrieve is in flight: sequences due meanwhile are skipped (counted) and retrieve at
-// their next due step.
+// most one Retrieve is in flight: sequences due meanwhile queue and go together in the next one.
+// A sequence due again while it still queues is counted as skipped and retrieves once, with its
+// latest window.
 //
-// Ordering with the engine: a due sequence's query window is copied out (BuildRetrieval) before
-// the next Submit returns, so the engine may overwrite the ring half it came from; Submit waits
-// for that copy (normally long done). Before each Retrieve, every copy that read the regions of
-// the sequence's previous reply completed (WaitSegmentReads): the server reuses them once the
-// Retrieve arrives.
+// Ordering with the engine: the ring half of a window is overwritten from the sequence's next due
+// step on. A queued sequence has not been read yet: when it is taken, it reads its latest window,
+// intact until its next due step. A taken sequence's window is copied out (BuildRetrieval) before
+// the Submit of its next due step returns; that Submit waits for the copy (normally long done).
+// Before each Retrieve, every copy that read the regions of the sequence's previous reply
+// completed (WaitSegmentReads): the server reuses them once the Retrieve arrives.
 //
 // Thread-safety: Submit, WaitIdle, TakeError and stats from any thread; Submit from one at a
 // time (Client::Step holds the client's lock).
@@ -17,7 +19,6 @@
 #define KVSTAR_CLIENT_RETRIEVAL_SCHEDULER_H_
 
 #include <memory>
-#include <optional>
 #include <thread>
 #include <vector>
 
@@ -57,10 +58,13 @@ class RetrievalScheduler {
   RetrievalScheduler(const RetrievalScheduler&) = delete;
   RetrievalScheduler& operator=(const RetrievalScheduler&) = delete;
 
-  // Hands `due` (sequences at a stride boundary, alive until the retrieval ends: see WaitIdle) to
-  // the background thread, or counts a skip when a retrieval is still in flight.
+  // Queues `due` (sequences at a due step, alive until Forget) for the background thread; one
+  // already queued is counted as skipped.
   void Submit(std::vector<SequenceImpl*> due);
-  // Waits until no retrieval is in flight: a sequence no longer submitted may be destroyed then.
+  // Takes `sequence` out of the queue and waits until no retrieval that holds it is in flight:
+  // it may be destroyed then, if no later Submit names it.
+  void Forget(SequenceImpl* sequence);
+  // Waits until nothing is queued or in flight.
   void WaitIdle();
   // The first retrieval error since the last call (OK when none).
   absl::Status TakeError();
@@ -72,10 +76,11 @@ class RetrievalScheduler {
 
   Channel* const channel_;
   mutable absl::Mutex mu_;
-  std::optional<std::vector<SequenceImpl*>> job_ ABSL_GUARDED_BY(mu_);
-  bool in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  // The job's queries are not copied out yet: the next Submit waits.
-  bool snapshot_pending_ ABSL_GUARDED_BY(mu_) = false;
+  // Due, not yet taken, in the order they became due.
+  std::vector<SequenceImpl*> queue_ ABSL_GUARDED_BY(mu_);
+  // The Retrieve being built or read; its sequences whose windows are not copied out yet.
+  std::vector<SequenceImpl*> in_flight_ ABSL_GUARDED_BY(mu_);
+  std::vector<SequenceImpl*> snapshot_pending_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status error_ ABSL_GUARDED_BY(mu_);
   ClientStats stats_ ABSL_GUARDED_BY(mu_);

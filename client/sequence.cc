@@ -147,9 +147,18 @@ absl::Status SequenceImpl::CheckLayer(uint32_t layer) const {
 
 char* SequenceImpl::QueryAddress(uint64_t step, uint32_t layer) const {
   const uint64_t stride = config_.retrieval_stride;
-  const uint64_t window = (step / stride) % 2;
-  const uint64_t row = (window * stride + step % stride) * profile_.num_layers + layer;
+  const uint64_t clock = Clock(step);
+  const uint64_t window = (clock / stride) % 2;
+  const uint64_t row = (window * stride + clock % stride) * profile_.num_layers + layer;
   return query_ring_ + row * profile_.query_bytes();
+}
+
+uint64_t SequenceImpl::LastDueStep(uint64_t step) const {
+  const uint64_t stride = config_.retrieval_stride;
+  const uint64_t clock = Clock(step) / stride * stride;
+  // Due steps are clock multiples of the stride with a whole window recorded since the Seal.
+  if (clock < phase_ + stride) return 0;
+  return clock - phase_;
 }
 
 void SequenceImpl::SetError(const absl::Status& status) {
@@ -311,6 +320,14 @@ absl::Status SequenceImpl::Seal(const void* queries, uint32_t num_queries, Memor
   absl::StatusOr<v1::SealResponse> response = client_->SealRpc(request);
   if (!response.ok()) return response.status();
   if (absl::Status status = LoadSealSelections(*response, 0); !status.ok()) return status;
+  // Due at the client's step `slot` (mod stride): this sequence's step s is the client's
+  // `now + s`, so s is due when (s + now - slot) % stride == 0. (A Step racing with this Seal
+  // shifts the slot by one; engines seal and step on one thread.)
+  const auto [slot, now] = client_->DueSlotForSeal(config_.retrieval_stride);
+  const uint32_t stride = config_.retrieval_stride;
+  phase_.store(static_cast<uint32_t>((now % stride + stride - slot) % stride),
+               std::memory_order_relaxed);
+  due_slot_.store(slot, std::memory_order_relaxed);
   absl::MutexLock lock(&mu_);
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
     resident_->NoteBlocks(layer, response->num_blocks());
@@ -364,11 +381,12 @@ absl::Status SequenceImpl::Reseal() {
   {
     absl::MutexLock lock(&mu_);
     if (!sealed_) return absl::FailedPreconditionError("Reseal before Seal");
-    end_step = decode_step_ / config_.retrieval_stride * config_.retrieval_stride;
+    end_step = LastDueStep(decode_step_);
   }
   if (end_step == 0) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "Reseal needs retrieval_stride (", config_.retrieval_stride, ") recorded decode steps"));
+        "Reseal needs a window of retrieval_stride (", config_.retrieval_stride,
+        ") decode steps recorded since the Seal and ending at a due step"));
   }
   v1::SealRequest request;
   request.set_sequence_id(id_);
@@ -386,7 +404,7 @@ absl::Status SequenceImpl::CollectWindow(
   EventHandle copied = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    std::swap(copied, query_events_[((end_step - 1) / stride) % 2]);
+    std::swap(copied, query_events_[((Clock(end_step) - 1) / stride) % 2]);
   }
   absl::Status status = backend_->WaitEvent(copied);
   backend_->ReleaseEvent(copied);
@@ -428,7 +446,8 @@ absl::Status SequenceImpl::RecordQuery(uint32_t layer, const void* query, Memory
   absl::StatusOr<EventHandle> copied = backend_->RecordEvent(side);
   if (!copied.ok()) return copied.status();
   // The side stream is in order: the latest event of a window covers all its earlier copies.
-  EventHandle& window_event = query_events_[(decode_step_ / config_.retrieval_stride) % 2];
+  EventHandle& window_event =
+      query_events_[(Clock(decode_step_) / config_.retrieval_stride) % 2];
   backend_->ReleaseEvent(window_event);
   window_event = *copied;
   return absl::OkStatus();
@@ -477,7 +496,7 @@ bool SequenceImpl::AdvanceStep() {
     // Slots nothing reads any more go back now, for any sequence of the pool to use.
     resident_->ReclaimRetired(layer);
   }
-  if (decode_step_ % config_.retrieval_stride != 0) return false;
+  if (LastDueStep(decode_step_) != decode_step_) return false;
   due_step_ = decode_step_;
   return true;
 }

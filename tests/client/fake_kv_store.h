@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <set>
@@ -81,6 +82,11 @@ class FakeKvStore : public v1::KvStore::Service {
   uint64_t retrieves() const {
     absl::MutexLock lock(&mu_);
     return retrieves_;
+  }
+  // The most sequences one Retrieve carried.
+  int max_sequences_per_retrieve() const {
+    absl::MutexLock lock(&mu_);
+    return max_sequences_per_retrieve_;
   }
   // The held list of `layer` in the last Retrieve.
   std::set<uint32_t> last_held(uint32_t layer) const {
@@ -161,6 +167,7 @@ class FakeKvStore : public v1::KvStore::Service {
     {
       absl::MutexLock lock(&mu_);
       ++retrieves_;
+      max_sequences_per_retrieve_ = std::max(max_sequences_per_retrieve_, request->sequences_size());
       mu_.Await(absl::Condition(&gate_open_));
       if (!retrieve_failure_.ok()) return retrieve_failure_;
       num_layers = num_layers_;
@@ -213,6 +220,7 @@ class FakeKvStore : public v1::KvStore::Service {
   std::string authorization_ ABSL_GUARDED_BY(mu_);
   uint64_t blocks_sent_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t retrieves_ ABSL_GUARDED_BY(mu_) = 0;
+  int max_sequences_per_retrieve_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvstar::testing

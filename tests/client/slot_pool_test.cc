@@ -160,9 +160,15 @@ class SharedPoolTest : public ::testing::Test {
   void SetUp() override {
     fake_ = std::make_unique<FakeKvStore>();
     fake_->set_selector(ShiftingSelection);
+    Connect(/*stagger_retrievals=*/true);
+  }
+
+  void Connect(bool stagger_retrievals) {
+    client_.reset();
     ClientOptions options;
     options.address = fake_->address();
     options.backend = BackendKind::kHost;
+    options.stagger_retrievals = stagger_retrievals;
     absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
     ASSERT_TRUE(client.ok()) << client.status();
     client_ = std::move(*client);
@@ -266,7 +272,9 @@ TEST_F(SharedPoolTest, SequencesOfOneClientShareOnePoolWithoutOverlap) {
 }
 
 TEST_F(SharedPoolTest, TwoSequencesContendForHeadroomAndTheLoserKeepsItsTable) {
-  // Headroom for 6 new blocks; each sequence's next selection needs 4 (one per layer).
+  // Headroom for 6 new blocks; each sequence's next selection needs 4 (one per layer). Both due
+  // on the same step: without staggering.
+  Connect(/*stagger_retrievals=*/false);
   CreatePool(2, 6);
   absl::StatusOr<Sequence*> a = OpenSealed("a");
   absl::StatusOr<Sequence*> b = OpenSealed("b");
@@ -290,6 +298,55 @@ TEST_F(SharedPoolTest, TwoSequencesContendForHeadroomAndTheLoserKeepsItsTable) {
   const std::set<int32_t> b_slots = CheckTables(*b);
   for (int32_t slot : a_slots) EXPECT_EQ(b_slots.count(slot), 0u) << "slot " << slot;
   EXPECT_FALSE(b_before.empty());
+}
+
+TEST_F(SharedPoolTest, StaggeredSequencesShareHeadroomForOneSequencesLoads) {
+  // The pool of the test above, sealed on the same step: the client makes them due on different
+  // steps of the stride, so each selection finds the headroom that the other's gave back.
+  CreatePool(2, 6);
+  absl::StatusOr<Sequence*> a = OpenSealed("a");
+  absl::StatusOr<Sequence*> b = OpenSealed("b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (uint32_t i = 0; i < 4 * kStride; ++i) {
+    absl::Status status = RunStep({*a, *b});
+    ASSERT_TRUE(status.ok()) << "step " << i << ": " << status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(WaitFor([&] { return client_->stats().retrievals_completed >= 6; }));
+  ASSERT_TRUE(RunStep({*a, *b}).ok());
+  EXPECT_EQ(client_->slot_pool_stats()->takes_refused, 0u);
+  EXPECT_EQ((*a)->stats().selections_dropped, 0u);
+  EXPECT_EQ((*b)->stats().selections_dropped, 0u);
+  EXPECT_GE((*a)->stats().selections_published, kLayers * 3u);
+  EXPECT_GE((*b)->stats().selections_published, kLayers * 3u);
+  // Each Retrieve carried one sequence: they were never due together.
+  EXPECT_EQ(fake_->max_sequences_per_retrieve(), 1);
+  EXPECT_GE(fake_->retrieves(), 6u);
+  const std::set<int32_t> a_slots = CheckTables(*a);
+  const std::set<int32_t> b_slots = CheckTables(*b);
+  for (int32_t slot : a_slots) EXPECT_EQ(b_slots.count(slot), 0u) << "slot " << slot;
+}
+
+TEST_F(SharedPoolTest, ASequenceDueWhileARetrieveIsInFlightGoesInTheNextOne) {
+  CreatePool(2, 16);
+  absl::StatusOr<Sequence*> a = OpenSealed("a");
+  absl::StatusOr<Sequence*> b = OpenSealed("b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  // a is due at step 4 (client step 0 mod 4), b two steps later: a's Retrieve is held at the
+  // server while b becomes due.
+  fake_->CloseGate();
+  for (uint32_t i = 0; i < kStride; ++i) ASSERT_TRUE(RunStep({*a, *b}).ok());
+  ASSERT_TRUE(WaitFor([&] { return fake_->retrieves() == 1; }));
+  for (uint32_t i = 0; i < kStride / 2; ++i) ASSERT_TRUE(RunStep({*a, *b}).ok());
+  EXPECT_EQ((*b)->stats().selections_published, kLayers);  // the Seal's only
+  fake_->OpenGate();
+  // b's queued retrieval follows a's without waiting for b's next due step.
+  ASSERT_TRUE(WaitFor([&] { return client_->stats().retrievals_completed >= 2; }));
+  EXPECT_EQ(fake_->retrieves(), 2u);
+  EXPECT_EQ(client_->stats().retrievals_skipped, 0u);
+  ASSERT_TRUE(RunStep({*a, *b}).ok());
+  EXPECT_EQ((*a)->stats().selections_published, 2u * kLayers);
+  EXPECT_EQ((*b)->stats().selections_published, 2u * kLayers);
 }
 
 TEST_F(SharedPoolTest, AnUnusedReservationIsNotAnotherSequencesHeadroom) {
@@ -420,7 +477,7 @@ TEST(HbmPerSequenceTest, AtQuarterRatioA32KSequenceHoldsAtMostThreeTenthsOfItsFu
   const SlotPoolOptions sized = SlotPoolFor(profile, config, kLongBlocks, kLongSequences);
   ASSERT_TRUE(client.CreateSlotPool(sized).ok());
 
-  // Sealed two steps apart, so their retrievals (and loads) are staggered over the stride.
+  // Sealed two steps apart; the client spreads their due steps over the stride.
   std::vector<Sequence*> sequences;
   const std::string queries = MakeQueries(profile, kLongStride, 1);
   auto step_all = [&](uint64_t step) {

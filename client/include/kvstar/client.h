@@ -27,8 +27,9 @@
 // shared by all, holds the new blocks of selections still loading while the old ones are read.
 // A sequence returns its slots when dropped; slots it stops using return at step boundaries.
 // A load holds headroom from its copy until the step boundary after its table's readers released
-// the old slots (normally one or two steps), so sequences due on the same step share it: stagger
-// their Seals over the retrieval_stride, or size the headroom for one stride's loads. As a torch
+// the old slots (normally one or two steps), so sequences due on the same step share it: the
+// client spreads its sequences' due steps over the stride (ClientOptions::stagger_retrievals),
+// and the headroom needs to hold about one step's loads. As a torch
 // tensor the pool is [num_slots][2][block_size][num_kv_heads][head_dim]. When the headroom is
 // used up, a load fails with RESOURCE_EXHAUSTED (reported by Step) and the
 // sequence keeps its visible table: nothing is overwritten. Without a shared pool, a sequence gets
@@ -163,6 +164,12 @@ struct ClientOptions {
   // shared-memory segment (one more pass over host memory per block).
   bool verify_block_checksums = true;
   bool verify_shared_memory_checksums = false;
+  // Spread the sequences' retrievals over the stride: each new sequence is due at its own phase
+  // of the stride (the one fewest open sequences of that stride use), so a batch's retrievals and
+  // loads do not all fall on one step and need headroom for all of them at once. A sequence of
+  // phase p > 0 is first due at step 2 * retrieval_stride - p (a whole window after its Seal),
+  // then every retrieval_stride steps. False: every sequence is due at multiples of its stride.
+  bool stagger_retrievals = true;
 };
 
 struct SequenceOptions {
@@ -253,7 +260,9 @@ struct SequenceStats {
 
 struct ClientStats {
   uint64_t retrievals_sent = 0;
-  uint64_t retrievals_skipped = 0;  // due while the previous one was still in flight
+  // Due again while still queued behind a Retrieve in flight: it retrieves once, with its latest
+  // queries.
+  uint64_t retrievals_skipped = 0;
   uint64_t retrieve_replies = 0;
   // Retrievals whose replies were all read and their loads issued (or that failed); on the host
   // backend the loads are then complete.
