@@ -10,6 +10,7 @@
 #ifndef KVSTAR_CLIENT_CLIENT_IMPL_H_
 #define KVSTAR_CLIENT_CLIENT_IMPL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -17,7 +18,6 @@
 #include <optional>
 #include <set>
 #include <string>
-#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -119,7 +119,7 @@ class SequenceImpl : public Sequence {
   const std::string id_;
   const ModelProfile profile_;
   const KvstarConfig config_;
-  std::atomic<uint32_t> phase_{0};     // written by Seal before it publishes sealed_
+  std::atomic<uint32_t> phase_{0};  // written by Seal before it publishes sealed_
   std::atomic<uint32_t> due_slot_{0};
   const uint64_t key_bytes_;
   const uint64_t slot_bytes_;

@@ -58,9 +58,8 @@ void RetrievalScheduler::Submit(std::vector<SequenceImpl*> due) {
 void RetrievalScheduler::Forget(SequenceImpl* sequence) {
   absl::MutexLock lock(&mu_);
   queue_.erase(std::remove(queue_.begin(), queue_.end(), sequence), queue_.end());
-  const auto released = [this, sequence]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    return !Holds(in_flight_, sequence);
-  };
+  const auto released = [this, sequence]()
+                            ABSL_NO_THREAD_SAFETY_ANALYSIS { return !Holds(in_flight_, sequence); };
   mu_.Await(absl::Condition(&released));
 }
 
@@ -68,8 +67,7 @@ void RetrievalScheduler::WaitIdle() {
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
       +[](RetrievalScheduler* scheduler) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return scheduler->stopping_ ||
-               (scheduler->queue_.empty() && scheduler->in_flight_.empty());
+        return scheduler->stopping_ || (scheduler->queue_.empty() && scheduler->in_flight_.empty());
       },
       this));
 }

@@ -384,9 +384,9 @@ absl::Status SequenceImpl::Reseal() {
     end_step = LastDueStep(decode_step_);
   }
   if (end_step == 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "Reseal needs a window of retrieval_stride (", config_.retrieval_stride,
-        ") decode steps recorded since the Seal and ending at a due step"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("Reseal needs a window of retrieval_stride (", config_.retrieval_stride,
+                     ") decode steps recorded since the Seal and ending at a due step"));
   }
   v1::SealRequest request;
   request.set_sequence_id(id_);
@@ -446,8 +446,7 @@ absl::Status SequenceImpl::RecordQuery(uint32_t layer, const void* query, Memory
   absl::StatusOr<EventHandle> copied = backend_->RecordEvent(side);
   if (!copied.ok()) return copied.status();
   // The side stream is in order: the latest event of a window covers all its earlier copies.
-  EventHandle& window_event =
-      query_events_[(Clock(decode_step_) / config_.retrieval_stride) % 2];
+  EventHandle& window_event = query_events_[(Clock(decode_step_) / config_.retrieval_stride) % 2];
   backend_->ReleaseEvent(window_event);
   window_event = *copied;
   return absl::OkStatus();

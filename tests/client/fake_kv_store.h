@@ -4,9 +4,9 @@
 #ifndef KVSTAR_TESTS_CLIENT_FAKE_KV_STORE_H_
 #define KVSTAR_TESTS_CLIENT_FAKE_KV_STORE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <algorithm>
 #include <map>
 #include <memory>
 #include <set>
@@ -167,7 +167,8 @@ class FakeKvStore : public v1::KvStore::Service {
     {
       absl::MutexLock lock(&mu_);
       ++retrieves_;
-      max_sequences_per_retrieve_ = std::max(max_sequences_per_retrieve_, request->sequences_size());
+      max_sequences_per_retrieve_ =
+          std::max(max_sequences_per_retrieve_, request->sequences_size());
       mu_.Await(absl::Condition(&gate_open_));
       if (!retrieve_failure_.ok()) return retrieve_failure_;
       num_layers = num_layers_;
