@@ -10,19 +10,21 @@ fused QKV projection, the new token's K/V written into the sequence's tail page,
 over the layer's table, output projection, SwiGLU MLP) and the LM head, captured as one CUDA graph
 and replayed. The tables are the only difference:
   full      every block of the sequence plus its tail page, all in one paged pool in HBM;
-  kvstar    the slot table that the client library's Acquire returns (its resident blocks in the
-            library's slots of the sequence) plus the tail page.
+  kvstar    the slot table that the client library's Acquire returns (its resident blocks, in
+            slots of the client's shared slot pool, which is the first part of the same paged
+            KV tensor) plus the tail page.
 No RoPE: the planted structure below stays aligned without it (its cost is small either way).
 
 Synthetic KV with structure that moves attention. Each middle block of a sequence is given one of
 `topics` topics; its keys carry, on top of unit noise, the direction of the query that a topic's
 token produces at that layer and head (the residual stream is kept close to the token embedding by
-small output projections, so the real queries stay near those directions). The batch's input token
-changes topic every `topic_period` steps, so the model's own queries (recorded with RecordQuery)
-move the node's selection from one topic's blocks to the next.
+small output projections, so the real queries stay near those directions). Each sequence's input
+token changes topic every `topic_period` steps (sequences of a batch at different steps, unless
+--topic_stagger 0), so the model's own queries (recorded with RecordQuery) move the node's
+selection from one topic's blocks to the next.
 
-The slot pool source is one pluggable piece (`SlotPoolSource`): today the library's per-sequence
-default of 2 x resident + 2 slots per layer (PerSequenceSlotPool); a shared pool slots in there.
+Slots come from the client's shared slot pool (SharedSlotPool: Client.create_slot_pool over the
+engine's KV tensor, one client per kvstar configuration).
 
 Reported per configuration: step latency p50/p99 (CUDA events on the decode stream), KV bytes in
 HBM, the largest batch that fits and the batch run, tokens/s, host->device bytes per step, the
@@ -247,9 +249,17 @@ class Plant:
     strength: float
     topic_tokens: torch.Tensor
     directions: list  # per layer [topics][Hq][D]
+    stagger: bool = True
 
-    def topic_at(self, step):
-        return (step // self.topic_period) % self.topics
+    def topic_at(self, step, shift=0):
+        """The topic of decode step `step` of a sequence whose schedule is offset by `shift`
+        steps: sequences of a batch change topic at different steps, as real ones do."""
+        return ((step + shift) // self.topic_period) % self.topics
+
+    def shift_of(self, sequence):
+        """Sequence b's offset: a permutation of the period's steps for b < topic_period (5 is
+        coprime with the default period 16), 0 for sequence 0."""
+        return (sequence * 5) % self.topic_period if self.stagger else 0
 
 
 def block_topics(sequence, blocks, topics):
@@ -280,26 +290,33 @@ def synthetic_layer_kv(shape, plant, layer, blocks, topics_of_block, windows, ge
 # ---------------------------------------------------------------------------------------------
 # Slot pools: where a kvstar sequence's slots come from (the pluggable piece).
 
-class PerSequenceSlotPool:
-    """Today's client default: each sequence owns 2 x resident + 2 slots per layer (a whole new
-    selection can load while the current one is read). All sequences' slots are carved out of one
-    torch tensor so that one attention launch reads the whole batch."""
+class SharedSlotPool:
+    """The client's shared slot pool (Client.create_slot_pool) over the engine's paged KV tensor:
+    each sequence reserves its resident set at its longest (kvstar.reserved_slots: the init and
+    local windows plus ceil(sparse_ratio * middle) blocks per layer), and `headroom_fraction` of
+    the reservations, shared by all sequences, holds the new blocks of loads in flight. The
+    client staggers the sequences' retrievals over the stride, so the headroom holds about one
+    step's loads."""
 
-    name = "per-sequence 2x resident + 2"
+    name = "shared"
 
-    def __init__(self, shape, knobs, blocks):
-        windows = knobs["init_window_sz"] + knobs["local_window_sz"]
-        middle = max(blocks - windows, 0)
-        self.resident = windows + math.ceil(middle * knobs["sparse_ratio"])
-        self.slots_per_layer = 2 * self.resident + 2
+    def __init__(self, kvstar, shape, knobs, blocks, headroom_fraction):
+        s = shape
+        self.kvstar, self.shape, self.knobs, self.blocks = kvstar, shape, knobs, blocks
+        self.headroom_fraction = headroom_fraction
+        self.reserved = kvstar.reserved_slots(s.layers, s.q_heads, s.kv_heads, s.head_dim,
+                                              blocks, block_size=BLOCK_SIZE, **knobs)
+        self.resident = self.reserved // s.layers  # per layer
 
-    def pages_per_sequence(self, layers):
-        return layers * self.slots_per_layer
+    def sizes(self, sequences):
+        s = self.shape
+        return self.kvstar.slot_pool_for(s.layers, s.q_heads, s.kv_heads, s.head_dim,
+                                         self.blocks, sequences, self.headroom_fraction,
+                                         block_size=BLOCK_SIZE, **self.knobs)
 
-    def sequence_view(self, pool, sequence, layers):
-        """The part of `pool` handed to the library for `sequence`, and its first page index."""
-        first = sequence * layers * self.slots_per_layer
-        return pool[first:first + layers * self.slots_per_layer], first
+    def pages_per_sequence(self):
+        """Slots per sequence, its share of the headroom included (not rounded)."""
+        return self.reserved * (1 + self.headroom_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,26 +362,25 @@ class KvstarBatch:
     """B kvstar sequences on one client: fill, seal, and the per-step calls through the C API
     (the Python wrappers allocate per call; the hot loop does not)."""
 
-    def __init__(self, kvstar, client, shape, knobs, slot_source, pool, stream, where):
+    def __init__(self, kvstar, client, shape, knobs, pool, stream, where):
         self.kvstar, self.lib = kvstar, kvstar._load()
         self.client, self.shape, self.knobs = client, shape, knobs
-        self.slot_source, self.pool, self.where = slot_source, pool, where
+        self.pool, self.where = pool, where
         self.stream = stream
-        self.sequences, self.first_page, self.ids = [], [], []
+        self.sequences, self.ids, self.shifts = [], [], []
         self.tables = []  # per sequence, per layer: a reusable SlotTable
 
     def stream_handle(self):
         return None if self.stream is None else self.stream.cuda_stream
 
-    def add(self, sequence_id, blocks, plant, topics_of_block, seed, deadline=None):
-        """Creates, fills and returns one sequence; TimeoutError (sequence dropped) when the fill
-        passes `deadline` (time.perf_counter())."""
+    def add(self, sequence_id, blocks, plant, topics_of_block, seed, shift, deadline=None):
+        """Creates, fills and returns one sequence in the client's shared pool; TimeoutError
+        (sequence dropped) when the fill passes `deadline` (time.perf_counter()). `shift`: the
+        sequence's offset in the topic schedule (see Plant.topic_at)."""
         s, L = self.shape, self.shape.layers
-        view, first = self.slot_source.sequence_view(self.pool, len(self.sequences), L)
         sequence = self.client.create_sequence(
-            sequence_id, L, s.q_heads, s.kv_heads, s.head_dim, dtype="bfloat16",
-            block_size=BLOCK_SIZE, max_blocks_per_layer=blocks + 1,
-            slots_per_layer=self.slot_source.slots_per_layer, slot_pool=view, **self.knobs)
+            sequence_id, L, s.q_heads, s.kv_heads, s.head_dim, dtype=self.kvstar.BF16,
+            block_size=BLOCK_SIZE, max_blocks_per_layer=blocks + 1, **self.knobs)
         device = self.pool.device
         generator = torch.Generator(device=device).manual_seed(seed)
         windows = (self.knobs["init_window_sz"], self.knobs["local_window_sz"])
@@ -391,16 +407,17 @@ class KvstarBatch:
               f"{L * blocks * page_bytes(s) / (time.perf_counter() - start) / 1e9:.2f} GB/s",
               flush=True)
         self.sequences.append(sequence)
-        self.first_page.append(first)
         self.ids.append(sequence_id)
+        self.shifts.append(shift)
         self.tables.append([self.kvstar.SlotTable() for _ in range(L)])
         return sequence
 
-    def seal(self, sequence, plant, seal_queries):
-        """Seals with `seal_queries` copies of the first topic's query directions (scaled to the
-        norm of a real query) in every layer: the prompt's last queries."""
+    def seal(self, sequence, plant, seal_queries, shift):
+        """Seals with `seal_queries` copies of the sequence's first topic's query directions
+        (scaled to the norm of a real query) in every layer: the prompt's last queries."""
         s = self.shape
-        q = torch.stack([plant.directions[l][plant.topic_at(0)] for l in range(s.layers)])
+        topic = plant.topic_at(0, shift)
+        q = torch.stack([plant.directions[l][topic] for l in range(s.layers)])
         q = (q * math.sqrt(s.head_dim)).to(torch.bfloat16)
         q = q[:, None].expand(s.layers, seal_queries, s.q_heads, s.head_dim).contiguous()
         sequence.seal(q.cpu(), seal_queries, where=self.kvstar.HOST)
@@ -416,6 +433,7 @@ class KvstarBatch:
         acquire, memmove, byref = self.lib.kvstar_acquire, ctypes.memmove, ctypes.byref
         base, row_bytes = host_table.ctypes.data, host_table.strides[1]
         layer_bytes = host_table.strides[0]
+        width = host_table.shape[2]
         for b, sequence in enumerate(self.sequences):
             handle = sequence._handle
             tables = self.tables[b]
@@ -424,17 +442,15 @@ class KvstarBatch:
                 code = acquire(handle, layer, stream, byref(table))
                 if code:
                     self.kvstar._check(code)
+                if table.count >= width:
+                    raise RuntimeError(f"a table of {table.count} slots exceeds the bench's "
+                                       f"{width - 1} per row")
                 memmove(base + layer * layer_bytes + b * row_bytes, table.host_slots,
                         4 * table.count)
                 host_count[layer, b] = table.count
                 stale_out[b, layer] = table.step - table.selection_step
-        # Library slots -> pages of the shared pool, then each row's tail page after its slots.
-        # The library's slot ids index the whole view it was handed (it reports slots_per_layer
-        # 0); older libraries numbered slots per layer and reported slots_per_layer.
-        slots = self.tables[0][0].slots_per_layer if batch else 0
-        offsets = (np.asarray(self.first_page[:batch], dtype=np.int32)[None, :] +
-                   np.arange(L, dtype=np.int32)[:, None] * slots)
-        host_table[:, :batch] += offsets[:, :, None]
+        # The library's slot ids index the shared pool, which is the first pages of the KV pool;
+        # then each row's tail page after its slots.
         layers, seqs = np.meshgrid(np.arange(L), np.arange(batch), indexing="ij")
         host_table[layers, seqs, host_count[:, :batch]] = tail_pages_np[:, :batch]
         host_count[:, :batch] += 1
@@ -472,7 +488,7 @@ class KvstarBatch:
         """Drops every sequence after the first `keep` (their slots stay allocated)."""
         for sequence_id in self.ids[keep:]:
             self.client.drop_sequence(sequence_id)
-        del self.sequences[keep:], self.first_page[keep:], self.ids[keep:], self.tables[keep:]
+        del self.sequences[keep:], self.ids[keep:], self.tables[keep:], self.shifts[keep:]
 
     def close(self):
         for sequence_id in self.ids:
@@ -533,6 +549,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
     stride = args.stride
     starts, ends = [], []
     stale_max, late_steps, host_ms = [], 0, []
+    step_errors = []
     retrievals = 0
     last_selection = None
     bytes_start = cpu_start = wall_start = None
@@ -549,7 +566,9 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
         buf = buffers[step % len(buffers)]
         if buf["event"] is not None:
             buf["event"].synchronize()  # the copy that last read this pinned buffer is done
-        buf["tokens"][:] = plant.topic_tokens[plant.topic_at(step)]
+        # From host copies: reading the device's topic tokens would wait for the previous step.
+        buf["tokens"][:] = host["topic_tokens"][(step + host["shifts"]) // plant.topic_period %
+                                                plant.topics]
         buf["tail_pos"][:] = step
         buf["tail_len"][:] = step + 1
         if kv_batch is not None:
@@ -573,7 +592,12 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             ends.append(clock.mark())
         if kv_batch is not None:
             kv_batch.record_and_release(ring)
-            kv_batch.client.step()
+            try:
+                kv_batch.client.step()
+            except kv_batch.kvstar.KvstarError as error:
+                # A load refused for want of headroom (or another retrieval error): the sequence
+                # keeps its visible table; counted, and decoding goes on.
+                step_errors.append(str(error))
             if measured:
                 worst = int(stale.max())
                 stale_max.append(worst)
@@ -619,6 +643,8 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             "selections_dropped": sum(st["selections_dropped"] for st in stats),
             "library_max_staleness": max(st["max_staleness_steps"] for st in stats),
             "topic_hit": float(np.mean(hits)) if hits else float("nan"),
+            "step_errors": len(step_errors),
+            "first_step_error": step_errors[0] if step_errors else "",
         })
     else:
         out["h2d_bytes_per_step"] = 3 * batch * 8.0
@@ -716,7 +742,9 @@ def full_config(args, model, plant, context, batch, device, hbm_bw):
     q = torch.randn((batch, s.q_heads, s.head_dim), dtype=torch.bfloat16, device=device)
     attention_ms = time_attention(fns, q, 10, device)
     kind = min(attention_ms, key=attention_ms.get)
-    host = {"buffers": host_buffers(batch, s.layers, 1, device), "table_bytes": 0}
+    host = {"buffers": host_buffers(batch, s.layers, 1, device), "table_bytes": 0,
+            "topic_tokens": plant.topic_tokens.cpu(),
+            "shifts": torch.tensor([plant.shift_of(b) for b in range(batch)])}
     result = run_decode(args, model, kv, fns[kind], plant, host, device)
     kv_bytes = batch * pages_per_seq * page_bytes(s)
     kv_read = batch * s.layers * (context + args.warmup + args.steps // 2) * page_bytes(s) / \
@@ -728,28 +756,21 @@ def full_config(args, model, plant, context, batch, device, hbm_bw):
 
 
 def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw, kvstar,
-                  node, client):
+                  node, backend):
     """Fills up to the batch the node and the fill budget allow, runs that batch, then batch 1
-    on the first sequence. Returns (rows, notes)."""
+    on the first sequence. A client of its own: its shared slot pool is sized for this
+    configuration's batch. Returns (rows, notes)."""
     s = model.shape
     blocks = context // BLOCK_SIZE
     knobs = dict(init_window_sz=1, local_window_sz=2, sparse_ratio=ratio,
                  retrieval_stride=args.stride)
-    source = PerSequenceSlotPool(s, knobs, blocks + 1)
+    source = SharedSlotPool(kvstar, s, knobs, blocks + 1, args.headroom_fraction)
     seq_kv_bytes = s.layers * blocks * page_bytes(s)
     # The node keeps K and V (and representations, about 1/16 of that): cap by host memory.
     # What the node already holds (freed by earlier configurations' drops) it reuses.
     usable = mem_available_bytes() + node.rss_bytes() - args.host_reserve_gib * GIB
     node_cap = max(0, int(usable / (seq_kv_bytes * 1.1)))
     want = max(1, min(batch_hbm, node_cap, args.kvstar_max_batch))
-    pages = want * source.pages_per_sequence(s.layers) + s.layers * want
-    pool = torch.empty((pages, 2, BLOCK_SIZE, s.kv_heads, s.head_dim), dtype=torch.bfloat16,
-                       device=device)
-    tail_base = want * source.pages_per_sequence(s.layers)
-    tail_pages = tail_base + torch.arange(s.layers)[:, None] * want + torch.arange(want)[None, :]
-    stream = torch.cuda.current_stream() if device.type == "cuda" else None
-    where = kvstar.DEVICE if device.type == "cuda" else kvstar.HOST
-    batch = KvstarBatch(kvstar, client, s, knobs, source, pool, stream, where)
     # Seal loads each layer's first selection through the client's pinned staging and gives it
     # back once that layer's copy completed: one layer's selection must fit the staging budget.
     first_selection = source.resident * page_bytes(s)
@@ -759,94 +780,122 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
                   f"client's staging budget ({args.client_staging_bytes / mib:.0f} MiB)")
         print(f"  skipped: {reason}", flush=True)
         return [], {"skipped": reason, "max_batch_hbm": batch_hbm, "node_cap": node_cap}
-    fill_start = time.perf_counter()
-    seal_s = []
-    topics0 = None
-    budget = min(args.fill_budget_s, args.kvstar_deadline - fill_start)
     rate = FILL_RATE.get("bytes_per_s")
+    budget = min(args.fill_budget_s, args.kvstar_deadline - time.perf_counter())
     if rate and seq_kv_bytes / rate > budget:
         print(f"  skipped: one sequence's fill would take {seq_kv_bytes / rate:.0f} s at the "
               f"measured {rate / 1e9:.2f} GB/s, over the {budget:.0f} s left", flush=True)
         return [], {"skipped_fill_s": seq_kv_bytes / rate}
-    for b in range(want):
-        sequence_id = f"{s.layers}x{context}-r{ratio}-{b}-{time.monotonic_ns()}"
-        topics = block_topics(b, blocks, plant.topics)
-        if b == 0:
-            topics0 = topics
-        try:
-            sequence = batch.add(sequence_id, blocks, plant, topics, seed=100 + b,
-                                 deadline=args.kvstar_deadline if b == 0 else
-                                 fill_start + budget)
-        except TimeoutError as error:
-            print(f"  {error}", flush=True)
+    # The KV pool: the shared slot pool's slots first (the library's slot ids index them), then
+    # one tail page per (layer, sequence) for the decode tokens.
+    sizes = source.sizes(want)
+    num_slots = sizes["num_slots"]
+    pool = torch.empty((num_slots + s.layers * want, 2, BLOCK_SIZE, s.kv_heads, s.head_dim),
+                       dtype=torch.bfloat16, device=device)
+    tail_pages = num_slots + torch.arange(s.layers)[:, None] * want + torch.arange(want)[None, :]
+    client = kvstar.Client(node.node.address, backend=backend)
+    client.create_slot_pool(num_slots, sizes["slot_bytes"], sizes["headroom_slots"],
+                            memory=pool[:num_slots])
+    print(f"  shared slot pool: {num_slots} slots ({sizes['headroom_slots']} headroom) for "
+          f"{want} sequences, {num_slots * page_bytes(s) / 1e9:.2f} GB", flush=True)
+    stream = torch.cuda.current_stream() if device.type == "cuda" else None
+    where = kvstar.DEVICE if device.type == "cuda" else kvstar.HOST
+    batch = KvstarBatch(kvstar, client, s, knobs, pool, stream, where)
+    fill_start = time.perf_counter()
+    budget = min(args.fill_budget_s, args.kvstar_deadline - fill_start)
+    seal_s = []
+    topics0 = None
+    try:
+        for b in range(want):
+            sequence_id = f"{s.layers}x{context}-r{ratio}-{b}-{time.monotonic_ns()}"
+            topics = block_topics(b, blocks, plant.topics)
             if b == 0:
-                return [], {"fill_timeout": str(error)}
-            break
-        t = time.perf_counter()
-        batch.seal(sequence, plant, args.stride)
-        seal_s.append(time.perf_counter() - t)
-        elapsed = time.perf_counter() - fill_start
-        rate = (b + 1) * seq_kv_bytes / elapsed
-        FILL_RATE["bytes_per_s"] = rate
-        print(f"  sealed {b + 1} sequence(s) in {elapsed:.1f} s (seal {seal_s[-1]:.2f} s)",
-              flush=True)
-        if b + 1 < want and elapsed + seq_kv_bytes / rate > budget:
-            break
-    fill_s = time.perf_counter() - fill_start
-    run_batch = len(batch.sequences)
-    notes = {"batch_wanted": want, "node_cap": node_cap, "fill_s": fill_s,
-             "fill_gbps": run_batch * seq_kv_bytes / fill_s / 1e9,
-             "seal_s_mean": float(np.mean(seal_s)), "node_rss_gb": node.rss_bytes() / 1e9,
-             "slots_per_layer": source.slots_per_layer, "resident_blocks": source.resident,
-             "slot_pool": source.name}
-    rows = []
-    batches = [run_batch] + ([1] if run_batch > 1 and args.kvstar_batch1 else [])
-    for run_b in batches:
-        if run_b < len(batch.sequences):
-            batch.drop(run_b)
-        # The run's tables: the first run_b sequences' slots and tails. Tail pages are renumbered
-        # for run_b sequences within the same pool.
-        tails = tail_pages[:, :run_b]
-        kv = PagedKv(pool, s.layers, run_b, source.slots_per_layer + 1, tails, device)
-        host = {"buffers": host_buffers(run_b, s.layers, source.slots_per_layer + 1, device),
-                "tail_pages_np": tails.numpy().astype(np.int32), "node": node,
-                "topics0": (topics0, 1, 2, blocks),
-                "table_bytes": s.layers * run_b * (source.slots_per_layer + 2) * 4}
-        # Fill the device tables once for the kernel choice.
-        stale = np.zeros((run_b, s.layers), dtype=np.int64)
-        buf = host["buffers"][0]
-        batch.acquire_all(buf["table_np"], buf["count_np"], host["tail_pages_np"], stale)
-        for b in range(run_b):
-            for layer in range(s.layers):
-                batch.lib.kvstar_release(batch.sequences[b]._handle, layer,
-                                         batch.stream_handle())
-        kv.table.copy_(buf["table"])
-        kv.count.copy_(buf["count"])
-        kv.tail_len.fill_(1)
-        counts = set(int(c) for c in buf["count_np"].reshape(-1))
-        uniform = next(iter(counts)) if len(counts) == 1 else None
-        splits = sparse_attention.default_splits(run_b, s.kv_heads, source.resident + 1,
-                                                 BLOCK_SIZE, num_sms=args.num_sms)
-        fns = {}
-        if device.type == "cuda":
-            fns["triton"] = make_attention("triton", kv, s, run_b, splits, device)
-        if uniform is not None:
-            fns["repack"] = make_attention("repack", kv, s, run_b, splits, device, uniform)
-        q = torch.randn((run_b, s.q_heads, s.head_dim), dtype=torch.bfloat16, device=device)
-        attention_ms = time_attention(fns, q, 10, device)
-        kind = min(attention_ms, key=attention_ms.get)
-        result = run_decode(args, model, kv, fns[kind], plant, host, device, kv_batch=batch)
-        per_seq_pages = source.pages_per_sequence(s.layers) + s.layers
-        kv_read = run_b * s.layers * ((source.resident) * BLOCK_SIZE + args.warmup +
-                                      args.steps // 2) * page_bytes(s) / BLOCK_SIZE
-        result.update(batch=run_b, attention_kernel=kind, attention_ms=attention_ms,
-                      splits=splits, hbm_kv_bytes=run_b * per_seq_pages * page_bytes(s),
-                      kv_read_bytes_per_step=kv_read, **notes)
-        rows.append(result)
-        del kv, fns
-    batch.close()
-    del pool
-    return rows, notes
+                topics0 = topics
+            shift = plant.shift_of(b)
+            try:
+                sequence = batch.add(sequence_id, blocks, plant, topics, seed=100 + b,
+                                     shift=shift, deadline=args.kvstar_deadline if b == 0 else
+                                     fill_start + budget)
+            except TimeoutError as error:
+                print(f"  {error}", flush=True)
+                if b == 0:
+                    return [], {"fill_timeout": str(error)}
+                break
+            t = time.perf_counter()
+            batch.seal(sequence, plant, args.stride, shift)
+            seal_s.append(time.perf_counter() - t)
+            elapsed = time.perf_counter() - fill_start
+            rate = (b + 1) * seq_kv_bytes / elapsed
+            FILL_RATE["bytes_per_s"] = rate
+            print(f"  sealed {b + 1} sequence(s) in {elapsed:.1f} s (seal {seal_s[-1]:.2f} s)",
+                  flush=True)
+            if b + 1 < want and elapsed + seq_kv_bytes / rate > budget:
+                break
+        fill_s = time.perf_counter() - fill_start
+        run_batch = len(batch.sequences)
+        notes = {"batch_wanted": want, "node_cap": node_cap, "fill_s": fill_s,
+                 "fill_gbps": run_batch * seq_kv_bytes / fill_s / 1e9,
+                 "seal_s_mean": float(np.mean(seal_s)), "node_rss_gb": node.rss_bytes() / 1e9,
+                 "resident_blocks": source.resident, "slot_pool": source.name,
+                 "pool_slots": num_slots, "pool_headroom_slots": sizes["headroom_slots"],
+                 "headroom_fraction": args.headroom_fraction}
+        rows = []
+        batches = [run_batch] + ([1] if run_batch > 1 and args.kvstar_batch1 else [])
+        width = source.resident + 2  # a row: the resident slots, the tail page, one spare
+        for run_b in batches:
+            if run_b < len(batch.sequences):
+                batch.drop(run_b)
+            tails = tail_pages[:, :run_b]
+            kv = PagedKv(pool, s.layers, run_b, width, tails, device)
+            host = {"buffers": host_buffers(run_b, s.layers, width, device),
+                    "tail_pages_np": tails.numpy().astype(np.int32), "node": node,
+                    "topics0": (topics0, 1, 2, blocks),
+                    "table_bytes": s.layers * run_b * (width + 1) * 4,
+                    "topic_tokens": plant.topic_tokens.cpu(),
+                    "shifts": torch.tensor(batch.shifts[:run_b])}
+            # Fill the device tables once for the kernel choice.
+            stale = np.zeros((run_b, s.layers), dtype=np.int64)
+            buf = host["buffers"][0]
+            batch.acquire_all(buf["table_np"], buf["count_np"], host["tail_pages_np"], stale)
+            for b in range(run_b):
+                for layer in range(s.layers):
+                    batch.lib.kvstar_release(batch.sequences[b]._handle, layer,
+                                             batch.stream_handle())
+            kv.table.copy_(buf["table"])
+            kv.count.copy_(buf["count"])
+            kv.tail_len.fill_(1)
+            counts = set(int(c) for c in buf["count_np"].reshape(-1))
+            uniform = next(iter(counts)) if len(counts) == 1 else None
+            splits = sparse_attention.default_splits(run_b, s.kv_heads, source.resident + 1,
+                                                     BLOCK_SIZE, num_sms=args.num_sms)
+            fns = {}
+            if device.type == "cuda":
+                fns["triton"] = make_attention("triton", kv, s, run_b, splits, device)
+            if uniform is not None:
+                fns["repack"] = make_attention("repack", kv, s, run_b, splits, device, uniform)
+            q = torch.randn((run_b, s.q_heads, s.head_dim), dtype=torch.bfloat16, device=device)
+            attention_ms = time_attention(fns, q, 10, device)
+            kind = min(attention_ms, key=attention_ms.get)
+            result = run_decode(args, model, kv, fns[kind], plant, host, device, kv_batch=batch)
+            pool_stats = client.slot_pool_stats()
+            # HBM of the run's sequences: their share of the slot pool (reservations and headroom)
+            # and their tail pages.
+            per_seq_pages = num_slots / want + s.layers
+            kv_read = run_b * s.layers * (source.resident * BLOCK_SIZE + args.warmup +
+                                          args.steps // 2) * page_bytes(s) / BLOCK_SIZE
+            result.update(batch=run_b, attention_kernel=kind, attention_ms=attention_ms,
+                          splits=splits, hbm_kv_bytes=run_b * per_seq_pages * page_bytes(s),
+                          kv_read_bytes_per_step=kv_read,
+                          pool_peak_slots_in_use=pool_stats["peak_slots_in_use"],
+                          pool_peak_headroom_in_use=pool_stats["peak_headroom_in_use"],
+                          pool_takes_refused=pool_stats["takes_refused"], **notes)
+            rows.append(result)
+            del kv, fns
+        return rows, notes
+    finally:
+        batch.close()
+        client.close()
+        del pool
 
 
 FILL_RATE = {}  # the node's fill rate measured so far in this process
@@ -883,6 +932,13 @@ def main():
     parser.add_argument("--kvstar_batch1", type=int, default=1,
                         help="after the largest kvstar batch, also run batch 1")
     parser.add_argument("--shared_memory_gib", type=float, default=4.0)
+    parser.add_argument("--headroom_fraction", type=float, default=0.14,
+                        help="the shared slot pool's headroom, as a fraction of the sequences' "
+                             "reservations (0.14 keeps a 32K sequence at 0.25 under 0.3 of its "
+                             "full KV)")
+    parser.add_argument("--topic_stagger", type=int, default=1,
+                        help="sequences of a batch change topic at different steps (0: all at "
+                             "once)")
     parser.add_argument("--retrieval_threads", type=int, default=0)
     parser.add_argument("--num_sms", type=int, default=0, help="0: the device's")
     parser.add_argument("--no_graphs", action="store_true")
@@ -944,19 +1000,18 @@ def main():
     decode_stream = torch.cuda.Stream() if device.type == "cuda" else None
     if decode_stream is not None:
         torch.cuda.set_stream(decode_stream)
-    node = client = None
+    node = None
+    backend = kvstar.BACKEND_CUDA if device.type == "cuda" else kvstar.BACKEND_HOST
     if any(c.startswith("kvstar") for c in configs):
         log = args.node_log or os.path.join(tempfile.gettempdir(), "kvstar-decode-node.log")
         node = Node(int(args.shared_memory_gib * GIB), args.retrieval_threads, log)
-        backend = kvstar.BACKEND_CUDA if device.type == "cuda" else kvstar.BACKEND_HOST
-        client = kvstar.Client(node.node.address, backend=backend)
     try:
         for model_name in args.models.split(","):
             shape = SHAPES[model_name]
             model = RandomDecoder(shape, device)
             topic_tokens = torch.arange(args.topics, device=device) * 37 + 11
             plant = Plant(args.topics, args.topic_period, args.plant_strength, topic_tokens,
-                          model.topic_directions(topic_tokens))
+                          model.topic_directions(topic_tokens), bool(args.topic_stagger))
             weights = weight_bytes(shape)
             free = free_hbm(device) - int(args.hbm_reserve_gib * GIB)
             print(f"\n== {model_name}: weights {weights / 1e9:.1f} GB, HBM free for KV "
@@ -979,18 +1034,20 @@ def main():
                     if not config.startswith("kvstar"):
                         continue
                     ratio = float(config[len("kvstar"):])
-                    knobs = dict(init_window_sz=1, local_window_sz=2, sparse_ratio=ratio)
-                    source = PerSequenceSlotPool(shape, knobs, blocks + 1)
-                    seq_bytes = (source.pages_per_sequence(shape.layers) + shape.layers) * \
+                    knobs = dict(init_window_sz=1, local_window_sz=2, sparse_ratio=ratio,
+                                 retrieval_stride=args.stride)
+                    source = SharedSlotPool(kvstar, shape, knobs, blocks + 1,
+                                            args.headroom_fraction)
+                    seq_bytes = (source.pages_per_sequence() + shape.layers) * \
                         page_bytes(shape)
-                    max_kvstar = max(1, free // seq_bytes)
+                    max_kvstar = max(1, int(free // seq_bytes))
                     saved = args.kvstar_max_batch
                     if context not in kvstar_max_contexts:
                         args.kvstar_max_batch = 1
                     try:
                         results, notes = kvstar_config(args, model, plant, context, ratio,
                                                        max_kvstar, device, hbm_bw, kvstar, node,
-                                                       client)
+                                                       backend)
                     finally:
                         args.kvstar_max_batch = saved
                     if not results:
@@ -1016,8 +1073,6 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
-        if client is not None:
-            client.close()
         if node is not None:
             node.close()
     print_tables(rows)
