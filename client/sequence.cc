@@ -654,6 +654,17 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
       if (event.ok()) segment_read = *event;
     }
   }
+  // The staging goes back as soon as this layer's copy completed (about a millisecond; the
+  // server meanwhile streams the next layer), not when the selection is published: publishing
+  // needs the engine's Steps, and a retrieval waiting for staging that only Steps free would
+  // hold up the next layers, Flush and DropSequence until the engine steps again.
+  if (status.ok() && staging != nullptr) {
+    status = backend_->WaitEvent(loaded);
+    if (status.ok()) {
+      client_->staging()->Release(staging);
+      staging = nullptr;
+    }
+  }
   absl::MutexLock lock(&mu_);
   if (!status.ok()) {
     // A failed copy may have been partly issued: wait for the stream before reusing the slots

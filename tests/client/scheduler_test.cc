@@ -2,6 +2,7 @@
 // scripts: step-boundary visibility, slot reuse after release, incremental transfer, decode blocks,
 // staleness and error surfacing.
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -35,6 +36,16 @@ std::vector<uint32_t> ShiftingSelection(uint32_t, uint32_t num_blocks, uint64_t 
   return blocks;
 }
 
+// Init block 0, the local window, and four middle blocks that jump to four others every stride:
+// every layer's next selection is four new blocks.
+std::vector<uint32_t> JumpingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
+  const uint32_t first = 1 + static_cast<uint32_t>(step / kStride) * 4 % (num_blocks - 7);
+  std::vector<uint32_t> blocks = {0, first, first + 1, first + 2, first + 3};
+  blocks.push_back(num_blocks - 2);
+  blocks.push_back(num_blocks - 1);
+  return blocks;
+}
+
 template <typename Predicate>
 bool WaitFor(Predicate predicate) {
   for (int i = 0; i < 2000; ++i) {
@@ -48,13 +59,17 @@ class SchedulerTest : public ::testing::Test {
  protected:
   void SetUp() override { Open(SequenceOptions{0, 64}); }
 
-  void Open(SequenceOptions options, std::string token = "") {
+  void Open(SequenceOptions options, std::string token = "",
+            FakeKvStore::Selector selector = ShiftingSelection,
+            uint64_t staging_budget_bytes = ClientOptions().staging_budget_bytes) {
+    client_.reset();
     fake_ = std::make_unique<FakeKvStore>();
-    fake_->set_selector(ShiftingSelection);
+    fake_->set_selector(selector);
     ClientOptions client_options;
     client_options.address = fake_->address();
     client_options.backend = BackendKind::kHost;
     client_options.bearer_token = token;
+    client_options.staging_budget_bytes = staging_budget_bytes;
     absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(client_options);
     ASSERT_TRUE(client.ok()) << client.status();
     client_ = std::move(*client);
@@ -261,6 +276,24 @@ TEST_F(SchedulerTest, ARetrievalStillInFlightIsNotDuplicated) {
   EXPECT_GE(client_->stats().retrievals_skipped, 1u);
   fake_->OpenGate();
   EXPECT_TRUE(WaitFor([&] { return client_->stats().retrieve_replies >= kLayers; }));
+}
+
+TEST_F(SchedulerTest, ARetrievalLargerThanTheStagingBudgetLoadsWithoutMoreSteps) {
+  // Staging for two layers' new blocks (4 of 64 KiB each); the next selection brings four new
+  // blocks in each of the four layers. Its staging must come back as each layer's copy completes,
+  // not when the engine's next Steps publish the layers.
+  Open(SequenceOptions{0, 64}, "", JumpingSelection, 8 * key_bytes() * 2);
+  const uint64_t loaded = sequence_->stats().blocks_loaded;
+  for (uint32_t i = 0; i < kStride; ++i) ASSERT_TRUE(RunStep().ok());
+  if (!WaitFor([&] { return client_->stats().retrievals_completed >= 1; })) {
+    ADD_FAILURE() << "the retrieval waits for staging that only later Steps give back";
+    std::_Exit(1);  // its thread cannot be joined
+  }
+  EXPECT_EQ(sequence_->stats().blocks_loaded, loaded + 4 * kLayers);
+  EXPECT_EQ(sequence_->stats().selections_dropped, 0u);
+  ASSERT_TRUE(RunStep().ok());
+  EXPECT_THAT(VisibleBlocks(0), ElementsAre(0, 5, 6, 7, 8, 14, 15));
+  EXPECT_TRUE(client_->DropSequence("seq").ok());
 }
 
 TEST_F(SchedulerTest, BearerTokenTravelsAsAuthorizationMetadata) {
