@@ -1,6 +1,7 @@
 // kvstar_server: the storage node binary. Opens the configured block store, serves the
 // kvstar.v1.KvStore API with gRPC health checking and server reflection, and shuts down cleanly
 // on SIGINT or SIGTERM.
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -80,9 +81,10 @@ int Run(int argc, char** argv) {
   std::unique_ptr<SegmentHandoff> handoff;
   if (config->shared_memory_bytes > 0) {
     const uint64_t tenants = auth != nullptr ? auth->tenant_count() : 1;
+    // At least a byte: a budget smaller than a page per tenant gives every tenant none.
     const uint64_t per_tenant = config->shared_memory_bytes_per_tenant > 0
                                     ? config->shared_memory_bytes_per_tenant
-                                    : config->shared_memory_bytes / tenants;
+                                    : std::max<uint64_t>(1, config->shared_memory_bytes / tenants);
     shared_memory = std::make_unique<TenantSegments>(config->shared_memory_bytes, per_tenant);
     const TokenAuth* checker = auth.get();
     absl::StatusOr<std::unique_ptr<SegmentHandoff>> started = SegmentHandoff::Start(
