@@ -40,7 +40,8 @@
 #include "grpcpp/grpcpp.h"
 #include "kvstar/client.h"
 #include "server/kvstore_service.h"
-#include "server/shared_memory_arena.h"
+#include "server/segment_handoff.h"
+#include "server/tenant_segments.h"
 #include "storage/block_store.h"
 #include "tests/client/fake_kv_store.h"
 #include "tests/integration/block_fixtures.h"
@@ -430,15 +431,24 @@ absl::Status DecodeWindow(const kvstar::ModelProfile& profile, uint32_t stride, 
 // Shared-memory vs gRPC-bytes delivery of the same retrievals against a real in-process server.
 PlaneResult MeasureDataPlanes() {
   PlaneResult result;
-  absl::StatusOr<std::unique_ptr<kvstar::server::SharedMemoryArena>> arena =
-      kvstar::server::SharedMemoryArena::Create(absl::GetFlag(FLAGS_shm_mib) << 20);
-  if (!arena.ok()) {
-    std::fprintf(stderr, "shared-memory segment: %s\n", arena.status().ToString().c_str());
+  // One tenant ("default", no authentication) with the whole segment, handed over a socket.
+  const uint64_t shm_bytes = absl::GetFlag(FLAGS_shm_mib) << 20;
+  kvstar::server::TenantSegments segments(shm_bytes, shm_bytes);
+  absl::StatusOr<std::unique_ptr<kvstar::server::SegmentHandoff>> handoff =
+      kvstar::server::SegmentHandoff::Start(
+          "",
+          [](absl::string_view) -> absl::StatusOr<std::string> {
+            return std::string(kvstar::server::kDefaultTenant);
+          },
+          &segments);
+  if (!handoff.ok()) {
+    std::fprintf(stderr, "shared-memory socket: %s\n", handoff.status().ToString().c_str());
     return result;
   }
   kvstar::server::ServiceOptions service_options;
-  service_options.shared_memory = arena->get();
-  // Declared after the arena (which must outlive it) and before the clients (which go first).
+  service_options.shared_memory = &segments;
+  service_options.shared_memory_socket = (*handoff)->address();
+  // Declared after the segments (which must outlive it) and before the clients (which go first).
   absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> loopback =
       kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);
   if (!loopback.ok()) {

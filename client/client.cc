@@ -333,8 +333,8 @@ absl::Status ClientImpl::ResolveDataPlane() {
                                        mapped.status().message()));
     }
     if (*mapped != nullptr) {
-      why = absl::StrCat("the server runs on this host; segment ", (*mapped)->name(), " of ",
-                         (*mapped)->size(), " bytes mapped read-only",
+      why = absl::StrCat("the server runs on this host; this tenant's segment ", (*mapped)->name(),
+                         " of ", (*mapped)->size(), " bytes mapped read-only",
                          backend_->kind() == BackendKind::kCuda ? " and registered with CUDA" : "");
       plane = MakeSharedMemoryDataPlane(*std::move(mapped));
     } else if (options_.data_plane == DataPlane::kSharedMemory) {
@@ -375,14 +375,14 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> ClientImpl::MapServerSegment(std:
                             ", this host's boot_id ", *host_id, ")");
     return nullptr;
   }
-  if (info.shared_memory_segment().empty() || info.shared_memory_bytes() == 0) {
+  if (info.shared_memory_socket().empty() || info.shared_memory_bytes() == 0) {
     *why_not =
-        "the server exports no shared-memory segment (--shared_memory_bytes=0, or it "
-        "could not create one)";
+        "the server exports no shared-memory segment to this tenant (--shared_memory_bytes=0, "
+        "no room left of it, or a server too old to give each tenant its own segment)";
     return nullptr;
   }
-  absl::StatusOr<std::unique_ptr<SharedSegment>> segment =
-      SharedSegment::Map(info.shared_memory_segment(), info.shared_memory_bytes(), backend_.get());
+  absl::StatusOr<std::unique_ptr<SharedSegment>> segment = SharedSegment::Receive(
+      info.shared_memory_socket(), options_.bearer_token, options_.rpc_timeout_ms, backend_.get());
   if (!segment.ok()) {
     *why_not = absl::StrCat("the server runs on this host but its segment is unusable: ",
                             segment.status().message());

@@ -202,8 +202,9 @@ class ClientImpl : public Client, public RetrievalScheduler::Channel {
   // and is impossible (FAILED_PRECONDITION with the reason).
   absl::Status ResolveDataPlane() ABSL_LOCKS_EXCLUDED(mu_)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(resolve_mu_);
-  // The server's segment mapped and registered; nullptr with *why_not set when this client cannot
-  // use it; an error when the server could not be asked.
+  // This tenant's segment, received over the server's socket, mapped and registered; nullptr
+  // with *why_not set when this client cannot use it; an error when the server could not be
+  // asked.
   absl::StatusOr<std::unique_ptr<SharedSegment>> MapServerSegment(std::string* why_not);
 
   const ClientOptions options_;

@@ -3,9 +3,9 @@
 // - gRPC bytes (grpc_bytes_data_plane.cc): K and V travel in the message; they are staged in
 //   pinned memory before the host->device copy.
 // - shared memory (shared_memory_data_plane.cc): for a client on the server's host, blocks come
-//   as regions of the server's segment, mapped read-only (and registered with the device
-//   backend), and are copied from there straight into slots. Blocks that did not fit the segment
-//   still come as bytes and are handled as above.
+//   as regions of its tenant's segment, received over the server's socket, mapped read-only
+//   (and registered with the device backend), and are copied from there straight into slots.
+//   Blocks that did not fit the segment still come as bytes and are handled as above.
 // Both give bit-identical slots. The client chooses one per server (kvstar/client.h, "Data
 // planes"); a plane lives as long as a copy from it may be in flight (shared_ptr).
 //
@@ -36,8 +36,8 @@ class BlockDataPlane {
   bool wants_shared_memory() const { return kind() == DataPlane::kSharedMemory; }
 
   // True when `block` can be read as it came: bytes in the message, or a region of this plane's
-  // segment. False for a region of a segment this client has not mapped (the server restarted):
-  // fetch it again as bytes (GetBlocks).
+  // segment. False for a region of a segment this client has not received (the server
+  // restarted, or a reply that is not this tenant's): fetch it again as bytes (GetBlocks).
   virtual bool Readable(const v1::Block& block) const = 0;
 
   // Where K then V of `block` (`key_bytes` each, contiguous) lie for a direct copy into a slot,

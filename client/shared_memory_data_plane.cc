@@ -1,5 +1,6 @@
-// The shared-memory data plane: blocks as regions of the server's segment, copied from there
-// straight into slots; blocks that did not fit the segment come as bytes.
+// The shared-memory data plane: blocks as regions of this tenant's segment (received from the
+// server), copied from there straight into slots; blocks that did not fit it come as bytes. A
+// region of any other segment (another tenant's, or a restarted server's) is never read.
 #include <utility>
 
 #include "absl/strings/str_cat.h"

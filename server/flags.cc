@@ -17,8 +17,19 @@ ABSL_FLAG(std::string, data_dir, "./kvstar-data", "Directory the backend keeps i
 ABSL_FLAG(uint64_t, dram_budget_bytes, uint64_t{1} << 30,
           "Bytes of block data the DRAM tier caches in front of the backend (0 disables it).");
 ABSL_FLAG(uint64_t, shared_memory_bytes, uint64_t{256} << 20,
-          "Size of the shared-memory segment through which co-located clients receive block "
-          "bytes without copying them through gRPC (0 disables; /dev/shm must have room).");
+          "Bytes of shared memory, over all tenants, through which co-located clients receive "
+          "block bytes without copying them through gRPC (0 disables). Each tenant has its own "
+          "segment (a memfd, nothing in /dev/shm), created when its first client asks for it.");
+ABSL_FLAG(uint64_t, shared_memory_bytes_per_tenant, 0,
+          "Size of one tenant's segment; a tenant gets less when the others' segments left less "
+          "of --shared_memory_bytes, and none when they left nothing (its blocks then come as "
+          "bytes). 0: --shared_memory_bytes split evenly over the tenants of "
+          "--auth_tokens_file (all of it without authentication).");
+ABSL_FLAG(std::string, shared_memory_socket, "",
+          "Unix socket on which co-located clients receive their tenant's segment after their "
+          "token is checked (advertised in GetServerInfo). \"@name\" is a name in the abstract "
+          "namespace (nothing on disk; same network namespace only), anything else a file path. "
+          "Empty: an abstract name of the server's own, @kvstar-<random>.");
 ABSL_FLAG(int, worker_threads, 0,
           "Threads that run calls' store I/O and scoring (gRPC's callback API holds no thread "
           "for a waiting call; DropSequence has two threads of its own); 0 means max(16, 4 per "
@@ -77,6 +88,8 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   config.retrieval_threads = absl::GetFlag(FLAGS_retrieval_threads);
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
+  config.shared_memory_bytes_per_tenant = absl::GetFlag(FLAGS_shared_memory_bytes_per_tenant);
+  config.shared_memory_socket = absl::GetFlag(FLAGS_shared_memory_socket);
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.port_file = absl::GetFlag(FLAGS_port_file);
   config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);

@@ -14,9 +14,11 @@ struct ServerConfig {
   std::string backend;         // "rocksdb", "nfs" or "memory"
   std::string data_dir;        // where the backend keeps its files
   uint64_t dram_budget_bytes = 0;
-  uint64_t shared_memory_bytes = 0;  // co-located clients' segment; 0: none
-  int worker_threads = 0;            // threads that run calls' store I/O and scoring
-  int retrieval_threads = 0;         // 0: one per hardware thread
+  uint64_t shared_memory_bytes = 0;             // all tenants' segments together; 0: none
+  uint64_t shared_memory_bytes_per_tenant = 0;  // 0: shared_memory_bytes split over the tenants
+  std::string shared_memory_socket;             // "": an abstract name of its own; "@name"; a path
+  int worker_threads = 0;                       // threads that run calls' store I/O and scoring
+  int retrieval_threads = 0;                    // 0: one per hardware thread
   uint64_t max_message_bytes = 0;
   uint64_t stream_idle_timeout_ms = 0;  // 0: streams never time out
   uint64_t max_open_streams = 0;

@@ -474,8 +474,6 @@ grpc::ServerWriteReactor<v1::RetrieveResponse>* KvStoreService::Retrieve(
   raw->SetBusy(true);
   Register(reactor);
   pool_.Schedule([this, raw, request, reactor = std::move(reactor)] {
-    const std::string segment =
-        node_->shared_memory() != nullptr ? node_->shared_memory()->name() : "";
     absl::Status status = node_->Retrieve(
         raw->tenant(), *request,
         [&](RetrievedLayer& layer) {
@@ -492,7 +490,7 @@ grpc::ServerWriteReactor<v1::RetrieveResponse>* KvStoreService::Retrieve(
             block->set_block_index(ref.id.block_index);
             block->set_checksum(ref.checksum);
             v1::SharedMemoryRef* shared = block->mutable_shared();
-            shared->set_segment(segment);
+            shared->set_segment(layer.shared_segment);
             shared->set_offset(ref.offset);
             shared->set_length(ref.key_length);
           }
@@ -596,12 +594,15 @@ grpc::ServerUnaryReactor* KvStoreService::GetServerInfo(grpc::CallbackServerCont
                                                         const v1::ServerInfoRequest*,
                                                         v1::ServerInfoResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (!TenantOrFinish(context, reactor)) return reactor;
+  std::optional<std::string> tenant = TenantOrFinish(context, reactor);
+  if (!tenant) return reactor;
   response->set_host_id(host_id_);
   response->set_api_version("kvstar.v1");
-  if (SharedMemoryArena* arena = node_->shared_memory()) {
-    response->set_shared_memory_segment(arena->name());
-    response->set_shared_memory_bytes(arena->size());
+  TenantSegments* segments = node_->shared_memory();
+  if (segments != nullptr && !options_.shared_memory_socket.empty()) {
+    const uint64_t bytes = segments->BytesFor(*tenant);
+    response->set_shared_memory_bytes(bytes);
+    if (bytes > 0) response->set_shared_memory_socket(options_.shared_memory_socket);
   }
   reactor->Finish(grpc::Status::OK);
   return reactor;

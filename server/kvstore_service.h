@@ -26,8 +26,8 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
 #include "server/load_limits.h"
-#include "server/shared_memory_arena.h"
 #include "server/storage_node.h"
+#include "server/tenant_segments.h"
 #include "server/token_auth.h"
 #include "server/work_pool.h"
 #include "storage/block_store.h"
@@ -46,9 +46,12 @@ struct ServiceOptions {
   // A stream that makes no progress this long is ended; 0: never.
   uint64_t stream_idle_timeout_ms = 30000;
   LoadLimitsOptions limits;
-  // Segment for co-located clients' shared_memory replies; null: none (bytes in replies).
-  // Not owned; must outlive the service.
-  SharedMemoryArena* shared_memory = nullptr;
+  // Each tenant's segment for its co-located clients' shared_memory replies; null: none (bytes
+  // in replies). Not owned; must outlive the service.
+  TenantSegments* shared_memory = nullptr;
+  // Where clients receive their tenant's segment (SegmentHandoff::address), advertised in
+  // GetServerInfo; empty with no shared memory.
+  std::string shared_memory_socket;
   // Bearer tokens -> tenants; null: no authentication, every caller is tenant "default".
   // Not owned; must outlive the service.
   const TokenAuth* auth = nullptr;

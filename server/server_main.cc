@@ -1,6 +1,7 @@
 // kvstar_server: the storage node binary. Opens the configured block store, serves the
 // kvstar.v1.KvStore API with gRPC health checking and server reflection, and shuts down cleanly
 // on SIGINT or SIGTERM.
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -14,6 +15,7 @@
 #include "server/flags.h"
 #include "server/kvstore_service.h"
 #include "server/metrics.h"
+#include "server/segment_handoff.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
@@ -61,18 +63,6 @@ int Run(int argc, char** argv) {
                   storage::LogValue(store.status().ToString()));
     return 1;
   }
-  // A segment the size asked for, or none: co-located clients then receive bytes through gRPC.
-  std::unique_ptr<SharedMemoryArena> shared_memory;
-  if (config->shared_memory_bytes > 0) {
-    absl::StatusOr<std::unique_ptr<SharedMemoryArena>> arena =
-        SharedMemoryArena::Create(config->shared_memory_bytes);
-    if (arena.ok()) {
-      shared_memory = *std::move(arena);
-    } else {
-      spdlog::warn("event=no_shared_memory message={} (co-located clients get bytes over gRPC)",
-                   storage::LogValue(arena.status().ToString()));
-    }
-  }
   std::unique_ptr<TokenAuth> auth;
   if (!config->auth_tokens_file.empty()) {
     absl::StatusOr<std::unique_ptr<TokenAuth>> loaded =
@@ -85,10 +75,38 @@ int Run(int argc, char** argv) {
     auth = *std::move(loaded);
     spdlog::info("event=auth tokens={}", auth->size());
   }
+  // Each tenant's segment is created when its first client asks for it on the handoff socket;
+  // without one, co-located clients receive bytes through gRPC.
+  std::unique_ptr<TenantSegments> shared_memory;
+  std::unique_ptr<SegmentHandoff> handoff;
+  if (config->shared_memory_bytes > 0) {
+    const uint64_t tenants = auth != nullptr ? auth->tenant_count() : 1;
+    // At least a byte: a budget smaller than a page per tenant gives every tenant none.
+    const uint64_t per_tenant = config->shared_memory_bytes_per_tenant > 0
+                                    ? config->shared_memory_bytes_per_tenant
+                                    : std::max<uint64_t>(1, config->shared_memory_bytes / tenants);
+    shared_memory = std::make_unique<TenantSegments>(config->shared_memory_bytes, per_tenant);
+    const TokenAuth* checker = auth.get();
+    absl::StatusOr<std::unique_ptr<SegmentHandoff>> started = SegmentHandoff::Start(
+        config->shared_memory_socket,
+        [checker](absl::string_view authorization) -> absl::StatusOr<std::string> {
+          if (checker == nullptr) return std::string(kDefaultTenant);
+          return checker->TenantOf(authorization);
+        },
+        shared_memory.get());
+    if (started.ok()) {
+      handoff = *std::move(started);
+    } else {
+      spdlog::warn("event=no_shared_memory message={} (co-located clients get bytes over gRPC)",
+                   storage::LogValue(started.status().ToString()));
+      shared_memory.reset();
+    }
+  }
   ServiceOptions options;
   options.auth = auth.get();
   options.admin_tenant = config->admin_tenant;
   options.shared_memory = shared_memory.get();
+  if (handoff != nullptr) options.shared_memory_socket = handoff->address();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.worker_threads = static_cast<size_t>(config->worker_threads);
   options.stream_idle_timeout_ms = config->stream_idle_timeout_ms;
@@ -146,9 +164,10 @@ int Run(int argc, char** argv) {
       "max_inflight_put_bytes_per_tenant={} stream_idle_timeout_ms={}",
       kServiceName, host, port, config->backend, storage::LogValue(config->data_dir),
       config->dram_budget_bytes, config->worker_threads,
-      shared_memory
-          ? storage::LogValue(absl::StrCat(shared_memory->name(), ":", shared_memory->size()))
-          : std::string("off"),
+      shared_memory ? storage::LogValue(absl::StrCat(
+                          handoff->address(), " total_bytes:", shared_memory->total_bytes(),
+                          " bytes_per_tenant:", shared_memory->bytes_per_tenant()))
+                    : std::string("off"),
       config->tls_cert_file.empty()        ? "plaintext"
       : config->tls_client_ca_file.empty() ? "tls"
                                            : "mutual_tls",

@@ -25,8 +25,8 @@ absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-// Copies the block's bytes into the arena (K, then V); nullopt when there is no arena or no room,
-// and the block must travel as bytes.
+// Copies the block's bytes into the tenant's arena (K, then V); nullopt when there is no arena or
+// no room, and the block must travel as bytes.
 std::optional<SharedBlockRef> ToShared(const storage::BlockData& data, SharedMemoryArena* arena) {
   if (arena == nullptr) return std::nullopt;
   std::optional<uint64_t> offset = arena->Allocate(data.size_bytes());
@@ -570,15 +570,18 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
     return absl::OkStatus();
   }
   size_t sent = 0;
+  // Only the caller's tenant's segment, and only once one of its clients holds it.
+  SharedMemoryArena* arena = part.shared_memory() && options_.shared_memory != nullptr
+                                 ? options_.shared_memory->Find(sequence.tenant)
+                                 : nullptr;
+  if (arena != nullptr) reply.shared_segment = arena->id();
   return ForEachBlockBatch(sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
                            [&](std::vector<storage::BlockData>& batch) {
                              sequence.mu.AssertHeld();
                              reply.blocks.clear();
                              reply.shared_blocks.clear();
                              for (storage::BlockData& data : batch) {
-                               std::optional<SharedBlockRef> shared;
-                               if (part.shared_memory())
-                                 shared = ToShared(data, options_.shared_memory);
+                               std::optional<SharedBlockRef> shared = ToShared(data, arena);
                                if (shared) {
                                  sequence.shared_regions.push_back(shared->offset);
                                  reply.shared_blocks.push_back(*shared);
@@ -780,11 +783,12 @@ std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
 }
 
 void StorageNode::FreeSharedRegions(Sequence& sequence) {
-  if (options_.shared_memory == nullptr) {
-    sequence.shared_regions.clear();
-    return;
+  SharedMemoryArena* arena = options_.shared_memory != nullptr && !sequence.shared_regions.empty()
+                                 ? options_.shared_memory->Find(sequence.tenant)
+                                 : nullptr;
+  if (arena != nullptr) {
+    for (uint64_t offset : sequence.shared_regions) arena->Free(offset);
   }
-  for (uint64_t offset : sequence.shared_regions) options_.shared_memory->Free(offset);
   sequence.shared_regions.clear();
 }
 

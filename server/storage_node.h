@@ -32,7 +32,7 @@
 #include "kvstar/v1/kvstar.pb.h"
 #include "retrieval/representation.h"
 #include "retrieval/retriever.h"
-#include "server/shared_memory_arena.h"
+#include "server/tenant_segments.h"
 #include "storage/block_store.h"
 
 namespace kvstar::server {
@@ -46,9 +46,10 @@ struct NodeOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
-  // Segment for co-located clients' shared-memory replies; null: none (bytes in replies).
+  // Each tenant's segment for its co-located clients' shared-memory replies; null: none (bytes
+  // in replies). A tenant's replies use its own segment only, once a client received it.
   // Not owned; must outlive the node.
-  SharedMemoryArena* shared_memory = nullptr;
+  TenantSegments* shared_memory = nullptr;
   // Consecutive blocks of one sequence in one put stream are written to the store together, up
   // to this many bytes: each store write is durable (an fsync).
   uint64_t put_batch_bytes = 32 << 20;
@@ -60,7 +61,7 @@ struct CreateResult {
   bool created = false;  // false: it existed with the same profile and config
 };
 
-// A block of a Retrieve reply that travels in the client's shared-memory segment.
+// A block of a Retrieve reply that travels in the tenant's shared-memory segment.
 struct SharedBlockRef {
   storage::BlockId id;
   uint64_t checksum = 0;
@@ -76,7 +77,8 @@ struct RetrievedLayer {
   std::vector<uint32_t> selected;
   std::vector<storage::BlockData> blocks;
   std::vector<SharedBlockRef> shared_blocks;
-  bool more = false;  // another reply of this layer follows
+  std::string shared_segment;  // id of the segment shared_blocks lie in
+  bool more = false;           // another reply of this layer follows
 };
 
 // Receives replies in order. Returns false when the receiver went away: the call then stops.
@@ -203,7 +205,7 @@ class StorageNode {
   absl::StatusOr<SequenceInfo> DescribeSequence(absl::string_view tenant,
                                                 absl::string_view sequence_id);
 
-  SharedMemoryArena* shared_memory() const { return options_.shared_memory; }
+  TenantSegments* shared_memory() const { return options_.shared_memory; }
 
  private:
   friend class PutStream;
@@ -258,7 +260,8 @@ class StorageNode {
     std::atomic<uint32_t> sealed_blocks{0};
     // Decode step of the last accepted Retrieve; steps must not go backwards.
     uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
-    // Shared-memory regions of the last Retrieve's replies; freed by the next one or by Drop.
+    // Regions of the tenant's segment that the last Retrieve's replies named; freed (zeroed) by
+    // the next one or by Drop.
     std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
   };
 

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -69,6 +70,12 @@ absl::StatusOr<std::string> TokenAuth::TenantOf(absl::string_view authorization)
   auto found = tenants_.find(absl::StripAsciiWhitespace(authorization.substr(kBearer.size())));
   if (found == tenants_.end()) return absl::UnauthenticatedError("unknown bearer token");
   return found->second;
+}
+
+size_t TokenAuth::tenant_count() const {
+  absl::flat_hash_set<std::string> tenants;
+  for (const auto& [token, tenant] : tenants_) tenants.insert(tenant);
+  return tenants.size();
 }
 
 }  // namespace kvstar::server

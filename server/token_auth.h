@@ -27,6 +27,8 @@ class TokenAuth {
   absl::StatusOr<std::string> TenantOf(absl::string_view authorization) const;
 
   size_t size() const { return tenants_.size(); }
+  // Distinct tenants the tokens belong to.
+  size_t tenant_count() const;
 
  private:
   absl::flat_hash_map<std::string, std::string> tenants_;  // token -> tenant

@@ -1,10 +1,11 @@
 // The co-located data plane against the real kvstar_server on a loopback port (host backend): the
-// same decode flow with Retrieve's new blocks in the server's shared-memory segment and as gRPC
+// same decode flow with Retrieve's new blocks in the tenant's shared-memory segment and as gRPC
 // bytes gives bit-identical slots, the client's counts match the server's, kAuto picks shared
 // memory on this host and falls back to bytes without a segment, and a segment too small for a
 // retrieval mixes both kinds of blocks.
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -22,8 +23,7 @@ namespace {
 
 constexpr uint32_t kStride = 4;
 
-// One server, one client on it, one sealed sequence. The server is stopped cleanly, so it unlinks
-// its segment (a killed one leaves it in /dev/shm).
+// One server, one client on it, one sealed sequence.
 struct DecodeRun {
   ~DecodeRun() {
     client.reset();
@@ -206,6 +206,62 @@ TEST_F(DataPlaneTest, AutoPicksSharedMemoryAgainstAServerOnThisHost) {
   EXPECT_GT(run.client->stats().blocks_received_shared, 0u);
   EXPECT_EQ(ServerStats(*run.server).blocks_sent_shared(),
             run.client->stats().blocks_received_shared);
+}
+
+// With tokens, each tenant's client receives its own tenant's segment (the handshake sends the
+// client's bearer token) and decodes from it, shared-memory checksums checked.
+TEST_F(DataPlaneTest, WithTokensEachTenantsClientDecodesFromItsOwnTenantsSegment) {
+  const std::string dir = MakeTempDir("data_plane_auth");
+  const std::string tokens = dir + "/tokens";
+  const std::string token_a = "token-of-tenant-a-0123456789";
+  const std::string token_b = "token-of-tenant-b-9876543210";
+  std::ofstream(tokens) << token_a << " alpha\n" << token_b << " beta\n";
+  ServerProcess server({"--backend=memory", "--data_dir=" + dir + "/data", "--log_level=warn",
+                        "--auth_tokens_file=" + tokens, "--shared_memory_bytes=67108864"});
+  ASSERT_TRUE(server.Start().ok());
+  std::vector<std::unique_ptr<Client>> clients;
+  std::vector<Sequence*> sequences;
+  for (const std::string& token : {token_a, token_b}) {
+    ClientOptions options;
+    options.address = server.address();
+    options.backend = BackendKind::kHost;
+    options.rpc_timeout_ms = 10000;
+    options.bearer_token = token;
+    options.verify_shared_memory_checksums = true;
+    absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    absl::StatusOr<Sequence*> sequence = (*client)->CreateSequence(
+        "seq", SmallProfile(), SmallConfig(kStride), {0, kPromptBlocks + 16});
+    ASSERT_TRUE(sequence.ok()) << sequence.status();
+    EXPECT_EQ((*client)->data_plane(), DataPlane::kSharedMemory);
+    ASSERT_TRUE(OffloadBlocks(*sequence, 0, kPromptBlocks).ok());
+    const std::string queries = MakeQueries(SmallProfile(), kStride, 3);
+    ASSERT_TRUE((*sequence)->Seal(queries.data(), kStride, MemoryKind::kHost, nullptr).ok());
+    sequences.push_back(*sequence);
+    clients.push_back(*std::move(client));
+  }
+  for (int step = 0; step < 3 * static_cast<int>(kStride); ++step) {
+    const std::string query = MakeQueries(SmallProfile(), 1, 1000 + step);
+    for (size_t i = 0; i < clients.size(); ++i) {
+      for (uint32_t layer = 0; layer < kLayers; ++layer) {
+        absl::StatusOr<SlotTable> table = sequences[i]->Acquire(layer, nullptr);
+        ASSERT_TRUE(table.ok()) << table.status();
+        ExpectTableHoldsBlocks(*table, SmallProfile().block_key_bytes());
+        const char* row = query.data() + layer * SmallProfile().query_bytes();
+        ASSERT_TRUE(sequences[i]->RecordQuery(layer, row, MemoryKind::kHost, nullptr).ok());
+        ASSERT_TRUE(sequences[i]->Release(layer, nullptr).ok());
+      }
+      absl::Status stepped = clients[i]->Step();
+      ASSERT_TRUE(stepped.ok()) << stepped;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (const std::unique_ptr<Client>& client : clients) {
+    EXPECT_GT(client->stats().blocks_received_shared, 0u);
+    EXPECT_EQ(client->stats().blocks_received_bytes, 0u);
+  }
+  clients.clear();
+  EXPECT_TRUE(server.Stop().ok());
 }
 
 TEST_F(DataPlaneTest, WithoutASegmentAutoFallsBackToBytesAndSharedMemoryFailsClearly) {

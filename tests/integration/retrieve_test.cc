@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/shared_segment.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -379,7 +380,7 @@ TEST_F(RetrieveTest, BadRetrievesAreRejectedNamingTheField) {
   EXPECT_EQ(replies.size(), kLayers);
 }
 
-// Co-located mode: the same blocks, bit for bit, arrive as regions of the server's segment.
+// Co-located mode: the same blocks, bit for bit, arrive as regions of the tenant's segment.
 TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) {
   grpc::ClientContext info_context;
   v1::ServerInfoResponse info;
@@ -388,10 +389,13 @@ TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) 
   std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
   EXPECT_EQ(info.host_id(), boot_id);
   ASSERT_EQ(info.shared_memory_bytes(), kSharedMemoryBytes);
-  const int fd = shm_open(info.shared_memory_segment().c_str(), O_RDONLY, 0);
-  ASSERT_GE(fd, 0) << info.shared_memory_segment();
-  void* mapped = mmap(nullptr, kSharedMemoryBytes, PROT_READ, MAP_SHARED, fd, 0);
-  close(fd);
+  // The one tenant's segment, received on the server's socket (no token: no authentication).
+  absl::StatusOr<client_internal::ReceivedSegment> received =
+      client_internal::ReceiveSegment(info.shared_memory_socket(), "", 5000);
+  ASSERT_TRUE(received.ok()) << received.status();
+  ASSERT_EQ(received->bytes, kSharedMemoryBytes);
+  void* mapped = mmap(nullptr, kSharedMemoryBytes, PROT_READ, MAP_SHARED, received->fd, 0);
+  close(received->fd);
   ASSERT_NE(mapped, MAP_FAILED);
   const char* segment = static_cast<const char*>(mapped);
 
@@ -423,7 +427,7 @@ TEST_F(RetrieveTest, SharedMemoryRepliesCarryTheSameBytesAndRegionsAreRecycled) 
             absl::StrCat("step ", step, " layer ", layer, " block ", block.block_index());
         ASSERT_TRUE(block.has_shared()) << where << ": sent as bytes, the segment ran out";
         EXPECT_TRUE(block.key().empty() && block.value().empty()) << where;
-        EXPECT_EQ(block.shared().segment(), info.shared_memory_segment());
+        EXPECT_EQ(block.shared().segment(), received->id);
         const std::string& key = data_.keys[layer][block.block_index()];
         const std::string& value = data_.values[layer][block.block_index()];
         ASSERT_EQ(block.shared().length(), key.size()) << where;

@@ -5,36 +5,49 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 
 #include "gtest/gtest.h"
 
 namespace kvstar::server {
 namespace {
 
-TEST(SharedMemoryArenaTest, AnotherProcessSeesWhatIsWrittenUntilTheArenaIsGone) {
-  std::string name;
-  {
-    auto arena = SharedMemoryArena::Create(1 << 20);
-    ASSERT_TRUE(arena.ok()) << arena.status();
-    name = (*arena)->name();
-    std::optional<uint64_t> offset = (*arena)->Allocate(100);
-    ASSERT_TRUE(offset.has_value());
-    std::memcpy((*arena)->base() + *offset, "kvstar", 6);
+TEST(SharedMemoryArenaTest, AReadOnlyMappingOfItsDescriptorSeesWhatIsWrittenAndNothingIsNamed) {
+  auto arena = SharedMemoryArena::Create(1 << 20, "kvstar-test-0000000000000001");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  std::optional<uint64_t> offset = (*arena)->Allocate(100);
+  ASSERT_TRUE(offset.has_value());
+  std::memcpy((*arena)->base() + *offset, "kvstar", 6);
 
-    // What a client does: open by name, map read-only.
-    const int fd = shm_open(name.c_str(), O_RDONLY, 0);
-    ASSERT_GE(fd, 0);
-    void* view = mmap(nullptr, 1 << 20, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    ASSERT_NE(view, MAP_FAILED);
-    EXPECT_EQ(std::memcmp(static_cast<char*>(view) + *offset, "kvstar", 6), 0);
-    munmap(view, 1 << 20);
+  // What a client does with the descriptor it received: map it read-only.
+  void* view = mmap(nullptr, 1 << 20, PROT_READ, MAP_SHARED, (*arena)->fd(), 0);
+  ASSERT_NE(view, MAP_FAILED);
+  EXPECT_EQ(std::memcmp(static_cast<char*>(view) + *offset, "kvstar", 6), 0);
+  munmap(view, 1 << 20);
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    EXPECT_EQ(entry.path().filename().string().find((*arena)->id()), std::string::npos);
   }
-  EXPECT_LT(shm_open(name.c_str(), O_RDONLY, 0), 0) << "the segment outlived its arena";
+}
+
+TEST(SharedMemoryArenaTest, ItsDescriptorCannotBeResizedWrittenOrMappedWritable) {
+  auto arena = SharedMemoryArena::Create(1 << 16, "kvstar-test-0000000000000002");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  const int fd = (*arena)->fd();
+  EXPECT_NE(ftruncate(fd, 0), 0);
+  EXPECT_NE(ftruncate(fd, 1 << 17), 0);
+  EXPECT_EQ(pwrite(fd, "x", 1, 0), -1);
+  EXPECT_EQ(mmap(nullptr, 1 << 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), MAP_FAILED);
+  const int seals = fcntl(fd, F_GET_SEALS);
+  EXPECT_EQ(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL),
+            F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
+  // The arena's own mapping still writes.
+  (*arena)->base()[0] = 'k';
+  EXPECT_EQ((*arena)->base()[0], 'k');
 }
 
 TEST(SharedMemoryArenaTest, AllocatesAlignedFirstFitAndCoalescesFreedNeighbours) {
-  auto arena = SharedMemoryArena::Create(4096);
+  auto arena = SharedMemoryArena::Create(4096, "kvstar-test-0000000000000003");
   ASSERT_TRUE(arena.ok()) << arena.status();
   SharedMemoryArena& a = **arena;
   std::optional<uint64_t> x = a.Allocate(1000), y = a.Allocate(1000), z = a.Allocate(1000);
@@ -54,26 +67,24 @@ TEST(SharedMemoryArenaTest, AllocatesAlignedFirstFitAndCoalescesFreedNeighbours)
   EXPECT_EQ(a.Allocate(4096), std::optional<uint64_t>(0));
 }
 
-TEST(SharedMemoryArenaTest, RemovesSegmentsOfDeadServersButNotOfLiveOnes) {
-  // A segment nobody holds a lock on: what a server killed with SIGKILL leaves behind.
-  const std::string stale = "/kvstar-00000000deadbeef";
-  const int fd = shm_open(stale.c_str(), O_CREAT | O_RDWR, 0600);
-  ASSERT_GE(fd, 0);
-  close(fd);
-  auto live = SharedMemoryArena::Create(4096);
-  ASSERT_TRUE(live.ok());
-  EXPECT_LT(shm_open(stale.c_str(), O_RDONLY, 0), 0) << "the stale segment is still there";
-
-  auto another = SharedMemoryArena::Create(4096);  // runs the cleanup again
-  ASSERT_TRUE(another.ok());
-  EXPECT_NE((*another)->name(), (*live)->name());
-  const int live_fd = shm_open((*live)->name().c_str(), O_RDONLY, 0);
-  EXPECT_GE(live_fd, 0) << "a live server's segment was removed";
-  if (live_fd >= 0) close(live_fd);
+TEST(SharedMemoryArenaTest, FreedRegionsAreZeroedBeforeAnyoneGetsThemAgain) {
+  auto arena = SharedMemoryArena::Create(4096, "kvstar-test-0000000000000004");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  SharedMemoryArena& a = **arena;
+  std::optional<uint64_t> x = a.Allocate(1000), y = a.Allocate(1000);
+  ASSERT_TRUE(x && y);
+  std::memset(a.base() + *x, 0xab, 1000);
+  std::memset(a.base() + *y, 0xcd, 1000);
+  a.Free(*x);
+  for (int i = 0; i < 1000; ++i) ASSERT_EQ(a.base()[*x + i], 0) << "byte " << i;
+  EXPECT_EQ(static_cast<unsigned char>(a.base()[*y]), 0xcd) << "a live region was touched";
+  std::optional<uint64_t> again = a.Allocate(1000);
+  ASSERT_EQ(again, x);
+  for (int i = 0; i < 1000; ++i) ASSERT_EQ(a.base()[*again + i], 0) << "byte " << i;
 }
 
 TEST(SharedMemoryArenaTest, FreeingAnUnknownOffsetChangesNothing) {
-  auto arena = SharedMemoryArena::Create(4096);
+  auto arena = SharedMemoryArena::Create(4096, "kvstar-test-0000000000000005");
   ASSERT_TRUE(arena.ok());
   (*arena)->Free(128);
   EXPECT_EQ((*arena)->free_bytes(), 4096u);

@@ -36,9 +36,12 @@
 // a pool of its own (SequenceOptions below).
 //
 // Data planes. Retrieve replies carry new blocks' bytes either in the gRPC messages (remote node)
-// or, for a client on the server's host (the co-located sidecar), as regions of the server's
-// shared-memory segment, which the client maps read-only (and on CUDA registers as pinned memory)
-// and copies straight into slots. Blocks that do not fit the segment still come as bytes. Both
+// or, for a client on the server's host (the co-located sidecar), as regions of its tenant's
+// shared-memory segment. The client receives that segment's descriptor on the server's Unix
+// socket (GetServerInfo.shared_memory_socket) after the server checked bearer_token, maps it
+// read-only (and on CUDA registers it as pinned memory) and copies straight into slots; no other
+// tenant's bytes are ever in it, and it has no name anyone could open. Blocks that do not fit the
+// segment still come as bytes. Both
 // give bit-identical slots. The plane is chosen at the first CreateSequence (see
 // ClientOptions::data_plane) and logged with the reason; the Client's destruction unmaps the
 // segment. The Retrieve after a reply is sent only once the copies from that reply's regions
@@ -125,8 +128,8 @@ const char* BackendName(BackendKind kind);
 
 // How Retrieve replies deliver block bytes (see "Data planes" above).
 //   kAuto: shared memory when the server runs on this host (its GetServerInfo host_id equals this
-//     host's /proc/sys/kernel/random/boot_id) and its segment can be mapped (and, on CUDA,
-//     registered); else gRPC bytes.
+//     host's /proc/sys/kernel/random/boot_id) and its tenant's segment can be received over its
+//     socket and mapped (and, on CUDA, registered); else gRPC bytes.
 //   kSharedMemory: shared memory or CreateSequence fails with FAILED_PRECONDITION saying why.
 //   kGrpcBytes: always bytes in the reply.
 enum class DataPlane : uint32_t { kAuto = 0, kSharedMemory = 1, kGrpcBytes = 2 };
@@ -268,7 +271,7 @@ struct ClientStats {
   // backend the loads are then complete.
   uint64_t retrievals_completed = 0;
   // New blocks of Retrieve replies, by how their bytes came (all sequences, since Connect).
-  uint64_t blocks_received_shared = 0;  // as regions of the server's shared-memory segment
+  uint64_t blocks_received_shared = 0;  // as regions of the tenant's shared-memory segment
   uint64_t blocks_received_bytes = 0;   // as bytes in the reply
 };
 
