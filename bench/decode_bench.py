@@ -890,6 +890,8 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
                           pool_peak_headroom_in_use=pool_stats["peak_headroom_in_use"],
                           pool_takes_refused=pool_stats["takes_refused"], **notes)
             rows.append(result)
+            # Printed at once: a later stall of this configuration must not lose the row.
+            print("MEASURED " + json.dumps(result), flush=True)
             del kv, fns
         return rows, notes
     finally:
