@@ -631,6 +631,8 @@ const char* ScorePathName(ScorePath path) {
       return "bf16-dot";
     case ScorePath::kInt8Vnni:
       return "int8-vnni";
+    case ScorePath::kAmxBf16:
+      return "amx-bf16";
   }
   return "unknown";
 }
@@ -644,6 +646,8 @@ bool ScorePathSupported(ScorePath path, RepresentationFormat format) {
       return format == RepresentationFormat::kBf16 && internal::CpuHasAvx512Bf16();
     case ScorePath::kInt8Vnni:
       return format == RepresentationFormat::kInt8 && internal::CpuHasAvx512Vnni();
+    case ScorePath::kAmxBf16:
+      return format == RepresentationFormat::kBf16 && internal::CpuHasAmxBf16();
   }
   return false;
 }
@@ -658,7 +662,8 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   // Measured on the Sapphire Rapids class build host (bench/retrieval_bench, and register-resident
   // loops of independent instructions): vdpbf16ps retires at about 1/4 and vpdpbusd at about 1/2
   // of the vfmadd231ps rate, so neither x86 path beats the fp32 FMA kernel there (bf16-dot 0.6x,
-  // int8-vnni, whose queries need two codes, 0.7x of int8 on Highway). They stay forcible.
+  // int8-vnni, whose queries need two codes, 0.7x of int8 on Highway). They stay forcible, and so
+  // does amx-bf16 until it is measured faster on an AMX host.
   return ScorePath::kHighway;
 }
 
@@ -692,6 +697,9 @@ void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
       break;
     case ScorePath::kInt8Vnni:
       internal::ScoreChunkInt8Vnni(args);
+      break;
+    case ScorePath::kAmxBf16:
+      internal::ScoreChunkAmxBf16(args);
       break;
     default:
       HWY_DYNAMIC_DISPATCH(ScoreChunkImpl)(&args);
