@@ -104,10 +104,13 @@ const char* DispatchedTargetName();
 //  - kHighway: the Highway kernel, every target (the portable fallback), both formats;
 //  - kBf16Dot: AVX512_BF16 vdpbf16ps on the bf16 representation (bf16 queries exactly, fp16/fp32
 //    queries as two bf16 parts);
-//  - kInt8Vnni: AVX512_VNNI vpdpbusd on the int8 representation.
+//  - kInt8Vnni: AVX512_VNNI vpdpbusd on the int8 representation;
+//  - kAmxBf16: AMX-BF16 tile products (tdpbf16ps) on the bf16 representation, queries as in
+//    kBf16Dot; needs AMX-TILE, AMX-BF16 and the OS's permission for the tile state (Linux:
+//    arch_prctl ARCH_REQ_XCOMP_PERM, asked for the whole process by ScorePathSupported).
 // kAuto picks kHighway, measured the fastest for both formats on the AVX-512 hosts here (see
 // ActiveScorePath in scorer.cc); the other paths are chosen with SetScorePath.
-enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni };
+enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni, kAmxBf16 };
 
 const char* ScorePathName(ScorePath path);
 // Whether `path` scores `format` on this CPU (kAuto and kHighway always do).

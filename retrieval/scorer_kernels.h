@@ -1,5 +1,5 @@
-// Internal to the scorer: what every chunk kernel (Highway, AVX512_BF16, AVX512_VNNI) reads and
-// writes, so the paths are interchangeable chunk by chunk. Not part of the public API.
+// Internal to the scorer: what every chunk kernel (Highway, AVX512_BF16, AVX512_VNNI, AMX-BF16)
+// reads and writes, so the paths are interchangeable chunk by chunk. Not part of the public API.
 #ifndef KVSTAR_RETRIEVAL_SCORER_KERNELS_H_
 #define KVSTAR_RETRIEVAL_SCORER_KERNELS_H_
 
@@ -9,6 +9,14 @@
 #include "hwy/base.h"
 #include "retrieval/representation.h"
 #include "retrieval/scorer.h"
+
+// The x86 kernels (scorer_x86.cc, scorer_amx.cc) need GCC or Clang's x86 intrinsics and
+// function-level target attributes; elsewhere their paths are never supported.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KVSTAR_HAVE_X86_KERNELS 1
+#else
+#define KVSTAR_HAVE_X86_KERNELS 0
+#endif
 
 namespace kvstar::retrieval::internal {
 
@@ -92,15 +100,19 @@ struct ChunkArgs {
 // moves: exp2 stays below 2^20, far from overflow, and the max rarely needs rescaling.
 inline constexpr float kHeadroom = 20.0f;
 
-// Runtime CPU checks (cpuid, and the OS's saving of the register state).
+// Runtime CPU checks (cpuid, and the OS's saving of the register state; for AMX also the OS's
+// permission to use the tile data, requested for the whole process by the first call).
 bool CpuHasAvx512Bf16();
 bool CpuHasAvx512Vnni();
-bool CpuHasAmx();
+bool CpuHasAmxBf16();
 
 // The x86 kernels; REQUIRE the matching CpuHas* (they are compiled with function-level target
 // attributes, the rest of the library stays portable). Same contract as the Highway kernel.
 void ScoreChunkBf16Dot(const ChunkArgs& args);
 void ScoreChunkInt8Vnni(const ChunkArgs& args);
+// AMX-BF16 tile products on the bf16 representation (scorer_amx.cc); REQUIRES CpuHasAmxBf16().
+// Loads its own tile configuration on the calling thread and releases the tiles before returning.
+void ScoreChunkAmxBf16(const ChunkArgs& args);
 
 }  // namespace kvstar::retrieval::internal
 

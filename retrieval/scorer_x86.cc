@@ -1,7 +1,8 @@
 // The scorer's x86 kernels: AVX512_BF16 dot products on the bf16 representation and AVX512_VNNI
-// dot products on the int8 one. Compiled with function-level target attributes and called only
-// after the runtime checks below, so the library itself runs on any x86-64 (and builds elsewhere,
-// where these paths are simply never selected).
+// dot products on the int8 one, and the runtime checks of every x86 path (the AMX kernel is in
+// scorer_amx.cc). Compiled with function-level target attributes and called only after the
+// runtime checks below, so the library itself runs on any x86-64 (and builds elsewhere, where
+// these paths are simply never selected).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,13 +10,16 @@
 #include "retrieval/quantize.h"
 #include "retrieval/scorer_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if KVSTAR_HAVE_X86_KERNELS
 #include <cpuid.h>
 #include <immintrin.h>
-#define KVSTAR_HAVE_X86_KERNELS 1
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() as the merge source of unmasked
-// operations and then warn that it may be uninitialized (Highway silences the same).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "retrieval/scorer_x86_scan.h"
 #endif
 
 namespace kvstar::retrieval::internal {
@@ -62,119 +66,41 @@ bool CpuHasAvx512Bf16() {
   return has;
 }
 
-bool CpuHasAmx() {
-  // AMX-BF16, AMX-TILE, AMX-INT8 and the OS's XTILECFG / XTILEDATA state components.
-  const unsigned wanted = (1u << 22) | (1u << 24) | (1u << 25);
-  static const bool has = HasAvx512Base() && (Cpuid(7, 0).edx & wanted) == wanted &&
-                          (ReadXcr0() & (3u << 17)) == (3u << 17);
+bool CpuHasAmxBf16() {
+  static const bool has = [] {
+    // AMX-TILE (bit 24) and AMX-BF16 (bit 22), the OS saving XTILECFG and XTILEDATA (XCR0 bits
+    // 17, 18), and AVX-512 with BF16 for the exp2 pass around the tiles.
+    const unsigned wanted = (1u << 22) | (1u << 24);
+    if (!CpuHasAvx512Bf16() || (Cpuid(7, 0).edx & wanted) != wanted ||
+        (ReadXcr0() & (3u << 17)) != (3u << 17)) {
+      return false;
+    }
+#if defined(__linux__)
+    // Linux (5.16+) hands out the 8 KiB tile data state only to a process that asks for it
+    // (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the grant covers all its threads.
+    // Without it the first tile instruction faults, so a refusal means no AMX.
+    constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+    constexpr unsigned long kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+    unsigned long permitted = 0;
+    if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &permitted) != 0) return false;
+    return (permitted & (1ul << kXfeatureXtiledata)) != 0;
+#else
+    return false;
+#endif
+  }();
   return has;
 }
 
-#define KVSTAR_AVX512 \
-  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,avx512vnni")))
-#define KVSTAR_AVX512_INLINE inline __attribute__((always_inline)) KVSTAR_AVX512
-// The register tiles' loops must unroll fully, or the accumulators live on the stack.
-#define KVSTAR_UNROLL _Pragma("GCC unroll 16")
-
 namespace {
 
-constexpr size_t kLanes = SequenceIndex::kBlocksPerGroup;  // 16 fp32 lanes: one group
-constexpr size_t kMaxVectors = 4;
-constexpr size_t kPrefetchTiles = 2;
-
-// The gathered queries are a float buffer; their bit-pattern words are read through memcpy.
-inline int32_t Bits(const float* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// 2^x, the Highway AVX3 kernel's polynomial (relative error 2.6e-6): f = x - floor(x) by
-// vreduceps, 2^floor(x) applied by vscalefps (0 far below; denormals flushed by the caller).
-KVSTAR_AVX512_INLINE __m512 Exp2(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(1.3534167911694569e-2f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.20114606190554e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.414427568861899e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93003834471064e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025933706653f));
-  return _mm512_scalef_ps(p, x);
-}
-
-// Horizontal max and sum through memory: rare (a reference move, a chunk's end), and GCC 12's
-// _mm512_reduce_* warn of an uninitialized temporary.
-KVSTAR_AVX512_INLINE float MaxOfLanes(__m512 v) {
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, v);
-  float max = lanes[0];
-  for (size_t i = 1; i < kLanes; ++i) max = std::max(max, lanes[i]);
-  return max;
-}
-
-KVSTAR_AVX512_INLINE float SumOfLanes(__m512 v) {
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, v);
-  float sum = 0.0f;
-  for (size_t i = 0; i < kLanes; ++i) sum += lanes[i];
-  return sum;
-}
-
-// Per-row online-softmax state of one chunk, as in the Highway kernel (scorer.cc).
-struct RowState {
-  float* reference;    // [rows] log2 units
-  float* threshold;    // [rows] -inf until the row saw a score, then kHeadroom
-  float* chunk_sum;    // [rows][16] this group's sums of exp2(score - reference)
-  float* denominator;  // [rows][16] the chunk's sums so far
-};
-
-struct Tile {
-  size_t group;
-  size_t first_vector;  // M index of the tile's first vector
-  bool bounded;         // every row's scores stay within kHeadroom of its reference
-  bool ragged;          // lanes past num_blocks (left out of the max)
-  __mmask16 valid;
-};
-
-// Moves row `row`'s reference when a score in accumulator column r exceeds it by kHeadroom.
-template <size_t kVectors, size_t kRows>
-KVSTAR_AVX512_INLINE void CheckReference(__m512 (&acc)[kVectors][kRows], size_t r, size_t row,
-                                         const RowState& state, const Tile& tile) {
-  __m512 max = acc[0][r];
-  KVSTAR_UNROLL
-  for (size_t v = 1; v < kVectors; ++v) max = _mm512_max_ps(max, acc[v][r]);
-  if (tile.ragged) max = _mm512_mask_mov_ps(_mm512_set1_ps(-HUGE_VALF), tile.valid, max);
-  if (HWY_LIKELY(_mm512_cmp_ps_mask(max, _mm512_set1_ps(state.threshold[row]), _CMP_GT_OQ) == 0)) {
-    return;
-  }
-  const float shift = MaxOfLanes(max);
-  if (state.threshold[row] == kHeadroom) {
-    const __m512 rescale = _mm512_set1_ps(std::exp2(-shift));
-    float* sum = state.chunk_sum + row * kLanes;
-    float* denominator = state.denominator + row * kLanes;
-    _mm512_store_ps(sum, _mm512_mul_ps(_mm512_load_ps(sum), rescale));
-    _mm512_store_ps(denominator, _mm512_mul_ps(_mm512_load_ps(denominator), rescale));
-  }
-  KVSTAR_UNROLL
-  for (size_t v = 0; v < kVectors; ++v) acc[v][r] = _mm512_sub_ps(acc[v][r], _mm512_set1_ps(shift));
-  state.reference[row] += shift;
-  state.threshold[row] = kHeadroom;
-}
-
-// Scores relative to the references are in acc: the rare reference move, exp2, block sums.
-template <size_t kVectors, size_t kRows>
-KVSTAR_AVX512_INLINE void Accumulate(__m512 (&acc)[kVectors][kRows], size_t row0,
-                                     const RowState& state, const Tile& tile) {
-  KVSTAR_UNROLL
-  for (size_t r = 0; r < kRows; ++r) {
-    const size_t row = row0 + r;
-    if (!tile.bounded) CheckReference<kVectors, kRows>(acc, r, row, state, tile);
-    __m512 sum = Exp2(acc[0][r]);
-    KVSTAR_UNROLL
-    for (size_t v = 1; v < kVectors; ++v) sum = _mm512_add_ps(sum, Exp2(acc[v][r]));
-    float* chunk_sum = state.chunk_sum + row * kLanes;
-    _mm512_store_ps(chunk_sum, _mm512_add_ps(_mm512_load_ps(chunk_sum), sum));
-  }
-}
+using x86::Accumulate;
+using x86::Bits;
+using x86::kLanes;
+using x86::RowState;
+using x86::ScanChunk;
+using x86::ScoreRows;
+using x86::Tile;
 
 // bf16 representation: a 32-bit word holds two channels of one block, 16 blocks per load; one
 // vdpbf16ps adds both channels' products for 16 blocks. Queries are unscaled bf16 pairs (exact
@@ -192,6 +118,14 @@ struct Bf16DotKernel {
            (group * args.vectors + vector) * pairs * kLanes;
   }
   size_t VectorBytes() const { return pairs * kLanes * 4; }
+
+  size_t ScratchFloats() const { return 0; }
+  void UseScratch(float*) {}
+  template <size_t kVectors>
+  KVSTAR_AVX512_INLINE void ScoreTile(size_t num_rows, const RowState& state, const Tile& tile,
+                                      const char* next, size_t next_bytes) const {
+    ScoreRows<kVectors>(*this, num_rows, state, tile, next, next_bytes);
+  }
 
   template <size_t kVectors, size_t kRows, bool kSplit>
   KVSTAR_AVX512_INLINE void Score(size_t row0, const RowState& state, const Tile& tile) const {
@@ -269,6 +203,14 @@ struct Int8VnniKernel {
   }
   size_t VectorBytes() const { return quads * kLanes * 4; }
 
+  size_t ScratchFloats() const { return 0; }
+  void UseScratch(float*) {}
+  template <size_t kVectors>
+  KVSTAR_AVX512_INLINE void ScoreTile(size_t num_rows, const RowState& state, const Tile& tile,
+                                      const char* next, size_t next_bytes) const {
+    ScoreRows<kVectors>(*this, num_rows, state, tile, next, next_bytes);
+  }
+
   template <size_t kVectors, size_t kRows>
   KVSTAR_AVX512_INLINE void Run(size_t row0, const RowState& state, const Tile& tile) const {
     const uint32_t* words = Words(tile.group, tile.first_vector);
@@ -321,158 +263,24 @@ struct Int8VnniKernel {
   }
 };
 
-// All rows against one tile of kVectors vectors, in balanced row groups of at most kMaxRows; the
-// tile kPrefetchTiles ahead is prefetched a share per row group.
-template <size_t kVectors, class Kernel>
-KVSTAR_AVX512_INLINE void ScoreRows(const Kernel& kernel, size_t num_rows, const RowState& state,
-                                    const Tile& tile, const char* next, size_t next_bytes) {
-  constexpr size_t kMaxRows = Kernel::kMaxRows;
-  const size_t groups = (num_rows + kMaxRows - 1) / kMaxRows;
-  const size_t base = num_rows / groups, extra = num_rows % groups;
-  const size_t share = (next_bytes / groups + 63) / 64 * 64 + 64;
-  size_t row = 0;
-  for (size_t g = 0; g < groups; ++g) {
-    for (size_t offset = g * share; offset < std::min(next_bytes, (g + 1) * share); offset += 64) {
-      _mm_prefetch(next + offset, _MM_HINT_T0);
-    }
-    const size_t rows = base + (g < extra ? 1 : 0);
-    switch (rows) {
-      case 1:
-        kernel.template Run<kVectors, 1>(row, state, tile);
-        break;
-      case 2:
-        kernel.template Run<kVectors, 2>(row, state, tile);
-        break;
-      case 3:
-        kernel.template Run<kVectors, 3>(row, state, tile);
-        break;
-      case 4:
-        if constexpr (kMaxRows >= 4) kernel.template Run<kVectors, 4>(row, state, tile);
-        break;
-      case 5:
-        if constexpr (kMaxRows >= 5) kernel.template Run<kVectors, 5>(row, state, tile);
-        break;
-      case 6:
-        if constexpr (kMaxRows >= 6) kernel.template Run<kVectors, 6>(row, state, tile);
-        break;
-      default:
-        break;
-    }
-    row += rows;
-  }
-}
-
-// One chunk's pass with an online softmax per row, as ScoreChunkImpl in scorer.cc does it, with
-// the group (16 blocks) as the lane chunk.
-template <class Kernel>
-KVSTAR_AVX512_INLINE void ScanChunk(const ChunkArgs& args, const Kernel& kernel) {
-  const size_t num_rows = args.num_rows;
-  const PartialsLayout layout(args.num_blocks, num_rows, args.num_chunks);
-  const size_t first_group = layout.FirstGroup(args.chunk);
-  const size_t end_group = layout.FirstGroup(args.chunk + 1);
-  const GatheredLayout gathered(num_rows, args.kept);
-  const float* query_norm = args.gathered + gathered.norms;
-  const size_t rows16 = (num_rows + 15) / 16 * 16;
-  float* memory =
-      args.scratch->Get(2 * num_rows * kLanes + 2 * rows16 + (end_group - first_group) * num_rows);
-  RowState state;
-  state.chunk_sum = memory;
-  state.denominator = state.chunk_sum + num_rows * kLanes;
-  state.reference = state.denominator + num_rows * kLanes;
-  state.threshold = state.reference + rows16;
-  float* group_reference = state.threshold + rows16;  // [groups of the chunk][rows]
-  for (size_t row = 0; row < num_rows; ++row) {
-    state.reference[row] = 0.0f;
-    state.threshold[row] = -HUGE_VALF;
-    _mm512_store_ps(state.denominator + row * kLanes, _mm512_setzero_ps());
-  }
-  auto rows_bounded = [&](size_t group) {
-    for (size_t row = 0; row < num_rows; ++row) {
-      if (state.threshold[row] != kHeadroom ||
-          query_norm[row] * args.group_norms[group] > state.reference[row] + kHeadroom) {
-        return false;
-      }
-    }
-    return true;
-  };
-  const size_t vector_bytes = kernel.VectorBytes();
-  for (size_t group = first_group; group < end_group; ++group) {
-    const size_t first_block = group * kLanes;
-    const size_t valid_lanes = std::min(kLanes, args.num_blocks - first_block);
-    Tile tile;
-    tile.group = group;
-    tile.ragged = valid_lanes < kLanes;
-    tile.valid = static_cast<__mmask16>((1u << valid_lanes) - 1);
-    for (size_t row = 0; row < num_rows; ++row) {
-      _mm512_store_ps(state.chunk_sum + row * kLanes, _mm512_setzero_ps());
-    }
-    tile.bounded = rows_bounded(group);
-    for (size_t m = 0; m < args.vectors; m += kMaxVectors) {
-      tile.first_vector = m;
-      const size_t vectors = std::min(kMaxVectors, args.vectors - m);
-      const char* next = reinterpret_cast<const char*>(kernel.Words(group, m)) +
-                         kPrefetchTiles * kMaxVectors * vector_bytes;
-      const size_t next_bytes = vectors * vector_bytes;
-      switch (vectors) {
-        case 1:
-          ScoreRows<1>(kernel, num_rows, state, tile, next, next_bytes);
-          break;
-        case 2:
-          ScoreRows<2>(kernel, num_rows, state, tile, next, next_bytes);
-          break;
-        case 3:
-          ScoreRows<3>(kernel, num_rows, state, tile, next, next_bytes);
-          break;
-        default:
-          ScoreRows<4>(kernel, num_rows, state, tile, next, next_bytes);
-          break;
-      }
-      if (!tile.bounded) tile.bounded = rows_bounded(group);
-    }
-    for (size_t row = 0; row < num_rows; ++row) {
-      const __m512 sum =
-          _mm512_maskz_mov_ps(tile.valid, _mm512_load_ps(state.chunk_sum + row * kLanes));
-      _mm512_store_ps(args.partials + layout.Sums(group, row, 0), sum);
-      group_reference[(group - first_group) * num_rows + row] = state.reference[row];
-      float* denominator = state.denominator + row * kLanes;
-      _mm512_store_ps(denominator, _mm512_add_ps(_mm512_load_ps(denominator), sum));
-    }
-  }
-  // Everything relative to the chunk's final reference.
-  for (size_t group = first_group; group < end_group; ++group) {
-    for (size_t row = 0; row < num_rows; ++row) {
-      const float moved =
-          group_reference[(group - first_group) * num_rows + row] - state.reference[row];
-      if (moved == 0.0f) continue;
-      float* sum = args.partials + layout.Sums(group, row, 0);
-      _mm512_store_ps(sum, _mm512_mul_ps(_mm512_load_ps(sum), _mm512_set1_ps(std::exp2(moved))));
-    }
-  }
-  for (size_t row = 0; row < num_rows; ++row) {
-    args.partials[layout.reference + args.chunk * num_rows + row] = state.reference[row];
-    args.partials[layout.denominator + args.chunk * num_rows + row] =
-        SumOfLanes(_mm512_load_ps(state.denominator + row * kLanes));
-  }
-}
-
 }  // namespace
 
 KVSTAR_AVX512 void ScoreChunkBf16Dot(const ChunkArgs& args) {
   const GatheredLayout gathered(args.num_rows, args.kept);
-  const Bf16DotKernel kernel{args, gathered.pairs, args.gathered + gathered.high,
-                             args.gathered + gathered.low};
+  Bf16DotKernel kernel{args, gathered.pairs, args.gathered + gathered.high,
+                       args.gathered + gathered.low};
   ScanChunk(args, kernel);
 }
 
 KVSTAR_AVX512 void ScoreChunkInt8Vnni(const ChunkArgs& args) {
   const GatheredLayout gathered(args.num_rows, args.kept);
-  const Int8VnniKernel kernel{args,
-                              gathered.quads,
-                              args.gathered + gathered.quad_codes,
-                              args.gathered + gathered.low_quad_codes,
-                              args.gathered + gathered.factor,
-                              args.gathered + gathered.offset,
-                              args.gathered + gathered.low_offset};
+  Int8VnniKernel kernel{args,
+                        gathered.quads,
+                        args.gathered + gathered.quad_codes,
+                        args.gathered + gathered.low_quad_codes,
+                        args.gathered + gathered.factor,
+                        args.gathered + gathered.offset,
+                        args.gathered + gathered.low_offset};
   ScanChunk(args, kernel);
 }
 
@@ -480,7 +288,7 @@ KVSTAR_AVX512 void ScoreChunkInt8Vnni(const ChunkArgs& args) {
 
 bool CpuHasAvx512Bf16() { return false; }
 bool CpuHasAvx512Vnni() { return false; }
-bool CpuHasAmx() { return false; }
+bool CpuHasAmxBf16() { return false; }
 void ScoreChunkBf16Dot(const ChunkArgs&) {}
 void ScoreChunkInt8Vnni(const ChunkArgs&) {}
 

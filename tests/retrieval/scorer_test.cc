@@ -56,7 +56,10 @@ std::vector<Case> Cases() {
     cases.push_back({"under_windows" + suffix, Shape(4, 2, 32, 16, dtype), MakeKnobs(0.25f, 2), 3});
     cases.push_back(
         {"no_merge_full_dim" + suffix, Shape(3, 3, 24, 8, dtype), MakeKnobs(1.0f, 1), 11});
+    // 33 kept channels: more than an AMX tile's 32, in two K steps of 9 pairs that overlap.
+    cases.push_back({"kept33" + suffix, Shape(4, 2, 66, 16, dtype), MakeKnobs(0.5f, 2), 18});
   }
+  cases.push_back({"kept64", Shape(8, 2, 128, 32, DType::kBf16), MakeKnobs(0.5f, 2), 17});
   cases.push_back({"qwen2.5_14b", Shape(40, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 7});
   cases.push_back({"llama3_8b", Shape(32, 8, 128, 128, DType::kBf16), MakeKnobs(0.25f, 2), 6});
   cases.push_back({"smollm2_135m", Shape(9, 3, 64, 128, DType::kBf16), MakeKnobs(0.25f, 2), 9});
@@ -299,6 +302,19 @@ TEST(ScorerTest, Bf16DotPathMatchesReferenceOnAwkwardAndModelShapes) {
   ExpectSplitScoresMatchReference(RepresentationFormat::kBf16);
 }
 
+// The AMX-BF16 path: the same queries as the bf16-dot path, as tile products.
+TEST(ScorerTest, AmxBf16PathMatchesReferenceOnAwkwardAndModelShapes) {
+  if (!ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)) {
+    GTEST_SKIP() << "this CPU has no AMX-TILE/AMX-BF16 (or the OS refused the tile state): the "
+                    "amx-bf16 path cannot run here";
+  }
+  const ForcePath amx(ScorePath::kAmxBf16);
+  ASSERT_EQ(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kAmxBf16);
+  ExpectFusedScoresMatchReference(RepresentationFormat::kBf16);
+  ExpectMaxVoteScoresMatchReference(RepresentationFormat::kBf16);
+  ExpectSplitScoresMatchReference(RepresentationFormat::kBf16);
+}
+
 TEST(ScorerTest, Int8VnniPathMatchesReferenceOnAwkwardAndModelShapes) {
   if (!ScorePathSupported(ScorePath::kInt8Vnni, RepresentationFormat::kInt8)) {
     GTEST_SKIP() << "this CPU has no AVX512_VNNI: the int8-vnni path cannot run here";
@@ -330,7 +346,7 @@ TEST(ScorerTest, EveryPathAgreesWithTheHighwayKernel) {
       const ForcePath highway(ScorePath::kHighway);
       ASSERT_TRUE(ScoreLayer(**index, 0, queries, 8, highway_scores).ok());
     }
-    for (ScorePath path : {ScorePath::kBf16Dot, ScorePath::kInt8Vnni}) {
+    for (ScorePath path : {ScorePath::kBf16Dot, ScorePath::kInt8Vnni, ScorePath::kAmxBf16}) {
       if (!ScorePathSupported(path, format)) continue;
       SCOPED_TRACE(ScorePathName(path));
       const ForcePath forced(path);
@@ -353,10 +369,18 @@ TEST(ScorerTest, ForcedPathFallsBackToHighwayForAFormatItCannotScore) {
     const ForcePath bf16_dot(ScorePath::kBf16Dot);
     EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
   }
+  {
+    const ForcePath amx(ScorePath::kAmxBf16);
+    EXPECT_FALSE(ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kInt8));
+    EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
+  }
   EXPECT_NE(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kAuto);
-  std::printf("automatic paths here: bf16 -> %s, int8 -> %s\n",
+  std::printf("automatic paths here: bf16 -> %s, int8 -> %s; amx-bf16 %s\n",
               ScorePathName(ActiveScorePath(RepresentationFormat::kBf16)),
-              ScorePathName(ActiveScorePath(RepresentationFormat::kInt8)));
+              ScorePathName(ActiveScorePath(RepresentationFormat::kInt8)),
+              ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)
+                  ? "supported"
+                  : "not supported");
 }
 
 TEST(ScorerTest, ChunksPerHeadKeepsChunksOfAtLeastFourGroups) {
