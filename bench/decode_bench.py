@@ -934,10 +934,10 @@ def main():
     parser.add_argument("--kvstar_batch1", type=int, default=1,
                         help="after the largest kvstar batch, also run batch 1")
     parser.add_argument("--shared_memory_gib", type=float, default=4.0)
-    parser.add_argument("--headroom_fraction", type=float, default=0.14,
+    parser.add_argument("--headroom_fraction", type=float, default=0.13,
                         help="the shared slot pool's headroom, as a fraction of the sequences' "
-                             "reservations (0.14 keeps a 32K sequence at 0.25 under 0.3 of its "
-                             "full KV)")
+                             "reservations (0.13 keeps a 32K sequence at 0.25, its tail page "
+                             "included, under 0.3 of its full KV)")
     parser.add_argument("--topic_stagger", type=int, default=1,
                         help="sequences of a batch change topic at different steps (0: all at "
                              "once)")
