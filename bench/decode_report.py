@@ -5,8 +5,8 @@
 
 Measured rows are printed as decode_bench prints them. Besides, for every model and context of
 the run, the capacity arithmetic that needs no node: HBM per kvstar sequence (the library's
-per-sequence pool of 2 x resident + 2 slots per layer, and the resident set alone, which no pool
-can go below), the largest batch that fits the HBM the run found free after the weights, the
+shared slot pool: its reservation plus its share of the headroom, at the run's headroom fraction,
+and the resident set alone, which no pool can go below), the largest batch that fits the HBM the run found free after the weights, the
 batch the node's host memory could hold, the node's fill time at the fill rate the run measured,
 and kvstar's step floor (weights + resident KV over the run's HBM bandwidth). Arithmetic, not
 measurement: the table says so.
@@ -49,9 +49,10 @@ def capacity_rows(rows, free, fill_rate, host_bytes, host_reserve):
                        r["context"] == context and r["config"] == "full")
         full_b1 = next((r for r in rows if r["model"] == model and r["context"] == context and
                         r["config"] == "full" and r["batch"] == 1), None)
+        headroom = next((r["headroom_fraction"] for r in rows if "headroom_fraction" in r), 0.13)
         for ratio in (0.25, 0.1):
             resident = 3 + math.ceil((blocks + 1 - 3) * ratio)
-            pool_seq = s.layers * (2 * resident + 2 + 1) * page_bytes(s)
+            pool_seq = s.layers * (resident * (1 + headroom) + 1) * page_bytes(s)
             bound_seq = s.layers * (resident + 1) * page_bytes(s)
             kv_seq = s.layers * blocks * page_bytes(s)
             node_cap = int((host_bytes - host_reserve) / (kv_seq * 1.1))
@@ -59,6 +60,7 @@ def capacity_rows(rows, free, fill_rate, host_bytes, host_reserve):
                 full["hbm_bw"] * 1e3
             out.append({
                 "model": model, "context": context, "ratio": ratio, "max_full": max_full,
+                "headroom": headroom,
                 "pool_fraction": pool_seq / full_seq, "pool_batch": int(free[model] // pool_seq),
                 "bound_fraction": bound_seq / full_seq,
                 "bound_batch": int(free[model] // bound_seq), "node_cap": node_cap,
@@ -71,7 +73,7 @@ def capacity_rows(rows, free, fill_rate, host_bytes, host_reserve):
 
 
 def print_capacity(cap):
-    print("\ncapacity arithmetic (not measured): model ctx ratio | full max batch | per-sequence "
+    print("\ncapacity arithmetic (not measured): model ctx ratio | full max batch | shared "
           "pool: HBM fraction, max batch | resident only: fraction, max batch | node cap | "
           "fill s/seq | first selection MiB | batch-1 floor ms: kvstar vs full (ratio)")
     for c in cap:
@@ -99,6 +101,24 @@ def plot(rows, cap, path):
                      label=f"{model} full, batch 1 (measured p50)")
         axes[0].plot(x1, [r["floor_ms"] for r in b1], "--", color=color,
                      label=f"{model} floor (bytes / HBM bandwidth)")
+        sparse = sorted((r for r in rows if r["model"] == model and r["config"] == "kvstar0.25"
+                         and r["batch"] == 1), key=lambda r: r["context"])
+        if sparse:
+            axes[0].plot([r["context"] // 1024 for r in sparse],
+                         [r["step_ms_p50"] for r in sparse], "s:", color=color,
+                         label=f"{model} kvstar 0.25, batch 1 (measured p50)")
+        runs = {}
+        for r in rows:
+            if r["model"] == model and r["config"] == "kvstar0.25":
+                if r["batch"] > runs.get(r["context"], {"batch": 0})["batch"]:
+                    runs[r["context"]] = r
+        if runs:
+            kx = sorted(runs)
+            axes[1].plot([c // 1024 for c in kx], [runs[c]["tokens_per_s"] for c in kx], "s",
+                         color=color, label=f"{model} kvstar 0.25, largest batch run")
+            for c in kx:
+                axes[1].annotate(f"B={runs[c]['batch']}", (c // 1024, runs[c]["tokens_per_s"]),
+                                 textcoords="offset points", xytext=(4, -10), fontsize=8)
         xb = [r["context"] // 1024 for r in big]
         axes[1].plot(xb, [r["tokens_per_s"] for r in big], "o-", color=color,
                      label=f"{model} full, max batch")
@@ -108,7 +128,7 @@ def plot(rows, cap, path):
     bars = [c for c in cap if c["context"] == 32768]
     labels = [f"{c['model'].split('-')[0]}\nr={c['ratio']}" for c in bars]
     series = (("full attention (run)", "max_full", "tab:gray"),
-              ("kvstar, per-sequence pool", "pool_batch", "tab:red"),
+              ("kvstar, shared pool (by HBM)", "pool_batch", "tab:red"),
               ("kvstar, resident set only", "bound_batch", "tab:green"),
               ("node host memory", "node_cap", "tab:purple"))
     width = 0.2
@@ -118,7 +138,7 @@ def plot(rows, cap, path):
     axes[2].set_xticks(range(len(bars)))
     axes[2].set_xticklabels(labels, fontsize=8)
     axes[2].set_ylabel("sequences")
-    axes[2].set_title("32K: largest batch (kvstar bars: arithmetic, not run)")
+    axes[2].set_title("32K: largest batch by HBM (kvstar ran 10)")
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3, axis="y")
     for ax in axes[:2]:
@@ -129,10 +149,11 @@ def plot(rows, cap, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("decode step, ms")
-    axes[0].set_title("full attention, batch 1: step vs its floor")
+    axes[0].set_title("batch 1: step (measured) vs floor")
     axes[1].set_ylabel("tokens/s")
-    axes[1].set_title("full attention at the largest batch that fits")
-    fig.suptitle("Random-weight decoders on one H200 (kvstar rows: not measured, see text)",
+    axes[1].set_title("tokens/s at the largest batch run")
+    fig.suptitle("Random-weight decoders on one H200 (kvstar: Qwen2.5-14B measured; bars: "
+                 "arithmetic)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
