@@ -66,6 +66,9 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
       // Every kvstar request but Retrieve's batch names one sequence; the log line names it.
       const auto* message =
           static_cast<const google::protobuf::Message*>(methods->GetRecvMessage());
+      // No message where one was due: gRPC could not decode the request. (A client stream's
+      // end looks the same; only a status gRPC itself left empty is replaced below.)
+      if (message == nullptr) received_nothing_ = true;
       if (message != nullptr) {
         const google::protobuf::FieldDescriptor* field =
             message->GetDescriptor()->FindFieldByName("sequence_id");
@@ -76,7 +79,14 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
       }
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
-      Finish(methods->GetSendStatus());
+      grpc::Status status = methods->GetSendStatus();
+      if (received_nothing_ && !status.ok() && status.error_message().empty()) {
+        // gRPC answers a request it cannot decode with an empty UNIMPLEMENTED before any handler
+        // runs; say what was wrong instead.
+        status = UndecodableRequest();
+        methods->ModifySendStatus(status);
+      }
+      Finish(status);
     }
     methods->Proceed();
   }
@@ -108,6 +118,20 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
     spdlog::log(level, "{}", line);
   }
 
+  grpc::Status UndecodableRequest() const {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName("kvstar.v1.KvStore");
+    const google::protobuf::MethodDescriptor* method =
+        service != nullptr ? service->FindMethodByName(method_) : nullptr;
+    const std::string type =
+        method != nullptr ? method->input_type()->full_name() : std::string("its request type");
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("the ", method_, " request could not be decoded as ", type,
+                     ": it is not a protobuf message of that type, or one of its string fields "
+                     "(sequence_id and the other ids) is not valid UTF-8"));
+  }
+
   Metrics* const metrics_;
   const std::string method_;
   const bool kvstar_method_;
@@ -115,6 +139,7 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
   const std::string peer_;
   const std::chrono::steady_clock::time_point start_;
   std::string sequence_id_;
+  bool received_nothing_ = false;
   bool finished_ = false;
 };
 

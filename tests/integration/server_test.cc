@@ -1,10 +1,13 @@
 // Integration tests: the real kvstar_server binary on a loopback port, spoken to over gRPC, on
 // both backends.
+#include <chrono>
+#include <future>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
@@ -350,6 +353,38 @@ TEST_P(ServerTest, BadRequestsGetTheirStatusAndChangeNothing) {
   EXPECT_TRUE(blocks[0].key() == stored.key() && blocks[0].value() == stored.value());
   // The server is still serving after all of them.
   EXPECT_EQ(GetStats(server_->stub()).sequences(), 1u);
+}
+
+// Bytes that are no kvstar request at all, or a request whose sequence_id is not UTF-8 (protobuf
+// rejects it before any handler runs): INVALID_ARGUMENT naming the method and what was wrong,
+// nothing stored, and the server goes on serving.
+TEST_P(ServerTest, UndecodableRequestsGetInvalidArgumentNamingTheMethod) {
+  grpc::GenericStub generic(server_->channel());
+  auto call = [&](const std::string& method, const std::string& bytes) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    std::promise<grpc::Status> done;
+    generic.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                      [&](grpc::Status status) { done.set_value(std::move(status)); });
+    return done.get_future().get();
+  };
+  // Field 1 (sequence_id), length 2, bytes ff fe.
+  const std::string bad_utf8("\x0a\x02\xff\xfe", 4);
+  grpc::Status status = call("/kvstar.v1.KvStore/CreateSequence", bad_utf8);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("CreateSequence request could not be decoded as kvstar.v1."
+                        "CreateSequenceRequest"));
+  EXPECT_THAT(status.error_message(), HasSubstr("not valid UTF-8"));
+  // A field tag that ends the buffer halfway: no protobuf message.
+  status = call("/kvstar.v1.KvStore/DropSequence", std::string("\x0a\x7f\x01", 3));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("DropSequence request could not be decoded"));
+  EXPECT_EQ(GetStats(server_->stub()).sequences(), 0u);
+  EXPECT_TRUE(CreateSequence(server_->stub(), "after", RealProfile()).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ServerTest, ::testing::Values("rocksdb", "nfs"),
