@@ -579,6 +579,7 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
     out->set_hits(tier.hits);
     out->set_misses(tier.misses);
     out->set_evictions(tier.evictions);
+    out->set_reclaim_pending_bytes(tier.reclaim_pending_bytes);
     response->set_corrupt_blocks(response->corrupt_blocks() + tier.corrupt_blocks);
   }
   response->set_blocks_put(stats.blocks_put);
