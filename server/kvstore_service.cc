@@ -44,8 +44,10 @@ size_t PoolThreads(size_t asked) {
   return std::max<size_t>(16, 4 * std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// Threads that drop sequences: a store's drop can take seconds (RocksDB compacts the range
-// away), and drops waiting for each other must not hold the threads other calls need.
+// Threads that drop sequences: a store's drop can take long (the directory store unlinks every
+// file of the sequence, thousands on NFS; RocksDB's is one synced write and reclaims the space
+// in the background), and drops waiting for each other must not hold the threads other calls
+// need.
 constexpr size_t kDropThreads = 2;
 
 }  // namespace
@@ -577,6 +579,7 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
     out->set_hits(tier.hits);
     out->set_misses(tier.misses);
     out->set_evictions(tier.evictions);
+    out->set_reclaim_pending_bytes(tier.reclaim_pending_bytes);
     response->set_corrupt_blocks(response->corrupt_blocks() + tier.corrupt_blocks);
   }
   response->set_blocks_put(stats.blocks_put);

@@ -270,6 +270,12 @@ std::string Metrics::Render() const {
       Sample(&out, "kvstar_tier_bytes", absl::StrCat("tier=\"", tier.name, "\""),
              static_cast<double>(tier.bytes));
     }
+    Header(&out, "kvstar_tier_reclaim_pending_bytes", "gauge",
+           "K+V bytes of dropped sequences whose disk space is not released yet, per tier.");
+    for (const storage::TierStats& tier : stats.tiers) {
+      Sample(&out, "kvstar_tier_reclaim_pending_bytes", absl::StrCat("tier=\"", tier.name, "\""),
+             static_cast<double>(tier.reclaim_pending_bytes));
+    }
     Header(&out, "kvstar_tier_reads_total", "counter",
            "Block reads per tier: result=hit served them, result=miss passed them on.");
     for (const storage::TierStats& tier : stats.tiers) {

@@ -72,6 +72,9 @@ struct TierStats {
   // Block reads that found the stored bytes damaged (a checksum mismatch, the store's or the
   // backend's own) and answered DataLoss. Each is also logged (spdlog, error level).
   uint64_t corrupt_blocks = 0;
+  // K+V bytes of dropped sequences whose disk space the tier has not given back yet: a backend
+  // may reclaim a drop's space in the background after DropSequence returned (RocksDB does).
+  uint64_t reclaim_pending_bytes = 0;
 };
 
 struct DropResult {
@@ -110,9 +113,18 @@ class BlockStore {
   // Ids of every stored block of the sequence, sorted. NotFound for an unknown sequence.
   virtual absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) = 0;
 
-  // Deletes the sequence's metadata and blocks, releasing their space on disk. NotFound for an
-  // unknown sequence.
+  // Deletes the sequence's metadata and blocks durably: once OK is returned they never come back,
+  // also after a crash, and the key may be used again at once (its new blocks are never touched by
+  // the old sequence's cleanup). The disk space is released either before returning or soon after
+  // in the background (Stats' reclaim_pending_bytes counts what is still held;
+  // WaitForBackgroundWork waits for it). NotFound for an unknown sequence.
   virtual absl::StatusOr<DropResult> DropSequence(absl::string_view sequence_key) = 0;
+
+  // Returns once the disk space of every sequence dropped before the call has been released, or
+  // once releasing it failed for now (the store logs the error, retries later and finishes at the
+  // next open at the latest). For tests and tools that measure disk usage; the store never needs
+  // it. Thread-safe.
+  virtual void WaitForBackgroundWork() {}
 
   // One entry per tier, front tier first.
   virtual std::vector<TierStats> Stats() = 0;

@@ -107,6 +107,9 @@ absl::Status DramTier::GetBlocks(absl::string_view sequence_key, absl::Span<cons
 
 absl::StatusOr<DropResult> DramTier::DropSequence(absl::string_view sequence_key) {
   absl::StatusOr<DropResult> result = backend_->DropSequence(sequence_key);
+  // The cached copies are freed once the lock is released: a big sequence is thousands of blocks,
+  // and every read and write of every sequence needs mu_.
+  LruList dropped;
   absl::MutexLock lock(&mu_);
   last_write_.erase(sequence_key);
   last_drop_ = ++write_clock_;
@@ -114,7 +117,7 @@ absl::StatusOr<DropResult> DramTier::DropSequence(absl::string_view sequence_key
   if (sequence != index_.end()) {
     for (const auto& [id, entry] : sequence->second) {
       bytes_ -= entry->block->size_bytes();
-      lru_.erase(entry);
+      dropped.splice(dropped.end(), lru_, entry);
     }
     index_.erase(sequence);
   }

@@ -38,6 +38,7 @@ class DramTier final : public BlockStore {
                          std::vector<BlockData>* out) override;
   absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) override;
   absl::StatusOr<DropResult> DropSequence(absl::string_view sequence_key) override;
+  void WaitForBackgroundWork() override { backend_->WaitForBackgroundWork(); }
   // The DRAM tier's counters ("dram"), then the backend's tiers.
   std::vector<TierStats> Stats() override;
 

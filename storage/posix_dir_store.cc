@@ -525,30 +525,35 @@ absl::StatusOr<std::vector<BlockId>> PosixDirStore::ListBlocks(absl::string_view
 }
 
 absl::StatusOr<DropResult> PosixDirStore::DropSequence(absl::string_view sequence_key) {
-  absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
   absl::StatusOr<DropResult> result;
+  std::string trash;
+  decltype(sequences_)::node_type index;  // a big sequence's index is freed outside mu_
   {
+    absl::MutexLock sequence_lock(&sequence_locks_.For(sequence_key));
+    {
+      absl::MutexLock lock(&mu_);
+      result = DropTotals(sequences_, sequence_key);
+    }
+    if (!result.ok()) return result;
+    // Nothing else changes the sequence while its lock is held, so its directory is stable.
+    const std::string dir = SequenceDir(sequence_key);
+    // One rename makes the drop atomic: a crash leaves either the whole sequence or a trash entry
+    // that the next open finishes deleting.
+    trash = absl::StrCat(TrashDir(), "/", next_generation_.fetch_add(1), "-",
+                         absl::BytesToHexString(sequence_key));
+    absl::Status status = io_->Rename(dir, trash);
+    if (status.ok()) status = io_->SyncDirectory(ShardDir(sequence_key));
+    if (!status.ok()) {
+      return absl::Status(status.code(), absl::StrCat("dropping ", DescribeSequence(sequence_key),
+                                                      ": ", status.message()));
+    }
     absl::MutexLock lock(&mu_);
-    result = DropTotals(sequences_, sequence_key);
+    index = sequences_.extract(std::string(sequence_key));
   }
-  if (!result.ok()) return result;
-  // Nothing else changes the sequence while its lock is held, so its directory is stable.
-  const std::string dir = SequenceDir(sequence_key);
-  // One rename makes the drop atomic: a crash leaves either the whole sequence or a trash entry
-  // that the next open finishes deleting.
-  const std::string trash = absl::StrCat(TrashDir(), "/", next_generation_.fetch_add(1), "-",
-                                         absl::BytesToHexString(sequence_key));
-  absl::Status status = io_->Rename(dir, trash);
-  if (status.ok()) status = io_->SyncDirectory(ShardDir(sequence_key));
-  if (!status.ok()) {
-    return absl::Status(status.code(), absl::StrCat("dropping ", DescribeSequence(sequence_key),
-                                                    ": ", status.message()));
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    sequences_.erase(std::string(sequence_key));
-  }
-  status = io_->RemoveTree(trash);
+  // The trash entry's name is unique and no call reaches it, so its files are deleted without the
+  // sequence's lock (a stripe other sequences share, held for as long as thousands of unlinks take
+  // on NFS); the key can be created again meanwhile.
+  absl::Status status = io_->RemoveTree(trash);
   if (!status.ok()) {
     return absl::Status(status.code(),
                         absl::StrCat(DescribeSequence(sequence_key),

@@ -4,13 +4,21 @@
 // one contiguous key range (DropSequence is one DeleteRange):
 //   block:    'B' + big-endian u32 length of sequence key + sequence key + BE u32 layer + BE u32
 //   index metadata: 'M' + big-endian u32 length of sequence key + sequence key
+//   reclaim marker: 'R' + big-endian u32 length of sequence key + sequence key + BE u64 drop number
 // Block value: header (u32 magic, u32 format version, u64 checksum, u64 key length, little-endian)
 // followed by K bytes and V bytes.
+//
+// Dropping: one synced batch holds a range delete of the sequence's blocks, the deletion of its
+// metadata and a reclaim marker (value: LE u64 K+V bytes dropped). A background thread then
+// compacts the range, which gives the disk space back, and deletes the marker; a marker found at
+// open (a crash or shutdown came first) is reclaimed again. Each drop has its own number, so
+// finishing one drop's reclaim never removes the marker of a later drop of the same key.
 //
 // The key encoders are exposed for tools and for tests that damage records on purpose.
 #ifndef KVSTAR_STORAGE_ROCKSDB_STORE_H_
 #define KVSTAR_STORAGE_ROCKSDB_STORE_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -28,6 +36,7 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::s
 
 std::string RocksDbBlockKey(absl::string_view sequence_key, BlockId id);
 std::string RocksDbMetadataKey(absl::string_view sequence_key);
+std::string RocksDbReclaimMarkerKey(absl::string_view sequence_key, uint64_t drop_number);
 
 }  // namespace kvstar::storage
 

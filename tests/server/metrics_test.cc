@@ -31,6 +31,7 @@ NodeStats SomeStats() {
   stats.tiers.push_back(dram);
   storage::TierStats rocksdb;
   rocksdb.name = "rocksdb";
+  rocksdb.reclaim_pending_bytes = 8192;
   stats.tiers.push_back(rocksdb);
   return stats;
 }
@@ -81,6 +82,7 @@ TEST(MetricsTest, NodeStatsAndTenantsAppearAtScrapeTime) {
   EXPECT_THAT(text, HasSubstr("kvstar_tier_reads_total{tier=\"dram\",result=\"miss\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_tier_hit_ratio{tier=\"dram\"} 0.75\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_tier_hit_ratio{tier=\"rocksdb\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("kvstar_tier_reclaim_pending_bytes{tier=\"rocksdb\"} 8192\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_sequences 3\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_tenant_sequences{tenant=\"alpha\"} 2\n"));
   EXPECT_THAT(text, HasSubstr("kvstar_tenant_sequences{tenant=\"be\\\"ta\"} 1\n"));
