@@ -32,16 +32,6 @@ namespace fs = std::filesystem;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-// Bytes the directory occupies on disk (allocated blocks, not apparent sizes).
-uint64_t DiskUsageBytes(const std::string& dir) {
-  uint64_t total = 0;
-  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-    struct stat st;
-    if (::lstat(entry.path().c_str(), &st) == 0) total += uint64_t{512} * st.st_blocks;
-  }
-  return total;
-}
-
 // Each backend: how to open it in a directory and how to damage one stored block's bytes while
 // the store is closed.
 struct RocksDbBackend {

@@ -3,7 +3,10 @@
 #ifndef KVSTAR_TESTS_STORAGE_STORE_TEST_UTIL_H_
 #define KVSTAR_TESTS_STORAGE_STORE_TEST_UTIL_H_
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -29,6 +32,16 @@ inline std::string MakeTempDir() {
   std::string path = std::string(base != nullptr ? base : "/tmp") + "/block_store_XXXXXX";
   if (::mkdtemp(path.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed for " << path;
   return path;
+}
+
+// Bytes the directory occupies on disk (allocated blocks, not apparent sizes).
+inline uint64_t DiskUsageBytes(const std::string& dir) {
+  uint64_t total = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir)) {
+    struct stat st;
+    if (::lstat(entry.path().c_str(), &st) == 0) total += uint64_t{512} * st.st_blocks;
+  }
+  return total;
 }
 
 inline std::vector<std::filesystem::path> FilesEndingWith(const std::string& dir,
