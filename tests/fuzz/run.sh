@@ -48,9 +48,8 @@ compile() {
   printf '%s\n' "${objects[@]}"
 }
 
-storage_srcs=(storage/checksum.cc storage/dram_tier.cc storage/log_value.cc storage/memory_store.cc
-              storage/posix_dir_store.cc storage/posix_io.cc storage/rocksdb_store.cc
-              storage/store_util.cc)
+storage_srcs=(storage/checksum.cc storage/log_value.cc storage/posix_dir_store.cc
+              storage/posix_io.cc storage/rocksdb_store.cc storage/store_util.cc)
 build() {
   local target=$1 libs=$2; shift 2
   local objects
