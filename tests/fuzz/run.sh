@@ -74,8 +74,10 @@ for target in validation_fuzzer block_record_fuzzer; do
         "$OLDPWD/tests/fuzz/corpus/$target") >"$out/$target.log" 2>&1; then
     echo "fuzz: $target: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$out/$target.log" |
                            grep -o '[0-9]*$') runs in ${seconds} s, no crash"
+    cases+="<testcase name=\"$target\"/>"
   else
     echo "fuzz: $target FAILED (log: $out/$target.log):"
+    cases+="<testcase name=\"$target\"><failure/></testcase>"
     grep -E "ERROR|SUMMARY|runtime error|Test unit written|invariant|block_record_fuzzer:" \
       "$out/$target.log" | head -20
     failed=1
