@@ -117,10 +117,12 @@ absl::StatusOr<SegmentIndex> ReadSegmentIndex(FileIo* io, const std::string& pat
   }
   const uint64_t index_offset = ReadLittleEndian64(t);
   const uint32_t block_count = ReadLittleEndian32(t + 8);
-  if (index_offset + uint64_t{block_count} * kIndexEntryBytes + kTrailerBytes != *size) {
+  // Checked without sums of stored values, which a damaged trailer could make wrap around.
+  const uint64_t index_bytes = uint64_t{block_count} * kIndexEntryBytes;
+  if (index_bytes > *size - kTrailerBytes || index_offset != *size - kTrailerBytes - index_bytes) {
     return MalformedSegment(path, "index size does not match file size");
   }
-  std::string index(block_count * kIndexEntryBytes + kTrailerChecksumOffset, '\0');
+  std::string index(index_bytes + kTrailerChecksumOffset, '\0');
   read = io->ReadAt(file.get(), index_offset, index.size(), index.data());
   if (!read.ok()) return read;
   if (XXH3_64bits(index.data(), index.size()) != ReadLittleEndian64(t + kTrailerChecksumOffset)) {
@@ -138,8 +140,10 @@ absl::StatusOr<SegmentIndex> ReadSegmentIndex(FileIo* io, const std::string& pat
     entry.location.key_bytes = ReadLittleEndian64(e + 12);
     entry.location.value_bytes = ReadLittleEndian64(e + 20);
     entry.location.checksum = ReadLittleEndian64(e + 28);
-    const uint64_t bytes = entry.location.key_bytes + entry.location.value_bytes;
-    if (entry.location.offset > index_offset || bytes > index_offset - entry.location.offset) {
+    // Each length on its own: their sum could wrap around and pass (a fuzzer found it).
+    const BlockLocation& location = entry.location;
+    if (location.offset > index_offset || location.key_bytes > index_offset - location.offset ||
+        location.value_bytes > index_offset - location.offset - location.key_bytes) {
       return MalformedSegment(path, "block extends past the index");
     }
     result.entries.push_back(std::move(entry));

@@ -87,28 +87,6 @@ absl::Status FromRocksDb(const rocksdb::Status& status, absl::string_view contex
   }
 }
 
-// Parses a stored block value, verifying header and checksum.
-absl::Status DecodeBlockValue(absl::string_view sequence_key, BlockId id, absl::string_view stored,
-                              BlockData* out) {
-  if (stored.size() < kValueHeaderBytes || ReadLittleEndian32(stored.data()) != kValueMagic ||
-      ReadLittleEndian32(stored.data() + 4) != kValueFormatVersion ||
-      ReadLittleEndian64(stored.data() + 16) > stored.size() - kValueHeaderBytes) {
-    return absl::DataLossError(absl::StrCat("stored ", DescribeBlock(sequence_key, id),
-                                            " has a malformed header (", stored.size(), " bytes)"));
-  }
-  const uint64_t checksum = ReadLittleEndian64(stored.data() + 8);
-  const uint64_t key_bytes = ReadLittleEndian64(stored.data() + 16);
-  const absl::string_view key = stored.substr(kValueHeaderBytes, key_bytes);
-  const absl::string_view value = stored.substr(kValueHeaderBytes + key_bytes);
-  absl::Status verified = VerifyStoredBlock(sequence_key, id, key, value, checksum);
-  if (!verified.ok()) return verified;
-  out->id = id;
-  out->key.assign(key.data(), key.size());
-  out->value.assign(value.data(), value.size());
-  out->checksum = checksum;
-  return absl::OkStatus();
-}
-
 // What the store keeps in memory about one sequence: enough for ListBlocks, Stats and
 // DropResult without touching RocksDB.
 struct SequenceIndex {
@@ -485,7 +463,8 @@ absl::Status RocksDbStore::GetBlocks(absl::string_view sequence_key, absl::Span<
     }
     absl::Status read =
         FromRocksDb(statuses[i], absl::StrCat("reading ", DescribeBlock(sequence_key, ids[i])));
-    if (read.ok()) read = DecodeBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
+    if (read.ok())
+      read = DecodeRocksDbBlockValue(sequence_key, ids[i], ToView(values[i]), &(*out)[i]);
     // RocksDB's block checksum (Corruption) or the store's own: either way the bytes are bad.
     if (absl::IsDataLoss(read)) {
       ReportCorruptBlock("rocksdb", sequence_key, ids[i], read, &corrupt_blocks_);
@@ -722,6 +701,27 @@ absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStoreWithEnv(const std::s
 
 absl::StatusOr<std::unique_ptr<BlockStore>> OpenRocksDbStore(const std::string& dir) {
   return OpenRocksDbStoreWithEnv(dir, nullptr);
+}
+
+absl::Status DecodeRocksDbBlockValue(absl::string_view sequence_key, BlockId id,
+                                     absl::string_view stored, BlockData* out) {
+  if (stored.size() < kValueHeaderBytes || ReadLittleEndian32(stored.data()) != kValueMagic ||
+      ReadLittleEndian32(stored.data() + 4) != kValueFormatVersion ||
+      ReadLittleEndian64(stored.data() + 16) > stored.size() - kValueHeaderBytes) {
+    return absl::DataLossError(absl::StrCat("stored ", DescribeBlock(sequence_key, id),
+                                            " has a malformed header (", stored.size(), " bytes)"));
+  }
+  const uint64_t checksum = ReadLittleEndian64(stored.data() + 8);
+  const uint64_t key_bytes = ReadLittleEndian64(stored.data() + 16);
+  const absl::string_view key = stored.substr(kValueHeaderBytes, key_bytes);
+  const absl::string_view value = stored.substr(kValueHeaderBytes + key_bytes);
+  absl::Status verified = VerifyStoredBlock(sequence_key, id, key, value, checksum);
+  if (!verified.ok()) return verified;
+  out->id = id;
+  out->key.assign(key.data(), key.size());
+  out->value.assign(value.data(), value.size());
+  out->checksum = checksum;
+  return absl::OkStatus();
 }
 
 }  // namespace kvstar::storage

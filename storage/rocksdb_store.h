@@ -38,6 +38,12 @@ std::string RocksDbBlockKey(absl::string_view sequence_key, BlockId id);
 std::string RocksDbMetadataKey(absl::string_view sequence_key);
 std::string RocksDbReclaimMarkerKey(absl::string_view sequence_key, uint64_t drop_number);
 
+// Parses a stored block value (the layout above) of block `id` of `sequence_key` into *out.
+// DataLoss naming the block when the header is malformed or the checksum does not match the
+// bytes; *out is unchanged then. Any bytes are safe to pass (tests/fuzz/block_record_fuzzer.cc).
+absl::Status DecodeRocksDbBlockValue(absl::string_view sequence_key, BlockId id,
+                                     absl::string_view stored, BlockData* out);
+
 }  // namespace kvstar::storage
 
 #endif  // KVSTAR_STORAGE_ROCKSDB_STORE_H_

@@ -3,12 +3,14 @@
 #include "storage/block_store.h"
 
 #include <sys/stat.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
@@ -514,6 +516,55 @@ TEST_F(PosixDirStoreTest, BatchCutShortByACrashIsDiscardedWhole) {
   std::vector<BlockData> out;
   ASSERT_TRUE(store->GetBlocks("seq", {BlockId{0, 0}}, &out).ok());
   EXPECT_TRUE(out[0].key == first.key) << "the old copy of (0, 0) should be current again";
+}
+
+// Lengths read from a damaged (or crafted) segment that wrap around when added must make open
+// fail with DataLoss, not allocate exabytes (both found by tests/fuzz/block_record_fuzzer).
+TEST_F(PosixDirStoreTest, SegmentLengthsThatWrapAroundAreDataLossAtOpen) {
+  {
+    std::unique_ptr<BlockStore> store = Open();
+    ASSERT_TRUE(store->PutSequence("seq", "profile").ok());
+    ASSERT_TRUE(store->PutBlocks("seq", {RandomBlock({0, 0}, rng_, 64).Write()}).ok());
+  }
+  const std::vector<fs::path> segments = FilesEndingWith(dir_, ".seg");
+  ASSERT_EQ(segments.size(), 1u);
+  std::string original;
+  {
+    std::ifstream in(segments[0], std::ios::binary);
+    original.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  constexpr size_t kTrailerBytes = 48;
+  ASSERT_EQ(original.size(), 128 + 36 + kTrailerBytes);  // K+V, one index entry, trailer
+  const auto put64 = [](std::string* bytes, size_t at, uint64_t v) {
+    for (int i = 0; i < 8; ++i) (*bytes)[at + i] = static_cast<char>(v >> (8 * i));
+  };
+  const size_t trailer = original.size() - kTrailerBytes;
+  const auto rewrite = [&](const std::string& bytes) {
+    std::ofstream(segments[0], std::ios::binary | std::ios::trunc) << bytes;
+  };
+
+  // Key length 1 and value length 2^64 - 1: their sum is 0, which fits any segment.
+  std::string lengths = original;
+  put64(&lengths, 128 + 12, 1);
+  put64(&lengths, 128 + 20, ~uint64_t{0});
+  put64(&lengths, trailer + 32, XXH3_64bits(lengths.data() + 128, 36 + 32));  // a valid index
+  rewrite(lengths);
+  absl::StatusOr<std::unique_ptr<BlockStore>> opened = OpenPosixDirStore(dir_);
+  EXPECT_TRUE(absl::IsDataLoss(opened.status())) << opened.status();
+
+  // 2^32 - 1 index entries, and an index offset that makes offset + index + trailer wrap around to
+  // the file size.
+  std::string count = original;
+  for (int i = 0; i < 4; ++i) count[trailer + 8 + i] = '\xff';
+  put64(&count, trailer, 128 + 36 - uint64_t{0xffffffff} * 36);
+  rewrite(count);
+  opened = OpenPosixDirStore(dir_);
+  EXPECT_TRUE(absl::IsDataLoss(opened.status())) << opened.status();
+
+  rewrite(original);
+  opened = OpenPosixDirStore(dir_);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_THAT(*(*opened)->ListBlocks("seq"), ElementsAre(BlockId{0, 0}));
 }
 
 // Real file I/O that counts how often files are opened for reading.
