@@ -371,6 +371,31 @@ TEST_P(ServerTest, BadRequestsGetTheirStatusAndChangeNothing) {
   EXPECT_EQ(GetStats(server_->stub()).sequences(), 1u);
 }
 
+// One raw request message to a streaming method, through the generic stub; its status.
+class RawStreamingCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  RawStreamingCall(grpc::GenericStub* stub, const std::string& method, const std::string& bytes) {
+    context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice slice(bytes);
+    request_ = grpc::ByteBuffer(&slice, 1);
+    stub->PrepareBidiStreamingCall(&context_, method, grpc::StubOptions(), this);
+    StartWriteLast(&request_, grpc::WriteOptions());
+    StartRead(&response_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override {
+    if (ok) StartRead(&response_);
+  }
+  void OnDone(const grpc::Status& status) override { done_.set_value(status); }
+  grpc::Status Await() { return done_.get_future().get(); }
+
+ private:
+  grpc::ClientContext context_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+  std::promise<grpc::Status> done_;
+};
+
 // Bytes that are no kvstar request at all, or a request whose sequence_id is not UTF-8 (protobuf
 // rejects it before any handler runs): INVALID_ARGUMENT naming the method and what was wrong,
 // nothing stored, and the server goes on serving.
@@ -399,6 +424,13 @@ TEST_P(ServerTest, UndecodableRequestsGetInvalidArgumentNamingTheMethod) {
   status = call("/kvstar.v1.KvStore/DropSequence", std::string("\x0a\x7f\x01", 3));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("DropSequence request could not be decoded"));
+  // Retrieve streams its replies; its request is decoded the same way.
+  RawStreamingCall retrieve(&generic, "/kvstar.v1.KvStore/Retrieve",
+                            std::string("\x0a\x04\x0a\x02\xff\xfe", 6));
+  status = retrieve.Await();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("Retrieve request could not be decoded as kvstar.v1.RetrieveRequest"));
   EXPECT_EQ(GetStats(server_->stub()).sequences(), 0u);
   EXPECT_TRUE(CreateSequence(server_->stub(), "after", RealProfile()).ok());
 }
