@@ -4,9 +4,11 @@
 #ifndef KVSTAR_TESTS_CLIENT_CLIENT_TEST_UTIL_H_
 #define KVSTAR_TESTS_CLIENT_CLIENT_TEST_UTIL_H_
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -21,6 +23,28 @@ constexpr uint32_t kTokens = 4096;
 constexpr uint32_t kBlockSize = 128;
 constexpr uint32_t kPromptBlocks = kTokens / kBlockSize;
 constexpr uint64_t kSeed = 11;
+
+// Init block 0, local window n-2 and n-1, and four middle blocks that move by one every
+// kStride steps (a FakeKvStore selector).
+template <uint32_t kStride>
+std::vector<uint32_t> ShiftingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
+  const uint32_t shift = static_cast<uint32_t>(step / kStride);
+  std::vector<uint32_t> blocks = {0};
+  for (uint32_t i = 1 + shift; i < 5 + shift && i < num_blocks - 2; ++i) blocks.push_back(i);
+  blocks.push_back(num_blocks - 2);
+  blocks.push_back(num_blocks - 1);
+  return blocks;
+}
+
+// Polls `predicate` every 5 ms for up to 10 s.
+template <typename Predicate>
+bool WaitFor(Predicate predicate) {
+  for (int i = 0; i < 2000; ++i) {
+    if (predicate()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
 
 inline ModelProfile SmallProfile() {
   ModelProfile profile;

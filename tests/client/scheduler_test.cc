@@ -26,16 +26,6 @@ using ::testing::Not;
 constexpr uint32_t kStride = 4;
 constexpr uint32_t kBlocks = 16;  // prompt blocks per layer
 
-// Init block 0, local window n-2 and n-1, and four middle blocks that move by one every stride.
-std::vector<uint32_t> ShiftingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
-  const uint32_t shift = static_cast<uint32_t>(step / kStride);
-  std::vector<uint32_t> blocks = {0};
-  for (uint32_t i = 1 + shift; i < 5 + shift && i < num_blocks - 2; ++i) blocks.push_back(i);
-  blocks.push_back(num_blocks - 2);
-  blocks.push_back(num_blocks - 1);
-  return blocks;
-}
-
 // Init block 0, the local window, and four middle blocks that jump to four others every stride:
 // every layer's next selection is four new blocks.
 std::vector<uint32_t> JumpingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
@@ -46,21 +36,12 @@ std::vector<uint32_t> JumpingSelection(uint32_t, uint32_t num_blocks, uint64_t s
   return blocks;
 }
 
-template <typename Predicate>
-bool WaitFor(Predicate predicate) {
-  for (int i = 0; i < 2000; ++i) {
-    if (predicate()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return false;
-}
-
 class SchedulerTest : public ::testing::Test {
  protected:
   void SetUp() override { Open(SequenceOptions{0, 64}); }
 
   void Open(SequenceOptions options, std::string token = "",
-            FakeKvStore::Selector selector = ShiftingSelection,
+            FakeKvStore::Selector selector = ShiftingSelection<kStride>,
             uint64_t staging_budget_bytes = ClientOptions().staging_budget_bytes) {
     client_.reset();
     fake_ = std::make_unique<FakeKvStore>();
@@ -163,7 +144,7 @@ TEST_F(SchedulerTest, SlotsAreReusedOnlyAfterRelease) {
   Open(SequenceOptions{8, 0});
   // Selections move for two strides, then stay: each needs one new slot.
   fake_->set_selector([](uint32_t layer, uint32_t num_blocks, uint64_t step) {
-    return ShiftingSelection(layer, num_blocks, std::min<uint64_t>(step, 2 * kStride));
+    return ShiftingSelection<kStride>(layer, num_blocks, std::min<uint64_t>(step, 2 * kStride));
   });
   // The engine holds layer 0's table across the boundary that replaces block 1.
   for (uint32_t i = 0; i < kStride; ++i) ASSERT_TRUE(RunStep().ok());

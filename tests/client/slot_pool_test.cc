@@ -31,25 +31,6 @@ constexpr uint32_t kBlocks = 16;  // prompt blocks per layer
 constexpr uint32_t kMaxBlocks = 16;
 constexpr uint64_t kReservedPerSequence = 7 * kLayers;
 
-// Init block 0, local window n-2 and n-1, and four middle blocks that move by one every stride.
-std::vector<uint32_t> ShiftingSelection(uint32_t, uint32_t num_blocks, uint64_t step) {
-  const uint32_t shift = static_cast<uint32_t>(step / kStride);
-  std::vector<uint32_t> blocks = {0};
-  for (uint32_t i = 1 + shift; i < 5 + shift && i < num_blocks - 2; ++i) blocks.push_back(i);
-  blocks.push_back(num_blocks - 2);
-  blocks.push_back(num_blocks - 1);
-  return blocks;
-}
-
-template <typename Predicate>
-bool WaitFor(Predicate predicate) {
-  for (int i = 0; i < 2000; ++i) {
-    if (predicate()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return false;
-}
-
 // --- The pool alone ---
 
 class SlotPoolAccountingTest : public ::testing::Test {
@@ -159,7 +140,7 @@ class SharedPoolTest : public ::testing::Test {
  protected:
   void SetUp() override {
     fake_ = std::make_unique<FakeKvStore>();
-    fake_->set_selector(ShiftingSelection);
+    fake_->set_selector(ShiftingSelection<kStride>);
     Connect(/*stagger_retrievals=*/true);
   }
 
