@@ -262,6 +262,13 @@ class Plant:
         return (sequence * 5) % self.topic_period if self.stagger else 0
 
 
+def topic_inputs(plant, batch):
+    """Host copies for the decode loop: the topic tokens (reading the device's copy would wait for
+    the previous step) and each sequence's schedule offset, for Plant.topic_at."""
+    return {"topic_tokens": plant.topic_tokens.cpu(),
+            "shifts": torch.tensor([plant.shift_of(b) for b in range(batch)])}
+
+
 def block_topics(sequence, blocks, topics):
     generator = torch.Generator().manual_seed(1000 + sequence)
     return torch.randint(0, topics, (blocks,), generator=generator)
@@ -367,16 +374,15 @@ class KvstarBatch:
         self.client, self.shape, self.knobs = client, shape, knobs
         self.pool, self.where = pool, where
         self.stream = stream
-        self.sequences, self.ids, self.shifts = [], [], []
+        self.sequences, self.ids = [], []
         self.tables = []  # per sequence, per layer: a reusable SlotTable
 
     def stream_handle(self):
         return None if self.stream is None else self.stream.cuda_stream
 
-    def add(self, sequence_id, blocks, plant, topics_of_block, seed, shift, deadline=None):
+    def add(self, sequence_id, blocks, plant, topics_of_block, seed, deadline=None):
         """Creates, fills and returns one sequence in the client's shared pool; TimeoutError
-        (sequence dropped) when the fill passes `deadline` (time.perf_counter()). `shift`: the
-        sequence's offset in the topic schedule (see Plant.topic_at)."""
+        (sequence dropped) when the fill passes `deadline` (time.perf_counter())."""
         s, L = self.shape, self.shape.layers
         sequence = self.client.create_sequence(
             sequence_id, L, s.q_heads, s.kv_heads, s.head_dim, dtype=self.kvstar.BF16,
@@ -408,7 +414,6 @@ class KvstarBatch:
               flush=True)
         self.sequences.append(sequence)
         self.ids.append(sequence_id)
-        self.shifts.append(shift)
         self.tables.append([self.kvstar.SlotTable() for _ in range(L)])
         return sequence
 
@@ -488,7 +493,7 @@ class KvstarBatch:
         """Drops every sequence after the first `keep` (their slots stay allocated)."""
         for sequence_id in self.ids[keep:]:
             self.client.drop_sequence(sequence_id)
-        del self.sequences[keep:], self.ids[keep:], self.tables[keep:], self.shifts[keep:]
+        del self.sequences[keep:], self.ids[keep:], self.tables[keep:]
 
     def close(self):
         for sequence_id in self.ids:
@@ -567,8 +572,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
         if buf["event"] is not None:
             buf["event"].synchronize()  # the copy that last read this pinned buffer is done
         # From host copies: reading the device's topic tokens would wait for the previous step.
-        buf["tokens"][:] = host["topic_tokens"][(step + host["shifts"]) // plant.topic_period %
-                                                plant.topics]
+        buf["tokens"][:] = host["topic_tokens"][plant.topic_at(step, host["shifts"])]
         buf["tail_pos"][:] = step
         buf["tail_len"][:] = step + 1
         if kv_batch is not None:
@@ -743,8 +747,7 @@ def full_config(args, model, plant, context, batch, device, hbm_bw):
     attention_ms = time_attention(fns, q, 10, device)
     kind = min(attention_ms, key=attention_ms.get)
     host = {"buffers": host_buffers(batch, s.layers, 1, device), "table_bytes": 0,
-            "topic_tokens": plant.topic_tokens.cpu(),
-            "shifts": torch.tensor([plant.shift_of(b) for b in range(batch)])}
+            **topic_inputs(plant, batch)}
     result = run_decode(args, model, kv, fns[kind], plant, host, device)
     kv_bytes = batch * pages_per_seq * page_bytes(s)
     kv_read = batch * s.layers * (context + args.warmup + args.steps // 2) * page_bytes(s) / \
@@ -814,7 +817,7 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
             shift = plant.shift_of(b)
             try:
                 sequence = batch.add(sequence_id, blocks, plant, topics, seed=100 + b,
-                                     shift=shift, deadline=args.kvstar_deadline if b == 0 else
+                                     deadline=args.kvstar_deadline if b == 0 else
                                      fill_start + budget)
             except TimeoutError as error:
                 print(f"  {error}", flush=True)
@@ -851,8 +854,7 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
                     "tail_pages_np": tails.numpy().astype(np.int32), "node": node,
                     "topics0": (topics0, 1, 2, blocks),
                     "table_bytes": s.layers * run_b * (width + 1) * 4,
-                    "topic_tokens": plant.topic_tokens.cpu(),
-                    "shifts": torch.tensor(batch.shifts[:run_b])}
+                    **topic_inputs(plant, run_b)}
             # Fill the device tables once for the kernel choice.
             stale = np.zeros((run_b, s.layers), dtype=np.int64)
             buf = host["buffers"][0]
