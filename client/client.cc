@@ -179,13 +179,11 @@ std::pair<uint32_t, uint64_t> ClientImpl::DueSlotForSeal(uint32_t stride) const 
   // number of sequences spreads evenly, not on neighbouring steps.
   uint32_t bits = 0;
   while ((1u << bits) < stride) ++bits;
-  uint32_t best = 0;
-  bool found = false;
-  for (uint32_t i = 0; i < (1u << bits); ++i) {
+  uint32_t best = 0;  // i = 0 reverses to slot 0
+  for (uint32_t i = 1; i < (1u << bits); ++i) {
     uint32_t slot = 0;
     for (uint32_t b = 0; b < bits; ++b) slot |= ((i >> b) & 1u) << (bits - 1 - b);
-    if (slot >= stride) continue;
-    if (!found || users[slot] < users[best]) best = slot, found = true;
+    if (slot < stride && users[slot] < users[best]) best = slot;
   }
   return {best, steps_};
 }

@@ -10,13 +10,13 @@
 namespace kvstar::client_internal {
 
 absl::StatusOr<std::unique_ptr<ResidentSet>> ResidentSet::Create(
-    DeviceBackend* backend, StagingPool* staging, std::shared_ptr<SlotPool> pool,
-    const std::string& name, uint64_t reserved_slots, uint32_t num_layers, uint32_t table_capacity,
+    DeviceBackend* backend, std::shared_ptr<SlotPool> pool, const std::string& name,
+    uint64_t reserved_slots, uint32_t num_layers, uint32_t table_capacity,
     uint32_t layer_slot_cap) {
   absl::StatusOr<SlotPool::HolderId> holder = pool->Join(name, reserved_slots);
   if (!holder.ok()) return holder.status();
-  std::unique_ptr<ResidentSet> set(new ResidentSet(backend, staging, std::move(pool), *holder,
-                                                   num_layers, table_capacity, layer_slot_cap));
+  std::unique_ptr<ResidentSet> set(new ResidentSet(backend, std::move(pool), *holder, num_layers,
+                                                   table_capacity, layer_slot_cap));
   const uint64_t entries = uint64_t{2} * num_layers * table_capacity;
   absl::StatusOr<void*> device_tables = backend->AllocDevice(entries * sizeof(int32_t));
   if (!device_tables.ok()) return device_tables.status();
@@ -34,11 +34,10 @@ absl::StatusOr<std::unique_ptr<ResidentSet>> ResidentSet::Create(
   return set;
 }
 
-ResidentSet::ResidentSet(DeviceBackend* backend, StagingPool* staging,
-                         std::shared_ptr<SlotPool> pool, SlotPool::HolderId holder,
-                         uint32_t num_layers, uint32_t table_capacity, uint32_t layer_slot_cap)
+ResidentSet::ResidentSet(DeviceBackend* backend, std::shared_ptr<SlotPool> pool,
+                         SlotPool::HolderId holder, uint32_t num_layers, uint32_t table_capacity,
+                         uint32_t layer_slot_cap)
     : backend_(backend),
-      staging_(staging),
       pool_(std::move(pool)),
       holder_(holder),
       table_capacity_(table_capacity),
@@ -66,7 +65,6 @@ ResidentSet::~ResidentSet() {
     if (state.pending.has_value()) {
       backend_->WaitEvent(state.pending->load_event).IgnoreError();
       backend_->ReleaseEvent(state.pending->load_event);
-      if (state.pending->staging != nullptr) staging_->Release(state.pending->staging);
     }
     for (const auto& [block, slot] : state.resident) held.push_back(slot);
   }
@@ -170,18 +168,6 @@ void ResidentSet::SetPending(uint32_t layer, PendingSelection pending,
   state.pending = std::move(pending);
 }
 
-absl::Status ResidentSet::ReleasePendingStaging(uint32_t layer) {
-  assert(layer < layers_.size());
-  LayerState& state = layers_[layer];
-  if (!state.pending.has_value() || state.pending->staging == nullptr) return absl::OkStatus();
-  if (absl::Status status = backend_->WaitEvent(state.pending->load_event); !status.ok()) {
-    return status;
-  }
-  staging_->Release(state.pending->staging);
-  state.pending->staging = nullptr;
-  return absl::OkStatus();
-}
-
 void ResidentSet::DropPending(LayerState& state, const std::set<uint32_t>& keep) {
   PendingSelection pending = std::move(*state.pending);
   state.pending.reset();
@@ -189,7 +175,6 @@ void ResidentSet::DropPending(LayerState& state, const std::set<uint32_t>& keep)
   // issued a stride ago: waiting here is short.
   backend_->WaitEvent(pending.load_event).IgnoreError();
   backend_->ReleaseEvent(pending.load_event);
-  if (pending.staging != nullptr) staging_->Release(pending.staging);
   const TableBuffer& visible = state.tables[state.visible];
   const std::set<uint32_t> shown(visible.blocks.begin(), visible.blocks.end());
   for (uint32_t block : pending.new_blocks) {
@@ -269,7 +254,6 @@ std::optional<uint64_t> ResidentSet::PublishReady(uint32_t layer) {
     state.pending.reset();
     if (Publish(state, pending.blocks, pending.known_blocks, pending.selection_step)) {
       backend_->ReleaseEvent(pending.load_event);
-      if (pending.staging != nullptr) staging_->Release(pending.staging);
       return pending.selection_step;
     }
     state.pending = std::move(pending);  // the other table is still read: next boundary

@@ -27,7 +27,6 @@
 #include "absl/types/span.h"
 #include "client/device_backend.h"
 #include "client/slot_pool.h"
-#include "client/staging_pool.h"
 #include "kvstar/client.h"
 
 namespace kvstar::client_internal {
@@ -39,7 +38,6 @@ struct PendingSelection {
   uint64_t selection_step = 0;
   std::vector<uint32_t> new_blocks;  // blocks copied for it (a subset of blocks)
   EventHandle load_event = nullptr;
-  void* staging = nullptr;  // pinned staging of its bytes, released with the selection
   // What its copies read from (a mapped segment): kept alive at least until load_event completed.
   std::shared_ptr<const void> source;
 };
@@ -50,9 +48,9 @@ class ResidentSet {
   // `table_capacity` entries. `layer_slot_cap`: when > 0, a layer never holds more slots than
   // that (a sequence's own pool, sized per layer). Errors: the pool's Join, allocations.
   static absl::StatusOr<std::unique_ptr<ResidentSet>> Create(
-      DeviceBackend* backend, StagingPool* staging, std::shared_ptr<SlotPool> pool,
-      const std::string& name, uint64_t reserved_slots, uint32_t num_layers,
-      uint32_t table_capacity, uint32_t layer_slot_cap);
+      DeviceBackend* backend, std::shared_ptr<SlotPool> pool, const std::string& name,
+      uint64_t reserved_slots, uint32_t num_layers, uint32_t table_capacity,
+      uint32_t layer_slot_cap);
   // Waits for every read and copy of its slots, gives them back and leaves the pool.
   ~ResidentSet();
   ResidentSet(const ResidentSet&) = delete;
@@ -87,11 +85,6 @@ class ResidentSet {
   void SetPending(uint32_t layer, PendingSelection pending, const std::vector<int32_t>& slots);
   // The pending selection's load event (nullptr when none is pending).
   bool has_pending(uint32_t layer) const { return layers_[layer].pending.has_value(); }
-  // Waits for the layer's pending copy and gives its pinned staging back at once, instead of at
-  // publication: the bytes are in the slots then. Seal loads every layer's first selection
-  // before publishing any, so without this their staging adds up and a first selection larger
-  // than the staging budget would wait forever for a release that comes only after it.
-  absl::Status ReleasePendingStaging(uint32_t layer);
   EventHandle pending_load_event(uint32_t layer) const;
 
   // --- Step boundary ---
@@ -145,9 +138,8 @@ class ResidentSet {
     uint32_t visible_known_blocks = 0;
   };
 
-  ResidentSet(DeviceBackend* backend, StagingPool* staging, std::shared_ptr<SlotPool> pool,
-              SlotPool::HolderId holder, uint32_t num_layers, uint32_t table_capacity,
-              uint32_t layer_slot_cap);
+  ResidentSet(DeviceBackend* backend, std::shared_ptr<SlotPool> pool, SlotPool::HolderId holder,
+              uint32_t num_layers, uint32_t table_capacity, uint32_t layer_slot_cap);
   bool ReadDone(const TableBuffer& table);
   // Makes selection ∪ (appended blocks >= known_blocks) the visible table. False when the other
   // buffer is still being read (try again at the next boundary).
@@ -156,7 +148,6 @@ class ResidentSet {
   void DropPending(LayerState& state, const std::set<uint32_t>& keep);
 
   DeviceBackend* const backend_;
-  StagingPool* const staging_;
   const std::shared_ptr<SlotPool> pool_;
   const SlotPool::HolderId holder_;
   const uint32_t table_capacity_;

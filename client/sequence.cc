@@ -119,8 +119,8 @@ absl::Status SequenceImpl::Init(const SequenceOptions& options,
   pool_ = pool;
   resident_capacity_ = table_capacity;
   absl::StatusOr<std::unique_ptr<ResidentSet>> resident =
-      ResidentSet::Create(backend_, client_->staging(), std::move(pool), id_, reserved,
-                          profile_.num_layers, table_capacity, layer_slot_cap);
+      ResidentSet::Create(backend_, std::move(pool), id_, reserved, profile_.num_layers,
+                          table_capacity, layer_slot_cap);
   if (!resident.ok()) return resident.status();
   const uint64_t ring_bytes =
       uint64_t{2} * config_.retrieval_stride * profile_.num_layers * profile_.query_bytes();
@@ -361,11 +361,6 @@ absl::Status SequenceImpl::LoadSealSelections(const v1::SealResponse& response,
     absl::Status status = LoadSelection(selection.layer(), std::move(blocks), response.num_blocks(),
                                         selection_step, {}, nullptr);
     if (!status.ok()) return status;
-    absl::MutexLock lock(&mu_);
-    if (absl::Status released = resident_->ReleasePendingStaging(selection.layer());
-        !released.ok()) {
-      return released;
-    }
   }
   for (uint32_t layer = 0; layer < profile_.num_layers; ++layer) {
     if (!selected[layer]) {
@@ -687,7 +682,6 @@ absl::Status SequenceImpl::LoadSelection(uint32_t layer, std::vector<uint32_t> b
   pending.selection_step = selection_step;
   pending.new_blocks = std::move(needed);
   pending.load_event = loaded;
-  pending.staging = staging;
   if (shared_count > 0) pending.source = std::move(plane);
   resident_->SetPending(layer, std::move(pending), slots);
   if (segment_read != nullptr) {
