@@ -51,6 +51,9 @@ ABSL_FLAG(uint64_t, max_inflight_put_bytes_per_tenant, uint64_t{256} << 20,
 ABSL_FLAG(int, retrieval_threads, 0,
           "Threads that score Seal and Retrieve; 0 means one per hardware thread. Lower it to "
           "leave cores to a co-located inference server.");
+ABSL_FLAG(int, copy_threads, 4,
+          "Threads that copy retrieved blocks into a tenant's shared-memory segment and zero the "
+          "regions it frees (one moves a few GB/s; a retrieval's new blocks can be a GB).");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, auth_tokens_file, "",
@@ -87,6 +90,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.dram_budget_bytes = absl::GetFlag(FLAGS_dram_budget_bytes);
   config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   config.retrieval_threads = absl::GetFlag(FLAGS_retrieval_threads);
+  config.copy_threads = absl::GetFlag(FLAGS_copy_threads);
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.shared_memory_bytes_per_tenant = absl::GetFlag(FLAGS_shared_memory_bytes_per_tenant);
   config.shared_memory_socket = absl::GetFlag(FLAGS_shared_memory_socket);
@@ -117,6 +121,10 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   if (config.retrieval_threads < 0 || config.retrieval_threads > 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--retrieval_threads is ", config.retrieval_threads, ", must be in [0, 1024]"));
+  }
+  if (config.copy_threads < 1 || config.copy_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--copy_threads is ", config.copy_threads, ", must be in [1, 256]"));
   }
   if (config.worker_threads == 0) {
     config.worker_threads =

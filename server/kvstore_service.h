@@ -41,6 +41,8 @@ struct ServiceOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
+  // Threads that copy retrieved blocks into shared memory (NodeOptions::copy_threads).
+  size_t copy_threads = 4;
   // Threads that run calls' work (store I/O, scoring); 0 means max(16, 4 x hardware threads).
   size_t worker_threads = 0;
   // A stream that makes no progress this long is ended; 0: never.

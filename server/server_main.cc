@@ -108,6 +108,7 @@ int Run(int argc, char** argv) {
   options.shared_memory = shared_memory.get();
   if (handoff != nullptr) options.shared_memory_socket = handoff->address();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
+  options.copy_threads = static_cast<size_t>(config->copy_threads);
   options.worker_threads = static_cast<size_t>(config->worker_threads);
   options.stream_idle_timeout_ms = config->stream_idle_timeout_ms;
   options.limits.max_open_streams = config->max_open_streams;

@@ -6,6 +6,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -75,19 +77,33 @@ std::optional<uint64_t> SharedMemoryArena::Allocate(uint64_t bytes) {
   return std::nullopt;
 }
 
-void SharedMemoryArena::Free(uint64_t offset) {
-  uint64_t length = 0;
+void SharedMemoryArena::Free(absl::Span<const uint64_t> offsets, retrieval::ThreadPool* pool) {
+  std::vector<std::pair<uint64_t, uint64_t>> regions;  // offset, length
+  regions.reserve(offsets.size());
   {
     absl::MutexLock lock(&mu_);
-    auto found = allocated_.find(offset);
-    if (found == allocated_.end()) return;
-    length = found->second;
-    allocated_.erase(found);
+    for (uint64_t offset : offsets) {
+      auto found = allocated_.find(offset);
+      if (found == allocated_.end()) continue;
+      regions.emplace_back(offset, found->second);
+      allocated_.erase(found);
+    }
   }
-  // Neither allocated nor free while it is zeroed: no one else touches it, and the lock is not
-  // held across the pass over its bytes.
-  std::memset(base_ + offset, 0, length);
+  // Neither allocated nor free while they are zeroed: no one else touches them, and the lock is
+  // not held across the pass over their bytes.
+  auto zero = [&](size_t i, size_t) {
+    std::memset(base_ + regions[i].first, 0, regions[i].second);
+  };
+  if (pool != nullptr && regions.size() > 1) {
+    pool->ParallelFor(regions.size(), zero);
+  } else {
+    for (size_t i = 0; i < regions.size(); ++i) zero(i, 0);
+  }
   absl::MutexLock lock(&mu_);
+  for (const auto& [offset, length] : regions) ReturnLocked(offset, length);
+}
+
+void SharedMemoryArena::ReturnLocked(uint64_t offset, uint64_t length) {
   uint64_t start = offset;
   // Coalesce with the free neighbours on both sides.
   auto next = free_.lower_bound(start);

@@ -25,21 +25,44 @@ absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-// Copies the block's bytes into the tenant's arena (K, then V); nullopt when there is no arena or
-// no room, and the block must travel as bytes.
-std::optional<SharedBlockRef> ToShared(const storage::BlockData& data, SharedMemoryArena* arena) {
-  if (arena == nullptr) return std::nullopt;
-  std::optional<uint64_t> offset = arena->Allocate(data.size_bytes());
-  if (!offset) return std::nullopt;
-  std::memcpy(arena->base() + *offset, data.key.data(), data.key.size());
-  std::memcpy(arena->base() + *offset + data.key.size(), data.value.data(), data.value.size());
-  return SharedBlockRef{data.id, data.checksum, *offset, data.key.size()};
+absl::Status ReadBatch(storage::BlockStore& store, const std::string& key,
+                       absl::Span<const storage::BlockId> ids,
+                       std::vector<storage::BlockData>* out) {
+  return store.GetBlocks(key, ids, out);
+}
+
+absl::Status ReadBatch(storage::BlockStore& store, const std::string& key,
+                       absl::Span<const storage::BlockId> ids,
+                       std::vector<storage::SharedBlockData>* out) {
+  return store.ReadBlocks(key, ids, out);
+}
+
+// Reads `ids` in batches of at most `max_batch_bytes` (at least one block each) and hands each
+// batch to `consume`. Block is storage::BlockData (owned copies, for replies that move the bytes
+// on) or storage::SharedBlockData (the store's own copies where it keeps them in memory).
+template <typename Block>
+absl::Status ForEachBlockBatch(storage::BlockStore& store, uint64_t max_batch_bytes,
+                               const std::string& key, absl::Span<const storage::BlockId> ids,
+                               uint64_t block_bytes,
+                               const std::function<absl::Status(std::vector<Block>&)>& consume) {
+  const size_t per_batch =
+      std::max<uint64_t>(1, max_batch_bytes / std::max<uint64_t>(1, block_bytes));
+  std::vector<Block> batch;
+  for (size_t begin = 0; begin < ids.size(); begin += per_batch) {
+    const size_t count = std::min(per_batch, ids.size() - begin);
+    if (auto s = ReadBatch(store, key, ids.subspan(begin, count), &batch); !s.ok()) return s;
+    if (auto s = consume(batch); !s.ok()) return s;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 StorageNode::StorageNode(storage::BlockStore* store, NodeOptions options)
-    : store_(store), options_(options), retriever_(options.retrieval_threads) {}
+    : store_(store),
+      options_(options),
+      retriever_(options.retrieval_threads),
+      copy_pool_(std::max<size_t>(1, options.copy_threads)) {}
 
 absl::StatusOr<std::unique_ptr<StorageNode>> StorageNode::Create(storage::BlockStore* store,
                                                                  NodeOptions options) {
@@ -275,20 +298,6 @@ absl::StatusOr<retrieval::RetrievalRequest> StorageNode::ToRetrievalRequest(
   return request;
 }
 
-absl::Status StorageNode::ForEachBlockBatch(
-    const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
-    const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume) {
-  const size_t per_batch =
-      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
-  std::vector<storage::BlockData> batch;
-  for (size_t begin = 0; begin < ids.size(); begin += per_batch) {
-    const size_t count = std::min(per_batch, ids.size() - begin);
-    if (auto s = store_->GetBlocks(key, ids.subspan(begin, count), &batch); !s.ok()) return s;
-    if (auto s = consume(batch); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<SealResult> StorageNode::Seal(absl::string_view tenant,
                                              const v1::SealRequest& request) {
   absl::StatusOr<std::shared_ptr<Sequence>> found = Find(tenant, request.sequence_id());
@@ -335,13 +344,12 @@ absl::StatusOr<SealResult> StorageNode::Seal(absl::string_view tenant,
     std::vector<std::vector<absl::Span<const uint8_t>>> spans(layers.size());
     for (size_t i = 0; i < layers.size(); ++i) {
       keys[i].reserve(num_blocks);
-      absl::Status read = ForEachBlockBatch(key, by_layer[layers[i]], block_bytes,
-                                            [&](std::vector<storage::BlockData>& batch) {
-                                              for (auto& block : batch) {
-                                                keys[i].push_back(std::move(block.key));
-                                              }
-                                              return absl::OkStatus();
-                                            });
+      absl::Status read = ForEachBlockBatch<storage::BlockData>(
+          *store_, options_.max_reply_bytes, key, by_layer[layers[i]], block_bytes,
+          [&](std::vector<storage::BlockData>& batch) {
+            for (auto& block : batch) keys[i].push_back(std::move(block.key));
+            return absl::OkStatus();
+          });
       if (!read.ok()) return read;
       for (const std::string& k : keys[i]) {
         spans[i].emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
@@ -389,18 +397,16 @@ absl::Status StorageNode::CatchUp(Sequence& sequence) {
     }
   }
   if (next.empty()) return absl::OkStatus();
-  return ForEachBlockBatch(sequence.key, next, 2 * BlockKeyBytes(sequence.profile),
-                           [&](std::vector<storage::BlockData>& batch) {
-                             for (const storage::BlockData& block : batch) {
-                               auto span = absl::MakeConstSpan(
-                                   reinterpret_cast<const uint8_t*>(block.key.data()),
-                                   block.key.size());
-                               if (auto s = index.AppendBlock(block.id.layer, span); !s.ok()) {
-                                 return s;
-                               }
-                             }
-                             return absl::OkStatus();
-                           });
+  return ForEachBlockBatch<storage::SharedBlockData>(
+      *store_, options_.max_reply_bytes, sequence.key, next, 2 * BlockKeyBytes(sequence.profile),
+      [&](std::vector<storage::SharedBlockData>& batch) {
+        for (const storage::SharedBlockData& block : batch) {
+          auto span = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(block->key.data()),
+                                          block->key.size());
+          if (auto s = index.AppendBlock(block->id.layer, span); !s.ok()) return s;
+        }
+        return absl::OkStatus();
+      });
 }
 
 namespace {
@@ -570,32 +576,56 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
     return absl::OkStatus();
   }
   size_t sent = 0;
+  const uint64_t block_bytes = 2 * BlockKeyBytes(sequence.profile);
+  auto send = [&](size_t count) {
+    sent += count;
+    reply.more = sent < wanted.size();
+    if (!sink(reply)) return absl::CancelledError("client went away");
+    Count(*sequence.counters, &Counters::blocks_sent, count);
+    return absl::OkStatus();
+  };
   // Only the caller's tenant's segment, and only once one of its clients holds it.
   SharedMemoryArena* arena = part.shared_memory() && options_.shared_memory != nullptr
                                  ? options_.shared_memory->Find(sequence.tenant)
                                  : nullptr;
-  if (arena != nullptr) reply.shared_segment = arena->id();
-  return ForEachBlockBatch(sequence.key, wanted, 2 * BlockKeyBytes(sequence.profile),
-                           [&](std::vector<storage::BlockData>& batch) {
-                             sequence.mu.AssertHeld();
-                             reply.blocks.clear();
-                             reply.shared_blocks.clear();
-                             for (storage::BlockData& data : batch) {
-                               std::optional<SharedBlockRef> shared = ToShared(data, arena);
-                               if (shared) {
-                                 sequence.shared_regions.push_back(shared->offset);
-                                 reply.shared_blocks.push_back(*shared);
-                                 Count(*sequence.counters, &Counters::blocks_sent_shared, 1);
-                               } else {
-                                 reply.blocks.push_back(std::move(data));
-                               }
-                             }
-                             sent += batch.size();
-                             reply.more = sent < wanted.size();
-                             if (!sink(reply)) return absl::CancelledError("client went away");
-                             Count(*sequence.counters, &Counters::blocks_sent, batch.size());
-                             return absl::OkStatus();
-                           });
+  if (arena == nullptr) {
+    return ForEachBlockBatch<storage::BlockData>(*store_, options_.max_reply_bytes, sequence.key,
+                                                 wanted, block_bytes,
+                                                 [&](std::vector<storage::BlockData>& batch) {
+                                                   reply.blocks = std::move(batch);
+                                                   return send(reply.blocks.size());
+                                                 });
+  }
+  // The store's own copies are read without copying and go into the segment with one copy pass
+  // per batch, spread over the copy threads.
+  reply.shared_segment = arena->id();
+  return ForEachBlockBatch<storage::SharedBlockData>(
+      *store_, options_.max_reply_bytes, sequence.key, wanted, block_bytes,
+      [&](std::vector<storage::SharedBlockData>& batch) {
+        sequence.mu.AssertHeld();
+        reply.blocks.clear();
+        reply.shared_blocks.clear();
+        std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
+        copies.reserve(2 * batch.size());
+        for (const storage::SharedBlockData& data : batch) {
+          std::optional<uint64_t> offset = arena->Allocate(data->size_bytes());
+          if (!offset) {  // no room: the block travels as bytes
+            reply.blocks.push_back(*data);
+            continue;
+          }
+          char* region = arena->base() + *offset;
+          copies.emplace_back(region, data->key);
+          copies.emplace_back(region + data->key.size(), data->value);
+          sequence.shared_regions.push_back(*offset);
+          reply.shared_blocks.push_back(
+              SharedBlockRef{data->id, data->checksum, *offset, data->key.size()});
+        }
+        copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
+          std::memcpy(copies[i].first, copies[i].second.data(), copies[i].second.size());
+        });
+        Count(*sequence.counters, &Counters::blocks_sent_shared, reply.shared_blocks.size());
+        return send(batch.size());
+      });
 }
 
 absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view sequence_id,
@@ -622,13 +652,14 @@ absl::Status StorageNode::GetBlocks(absl::string_view tenant, absl::string_view 
   }
   // Read and send in batches that fit one reply each, so memory stays bounded however many
   // blocks were asked for.
-  return ForEachBlockBatch(key, ids, 2 * BlockKeyBytes(profile),
-                           [&](std::vector<storage::BlockData>& batch) {
-                             const size_t count = batch.size();
-                             if (!sink(batch)) return absl::CancelledError("client went away");
-                             Count(*(*sequence)->counters, &Counters::blocks_got, count);
-                             return absl::OkStatus();
-                           });
+  return ForEachBlockBatch<storage::BlockData>(
+      *store_, options_.max_reply_bytes, key, ids, 2 * BlockKeyBytes(profile),
+      [&](std::vector<storage::BlockData>& batch) {
+        const size_t count = batch.size();
+        if (!sink(batch)) return absl::CancelledError("client went away");
+        Count(*(*sequence)->counters, &Counters::blocks_got, count);
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<storage::DropResult> StorageNode::DropSequence(absl::string_view tenant,
@@ -787,7 +818,7 @@ void StorageNode::FreeSharedRegions(Sequence& sequence) {
                                  ? options_.shared_memory->Find(sequence.tenant)
                                  : nullptr;
   if (arena != nullptr) {
-    for (uint64_t offset : sequence.shared_regions) arena->Free(offset);
+    arena->Free(sequence.shared_regions, &copy_pool_);
   }
   sequence.shared_regions.clear();
 }

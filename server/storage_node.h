@@ -46,6 +46,10 @@ struct NodeOptions {
   uint64_t max_reply_bytes = 3 << 20;
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
+  // Threads (the calling one included) that copy retrieved blocks into a tenant's shared memory
+  // and zero the regions it freed: one thread moves a few GB/s, a retrieval's new blocks can be
+  // a GB.
+  size_t copy_threads = 4;
   // Each tenant's segment for its co-located clients' shared-memory replies; null: none (bytes
   // in replies). A tenant's replies use its own segment only, once a client received it.
   // Not owned; must outlive the node.
@@ -283,10 +287,6 @@ class StorageNode {
       const Sequence& sequence, const retrieval::SequenceIndex* index,
       const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
       absl::string_view where) const;
-  // Reads `ids` in batches of at most max_reply_bytes and hands each batch to `consume`.
-  absl::Status ForEachBlockBatch(
-      const std::string& key, absl::Span<const storage::BlockId> ids, uint64_t block_bytes,
-      const std::function<absl::Status(std::vector<storage::BlockData>&)>& consume);
   // Hands one scored layer to the sink: its selection and the selected blocks not held.
   absl::Status SendLayer(const v1::SequenceQueries& part, size_t request, Sequence& sequence,
                          uint32_t layer, const std::vector<uint32_t>& selected,
@@ -297,6 +297,7 @@ class StorageNode {
   storage::BlockStore* const store_;
   const NodeOptions options_;
   retrieval::Retriever retriever_;
+  retrieval::ThreadPool copy_pool_;
 
   mutable absl::Mutex mu_;
   // Sequence key (tenant-scoped id) -> sequence, including ones being created or dropped.

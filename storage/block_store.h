@@ -60,6 +60,10 @@ struct BlockData {
   uint64_t size_bytes() const { return key.size() + value.size(); }
 };
 
+// A block read back and shared with whoever holds it: its bytes stay valid and unchanged while
+// held, also after the store overwrote the block or dropped its sequence.
+using SharedBlockData = std::shared_ptr<const BlockData>;
+
 // Contents and counters of one tier, since the store was opened.
 struct TierStats {
   std::string name;           // "dram", "rocksdb" or "nfs"
@@ -109,6 +113,12 @@ class BlockStore {
   // `out` is unspecified.
   virtual absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                                  std::vector<BlockData>* out) = 0;
+
+  // GetBlocks without copying where the store already holds the bytes in memory: the memory store
+  // and the DRAM tier's hits hand out their own copies, shared. Same order, errors and counting as
+  // GetBlocks. The default reads with GetBlocks and shares what it read (no copy either).
+  virtual absl::Status ReadBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                                  std::vector<SharedBlockData>* out);
 
   // Ids of every stored block of the sequence, sorted. NotFound for an unknown sequence.
   virtual absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) = 0;

@@ -27,7 +27,7 @@ absl::Status DramTier::PutBlocks(absl::string_view sequence_key,
                                  absl::Span<const BlockWrite> blocks) {
   const absl::Status status = backend_->PutBlocks(sequence_key, blocks);
   // Copy outside the lock; blocks over budget are not copied at all.
-  std::vector<std::shared_ptr<const BlockData>> copies;
+  std::vector<SharedBlockData> copies;
   if (status.ok()) {
     copies.reserve(blocks.size());
     for (const BlockWrite& write : blocks) {
@@ -51,8 +51,17 @@ absl::Status DramTier::PutBlocks(absl::string_view sequence_key,
 
 absl::Status DramTier::GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                                  std::vector<BlockData>* out) {
-  if (ids.empty()) return backend_->GetBlocks(sequence_key, ids, out);
-  std::vector<std::shared_ptr<const BlockData>> cached(ids.size());
+  std::vector<SharedBlockData> read;
+  if (absl::Status status = ReadBlocks(sequence_key, ids, &read); !status.ok()) return status;
+  out->resize(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) (*out)[i] = *read[i];
+  return absl::OkStatus();
+}
+
+absl::Status DramTier::ReadBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                                  std::vector<SharedBlockData>* out) {
+  if (ids.empty()) return backend_->ReadBlocks(sequence_key, ids, out);
+  out->assign(ids.size(), nullptr);
   std::vector<BlockId> missing_ids;
   std::vector<size_t> missing_positions;
   uint64_t read_started = 0;
@@ -65,7 +74,7 @@ absl::Status DramTier::GetBlocks(absl::string_view sequence_key, absl::Span<cons
         auto found = sequence->second.find(ids[i]);
         if (found != sequence->second.end()) {
           lru_.splice(lru_.begin(), lru_, found->second);
-          cached[i] = found->second->block;
+          (*out)[i] = found->second->block;
           ++hits_;
           continue;
         }
@@ -75,26 +84,17 @@ absl::Status DramTier::GetBlocks(absl::string_view sequence_key, absl::Span<cons
       missing_positions.push_back(i);
     }
   }
+  if (missing_ids.empty()) return absl::OkStatus();
 
-  std::vector<BlockData> fetched;
-  if (!missing_ids.empty()) {
-    absl::Status status = backend_->GetBlocks(sequence_key, missing_ids, &fetched);
-    if (!status.ok()) return status;
+  std::vector<SharedBlockData> fetched;
+  if (absl::Status status = backend_->ReadBlocks(sequence_key, missing_ids, &fetched);
+      !status.ok()) {
+    return status;
   }
-  out->resize(ids.size());
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (cached[i] != nullptr) (*out)[i] = *cached[i];
-  }
-  std::vector<std::shared_ptr<const BlockData>> to_cache;
+  std::vector<SharedBlockData> to_cache;
   for (size_t j = 0; j < fetched.size(); ++j) {
-    BlockData& destination = (*out)[missing_positions[j]];
-    if (fetched[j].size_bytes() > budget_bytes_) {
-      destination = std::move(fetched[j]);
-      continue;
-    }
-    auto block = std::make_shared<const BlockData>(std::move(fetched[j]));
-    destination = *block;
-    to_cache.push_back(std::move(block));
+    if (fetched[j]->size_bytes() <= budget_bytes_) to_cache.push_back(fetched[j]);
+    (*out)[missing_positions[j]] = std::move(fetched[j]);
   }
   if (!to_cache.empty()) {
     absl::MutexLock lock(&mu_);

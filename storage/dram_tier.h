@@ -5,8 +5,9 @@
 //   budget of 0 makes the tier a pass-through that only counts misses.
 // - Write-through: PutBlocks writes the backend first and caches the blocks only once the backend
 //   acknowledged them, so the cache never holds a block the backend lacks.
-// - GetBlocks serves hits from memory and fetches every miss in ONE backend GetBlocks call, then
-//   caches what it fetched unless a write or drop of that sequence raced with the fetch.
+// - GetBlocks and ReadBlocks serve hits from memory (ReadBlocks without copying them) and fetch
+//   every miss in ONE backend ReadBlocks call, then cache what they fetched unless a write or drop
+//   of that sequence raced with the fetch.
 // - Sequence metadata and ListBlocks are not cached: they go to the backend.
 // Thread-safe; the lock is never held across a backend call.
 #ifndef KVSTAR_STORAGE_DRAM_TIER_H_
@@ -36,6 +37,8 @@ class DramTier final : public BlockStore {
                          absl::Span<const BlockWrite> blocks) override;
   absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                          std::vector<BlockData>* out) override;
+  absl::Status ReadBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                          std::vector<SharedBlockData>* out) override;
   absl::StatusOr<std::vector<BlockId>> ListBlocks(absl::string_view sequence_key) override;
   absl::StatusOr<DropResult> DropSequence(absl::string_view sequence_key) override;
   void WaitForBackgroundWork() override { backend_->WaitForBackgroundWork(); }

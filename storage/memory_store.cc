@@ -60,21 +60,28 @@ class MemoryStore final : public BlockStore {
 
   absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                          std::vector<BlockData>* out) override {
-    std::vector<std::shared_ptr<const BlockData>> found_blocks;
-    found_blocks.reserve(ids.size());
-    {
-      absl::MutexLock lock(&mu_);
-      auto found = sequences_.find(std::string(sequence_key));
-      if (found == sequences_.end()) return SequenceNotFound(sequence_key);
-      for (const BlockId& id : ids) {
-        auto block = found->second.blocks.find(id);
-        if (block == found->second.blocks.end()) return BlockNotFound(sequence_key, id);
-        found_blocks.push_back(block->second);
-      }
-      hits_ += ids.size();
-    }
+    std::vector<SharedBlockData> found;
+    if (absl::Status status = ReadBlocks(sequence_key, ids, &found); !status.ok()) return status;
     out->resize(ids.size());
-    for (size_t i = 0; i < ids.size(); ++i) (*out)[i] = *found_blocks[i];
+    for (size_t i = 0; i < ids.size(); ++i) (*out)[i] = *found[i];
+    return absl::OkStatus();
+  }
+
+  // The stored blocks themselves: they are immutable once published, and a PutBlocks that
+  // replaces one publishes a new copy.
+  absl::Status ReadBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
+                          std::vector<SharedBlockData>* out) override {
+    out->clear();
+    out->reserve(ids.size());
+    absl::MutexLock lock(&mu_);
+    auto found = sequences_.find(std::string(sequence_key));
+    if (found == sequences_.end()) return SequenceNotFound(sequence_key);
+    for (const BlockId& id : ids) {
+      auto block = found->second.blocks.find(id);
+      if (block == found->second.blocks.end()) return BlockNotFound(sequence_key, id);
+      out->push_back(block->second);
+    }
+    hits_ += ids.size();
     return absl::OkStatus();
   }
 
@@ -100,7 +107,7 @@ class MemoryStore final : public BlockStore {
  private:
   struct Sequence {
     std::string metadata;
-    std::map<BlockId, std::shared_ptr<const BlockData>> blocks;
+    std::map<BlockId, SharedBlockData> blocks;
     uint64_t bytes = 0;
   };
 

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -81,6 +82,32 @@ TEST(SharedMemoryArenaTest, FreedRegionsAreZeroedBeforeAnyoneGetsThemAgain) {
   std::optional<uint64_t> again = a.Allocate(1000);
   ASSERT_EQ(again, x);
   for (int i = 0; i < 1000; ++i) ASSERT_EQ(a.base()[*again + i], 0) << "byte " << i;
+}
+
+TEST(SharedMemoryArenaTest, ManyRegionsFreedOnAPoolAreZeroedAndCoalesced) {
+  constexpr uint64_t kBytes = 1 << 20;
+  auto arena = SharedMemoryArena::Create(kBytes, "kvstar-test-0000000000000006");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  SharedMemoryArena& a = **arena;
+  std::vector<uint64_t> freed, kept;
+  for (int i = 0; i < 200; ++i) {
+    std::optional<uint64_t> offset = a.Allocate(3000 + i);
+    ASSERT_TRUE(offset.has_value());
+    std::memset(a.base() + *offset, 0x5a, 3000 + i);
+    (i % 4 == 3 ? kept : freed).push_back(*offset);
+  }
+  freed.push_back(12345);  // not a region: ignored
+  retrieval::ThreadPool pool(4);
+  a.Free(freed, &pool);
+  for (size_t i = 0; i + 1 < freed.size(); ++i) {
+    for (uint64_t b = 0; b < 3000; ++b) ASSERT_EQ(a.base()[freed[i] + b], 0) << "region " << i;
+  }
+  for (uint64_t offset : kept) {
+    EXPECT_EQ(static_cast<unsigned char>(a.base()[offset]), 0x5a) << "a live region was touched";
+  }
+  a.Free(kept, &pool);
+  EXPECT_EQ(a.free_bytes(), kBytes);
+  EXPECT_EQ(a.Allocate(kBytes), std::optional<uint64_t>(0)) << "every range coalesced into one";
 }
 
 TEST(SharedMemoryArenaTest, FreeingAnUnknownOffsetChangesNothing) {

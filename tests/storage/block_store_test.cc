@@ -196,6 +196,30 @@ TYPED_TEST(BlockStoreTest, GetBlocksReturnsBlocksInRequestedOrder) {
   for (size_t i = 0; i < order.size(); ++i) ExpectSameBlock(read[i], blocks[order[i]]);
 }
 
+TYPED_TEST(BlockStoreTest, ReadBlocksReturnsWhatGetBlocksReturnsAndFailsTheSameWay) {
+  this->CreateSequence("seq");
+  std::vector<TestBlock> blocks = {RandomBlock({0, 0}, this->rng_), RandomBlock({1, 0}, this->rng_),
+                                   RandomBlock({1, 1}, this->rng_)};
+  this->Put("seq", blocks);
+  const std::vector<BlockId> ids = {blocks[2].id, blocks[0].id, blocks[1].id, blocks[2].id};
+  std::vector<SharedBlockData> shared;
+  ASSERT_TRUE(this->store_->ReadBlocks("seq", ids, &shared).ok());
+  const std::vector<BlockData> copied = this->Get("seq", ids);
+  ASSERT_EQ(shared.size(), ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ASSERT_NE(shared[i], nullptr);
+    EXPECT_EQ(shared[i]->id, ids[i]);
+    EXPECT_EQ(shared[i]->key, copied[i].key);
+    EXPECT_EQ(shared[i]->value, copied[i].value);
+    EXPECT_EQ(shared[i]->checksum, copied[i].checksum);
+  }
+  const absl::Status missing =
+      this->store_->ReadBlocks("seq", {BlockId{0, 0}, BlockId{0, 9}}, &shared);
+  EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
+  EXPECT_THAT(std::string(missing.message()), HasSubstr("layer 0, index 9"));
+  EXPECT_TRUE(absl::IsNotFound(this->store_->ReadBlocks("nope", {BlockId{0, 0}}, &shared)));
+}
+
 TYPED_TEST(BlockStoreTest, UnknownSequenceIsNotFound) {
   BlockStore& store = *this->store_;
   const TestBlock block = RandomBlock({0, 0}, this->rng_, 64);
@@ -755,6 +779,24 @@ TEST_F(DramTierTest, MissesAreFetchedInOneBackendCall) {
   ExpectSameBlock(out[1], blocks_[0]);
   ExpectSameBlock(out[2], blocks_[2]);
   ExpectSameBlock(out[3], blocks_[1]);
+}
+
+TEST_F(DramTierTest, ReadBlocksSharesHitsAndCachesMissesFetchedInOneBackendCall) {
+  std::unique_ptr<BlockStore> store = NewTier(2 * kBlockBytes);  // holds blocks 2 and 3
+  get_calls_.clear();
+  std::vector<SharedBlockData> first, again;
+  ASSERT_TRUE(store->ReadBlocks("seq", {BlockId{0, 3}, BlockId{0, 1}}, &first).ok());
+  ASSERT_EQ(get_calls_.size(), 1u);
+  EXPECT_THAT(get_calls_[0], ElementsAre(BlockId{0, 1}));
+  ExpectSameBlock(*first[0], blocks_[3]);
+  ExpectSameBlock(*first[1], blocks_[1]);
+  // Block 1 is cached now (evicting 2): both are hits, handed out without a copy.
+  ASSERT_TRUE(store->ReadBlocks("seq", {BlockId{0, 1}, BlockId{0, 3}}, &again).ok());
+  EXPECT_EQ(get_calls_.size(), 1u) << "both should have been served from memory";
+  EXPECT_EQ(again[0].get(), first[1].get());
+  EXPECT_EQ(again[1].get(), first[0].get());
+  ASSERT_TRUE(store->DropSequence("seq").ok());
+  ExpectSameBlock(*again[0], blocks_[1]);  // held copies outlive the drop
 }
 
 TEST_F(DramTierTest, ZeroBudgetPassesEverythingThrough) {

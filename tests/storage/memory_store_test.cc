@@ -69,5 +69,34 @@ TEST_F(MemoryStoreTest, BadWritesAndUnknownIdsChangeNothing) {
   EXPECT_TRUE(store_->ListBlocks("s")->empty());
 }
 
+TEST_F(MemoryStoreTest, ReadBlocksSharesTheStoredCopiesWhichOutliveOverwriteAndDrop) {
+  ASSERT_TRUE(store_->PutSequence("s", "meta").ok());
+  const std::string k1 = RandomBytes(rng_, 512), v1 = RandomBytes(rng_, 512);
+  const std::string k2 = RandomBytes(rng_, 512), v2 = RandomBytes(rng_, 512);
+  ASSERT_TRUE(Put("s", {0, 0}, k1, v1).ok());
+  ASSERT_TRUE(Put("s", {0, 1}, k2, v2).ok());
+
+  std::vector<SharedBlockData> first, again;
+  ASSERT_TRUE(store_->ReadBlocks("s", {BlockId{0, 1}, BlockId{0, 0}}, &first).ok());
+  ASSERT_TRUE(store_->ReadBlocks("s", {BlockId{0, 0}}, &again).ok());
+  ASSERT_EQ(first.size(), 2u);
+  EXPECT_EQ(first[0]->key, k2);
+  EXPECT_EQ(first[1]->value, v1);
+  EXPECT_EQ(first[1]->checksum, BlockChecksum(k1, v1));
+  EXPECT_EQ(first[1].get(), again[0].get()) << "the store's copy, not a new one";
+
+  ASSERT_TRUE(Put("s", {0, 0}, k2, v2).ok());  // overwrite: a new copy is published
+  ASSERT_TRUE(store_->DropSequence("s").ok());
+  EXPECT_EQ(first[1]->key, k1) << "a held block keeps its bytes";
+  EXPECT_EQ(first[0]->value, v2);
+
+  std::vector<SharedBlockData> out;
+  EXPECT_TRUE(absl::IsNotFound(store_->ReadBlocks("s", {BlockId{0, 0}}, &out)));
+  ASSERT_TRUE(store_->PutSequence("t", "meta").ok());
+  const absl::Status missing = store_->ReadBlocks("t", {BlockId{2, 3}}, &out);
+  EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
+  EXPECT_THAT(std::string(missing.message()), ::testing::HasSubstr("layer 2, index 3"));
+}
+
 }  // namespace
 }  // namespace kvstar::storage
