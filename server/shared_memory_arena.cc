@@ -4,6 +4,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -19,6 +24,29 @@ constexpr uint64_t kAlignment = 64;
 uint64_t AlignUp(uint64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
 
 }  // namespace
+
+void CopyToSegment(char* to, const char* from, size_t bytes) {
+#if defined(__SSE2__)
+  // Head up to 16-byte alignment of the destination, then whole 64-byte lines, then the tail.
+  const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(to) % 16) % 16);
+  std::memcpy(to, from, head);
+  size_t i = head;
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(to + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(to + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(to + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(to + i + 48), d);
+  }
+  std::memcpy(to + i, from + i, bytes - i);
+  _mm_sfence();
+#else
+  std::memcpy(to, from, bytes);
+#endif
+}
 
 absl::StatusOr<std::unique_ptr<SharedMemoryArena>> SharedMemoryArena::Create(uint64_t bytes,
                                                                              std::string id) {
@@ -72,9 +100,21 @@ std::optional<uint64_t> SharedMemoryArena::Allocate(uint64_t bytes) {
     free_.erase(it);
     if (rest > 0) free_[offset + want] = rest;
     allocated_[offset] = want;
+    std::memset(base_ + offset + bytes, 0, want - bytes);
     return offset;
   }
   return std::nullopt;
+}
+
+void SharedMemoryArena::Release(absl::Span<const uint64_t> offsets) {
+  absl::MutexLock lock(&mu_);
+  for (uint64_t offset : offsets) {
+    auto found = allocated_.find(offset);
+    if (found == allocated_.end()) continue;
+    const uint64_t length = found->second;
+    allocated_.erase(found);
+    ReturnLocked(offset, length);
+  }
 }
 
 void SharedMemoryArena::Free(absl::Span<const uint64_t> offsets, retrieval::ThreadPool* pool) {

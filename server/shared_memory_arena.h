@@ -1,7 +1,9 @@
 // SharedMemoryArena: one tenant's shared-memory segment, which the server fills with block bytes
 // for that tenant's co-located clients; they receive its descriptor over the segment handoff
 // (server/segment_handoff.h), map it read-only and copy from it straight to the GPU. Regions are
-// allocated first-fit, freed explicitly and zeroed when freed.
+// allocated first-fit and given back explicitly: zeroed (Free) when what they held must not be read
+// again, as is (Release) when the tenant may go on reading it anyway; either way every byte of a
+// region is written before it is handed out again.
 //
 // The segment is a memfd: it has no name on any file system (nothing in /dev/shm), so no other
 // process can open it, and it goes away with the last process holding its descriptor or a
@@ -11,6 +13,7 @@
 #ifndef KVSTAR_SERVER_SHARED_MEMORY_ARENA_H_
 #define KVSTAR_SERVER_SHARED_MEMORY_ARENA_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -24,6 +27,11 @@
 #include "retrieval/thread_pool.h"
 
 namespace kvstar::server {
+
+// Copies `bytes` into a segment with streaming (non-temporal) stores where the CPU has them: a
+// segment's bytes are next read by a GPU's DMA engine, not by this CPU, so they bypass the caches
+// and cost no read-for-ownership. Ordered before this thread's later stores (a fence).
+void CopyToSegment(char* to, const char* from, size_t bytes);
 
 class SharedMemoryArena {
  public:
@@ -41,7 +49,8 @@ class SharedMemoryArena {
   SharedMemoryArena& operator=(const SharedMemoryArena&) = delete;
 
   // Offset of `bytes` free bytes (64-byte aligned), or nullopt when no free range is that large.
-  // A region Allocate gives holds zeros.
+  // The region holds zeros or bytes that this tenant's released regions held: the caller writes
+  // all `bytes` of it before anyone is told of it. The alignment padding past them is zeroed.
   std::optional<uint64_t> Allocate(uint64_t bytes);
   // Zeroes the region that Allocate gave at `offset` and returns it, so no later reader of the
   // segment sees what it held. An offset Allocate did not give changes nothing.
@@ -49,6 +58,11 @@ class SharedMemoryArena {
   // Free for many regions at once, zeroed in parallel on `pool` (on this thread when null): a
   // retrieval's regions are hundreds of MB. The lock is taken twice in all, not across zeroing.
   void Free(absl::Span<const uint64_t> offsets, retrieval::ThreadPool* pool);
+  // Returns regions without clearing them, for bytes the segment's tenant may read anyway (a live
+  // sequence's blocks, which GetBlocks also serves it): they stay readable through the segment
+  // until an allocation overwrites them. A retrieval's regions are a GB or more; not zeroing them
+  // saves a pass over host memory per retrieval. Unknown offsets are ignored.
+  void Release(absl::Span<const uint64_t> offsets);
 
   char* base() const { return base_; }
   uint64_t size() const { return size_; }
@@ -60,7 +74,7 @@ class SharedMemoryArena {
 
  private:
   SharedMemoryArena(std::string id, int fd, char* base, uint64_t size);
-  // Puts a zeroed region back, coalescing it with its free neighbours.
+  // Puts a region back, coalescing it with its free neighbours.
   void ReturnLocked(uint64_t offset, uint64_t length) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string id_;

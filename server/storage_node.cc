@@ -487,8 +487,9 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
     sequence.mu.AssertHeld();
     if (auto s = CatchUp(sequence); !s.ok()) return s;
     sequence.sealed_blocks.store(sequence.index->num_blocks(0));
-    // The client asked again, so it is done with the previous reply's regions.
-    FreeSharedRegions(sequence);
+    // The client asked again, so it is done with the previous reply's regions. They held this
+    // live sequence's blocks, which its tenant may read anyway: released, not zeroed.
+    FreeSharedRegions(sequence, /*zero=*/false);
     sequence.last_decode_step = request.sequences(i).decode_step();
     for (uint32_t layer = 0; layer < sequence.profile.num_layers(); ++layer) {
       blocks_scored += sequence.index->num_blocks(layer);
@@ -621,7 +622,7 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
               SharedBlockRef{data->id, data->checksum, *offset, data->key.size()});
         }
         copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
-          std::memcpy(copies[i].first, copies[i].second.data(), copies[i].second.size());
+          CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
         });
         Count(*sequence.counters, &Counters::blocks_sent_shared, reply.shared_blocks.size());
         return send(batch.size());
@@ -703,7 +704,7 @@ absl::StatusOr<storage::DropResult> StorageNode::DropSequence(absl::string_view 
   // A retrieval of this sequence may still be sending; its lock waits for it.
   {
     absl::MutexLock sequence_lock(&sequence->mu);
-    FreeSharedRegions(*sequence);
+    FreeSharedRegions(*sequence, /*zero=*/true);
   }
   spdlog::info("event=dropped tenant={} sequence_id={} blocks={} bytes={}",
                storage::LogValue(tenant), storage::LogValue(sequence_id), dropped->blocks,
@@ -813,12 +814,16 @@ std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
   return counts;
 }
 
-void StorageNode::FreeSharedRegions(Sequence& sequence) {
+void StorageNode::FreeSharedRegions(Sequence& sequence, bool zero) {
   SharedMemoryArena* arena = options_.shared_memory != nullptr && !sequence.shared_regions.empty()
                                  ? options_.shared_memory->Find(sequence.tenant)
                                  : nullptr;
   if (arena != nullptr) {
-    arena->Free(sequence.shared_regions, &copy_pool_);
+    if (zero) {
+      arena->Free(sequence.shared_regions, &copy_pool_);
+    } else {
+      arena->Release(sequence.shared_regions);
+    }
   }
   sequence.shared_regions.clear();
 }

@@ -47,9 +47,9 @@ struct NodeOptions {
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
   // Threads (the calling one included) that copy retrieved blocks into a tenant's shared memory
-  // and zero the regions it freed: one thread moves a few GB/s, a retrieval's new blocks can be
-  // a GB.
-  size_t copy_threads = 4;
+  // and zero a dropped sequence's regions: one thread moves about 5 GB/s, a retrieval's new
+  // blocks can be over a GB.
+  size_t copy_threads = 8;
   // Each tenant's segment for its co-located clients' shared-memory replies; null: none (bytes
   // in replies). A tenant's replies use its own segment only, once a client received it.
   // Not owned; must outlive the node.
@@ -264,8 +264,8 @@ class StorageNode {
     std::atomic<uint32_t> sealed_blocks{0};
     // Decode step of the last accepted Retrieve; steps must not go backwards.
     uint64_t last_decode_step ABSL_GUARDED_BY(mu) = 0;
-    // Regions of the tenant's segment that the last Retrieve's replies named; freed (zeroed) by
-    // the next one or by Drop.
+    // Regions of the tenant's segment that the last Retrieve's replies named; released by the
+    // next one, zeroed by Drop.
     std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
   };
 
@@ -292,7 +292,9 @@ class StorageNode {
                          uint32_t layer, const std::vector<uint32_t>& selected,
                          const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
-  void FreeSharedRegions(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
+  // Gives the regions of the sequence's last reply back to its tenant's segment; `zero` when
+  // their bytes must not be read again (the sequence is dropped).
+  void FreeSharedRegions(Sequence& sequence, bool zero) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
 
   storage::BlockStore* const store_;
   const NodeOptions options_;

@@ -364,7 +364,7 @@ TEST_F(SharedMemoryTest, TheClientsMappingIsReadOnlyAndTheSegmentCannotBeResized
   munmap(view, size);
 }
 
-TEST_F(SharedMemoryTest, FreedRegionsReadZerosBeforeTheyAreReused) {
+TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZeros) {
   ASSERT_NO_FATAL_FAILURE(StartServer());
   ASSERT_NO_FATAL_FAILURE(Offload(kTokenA, "s", 1));
   std::unique_ptr<SharedSegment> segment = Receive(kTokenA);
@@ -375,14 +375,16 @@ TEST_F(SharedMemoryTest, FreedRegionsReadZerosBeforeTheyAreReused) {
     ASSERT_TRUE(block.has_shared());
     EXPECT_FALSE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes));
   }
-  // The next Retrieve frees the previous one's regions; holding every block, it takes none.
+  // The next Retrieve releases the previous one's regions (holding every block, it takes none);
+  // they held this live sequence's own blocks and are not cleared. The one after reuses them:
+  // each region it names holds exactly its new block.
   RetrieveShared(kTokenA, "s", 2, /*hold_all=*/true);
-  for (const v1::Block& block : first) {
-    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
-        << "a freed region kept block " << block.block_index() << "'s bytes";
-  }
-
   const std::vector<v1::Block> second = RetrieveShared(kTokenA, "s", 3);
+  size_t reused = 0;
+  for (const v1::Block& block : second) {
+    for (const v1::Block& old : first) reused += old.shared().offset() == block.shared().offset();
+  }
+  EXPECT_GT(reused, 0u) << "the released regions should have been allocated again";
   for (const v1::Block& block : second) {
     ASSERT_TRUE(block.has_shared());
     EXPECT_EQ(std::memcmp(segment->Region(block.shared().offset(), kKeyBytes),

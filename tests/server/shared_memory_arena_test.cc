@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <vector>
@@ -108,6 +109,42 @@ TEST(SharedMemoryArenaTest, ManyRegionsFreedOnAPoolAreZeroedAndCoalesced) {
   a.Free(kept, &pool);
   EXPECT_EQ(a.free_bytes(), kBytes);
   EXPECT_EQ(a.Allocate(kBytes), std::optional<uint64_t>(0)) << "every range coalesced into one";
+}
+
+TEST(SharedMemoryArenaTest, ReleasedRegionsKeepTheirBytesUntilReusedAndPaddingIsZeroed) {
+  auto arena = SharedMemoryArena::Create(4096, "kvstar-test-0000000000000007");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  SharedMemoryArena& a = **arena;
+  std::optional<uint64_t> x = a.Allocate(1024), y = a.Allocate(1024);
+  ASSERT_TRUE(x && y);
+  std::memset(a.base() + *x, 0xab, 1024);
+  std::memset(a.base() + *y, 0xcd, 1024);
+  const uint64_t released[] = {*x, *y, 77};  // 77: not a region, ignored
+  a.Release(released);
+  EXPECT_EQ(a.free_bytes(), 4096u) << "both came back, coalesced with the rest";
+  EXPECT_EQ(static_cast<unsigned char>(a.base()[*x + 5]), 0xab) << "released, not cleared";
+  // Reused for 1000 bytes: the caller writes those, the 24 bytes of padding are zeroed.
+  std::optional<uint64_t> again = a.Allocate(1000);
+  ASSERT_EQ(again, x);
+  for (int i = 1000; i < 1024; ++i) ASSERT_EQ(a.base()[*again + i], 0) << "padding byte " << i;
+}
+
+TEST(SharedMemoryArenaTest, CopyToSegmentCopiesEveryByteAtAnyAlignmentAndLength) {
+  std::vector<char> from(5000), to(5100);
+  for (size_t i = 0; i < from.size(); ++i) from[i] = static_cast<char>(i * 131 + 7);
+  for (size_t to_shift : {0, 1, 15, 16, 33}) {
+    for (size_t from_shift : {0, 3, 64}) {
+      for (size_t bytes : {0, 1, 15, 63, 64, 65, 1000, 4096 + 17}) {
+        std::fill(to.begin(), to.end(), 0);
+        CopyToSegment(to.data() + to_shift, from.data() + from_shift, bytes);
+        ASSERT_EQ(std::memcmp(to.data() + to_shift, from.data() + from_shift, bytes), 0)
+            << bytes << " bytes to +" << to_shift << " from +" << from_shift;
+        for (size_t i = 0; i < to.size(); ++i) {
+          if (i < to_shift || i >= to_shift + bytes) ASSERT_EQ(to[i], 0) << "wrote byte " << i;
+        }
+      }
+    }
+  }
 }
 
 TEST(SharedMemoryArenaTest, FreeingAnUnknownOffsetChangesNothing) {
