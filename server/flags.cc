@@ -51,10 +51,10 @@ ABSL_FLAG(uint64_t, max_inflight_put_bytes_per_tenant, uint64_t{256} << 20,
 ABSL_FLAG(int, retrieval_threads, 0,
           "Threads that score Seal and Retrieve; 0 means one per hardware thread. Lower it to "
           "leave cores to a co-located inference server.");
-ABSL_FLAG(int, copy_threads, 8,
+ABSL_FLAG(int, copy_threads, 0,
           "Threads that copy retrieved blocks into a tenant's shared-memory segment and zero a "
-          "dropped sequence's regions (one moves about 5 GB/s; a retrieval's new blocks can be "
-          "over a GB).");
+          "dropped sequence's regions; 0 means one per hardware thread. One moves about 5 GB/s, "
+          "and a retrieval's new blocks can be over a GB.");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::string, auth_tokens_file, "",
@@ -123,9 +123,9 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--retrieval_threads is ", config.retrieval_threads, ", must be in [0, 1024]"));
   }
-  if (config.copy_threads < 1 || config.copy_threads > 256) {
+  if (config.copy_threads < 0 || config.copy_threads > 1024) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--copy_threads is ", config.copy_threads, ", must be in [1, 256]"));
+        absl::StrCat("--copy_threads is ", config.copy_threads, ", must be in [0, 1024]"));
   }
   if (config.worker_threads == 0) {
     config.worker_threads =

@@ -19,7 +19,7 @@ struct ServerConfig {
   std::string shared_memory_socket;             // "": an abstract name of its own; "@name"; a path
   int worker_threads = 0;                       // threads that run calls' store I/O and scoring
   int retrieval_threads = 0;                    // 0: one per hardware thread
-  int copy_threads = 8;                         // shared-memory copies and zeroing
+  int copy_threads = 0;                         // 0: one per hardware thread
   uint64_t max_message_bytes = 0;
   uint64_t stream_idle_timeout_ms = 0;  // 0: streams never time out
   uint64_t max_open_streams = 0;

@@ -42,7 +42,7 @@ struct ServiceOptions {
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
   // Threads that copy retrieved blocks into shared memory (NodeOptions::copy_threads).
-  size_t copy_threads = 8;
+  size_t copy_threads = 0;
   // Threads that run calls' work (store I/O, scoring); 0 means max(16, 4 x hardware threads).
   size_t worker_threads = 0;
   // A stream that makes no progress this long is ended; 0: never.

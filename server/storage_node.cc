@@ -62,7 +62,7 @@ StorageNode::StorageNode(storage::BlockStore* store, NodeOptions options)
     : store_(store),
       options_(options),
       retriever_(options.retrieval_threads),
-      copy_pool_(std::max<size_t>(1, options.copy_threads)) {}
+      copy_pool_(options.copy_threads) {}
 
 absl::StatusOr<std::unique_ptr<StorageNode>> StorageNode::Create(storage::BlockStore* store,
                                                                  NodeOptions options) {

@@ -47,9 +47,9 @@ struct NodeOptions {
   // Threads that score retrievals; 0 means one per hardware thread.
   size_t retrieval_threads = 0;
   // Threads (the calling one included) that copy retrieved blocks into a tenant's shared memory
-  // and zero a dropped sequence's regions: one thread moves about 5 GB/s, a retrieval's new
-  // blocks can be over a GB.
-  size_t copy_threads = 8;
+  // and zero a dropped sequence's regions; 0 means one per hardware thread. One thread moves
+  // about 5 GB/s, and a retrieval's new blocks can be over a GB.
+  size_t copy_threads = 0;
   // Each tenant's segment for its co-located clients' shared-memory replies; null: none (bytes
   // in replies). A tenant's replies use its own segment only, once a client received it.
   // Not owned; must outlive the node.
