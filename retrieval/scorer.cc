@@ -686,14 +686,13 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   // amx-bf16 measured 1.9x Highway on the 16-core AMX host (Qwen2.5-14B 32K: 6.9 vs 13.0 ms per
   // retrieval in batches of 64; Llama-3-8B 3.4 vs 6.2 ms), with the same selections as the GEMV
   // baseline and the reference tests passing there: where the CPU has AMX, it scores bf16.
-  // amx-int8: see the int8 row of docs/PERFORMANCE.md's retrieval section.
+  // amx-int8 measured no faster than int8 on Highway there (Qwen2.5-14B 32K, batches of 64: 13.6
+  // ms against 12.0-13.2 in the run before; int8-vnni 15.2): the int8 exp2 pass (two query-code
+  // dots converted and combined, a per-vector scale) is the cost, not the dot products, so int8
+  // stays on Highway and amx-int8 stays forcible.
   if (format == RepresentationFormat::kBf16 &&
       ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)) {
     return ScorePath::kAmxBf16;
-  }
-  if (format == RepresentationFormat::kInt8 &&
-      ScorePathSupported(ScorePath::kAmxInt8, RepresentationFormat::kInt8)) {
-    return ScorePath::kAmxInt8;
   }
   return ScorePath::kHighway;
 }

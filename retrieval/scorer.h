@@ -110,9 +110,8 @@ const char* DispatchedTargetName();
 //    arch_prctl ARCH_REQ_XCOMP_PERM, asked for the whole process by ScorePathSupported);
 //  - kAmxInt8: AMX-INT8 tile products (tdpbsud) on the int8 representation, the same integer dots
 //    as kInt8Vnni; needs AMX-TILE, AMX-INT8 and the tile state as kAmxBf16.
-// kAuto picks the AMX path of the index's format where the CPU has it, else kHighway (see
-// ActiveScorePath in scorer.cc for what was measured); the other paths are chosen with
-// SetScorePath.
+// kAuto picks kAmxBf16 for bf16 where the CPU has it, else kHighway (see ActiveScorePath in
+// scorer.cc for what was measured); the other paths are chosen with SetScorePath.
 enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni, kAmxBf16, kAmxInt8 };
 
 const char* ScorePathName(ScorePath path);
