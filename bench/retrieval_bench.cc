@@ -1,12 +1,13 @@
 // Retrievals of every layer at a real model's shapes, for one sequence and for batches of
 // sequences, on every scoring path (Highway, AVX512_BF16 dot products, AMX-BF16 tile products,
-// int8 with VNNI, int8 on Highway): the scan against its floors (the representation bytes read at
-// the memory bandwidth, and the fp32 FMA peak, both measured here) and against the original
-// implementation's method (a GEMV per query row), all measured in the same run.
+// int8 with VNNI, int8 with AMX-INT8 tile products, int8 on Highway): the scan against its floors
+// (the representation bytes read at the memory bandwidth, and the fp32 FMA peak, both measured
+// here) and against the original implementation's method (a GEMV per query row), all measured in
+// the same run.
 //
 //   bazel run -c opt //bench:retrieval_bench -- --model=qwen2.5-14b --context=32768
 //       [--threads=N] [--iters=N] [--rpc_calls=N] [--batches=1,16,64]
-//       [--paths=highway,bf16-dot,amx-bf16,int8-vnni,int8-highway] [--batch_memory_gb=1]
+//       [--paths=highway,bf16-dot,amx-bf16,int8-vnni,amx-int8,int8-highway] [--batch_memory_gb=1]
 //
 // --rpc_calls=N (default 20; 0 skips) also serves the same sequence from a real kvstar server on
 // loopback (memory backend, so no disk is measured) and times N Retrieve RPCs of all layers.
@@ -238,6 +239,7 @@ constexpr PathCase kPaths[] = {
     {"bf16-dot", retrieval::RepresentationFormat::kBf16, retrieval::ScorePath::kBf16Dot},
     {"amx-bf16", retrieval::RepresentationFormat::kBf16, retrieval::ScorePath::kAmxBf16},
     {"int8-vnni", retrieval::RepresentationFormat::kInt8, retrieval::ScorePath::kInt8Vnni},
+    {"amx-int8", retrieval::RepresentationFormat::kInt8, retrieval::ScorePath::kAmxInt8},
     {"int8-highway", retrieval::RepresentationFormat::kInt8, retrieval::ScorePath::kHighway},
 };
 
@@ -265,7 +267,7 @@ struct Row {
 
 int Main(int argc, char** argv) {
   std::string model_name = "qwen2.5-14b";
-  std::string paths_arg = "highway,bf16-dot,amx-bf16,int8-vnni,int8-highway";
+  std::string paths_arg = "highway,bf16-dot,amx-bf16,int8-vnni,amx-int8,int8-highway";
   uint32_t context = 32768, iters = 10, rpc_calls = 20;
   std::vector<uint32_t> batches = {1, 16, 64};
   double batch_memory_gb = 1.0;
@@ -505,20 +507,26 @@ int Main(int argc, char** argv) {
       "M %u, %u queries\n",
       model->name, context, shape.num_layers, num_blocks, shape.num_q_heads, shape.num_kv_heads,
       shape.head_dim, baseline_index->kept(), baseline_index->vectors_per_block(), num_queries);
-  std::printf("threads %zu, Highway target %s; CPU: AVX512_BF16 %s, AVX512_VNNI %s, AMX-BF16 %s\n",
-              retriever.num_threads(), retrieval::DispatchedTargetName(),
-              retrieval::ScorePathSupported(retrieval::ScorePath::kBf16Dot,
-                                            retrieval::RepresentationFormat::kBf16)
-                  ? "yes"
-                  : "no",
-              retrieval::ScorePathSupported(retrieval::ScorePath::kInt8Vnni,
-                                            retrieval::RepresentationFormat::kInt8)
-                  ? "yes"
-                  : "no",
-              retrieval::ScorePathSupported(retrieval::ScorePath::kAmxBf16,
-                                            retrieval::RepresentationFormat::kBf16)
-                  ? "yes"
-                  : "no (or the OS refused the tile state)");
+  std::printf(
+      "threads %zu, Highway target %s; CPU: AVX512_BF16 %s, AVX512_VNNI %s, AMX-BF16 %s, "
+      "AMX-INT8 %s\n",
+      retriever.num_threads(), retrieval::DispatchedTargetName(),
+      retrieval::ScorePathSupported(retrieval::ScorePath::kBf16Dot,
+                                    retrieval::RepresentationFormat::kBf16)
+          ? "yes"
+          : "no",
+      retrieval::ScorePathSupported(retrieval::ScorePath::kInt8Vnni,
+                                    retrieval::RepresentationFormat::kInt8)
+          ? "yes"
+          : "no",
+      retrieval::ScorePathSupported(retrieval::ScorePath::kAmxBf16,
+                                    retrieval::RepresentationFormat::kBf16)
+          ? "yes"
+          : "no (or the OS refused the tile state)",
+      retrieval::ScorePathSupported(retrieval::ScorePath::kAmxInt8,
+                                    retrieval::RepresentationFormat::kInt8)
+          ? "yes"
+          : "no");
   for (size_t f = 0; f < by_format.size(); ++f) {
     if (by_format[f].indexes.empty()) continue;
     std::printf(

@@ -633,6 +633,8 @@ const char* ScorePathName(ScorePath path) {
       return "int8-vnni";
     case ScorePath::kAmxBf16:
       return "amx-bf16";
+    case ScorePath::kAmxInt8:
+      return "amx-int8";
   }
   return "unknown";
 }
@@ -648,8 +650,26 @@ bool ScorePathSupported(ScorePath path, RepresentationFormat format) {
       return format == RepresentationFormat::kInt8 && internal::CpuHasAvx512Vnni();
     case ScorePath::kAmxBf16:
       return format == RepresentationFormat::kBf16 && internal::CpuHasAmxBf16();
+    case ScorePath::kAmxInt8:
+      return format == RepresentationFormat::kInt8 && internal::CpuHasAmxInt8();
   }
   return false;
+}
+
+float ScoreRelativeTolerance(ScorePath path) {
+  constexpr float kRounding = 1e-4f;
+  // Twice the exp2 error, rounded up (a ratio of sums that each err by up to e errs by 2e/(1-e)).
+  constexpr float kFastExp2 = 1.6e-4f;
+  static_assert(kFastExp2 >= 2.0f * internal::kFastExp2RelativeError * 1.001f);
+  switch (path) {
+    case ScorePath::kBf16Dot:
+    case ScorePath::kInt8Vnni:
+    case ScorePath::kAmxBf16:
+    case ScorePath::kAmxInt8:
+      return kRounding + kFastExp2;
+    default:
+      return kRounding;
+  }
 }
 
 void SetScorePath(ScorePath path) { forced_path.store(path, std::memory_order_relaxed); }
@@ -666,6 +686,10 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   // amx-bf16 measured 1.9x Highway on the 16-core AMX host (Qwen2.5-14B 32K: 6.9 vs 13.0 ms per
   // retrieval in batches of 64; Llama-3-8B 3.4 vs 6.2 ms), with the same selections as the GEMV
   // baseline and the reference tests passing there: where the CPU has AMX, it scores bf16.
+  // amx-int8 measured no faster than int8 on Highway there (Qwen2.5-14B 32K, batches of 64: 13.6
+  // ms against 12.0-13.2 in the run before; int8-vnni 15.2): the int8 exp2 pass (two query-code
+  // dots converted and combined, a per-vector scale) is the cost, not the dot products, so int8
+  // stays on Highway and amx-int8 stays forcible.
   if (format == RepresentationFormat::kBf16 &&
       ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)) {
     return ScorePath::kAmxBf16;
@@ -706,6 +730,9 @@ void ScoreChunk(const SequenceIndex& index, uint32_t layer, uint32_t kv_head,
       break;
     case ScorePath::kAmxBf16:
       internal::ScoreChunkAmxBf16(args);
+      break;
+    case ScorePath::kAmxInt8:
+      internal::ScoreChunkAmxInt8(args);
       break;
     default:
       HWY_DYNAMIC_DISPATCH(ScoreChunkImpl)(&args);

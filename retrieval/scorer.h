@@ -107,10 +107,12 @@ const char* DispatchedTargetName();
 //  - kInt8Vnni: AVX512_VNNI vpdpbusd on the int8 representation;
 //  - kAmxBf16: AMX-BF16 tile products (tdpbf16ps) on the bf16 representation, queries as in
 //    kBf16Dot; needs AMX-TILE, AMX-BF16 and the OS's permission for the tile state (Linux:
-//    arch_prctl ARCH_REQ_XCOMP_PERM, asked for the whole process by ScorePathSupported).
-// kAuto picks kHighway, measured the fastest for both formats on the AVX-512 hosts here (see
-// ActiveScorePath in scorer.cc); the other paths are chosen with SetScorePath.
-enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni, kAmxBf16 };
+//    arch_prctl ARCH_REQ_XCOMP_PERM, asked for the whole process by ScorePathSupported);
+//  - kAmxInt8: AMX-INT8 tile products (tdpbsud) on the int8 representation, the same integer dots
+//    as kInt8Vnni; needs AMX-TILE, AMX-INT8 and the tile state as kAmxBf16.
+// kAuto picks kAmxBf16 for bf16 where the CPU has it, else kHighway (see ActiveScorePath in
+// scorer.cc for what was measured); the other paths are chosen with SetScorePath.
+enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni, kAmxBf16, kAmxInt8 };
 
 const char* ScorePathName(ScorePath path);
 // Whether `path` scores `format` on this CPU (kAuto and kHighway always do).
@@ -121,6 +123,15 @@ bool ScorePathSupported(ScorePath path, RepresentationFormat format);
 void SetScorePath(ScorePath path);
 // The path that scores an index of `format` now: never kAuto.
 ScorePath ActiveScorePath(RepresentationFormat format);
+
+// How far (relative) the block scores of `path` may lie from the scalar reference's on the same
+// representation, besides an absolute 1e-6 of the scores' total (ulps of blocks near zero).
+// kHighway: 1e-4 (fp32 rounding; its exp2 errs by 2.7e-6). The x86 paths (kBf16Dot, kInt8Vnni,
+// kAmxBf16, kAmxInt8) evaluate exp2 with one FMA less (a degree-3 polynomial, relative error at
+// most 7.6e-5); a row's share of a block is a ratio of two sums of such values, so it moves by at
+// most twice that: 1e-4 + 1.6e-4. Selections equal the reference's except between blocks whose
+// reference scores lie this close.
+float ScoreRelativeTolerance(ScorePath path);
 
 }  // namespace kvstar::retrieval
 

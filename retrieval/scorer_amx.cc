@@ -1,14 +1,17 @@
-// The scorer's AMX-BF16 kernel: a tile's dot products (up to 4 representation vectors of one
+// The scorer's AMX kernels. AMX-BF16: a tile's dot products (up to 4 representation vectors of one
 // group, i.e. 16 blocks each, against every query row) as tile matrix products — tdpbf16ps adds a
 // 16 x 32 bf16 by 32 x 16 bf16 product to a 16 x 16 fp32 tile — then the AVX-512 exp2 pass and
 // block sums that every x86 kernel shares (scorer_x86_scan.h). The bf16 representation's stored
 // order, [group][M][kept pairs][16 blocks][2 channels], is already the B tile's layout (a row per
 // channel pair, the blocks' two channels side by side), so the representation is loaded as it
 // lies; the gathered queries' bf16 pairs (GatheredLayout::high, low) are the A tile's rows.
+// AMX-INT8 (AmxInt8Kernel below): the same with tdpbsud on the int8 representation.
 // Compiled with function-level target attributes and called only after CpuHasAmxBf16()
 // (scorer_x86.cc), so the library itself still runs on any x86-64.
 #include <algorithm>
+#include <cstring>
 
+#include "retrieval/quantize.h"
 #include "retrieval/scorer_kernels.h"
 
 #if KVSTAR_HAVE_X86_KERNELS
@@ -256,6 +259,218 @@ struct AmxBf16Kernel {
 
 #undef KVSTAR_PANEL_PRODUCTS
 
+// AMX-INT8 on the int8 representation. tdpbsud adds a 16 x 64 signed-byte by 64 x 16 unsigned-byte
+// product to a 16 x 16 int32 tile; the int8 stored order, [group][M][kept quads][16 blocks][4
+// codes], is the B tile's layout (a row per channel quad) and the codes are stored offset to
+// unsigned, so B is loaded as it lies, as in the VNNI kernel. A query row has two code sets (high
+// and low, QuantizeQueryInt8): they are separate A rows, the high codes of row block j in code
+// block j and the low ones in code block row_blocks + j, so one vector's products are 2 *
+// row_blocks C tiles, in panels of up to kPanelBlocks. Each C tile starts at its rows' offsets
+// (-kInt8CodeOffset times the sum of the row's codes), so it ends as the exact integer dot of the
+// VNNI kernel; the exp2 pass then combines the two dots and scales them exactly as that kernel
+// does. Products run one vector ahead of the exp2 pass (double-buffered C), across tiles too.
+constexpr size_t kTileQuads = 16;  // channel quads of a K step at most: an A row of 64 bytes
+constexpr size_t kPanelTiles = 3;  // C tiles of a panel (tmm0..2), with their A (tmm3..5)
+
+// B (register B_TILE) from `b_words`, its product with the panel's nb A tiles added to C.
+#define KVSTAR_PANEL_INT8_PRODUCTS(B_TILE, b_words, nb)   \
+  do {                                                    \
+    _tile_loadd(B_TILE, b_words, kLanes * sizeof(float)); \
+    _tile_dpbsud(0, 3, B_TILE);                           \
+    if (nb > 1) _tile_dpbsud(1, 4, B_TILE);               \
+    if (nb > 2) _tile_dpbsud(2, 5, B_TILE);               \
+  } while (0)
+
+struct AmxInt8Kernel {
+  AmxInt8Kernel(const ChunkArgs& args, const GatheredLayout& gathered)
+      : args(args),
+        quads(gathered.quads),
+        quad_steps((quads + kTileQuads - 1) / kTileQuads),
+        step_quads((quads + quad_steps - 1) / quad_steps),
+        row_blocks((args.num_rows + kTileRows - 1) / kTileRows),
+        code_blocks(2 * row_blocks),
+        panels((code_blocks + kPanelTiles - 1) / kPanelTiles),
+        end_group(PartialsLayout(args.num_blocks, args.num_rows, args.num_chunks)
+                      .FirstGroup(args.chunk + 1)),
+        high(args.gathered + gathered.quad_codes),
+        low(args.gathered + gathered.low_quad_codes),
+        factor(args.gathered + gathered.factor),
+        offset(args.gathered + gathered.offset),
+        low_offset(args.gathered + gathered.low_offset) {}
+
+  const ChunkArgs& args;
+  const size_t quads;        // kept channel quads, the K of a score in 32-bit words
+  const size_t quad_steps;   // K steps over the quads
+  const size_t step_quads;   // quads of every K step (the last one starts early, see UseScratch)
+  const size_t row_blocks;   // of query rows
+  const size_t code_blocks;  // of A rows: high codes, then low codes
+  const size_t panels;
+  const size_t end_group;
+  const float* high;  // bit patterns, see GatheredLayout
+  const float* low;
+  const float* factor;
+  const float* offset;
+  const float* low_offset;
+  // UseScratch: [2] C buffers, the C tiles' start values (same shape), then the A rows
+  // [quad_steps][code_blocks * kTileRows][step_quads]; zero beyond num_rows and where a step
+  // overlaps the one before it.
+  float* c_buffers = nullptr;
+  float* c_start = nullptr;
+  float* a_rows = nullptr;
+  size_t buffer = 0;     // the C buffer that the next exp2 pass reads
+  bool pending = false;  // it already holds the next tile's first products
+  bool odd_b = false;    // B register of the next load: tmm7, else tmm6
+
+  const uint32_t* Words(size_t group, size_t vector) const {
+    return reinterpret_cast<const uint32_t*>(args.codes) +
+           (group * args.vectors + vector) * quads * kLanes;
+  }
+  size_t VectorBytes() const { return quads * kLanes * 4; }
+  size_t CFloats() const { return code_blocks * kTileRows * kLanes; }
+  size_t StepFloats() const { return code_blocks * kTileRows * step_quads; }
+  size_t FirstQuad(size_t step) const { return std::min(step * step_quads, quads - step_quads); }
+  size_t ScratchFloats() const { return 3 * CFloats() + quad_steps * StepFloats(); }
+
+  KVSTAR_AVX512_INLINE void UseScratch(float* memory) {
+    c_buffers = memory;
+    c_start = c_buffers + 2 * CFloats();
+    a_rows = c_start + CFloats();
+    std::fill(c_start, c_start + CFloats() + quad_steps * StepFloats(), 0.0f);
+    const size_t low_row0 = row_blocks * kTileRows;
+    for (size_t row = 0; row < args.num_rows; ++row) {
+      for (size_t lane = 0; lane < kLanes; ++lane) {  // int32 bit patterns, copied as bytes
+        std::memcpy(c_start + row * kLanes + lane, offset + row, sizeof(float));
+        std::memcpy(c_start + (low_row0 + row) * kLanes + lane, low_offset + row, sizeof(float));
+      }
+    }
+    for (size_t step = 0; step < quad_steps; ++step) {
+      const size_t first = FirstQuad(step);
+      const size_t fresh = step * step_quads;  // quads below: an earlier step's
+      float* a = a_rows + step * StepFloats();
+      for (size_t row = 0; row < args.num_rows; ++row) {
+        for (size_t j = std::max(first, fresh) - first; j < step_quads; ++j) {
+          a[row * step_quads + j] = high[row * quads + first + j];
+          a[(low_row0 + row) * step_quads + j] = low[row * quads + first + j];
+        }
+      }
+    }
+    CompilerBarrier();
+  }
+
+  // The products of one vector (at `words`) with every code block, stored to C buffer `to`
+  // ([code_blocks * kTileRows rows][kLanes] int32).
+  KVSTAR_AVX512_INLINE void Multiply(const uint32_t* words, size_t to) {
+    float* c = c_buffers + to * CFloats();
+    const size_t c_stride = kLanes * sizeof(float);
+    const size_t a_stride = step_quads * sizeof(float);
+    for (size_t panel = 0; panel < panels; ++panel) {
+      const size_t nb = std::min(kPanelTiles, code_blocks - panel * kPanelTiles);
+      const size_t first_row = panel * kPanelTiles * kTileRows;
+      const float* start = c_start + first_row * kLanes;
+      _tile_loadd(0, start, c_stride);
+      if (nb > 1) _tile_loadd(1, start + kTileRows * kLanes, c_stride);
+      if (nb > 2) _tile_loadd(2, start + 2 * kTileRows * kLanes, c_stride);
+      for (size_t step = 0; step < quad_steps; ++step) {
+        const float* a = a_rows + step * StepFloats() + first_row * step_quads;
+        _tile_loadd(3, a, a_stride);
+        if (nb > 1) _tile_loadd(4, a + kTileRows * step_quads, a_stride);
+        if (nb > 2) _tile_loadd(5, a + 2 * kTileRows * step_quads, a_stride);
+        const uint32_t* b = words + FirstQuad(step) * kLanes;
+        if (odd_b) {
+          KVSTAR_PANEL_INT8_PRODUCTS(7, b, nb);
+        } else {
+          KVSTAR_PANEL_INT8_PRODUCTS(6, b, nb);
+        }
+        odd_b = !odd_b;
+      }
+      float* out = c + first_row * kLanes;
+      _tile_stored(0, out, c_stride);
+      if (nb > 1) _tile_stored(1, out + kTileRows * kLanes, c_stride);
+      if (nb > 2) _tile_stored(2, out + 2 * kTileRows * kLanes, c_stride);
+    }
+    CompilerBarrier();  // the exp2 pass reads what the tile stores wrote
+  }
+
+  // Rows row0 .. row0 + kRows of one vector from `c`: the VNNI kernel's scores, then exp2 and the
+  // block sums. `scales`: the vector's 16 code scales.
+  template <size_t kRows>
+  KVSTAR_AVX512_INLINE void AccumulateRows(const float* c, size_t row0, __m512 scales,
+                                           const RowState& state, const Tile& tile) const {
+    const __m512 low_step = _mm512_set1_ps(1.0f / kLowCodeSteps);
+    const float* low_c = c + row_blocks * kTileRows * kLanes;
+    __m512 acc[1][kRows];
+    KVSTAR_UNROLL
+    for (size_t i = 0; i < kRows; ++i) {
+      const size_t row = row0 + i;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c + row * kLanes));
+      const __m512 low_dot = _mm512_cvtepi32_ps(_mm512_load_si512(low_c + row * kLanes));
+      const __m512 codes = _mm512_fmadd_ps(low_dot, low_step, dot);
+      const __m512 scale = _mm512_mul_ps(scales, _mm512_set1_ps(factor[row]));
+      acc[0][i] = _mm512_fmadd_ps(codes, scale, _mm512_set1_ps(-state.reference[row]));
+    }
+    Accumulate<1, kRows>(acc, row0, state, tile);
+  }
+
+  KVSTAR_AVX512_INLINE void Exponentiate(const float* c, size_t vector, const RowState& state,
+                                         const Tile& tile) const {
+    const __m512 scales =
+        _mm512_loadu_ps(args.code_scales + (tile.group * args.vectors + vector) * kLanes);
+    const size_t rows = args.num_rows;
+    size_t r = 0;
+    for (; r + 8 <= rows; r += 8) AccumulateRows<8>(c, r, scales, state, tile);
+    switch (rows - r) {
+#define KVSTAR_ROWS_LEFT(N)                       \
+  case N:                                         \
+    AccumulateRows<N>(c, r, scales, state, tile); \
+    break;
+      KVSTAR_ROWS_LEFT(1)
+      KVSTAR_ROWS_LEFT(2)
+      KVSTAR_ROWS_LEFT(3)
+      KVSTAR_ROWS_LEFT(4)
+      KVSTAR_ROWS_LEFT(5)
+      KVSTAR_ROWS_LEFT(6)
+      KVSTAR_ROWS_LEFT(7)
+#undef KVSTAR_ROWS_LEFT
+      default:
+        break;
+    }
+  }
+
+  // The first vector of the tile ScanChunk scores after this one, if any.
+  const uint32_t* NextTileWords(const Tile& tile, size_t vectors) const {
+    if (tile.first_vector + vectors < args.vectors) {
+      return Words(tile.group, tile.first_vector + vectors);
+    }
+    return tile.group + 1 < end_group ? Words(tile.group + 1, 0) : nullptr;
+  }
+
+  template <size_t kVectors>
+  KVSTAR_AVX512_INLINE void ScoreTile(size_t num_rows, const RowState& state, const Tile& tile,
+                                      const char* next, size_t next_bytes) {
+    const uint32_t* words = Words(tile.group, tile.first_vector);
+    const size_t vector_words = quads * kLanes;
+    const size_t share = (next_bytes / kVectors + 63) / 64 * 64 + 64;
+    if (!pending) Multiply(words, buffer);
+    pending = false;
+    for (size_t v = 0; v < kVectors; ++v) {
+      for (size_t offset = v * share; offset < std::min(next_bytes, (v + 1) * share);
+           offset += 64) {
+        _mm_prefetch(next + offset, _MM_HINT_T0);
+      }
+      if (v + 1 < kVectors) {
+        Multiply(words + (v + 1) * vector_words, buffer ^ 1);
+      } else if (const uint32_t* next_words = NextTileWords(tile, kVectors)) {
+        Multiply(next_words, buffer ^ 1);
+        pending = true;
+      }
+      Exponentiate(c_buffers + buffer * CFloats(), tile.first_vector + v, state, tile);
+      buffer ^= 1;
+    }
+  }
+};
+
+#undef KVSTAR_PANEL_INT8_PRODUCTS
+
 }  // namespace
 
 // The tile configuration is per thread and LDTILECFG zeroes the tiles, so every chunk loads its
@@ -283,9 +498,38 @@ KVSTAR_AMX void ScoreChunkAmxBf16(const ChunkArgs& args) {
   _tile_release();
 }
 
+// As ScoreChunkAmxBf16, with the int8 kernel's tile shapes: C and A tiles of 16 rows, A rows of
+// step_quads words, B tiles of step_quads rows of 16 words.
+#define KVSTAR_AMX_INT8 \
+  __attribute__((       \
+      target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,avx512vnni,amx-tile,amx-int8")))
+
+KVSTAR_AMX_INT8 void ScoreChunkAmxInt8(const ChunkArgs& args) {
+  const GatheredLayout gathered(args.num_rows, args.kept);
+  AmxInt8Kernel kernel(args, gathered);
+  TileConfig config;
+  for (int t = 0; t < 3; ++t) {
+    config.rows[t] = kTileRows;
+    config.colsb[t] = kLanes * sizeof(int32_t);
+  }
+  for (int t = 3; t < 6; ++t) {
+    config.rows[t] = kTileRows;
+    config.colsb[t] = static_cast<uint16_t>(kernel.step_quads * sizeof(uint32_t));
+  }
+  for (int t = 6; t < 8; ++t) {
+    config.rows[t] = static_cast<uint8_t>(kernel.step_quads);
+    config.colsb[t] = kLanes * sizeof(uint32_t);
+  }
+  CompilerBarrier();
+  _tile_loadconfig(&config);
+  ScanChunk(args, kernel);
+  _tile_release();
+}
+
 #else  // no x86 kernels on this architecture or compiler
 
 void ScoreChunkAmxBf16(const ChunkArgs&) {}
+void ScoreChunkAmxInt8(const ChunkArgs&) {}
 
 #endif
 

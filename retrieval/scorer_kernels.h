@@ -100,11 +100,16 @@ struct ChunkArgs {
 // moves: exp2 stays below 2^20, far from overflow, and the max rarely needs rescaling.
 inline constexpr float kHeadroom = 20.0f;
 
+// The x86 kernels' exp2 (a degree-3 polynomial, scorer_x86_scan.h) stays within this relative
+// error of 2^x for x in [-126, kHeadroom]; the Highway kernel's degree 4 within 2.7e-6.
+inline constexpr float kFastExp2RelativeError = 7.6e-5f;
+
 // Runtime CPU checks (cpuid, and the OS's saving of the register state; for AMX also the OS's
 // permission to use the tile data, requested for the whole process by the first call).
 bool CpuHasAvx512Bf16();
 bool CpuHasAvx512Vnni();
 bool CpuHasAmxBf16();
+bool CpuHasAmxInt8();
 
 // The x86 kernels; REQUIRE the matching CpuHas* (they are compiled with function-level target
 // attributes, the rest of the library stays portable). Same contract as the Highway kernel.
@@ -113,6 +118,12 @@ void ScoreChunkInt8Vnni(const ChunkArgs& args);
 // AMX-BF16 tile products on the bf16 representation (scorer_amx.cc); REQUIRES CpuHasAmxBf16().
 // Loads its own tile configuration on the calling thread and releases the tiles before returning.
 void ScoreChunkAmxBf16(const ChunkArgs& args);
+// AMX-INT8 tile products (tdpbsud) on the int8 representation, with the same integer dots as
+// ScoreChunkInt8Vnni; REQUIRES CpuHasAmxInt8(). Tile state as ScoreChunkAmxBf16.
+void ScoreChunkAmxInt8(const ChunkArgs& args);
+
+// The x86 kernels' exp2 on `count` values (tests); REQUIRES CpuHasAvx512Bf16().
+void FastExp2(const float* x, float* out, size_t count);
 
 }  // namespace kvstar::retrieval::internal
 

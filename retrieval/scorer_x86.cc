@@ -66,30 +66,54 @@ bool CpuHasAvx512Bf16() {
   return has;
 }
 
-bool CpuHasAmxBf16() {
-  static const bool has = [] {
-    // AMX-TILE (bit 24) and AMX-BF16 (bit 22), the OS saving XTILECFG and XTILEDATA (XCR0 bits
-    // 17, 18), and AVX-512 with BF16 for the exp2 pass around the tiles.
-    const unsigned wanted = (1u << 22) | (1u << 24);
-    if (!CpuHasAvx512Bf16() || (Cpuid(7, 0).edx & wanted) != wanted ||
-        (ReadXcr0() & (3u << 17)) != (3u << 17)) {
-      return false;
-    }
-#if defined(__linux__)
-    // Linux (5.16+) hands out the 8 KiB tile data state only to a process that asks for it
-    // (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the grant covers all its threads.
-    // Without it the first tile instruction faults, so a refusal means no AMX.
-    constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
-    constexpr unsigned long kXfeatureXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
-    unsigned long permitted = 0;
-    if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &permitted) != 0) return false;
-    return (permitted & (1ul << kXfeatureXtiledata)) != 0;
-#else
+namespace {
+
+// AMX-TILE (cpuid 7.0 edx bit 24) and the given AMX bits, the OS saving XTILECFG and XTILEDATA
+// (XCR0 bits 17, 18), AVX-512 with BF16 for the exp2 pass around the tiles, and the OS's
+// permission to use the tile data.
+bool HasAmx(unsigned amx_bits) {
+  const unsigned wanted = amx_bits | (1u << 24);
+  if (!CpuHasAvx512Bf16() || (Cpuid(7, 0).edx & wanted) != wanted ||
+      (ReadXcr0() & (3u << 17)) != (3u << 17)) {
     return false;
+  }
+#if defined(__linux__)
+  // Linux (5.16+) hands out the 8 KiB tile data state only to a process that asks for it
+  // (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the grant covers all its threads.
+  // Without it the first tile instruction faults, so a refusal means no AMX. Asking again is
+  // harmless (the grant stays).
+  constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+  constexpr unsigned long kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  unsigned long permitted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &permitted) != 0) return false;
+  return (permitted & (1ul << kXfeatureXtiledata)) != 0;
+#else
+  return false;
 #endif
-  }();
+}
+
+}  // namespace
+
+bool CpuHasAmxBf16() {
+  static const bool has = HasAmx(1u << 22);  // AMX-BF16
   return has;
+}
+
+bool CpuHasAmxInt8() {
+  static const bool has = HasAmx(1u << 25);  // AMX-INT8
+  return has;
+}
+
+KVSTAR_AVX512 void FastExp2(const float* x, float* out, size_t count) {
+  size_t i = 0;
+  for (; i + x86::kLanes <= count; i += x86::kLanes) {
+    _mm512_storeu_ps(out + i, x86::Exp2(_mm512_loadu_ps(x + i)));
+  }
+  if (i < count) {
+    const __mmask16 left = static_cast<__mmask16>((1u << (count - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, left, x86::Exp2(_mm512_maskz_loadu_ps(left, x + i)));
+  }
 }
 
 namespace {
@@ -289,6 +313,8 @@ KVSTAR_AVX512 void ScoreChunkInt8Vnni(const ChunkArgs& args) {
 bool CpuHasAvx512Bf16() { return false; }
 bool CpuHasAvx512Vnni() { return false; }
 bool CpuHasAmxBf16() { return false; }
+bool CpuHasAmxInt8() { return false; }
+void FastExp2(const float*, float*, size_t) {}
 void ScoreChunkBf16Dot(const ChunkArgs&) {}
 void ScoreChunkInt8Vnni(const ChunkArgs&) {}
 

@@ -387,8 +387,9 @@ TEST_F(TraceTest, SimdIndexScoresAndSelectionMatchTheScalarReference) {
           knobs.retrieval_stride);
       ASSERT_EQ(r.scores.size(), want.size());
       const float total = std::accumulate(want.begin(), want.end(), 0.0f);
+      const float tolerance = ScoreRelativeTolerance(ActiveScorePath(knobs.representation_format));
       for (size_t b = 0; b < want.size(); ++b) {
-        EXPECT_NEAR(r.scores[b], want[b], 1e-4f * want[b] + 1e-6f * total) << "block " << b;
+        EXPECT_NEAR(r.scores[b], want[b], tolerance * want[b] + 1e-6f * total) << "block " << b;
       }
       // Blocks only one selection holds may differ only at a near-tie of reference scores.
       const std::vector<uint32_t> want_selected = ReferenceSelect(want, knobs);
@@ -400,7 +401,7 @@ TEST_F(TraceTest, SimdIndexScoresAndSelectionMatchTheScalarReference) {
       ASSERT_EQ(only_got.size(), only_want.size());
       for (size_t j = 0; j < only_got.size(); ++j) {
         const float a = want[only_got[j]], b = want[only_want[j]];
-        EXPECT_NEAR(a, b, 1e-4f * std::max(a, b))
+        EXPECT_NEAR(a, b, tolerance * std::max(a, b))
             << "blocks " << only_got[j] << " vs " << only_want[j];
       }
     }
