@@ -188,6 +188,16 @@ int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_sta
   return Report(absl::OkStatus());
 }
 
+int kvstar_client_stats_get(const kvstar_client* client, kvstar_client_stats* stats) {
+  if (client == nullptr || stats == nullptr) return Invalid("client and stats are required");
+  const kvstar::ClientStats s = client->client->stats();
+  *stats =
+      kvstar_client_stats{s.retrievals_sent,      s.retrievals_skipped,     s.retrieve_replies,
+                          s.retrievals_completed, s.blocks_received_shared, s.blocks_received_bytes,
+                          s.retrieve_micros,      s.segment_wait_micros,    s.first_reply_micros};
+  return Report(absl::OkStatus());
+}
+
 int kvstar_drop_sequence(kvstar_client* client, const char* sequence_id) {
   if (client == nullptr || sequence_id == nullptr) return Invalid("client and id are required");
   return Report(client->client->DropSequence(sequence_id));

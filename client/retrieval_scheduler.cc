@@ -7,7 +7,10 @@
 #include <string>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/channel.h"
 #include "client/client_impl.h"
 
@@ -112,6 +115,15 @@ void RetrievalScheduler::Loop() {
 }
 
 absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
+  const absl::Time start = absl::Now();
+  absl::Duration segment_wait, first_reply;
+  // Counted whatever the outcome; the loop counts the retrieval completed.
+  auto count_time = absl::MakeCleanup([&] {
+    absl::MutexLock lock(&mu_);
+    stats_.retrieve_micros += absl::ToInt64Microseconds(absl::Now() - start);
+    stats_.segment_wait_micros += absl::ToInt64Microseconds(segment_wait);
+    stats_.first_reply_micros += absl::ToInt64Microseconds(first_reply);
+  });
   v1::RetrieveRequest request;
   std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
   absl::Status first;
@@ -138,6 +150,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   if (!chosen.ok()) return chosen.status();
   std::shared_ptr<const BlockDataPlane> plane = *std::move(chosen);
   // The server reuses a sequence's regions as soon as its next Retrieve arrives.
+  const absl::Time wait_start = absl::Now();
   {
     v1::RetrieveRequest ready;
     for (v1::SequenceQueries& part : *request.mutable_sequences()) {
@@ -152,16 +165,19 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
     }
     request = std::move(ready);
   }
+  segment_wait = absl::Now() - wait_start;
   if (request.sequences_size() == 0) return first;
   bool segment_checked = false;  // re-resolved after a reply named an unknown segment
   grpc::ClientContext context;
   channel_->PrepareContext(&context);
+  const absl::Time call_start = absl::Now();
   std::unique_ptr<grpc::ClientReader<v1::RetrieveResponse>> reader =
       channel_->stub()->Retrieve(&context, request);
   // A layer may come as several replies (`more`); its new blocks add up until the last one.
   std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
   v1::RetrieveResponse reply;
   while (reader->Read(&reply)) {
+    if (first_reply == absl::ZeroDuration()) first_reply = absl::Now() - call_start;
     {
       absl::MutexLock lock(&mu_);
       ++stats_.retrieve_replies;

@@ -83,7 +83,14 @@ TEST_F(CApiTest, RoundTripThroughTheCFunctions) {
   ASSERT_EQ(kvstar_sequence_stats_get(sequence, &stats), KVSTAR_OK);
   EXPECT_EQ(stats.blocks_offloaded, kLayers * 16u);
   EXPECT_EQ(stats.decode_step, 12u);
+  kvstar_client_stats client_stats;
+  ASSERT_EQ(kvstar_client_stats_get(client, &client_stats), KVSTAR_OK);
+  EXPECT_GT(client_stats.retrievals_sent, 0u) << "12 steps hold due retrievals";
+  EXPECT_LE(client_stats.retrievals_completed, client_stats.retrievals_sent);
+  EXPECT_LE(client_stats.first_reply_micros + client_stats.segment_wait_micros,
+            client_stats.retrieve_micros);
   EXPECT_STREQ(kvstar_last_error(), "");
+  EXPECT_EQ(kvstar_client_stats_get(nullptr, &client_stats), 3);  // INVALID_ARGUMENT
 
   // Errors: a code and a thread-local message naming the problem.
   kvstar_slot_table table;
@@ -164,6 +171,7 @@ TEST_F(CApiTest, ASharedSlotPoolServesTwoSequencesThroughTheCFunctions) {
   }
   ASSERT_EQ(kvstar_slot_pool_stats_get(client, &pool_stats), KVSTAR_OK);
   EXPECT_EQ(pool_stats.sequences, 2u);
+
   EXPECT_EQ(pool_stats.reserved_slots, 2 * kLayers * 7u);
   kvstar_sequence_stats stats;
   ASSERT_EQ(kvstar_sequence_stats_get(sequences[0], &stats), KVSTAR_OK);

@@ -158,6 +158,12 @@ TEST_F(DataPlaneTest, SharedMemoryAndGrpcBytesGiveBitIdenticalSlotsAndMatchTheSe
   EXPECT_EQ(shared_stats.blocks_received_bytes, 0u);  // the segment had room for all
   EXPECT_EQ(shared_server.blocks_sent_shared(), shared_stats.blocks_received_shared);
   EXPECT_EQ(shared_server.blocks_sent(), shared_stats.blocks_received_shared);
+  // Completed retrievals took time, and its parts are within the whole.
+  EXPECT_GT(shared_stats.retrievals_completed, 0u);
+  EXPECT_GT(shared_stats.retrieve_micros, 0u);
+  EXPECT_GT(shared_stats.first_reply_micros, 0u);
+  EXPECT_LE(shared_stats.first_reply_micros + shared_stats.segment_wait_micros,
+            shared_stats.retrieve_micros);
 
   const ClientStats bytes_stats = bytes.client->stats();
   const v1::StatsResponse bytes_server = ServerStats(*bytes.server);

@@ -49,6 +49,9 @@ def main(address):
         stats = seq.stats()
         assert stats["decode_step"] == 3 * STRIDE, stats
         assert stats["selections_published"] >= LAYERS, stats
+        retrievals = client.stats()
+        assert retrievals["retrievals_sent"] >= 1, retrievals
+        assert retrievals["retrievals_completed"] <= retrievals["retrievals_sent"], retrievals
         try:
             seq.acquire(LAYERS)
             raise AssertionError("acquire of a layer out of range succeeded")

@@ -105,6 +105,19 @@ typedef struct {
   uint64_t takes_refused;
 } kvstar_slot_pool_stats;
 
+/* ClientStats in client.h: retrievals and how their blocks came. */
+typedef struct {
+  uint64_t retrievals_sent;
+  uint64_t retrievals_skipped;
+  uint64_t retrieve_replies;
+  uint64_t retrievals_completed;
+  uint64_t blocks_received_shared;
+  uint64_t blocks_received_bytes;
+  uint64_t retrieve_micros;
+  uint64_t segment_wait_micros;
+  uint64_t first_reply_micros;
+} kvstar_client_stats;
+
 /* The message of the last failed call on this thread ("" when it succeeded). */
 const char* kvstar_last_error(void);
 
@@ -137,6 +150,7 @@ int kvstar_slot_pool_for(const kvstar_model_profile* profile, const kvstar_confi
 int kvstar_create_slot_pool(kvstar_client* client, const kvstar_slot_pool_options* options);
 /* Client::slot_pool_stats: 9 FAILED_PRECONDITION without a shared pool. */
 int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_stats* stats);
+int kvstar_client_stats_get(const kvstar_client* client, kvstar_client_stats* stats);
 
 /* config NULL: defaults. With a shared pool: slots_per_layer 0, slot_pool NULL and
  * max_blocks_per_layer > 0. Without one, slot_pool NULL: the library allocates the sequence's

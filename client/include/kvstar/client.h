@@ -273,6 +273,14 @@ struct ClientStats {
   // New blocks of Retrieve replies, by how their bytes came (all sequences, since Connect).
   uint64_t blocks_received_shared = 0;  // as regions of the tenant's shared-memory segment
   uint64_t blocks_received_bytes = 0;   // as bytes in the reply
+  // Where completed retrievals spent their time, summed over them (microseconds of wall time):
+  // in all, from taking the due sequences to the last layer's loads issued; waiting, before the
+  // call, for the sequences' earlier copies out of the segment (the server reuses those regions
+  // once the call arrives); and from the call to its first reply (the server's scoring of the
+  // first layer, behind any call it serves before).
+  uint64_t retrieve_micros = 0;
+  uint64_t segment_wait_micros = 0;
+  uint64_t first_reply_micros = 0;
 };
 
 // One sequence. Owned by its Client; valid until DropSequence or the Client's destruction.

@@ -86,6 +86,13 @@ class _PoolStats(ctypes.Structure):
         "takes_refused")]
 
 
+class _ClientStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "retrievals_sent", "retrievals_skipped", "retrieve_replies", "retrievals_completed",
+        "blocks_received_shared", "blocks_received_bytes", "retrieve_micros",
+        "segment_wait_micros", "first_reply_micros")]
+
+
 _lib = None
 
 
@@ -131,6 +138,7 @@ def _load():
                                   ctypes.c_double, ctypes.POINTER(_PoolOptions)], i),
         "kvstar_create_slot_pool": ([p, ctypes.POINTER(_PoolOptions)], i),
         "kvstar_slot_pool_stats_get": ([p, ctypes.POINTER(_PoolStats)], i),
+        "kvstar_client_stats_get": ([p, ctypes.POINTER(_ClientStats)], i),
         "kvstar_offload": ([p, u32, u32, p, p, i, p], i),
         "kvstar_append_block": ([p, u32, p, p, i, p], i),
         "kvstar_flush": ([p], i),
@@ -336,6 +344,12 @@ class Client:
         stats = _PoolStats()
         _check(_load().kvstar_slot_pool_stats_get(self._handle, ctypes.byref(stats)))
         return {name: getattr(stats, name) for name, _ in _PoolStats._fields_}
+
+    def stats(self):
+        """Retrievals and how their blocks came (ClientStats in client.h) as a dict."""
+        stats = _ClientStats()
+        _check(_load().kvstar_client_stats_get(self._handle, ctypes.byref(stats)))
+        return {name: getattr(stats, name) for name, _ in _ClientStats._fields_}
 
     def drop_sequence(self, sequence_id):
         try:
