@@ -142,7 +142,7 @@ int Run(int argc, char** argv) {
   builder.AddListeningPort(config->listen_address, *credentials, &port);
   builder.RegisterService(service->get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(metrics.InterceptorFactory());
+  interceptors.push_back(metrics.InterceptorFactory(KvStoreService::RawMethods()));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));
