@@ -13,13 +13,20 @@
 //             apart ("during drop").
 // It prints requests/s, p50/p99 per RPC and phase, errors, the server's threads and peak RSS
 // (VmHWM), the targets with the numbers measured against them, and as its last line one
-// JSON object. With --check it exits 1 when a call failed or a target was missed.
+// JSON object. With --check it exits 1 when a call failed or a target was missed. Its temporary
+// directory (the server's data, its port file) is removed when the run ends, also when it fails or
+// is ended by SIGINT/SIGTERM/SIGHUP.
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -409,21 +416,94 @@ grpc::Status PutBig(v1::KvStore::Stub& stub, const std::string& id, int mib) {
   return writer->Finish();
 }
 
+// What a termination signal finds to clean up: the server to kill and the run's directory.
+struct Cleanup {
+  absl::Mutex mu;
+  pid_t server_pid ABSL_GUARDED_BY(mu) = -1;
+  std::string run_dir ABSL_GUARDED_BY(mu);
+};
+Cleanup& RunCleanup() {
+  static Cleanup* cleanup = new Cleanup;
+  return *cleanup;
+}
+
+// The run's one temporary directory, under $TEST_TMPDIR or /tmp: the server's data and the
+// port file of testing::ServerProcess (TEST_TMPDIR is pointed at it, so MakeTempDir makes its
+// directories inside). Removed when Run returns, on every path; declared before the server, so
+// the server is gone first.
+class RunDir {
+ public:
+  RunDir() : path_(testing::MakeTempDir("load_test")) {
+    if (path_.empty()) return;
+    setenv("TEST_TMPDIR", path_.c_str(), 1);
+    absl::MutexLock lock(&RunCleanup().mu);
+    RunCleanup().run_dir = path_;
+  }
+  ~RunDir() {
+    absl::MutexLock lock(&RunCleanup().mu);
+    RemoveTree(path_);
+    RunCleanup().run_dir.clear();
+    RunCleanup().server_pid = -1;  // killed and reaped by its ServerProcess by now
+  }
+  RunDir(const RunDir&) = delete;
+  RunDir& operator=(const RunDir&) = delete;
+  const std::string& path() const { return path_; }
+
+  static void RemoveTree(const std::string& path) {
+    if (path.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+    if (ec)
+      std::fprintf(stderr, "load_test: removing %s: %s\n", path.c_str(), ec.message().c_str());
+  }
+
+ private:
+  const std::string path_;
+};
+
+// SIGINT, SIGTERM and SIGHUP (blocked in every thread by main) end the run here: the server is
+// killed and the run's directory removed before the process exits with 128 + the signal.
+void CleanUpOnTerminationSignals(sigset_t signals) {
+  std::thread([signals] {
+    int signal_number = 0;
+    if (sigwait(&signals, &signal_number) != 0) return;
+    Cleanup& cleanup = RunCleanup();
+    absl::MutexLock lock(&cleanup.mu);
+    if (cleanup.server_pid > 0) {
+      kill(cleanup.server_pid, SIGKILL);
+      waitpid(cleanup.server_pid, nullptr, 0);
+    }
+    RunDir::RemoveTree(cleanup.run_dir);
+    std::fprintf(stderr, "load_test: signal %d, server killed and %s removed\n", signal_number,
+                 cleanup.run_dir.c_str());
+    _exit(128 + signal_number);
+  }).detach();
+}
+
 int Run() {
   const int num_clients = absl::GetFlag(FLAGS_clients);
   const int num_idle = absl::GetFlag(FLAGS_idle_streams);
   const double seconds = absl::GetFlag(FLAGS_seconds);
   const int drop_mib = absl::GetFlag(FLAGS_drop_mib);
 
+  const RunDir run_dir;
+  if (run_dir.path().empty()) {
+    std::fprintf(stderr, "load_test: cannot make a temporary directory: %s\n",
+                 std::strerror(errno));
+    return 1;
+  }
   // Default flags but where the data lives and how much it logs.
   testing::ServerProcess server({"--backend=" + absl::GetFlag(FLAGS_backend),
-                                 "--data_dir=" + testing::MakeTempDir("load_test"),
-                                 "--log_level=warn"});
+                                 "--data_dir=" + run_dir.path() + "/data", "--log_level=warn"});
   if (absl::Status s = server.Start(); !s.ok()) {
     std::fprintf(stderr, "load_test: %s\n", std::string(s.message()).c_str());
     return 1;
   }
   const pid_t pid = server.pid();
+  {
+    absl::MutexLock lock(&RunCleanup().mu);
+    RunCleanup().server_pid = pid;
+  }
   std::printf(
       "kvstar_server pid %d on %s (default flags, --backend=%s); %d clients x %d "
       "sequences of %u layers x %u blocks (%llu KiB each), %d retrieves each, %.1f s per phase\n",
@@ -554,9 +634,14 @@ int Run() {
         "flight during the drop vs baseline) -> %s\n",
         drop_mib, drop_increase_ms, drop_met ? "met" : "MISSED");
   }
-  if (absl::Status s = server.Stop(); !s.ok()) {
-    std::printf("server stop: %s\n", std::string(s.message()).c_str());
-    ++errors;
+  {
+    // Under the lock: a signal meanwhile waits for the stop, then removes the directory.
+    absl::MutexLock lock(&RunCleanup().mu);
+    if (absl::Status s = server.Stop(); !s.ok()) {
+      std::printf("server stop: %s\n", std::string(s.message()).c_str());
+      ++errors;
+    }
+    RunCleanup().server_pid = -1;
   }
   std::printf(
       "{\"rps\": %.1f, \"p99_ms\": %.2f, \"errors\": %zu, \"peak_rss_mb\": %.1f, \"clients\": %d, "
@@ -575,5 +660,14 @@ int Run() {
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   signal(SIGPIPE, SIG_IGN);
+  // Before any thread starts, so that every thread inherits the mask and only the cleanup
+  // thread takes these signals.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  kvstar::bench::CleanUpOnTerminationSignals(signals);
   return kvstar::bench::Run();
 }

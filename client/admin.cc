@@ -76,7 +76,8 @@ class AdminImpl final : public Admin {
     stats.sequences = response.sequences();
     for (const v1::TierStats& tier : response.tiers()) {
       stats.tiers.push_back({tier.name(), tier.blocks(), tier.bytes(), tier.budget_bytes(),
-                             tier.hits(), tier.misses(), tier.evictions()});
+                             tier.hits(), tier.misses(), tier.evictions(),
+                             tier.reclaim_pending_bytes()});
     }
     stats.blocks_put = response.blocks_put();
     stats.blocks_got = response.blocks_got();

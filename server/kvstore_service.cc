@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "spdlog/spdlog.h"
 #include "storage/log_value.h"
 
@@ -81,13 +82,13 @@ class KvStoreService::Stream : public std::enable_shared_from_this<Stream> {
   std::atomic<int64_t> last_active_ms_;
 };
 
-// One PutBlocks stream: reads a message, checks and queues it on the pool (writing batches to the
-// store), then reads the next; nothing runs while the client is silent.
-class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutBlocksRequest>,
+// One PutBlocks stream: reads a message's bytes, then on the pool parses, checks and queues it
+// (writing batches to the store), then reads the next; nothing runs while the client is silent.
+class KvStoreService::PutReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer>,
                                          public Stream {
  public:
   PutReactor(KvStoreService* service, grpc::CallbackServerContext* context, std::string tenant,
-             v1::PutBlocksResponse* response)
+             grpc::ByteBuffer* response)
       : Stream(service, std::move(tenant)),
         context_(context),
         response_(response),
@@ -136,6 +137,19 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
   void Handle() {
     if (finished()) return;
     const uint64_t index = put_->messages();
+    // The same parse gRPC runs for a typed method; protobuf rejects a proto3 string field that
+    // is not UTF-8. Nothing of an undecodable message is queued.
+    if (!grpc::SerializationTraits<v1::PutBlocksRequest>::Deserialize(&received_, &message_).ok()) {
+      const absl::Status undecodable = absl::InvalidArgumentError(
+          absl::StrCat("PutBlocks message ", index, " could not be decoded as ",
+                       v1::PutBlocksRequest::descriptor()->full_name(),
+                       ": it is not a protobuf message of that type, or one of its string fields "
+                       "(sequence_id, blocks[].shared.segment) is not valid UTF-8"));
+      spdlog::warn("event=put_rejected code={} message={}",
+                   absl::StatusCodeToString(undecodable.code()),
+                   storage::LogValue(undecodable.message()));
+      return FinishOnce(undecodable);
+    }
     uint64_t bytes = 0;
     for (int i = 0; i < message_.blocks_size(); ++i) {
       const v1::Block& block = message_.blocks(i);
@@ -184,7 +198,7 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
     absl::MutexLock lock(&mu_);
     if (finished_) return;
     reading_ = true;
-    StartRead(&message_);
+    StartRead(&received_);
   }
 
   // Runs on the pool: the client finished sending (or went away).
@@ -200,8 +214,16 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
                    storage::LogValue(stored.message()));
       return FinishOnce(stored);
     }
-    response_->set_blocks_written(put_->blocks_written());
-    response_->set_bytes_written(put_->bytes_written());
+    v1::PutBlocksResponse response;
+    response.set_blocks_written(put_->blocks_written());
+    response.set_bytes_written(put_->bytes_written());
+    bool own_buffer = false;
+    if (grpc::Status s = grpc::SerializationTraits<v1::PutBlocksResponse>::Serialize(
+            response, response_, &own_buffer);
+        !s.ok()) {
+      return FinishOnce(absl::InternalError(
+          absl::StrCat("PutBlocks response could not be serialized: ", s.error_message())));
+    }
     spdlog::debug("event=put_stored blocks={} bytes={} messages={}", put_->blocks_written(),
                   put_->bytes_written(), put_->messages());
     FinishOnce(absl::OkStatus());
@@ -231,9 +253,10 @@ class KvStoreService::PutReactor final : public grpc::ServerReadReactor<v1::PutB
   }
 
   grpc::CallbackServerContext* const context_;
-  v1::PutBlocksResponse* const response_;
+  grpc::ByteBuffer* const response_;  // gRPC's; holds a serialized v1::PutBlocksResponse
   // Touched by one pool task at a time: a read is started only after the last task is done.
   const std::unique_ptr<PutStream> put_;
+  grpc::ByteBuffer received_;  // the message's bytes, as read
   v1::PutBlocksRequest message_;
   uint64_t reserved_ = 0;  // in-flight bytes admitted by limits_ and not yet released
 
@@ -428,9 +451,9 @@ grpc::ServerUnaryReactor* KvStoreService::CreateSequence(grpc::CallbackServerCon
   return reactor;
 }
 
-grpc::ServerReadReactor<v1::PutBlocksRequest>* KvStoreService::PutBlocks(
-    grpc::CallbackServerContext* context, v1::PutBlocksResponse* response) {
-  using Reactor = grpc::ServerReadReactor<v1::PutBlocksRequest>;
+grpc::ServerReadReactor<grpc::ByteBuffer>* KvStoreService::PutBlocks(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
+  using Reactor = grpc::ServerReadReactor<grpc::ByteBuffer>;
   absl::StatusOr<std::string> tenant = Tenant(context);
   if (!tenant.ok()) return new Refused<Reactor>(tenant.status());
   if (absl::Status s = limits_.OpenStream(*tenant); !s.ok()) {

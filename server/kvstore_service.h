@@ -8,6 +8,10 @@
 // whose client sends nothing (PutBlocks) or reads nothing (Retrieve, GetBlocks) for
 // stream_idle_timeout_ms is ended with DEADLINE_EXCEEDED (PutBlocks) or cancelled.
 //
+// PutBlocks is registered raw (its messages arrive as bytes, parsed by the service): gRPC's
+// callback API reports a message it cannot decode like the client's half-close, and a stream
+// must not end OK, its earlier messages stored, when its last message was garbage.
+//
 // Thread-safe: gRPC calls every method from its own threads concurrently.
 #ifndef KVSTAR_SERVER_KVSTORE_SERVICE_H_
 #define KVSTAR_SERVER_KVSTORE_SERVICE_H_
@@ -18,12 +22,14 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "kvstar/v1/kvstar.grpc.pb.h"
 #include "server/load_limits.h"
 #include "server/storage_node.h"
@@ -61,7 +67,14 @@ struct ServiceOptions {
   std::string admin_tenant;
 };
 
-class KvStoreService final : public v1::KvStore::CallbackService {
+// Every method on the callback API; PutBlocks on its raw form (ByteBuffer messages), whose
+// registration replaces the typed one. Stacked on the generated CallbackService so that a method
+// added to the proto is registered without an edit here (clang's -Woverloaded-virtual notes that
+// the raw PutBlocks hides the typed one, which nothing calls).
+using KvStoreCallbackBase =
+    v1::KvStore::WithRawCallbackMethod_PutBlocks<v1::KvStore::CallbackService>;
+
+class KvStoreService final : public KvStoreCallbackBase {
  public:
   // Loads every stored sequence's profile from `store`, which must outlive the service.
   static absl::StatusOr<std::unique_ptr<KvStoreService>> Create(storage::BlockStore* store,
@@ -73,14 +86,20 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   // LoadLimits is reached), for the service names given. Not owned; null stops reporting.
   void SetHealthCheckService(grpc::HealthCheckServiceInterface* health);
 
+  // The kvstar methods registered raw: interceptors see their messages as grpc::ByteBuffer,
+  // not as protobuf messages.
+  static std::vector<std::string> RawMethods() { return {"PutBlocks"}; }
+
   // The core the service translates for (metrics read its counters).
   StorageNode& node() { return *node_; }
 
   grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* context,
                                            const v1::CreateSequenceRequest* request,
                                            v1::CreateSequenceResponse* response) override;
-  grpc::ServerReadReactor<v1::PutBlocksRequest>* PutBlocks(
-      grpc::CallbackServerContext* context, v1::PutBlocksResponse* response) override;
+  // Raw: each message is a serialized v1::PutBlocksRequest, the response a serialized
+  // v1::PutBlocksResponse. A message that does not parse ends the stream with INVALID_ARGUMENT.
+  grpc::ServerReadReactor<grpc::ByteBuffer>* PutBlocks(grpc::CallbackServerContext* context,
+                                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Seal(grpc::CallbackServerContext* context,
                                  const v1::SealRequest* request,
                                  v1::SealResponse* response) override;

@@ -6,14 +6,19 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/message.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "grpcpp/server_context.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/interceptor.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "spdlog/spdlog.h"
 #include "storage/log_value.h"
 
@@ -34,17 +39,48 @@ std::string CodeName(int code) {
   return name.empty() ? "UNKNOWN" : name;
 }
 
+// The request type's "sequence_id" field when it has a singular string one, else null.
+const google::protobuf::FieldDescriptor* SequenceIdField(
+    const google::protobuf::Descriptor* request_type) {
+  const google::protobuf::FieldDescriptor* field = request_type->FindFieldByName("sequence_id");
+  if (field == nullptr || field->type() != google::protobuf::FieldDescriptor::TYPE_STRING ||
+      field->is_repeated()) {
+    return nullptr;
+  }
+  return field;
+}
+
+// The value of the top-level length-delimited field `number` in a serialized message (its last
+// occurrence, as a parse would keep), found by skipping the other fields: block bytes are
+// neither parsed nor copied. Empty when the message has none or ends first.
+std::string TopLevelBytesField(grpc::ByteBuffer* serialized, int number) {
+  using google::protobuf::internal::WireFormatLite;
+  grpc::ProtoBufferReader reader(serialized);
+  google::protobuf::io::CodedInputStream input(&reader);
+  std::string value;
+  while (const uint32_t tag = input.ReadTag()) {
+    if (WireFormatLite::GetTagFieldNumber(tag) == number &&
+        WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::ReadBytes(&input, &value)) return std::string();
+    } else if (!WireFormatLite::SkipField(&input, tag)) {
+      break;
+    }
+  }
+  return value;
+}
+
 // Records one RPC: started when gRPC creates it, finished when its status is sent (or, for an
 // RPC that ends without sending one, when gRPC destroys it: counted as CANCELLED). It also tags
 // the RPC with a request id, sent to the client as "kvstar-request-id" initial metadata, and
 // writes the RPC's log line when it ends.
 class RpcInterceptor : public grpc::experimental::Interceptor {
  public:
-  RpcInterceptor(Metrics* metrics, std::string method, bool kvstar_method, uint64_t request_id,
-                 std::string peer)
+  RpcInterceptor(Metrics* metrics, std::string method, bool kvstar_method, bool raw,
+                 uint64_t request_id, std::string peer)
       : metrics_(metrics),
         method_(std::move(method)),
         kvstar_method_(kvstar_method),
+        raw_(raw),
         request_id_(request_id),
         peer_(std::move(peer)),
         start_(std::chrono::steady_clock::now()) {
@@ -59,23 +95,28 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
       methods->GetSendInitialMetadata()->emplace("kvstar-request-id", absl::StrCat(request_id_));
     }
-    // Only kvstar's own methods carry protobuf messages here; the health service's are raw
-    // byte buffers.
+    // Only kvstar's own methods carry kvstar messages here: protobuf messages, or for the
+    // methods registered raw their serialized bytes. The health service's are byte buffers.
     if (kvstar_method_ && sequence_id_.empty() &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE)) {
       // Every kvstar request but Retrieve's batch names one sequence; the log line names it.
-      const auto* message =
-          static_cast<const google::protobuf::Message*>(methods->GetRecvMessage());
+      void* received = methods->GetRecvMessage();
       // No message where one was due: gRPC could not decode the request. (A client stream's
       // end looks the same; only a status gRPC itself left empty is replaced below.)
-      if (message == nullptr) received_nothing_ = true;
-      if (message != nullptr) {
+      if (received == nullptr) {
+        received_nothing_ = true;
+      } else if (raw_) {
+        const google::protobuf::MethodDescriptor* method = KvStoreMethod();
         const google::protobuf::FieldDescriptor* field =
-            message->GetDescriptor()->FindFieldByName("sequence_id");
-        if (field != nullptr && field->type() == google::protobuf::FieldDescriptor::TYPE_STRING &&
-            !field->is_repeated()) {
-          sequence_id_ = message->GetReflection()->GetString(*message, field);
+            method != nullptr ? SequenceIdField(method->input_type()) : nullptr;
+        if (field != nullptr) {
+          sequence_id_ =
+              TopLevelBytesField(static_cast<grpc::ByteBuffer*>(received), field->number());
         }
+      } else {
+        const auto* message = static_cast<const google::protobuf::Message*>(received);
+        const google::protobuf::FieldDescriptor* field = SequenceIdField(message->GetDescriptor());
+        if (field != nullptr) sequence_id_ = message->GetReflection()->GetString(*message, field);
       }
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
@@ -118,11 +159,15 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
     spdlog::log(level, "{}", line);
   }
 
-  grpc::Status UndecodableRequest() const {
+  // The method's descriptor; null for a name kvstar.v1.KvStore does not have.
+  const google::protobuf::MethodDescriptor* KvStoreMethod() const {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName("kvstar.v1.KvStore");
-    const google::protobuf::MethodDescriptor* method =
-        service != nullptr ? service->FindMethodByName(method_) : nullptr;
+    return service != nullptr ? service->FindMethodByName(method_) : nullptr;
+  }
+
+  grpc::Status UndecodableRequest() const {
+    const google::protobuf::MethodDescriptor* method = KvStoreMethod();
     const std::string type =
         method != nullptr ? method->input_type()->full_name() : std::string("its request type");
     return grpc::Status(
@@ -135,6 +180,7 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
   Metrics* const metrics_;
   const std::string method_;
   const bool kvstar_method_;
+  const bool raw_;  // registered raw: received messages are grpc::ByteBuffers
   const uint64_t request_id_;
   const std::string peer_;
   const std::chrono::steady_clock::time_point start_;
@@ -145,19 +191,22 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
 
 class RpcInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  explicit RpcInterceptorFactory(Metrics* metrics) : metrics_(metrics) {}
+  RpcInterceptorFactory(Metrics* metrics, std::vector<std::string> raw_methods)
+      : metrics_(metrics), raw_methods_(raw_methods.begin(), raw_methods.end()) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
     const std::string peer =
         info->server_context() != nullptr ? info->server_context()->peer() : "";
     const std::string method = ShortMethod(info->method());
     const bool kvstar_method = method.find('/') == std::string::npos;
-    return new RpcInterceptor(metrics_, method, kvstar_method,
+    const bool raw = kvstar_method && raw_methods_.contains(method);
+    return new RpcInterceptor(metrics_, method, kvstar_method, raw,
                               next_request_id_.fetch_add(1, std::memory_order_relaxed), peer);
   }
 
  private:
   Metrics* const metrics_;
+  const absl::flat_hash_set<std::string> raw_methods_;
   std::atomic<uint64_t> next_request_id_{1};
 };
 
@@ -303,9 +352,9 @@ std::string Metrics::Render() const {
   return out;
 }
 
-std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-Metrics::InterceptorFactory() {
-  return std::make_unique<RpcInterceptorFactory>(this);
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> Metrics::InterceptorFactory(
+    std::vector<std::string> raw_methods) {
+  return std::make_unique<RpcInterceptorFactory>(this, std::move(raw_methods));
 }
 
 struct MetricsHttpServer::Impl {

@@ -44,8 +44,10 @@ class Metrics {
   std::string Render() const;
 
   // An interceptor factory that records every RPC of the server into this object. The Metrics
-  // object must outlive the server.
-  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> InterceptorFactory();
+  // object must outlive the server. `raw_methods` names the kvstar methods registered raw
+  // (KvStoreService::RawMethods()), whose messages are grpc::ByteBuffers, not protobuf messages.
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> InterceptorFactory(
+      std::vector<std::string> raw_methods);
 
  private:
   struct RpcSeries {

@@ -16,6 +16,7 @@
 #include "server/kvstore_service.h"
 #include "server/metrics.h"
 #include "server/segment_handoff.h"
+#include "server/stale_segments.h"
 #include "server/tls.h"
 #include "spdlog/spdlog.h"
 #include "storage/block_store.h"
@@ -47,6 +48,20 @@ sigset_t BlockTerminationSignals() {
   return signals;
 }
 
+// Named segments that servers from before per-tenant shared memory left in /dev/shm when killed
+// (server/stale_segments.h says which are removed, and why that is safe).
+void RemoveOldSegments() {
+  constexpr char kDirectory[] = "/dev/shm";
+  const StaleSegmentScan scan = RemoveStaleSegments(kDirectory);
+  for (const RemovedSegment& segment : scan.removed) {
+    spdlog::info("event=stale_segment_removed segment={} bytes={} reason=no_live_server_holds_it",
+                 storage::LogValue(absl::StrCat(kDirectory, "/", segment.name)), segment.bytes);
+  }
+  for (const std::string& error : scan.errors) {
+    spdlog::warn("event=stale_segment_kept message={}", storage::LogValue(error));
+  }
+}
+
 int Run(int argc, char** argv) {
   const sigset_t signals = BlockTerminationSignals();
   absl::StatusOr<ServerConfig> config = ParseServerFlags(argc, argv);
@@ -55,6 +70,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   spdlog::set_level(spdlog::level::from_str(config->log_level));
+  RemoveOldSegments();
 
   absl::StatusOr<std::unique_ptr<storage::BlockStore>> store = OpenStore(*config);
   if (!store.ok()) {
@@ -143,7 +159,7 @@ int Run(int argc, char** argv) {
   builder.AddListeningPort(config->listen_address, *credentials, &port);
   builder.RegisterService(service->get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(metrics.InterceptorFactory());
+  interceptors.push_back(metrics.InterceptorFactory(KvStoreService::RawMethods()));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(static_cast<int>(config->max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config->max_message_bytes));

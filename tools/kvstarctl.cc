@@ -169,7 +169,8 @@ int Stats(Admin& admin, bool json) {
       absl::StrAppend(&out, i ? "," : "", "{\"name\":", JsonString(t.name),
                       ",\"blocks\":", t.blocks, ",\"bytes\":", t.bytes,
                       ",\"budget_bytes\":", t.budget_bytes, ",\"hits\":", t.hits,
-                      ",\"misses\":", t.misses, ",\"evictions\":", t.evictions, "}");
+                      ",\"misses\":", t.misses, ",\"evictions\":", t.evictions,
+                      ",\"reclaim_pending_bytes\":", t.reclaim_pending_bytes, "}");
     }
     std::printf("%s]}\n", out.c_str());
     return 0;
@@ -180,11 +181,12 @@ int Stats(Admin& admin, bool json) {
   }
   for (const TierInfo& t : stats->tiers) {
     const uint64_t reads = t.hits + t.misses;
-    std::printf("tier %-8s %llu blocks, %s%s, hit rate %s, %llu evictions\n", t.name.c_str(),
-                static_cast<unsigned long long>(t.blocks), HumanBytes(t.bytes).c_str(),
-                t.budget_bytes ? absl::StrCat(" of ", HumanBytes(t.budget_bytes)).c_str() : "",
-                reads ? absl::StrFormat("%.1f%%", 100.0 * t.hits / reads).c_str() : "-",
-                static_cast<unsigned long long>(t.evictions));
+    std::printf(
+        "tier %-8s %llu blocks, %s%s, hit rate %s, %llu evictions, %s reclaim pending\n",
+        t.name.c_str(), static_cast<unsigned long long>(t.blocks), HumanBytes(t.bytes).c_str(),
+        t.budget_bytes ? absl::StrCat(" of ", HumanBytes(t.budget_bytes)).c_str() : "",
+        reads ? absl::StrFormat("%.1f%%", 100.0 * t.hits / reads).c_str() : "-",
+        static_cast<unsigned long long>(t.evictions), HumanBytes(t.reclaim_pending_bytes).c_str());
   }
   return 0;
 }

@@ -120,7 +120,7 @@ TEST(RpcLogTest, EachRpcGetsARequestIdAndOneEscapedKeyValueLine) {
   server.LogTo(dir + "/server.log");
   ASSERT_TRUE(server.Start().ok());
   std::string request_ids;
-  for (const std::string id : {std::string("missing seq"), std::string("forged\nevent=fake")}) {
+  for (const std::string& id : {std::string("missing seq"), std::string("forged\nevent=fake")}) {
     grpc::ClientContext context;
     v1::DropSequenceRequest drop;
     drop.set_sequence_id(id);
@@ -130,6 +130,18 @@ TEST(RpcLogTest, EachRpcGetsARequestIdAndOneEscapedKeyValueLine) {
     ASSERT_NE(found, context.GetServerInitialMetadata().end());
     request_ids += std::string(found->second.data(), found->second.size()) + " ";
   }
+  {
+    // PutBlocks is registered raw: the line still names the sequence of its first message.
+    grpc::ClientContext context;
+    v1::PutBlocksResponse put;
+    auto writer = server.stub().PutBlocks(&context, &put);
+    v1::PutBlocksRequest message;
+    message.set_sequence_id("missing put");
+    message.add_blocks()->set_key("k");
+    writer->Write(message);
+    writer->WritesDone();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
   ASSERT_TRUE(server.Stop().ok());
   std::ifstream in(dir + "/server.log");
   std::vector<std::string> rpc_lines;
@@ -138,12 +150,14 @@ TEST(RpcLogTest, EachRpcGetsARequestIdAndOneEscapedKeyValueLine) {
     log += line + "\n";
     if (line.find("event=rpc ") != std::string::npos) rpc_lines.push_back(line);
   }
-  ASSERT_EQ(rpc_lines.size(), 2u) << "request ids " << request_ids << ", log:\n" << log;
+  ASSERT_EQ(rpc_lines.size(), 3u) << "request ids " << request_ids << ", log:\n" << log;
   EXPECT_THAT(rpc_lines[0], HasSubstr("method=DropSequence code=NOT_FOUND duration_ms="));
   EXPECT_THAT(rpc_lines[0], HasSubstr(" sequence_id=\"missing seq\""));
   EXPECT_THAT(rpc_lines[0], HasSubstr(" peer=ipv4:127.0.0.1:"));
   // The newline stays escaped: one line, no forged event.
   EXPECT_THAT(rpc_lines[1], HasSubstr("sequence_id=\"forged\\x0aevent=fake\""));
+  EXPECT_THAT(rpc_lines[2], HasSubstr("method=PutBlocks code=NOT_FOUND duration_ms="));
+  EXPECT_THAT(rpc_lines[2], HasSubstr(" sequence_id=\"missing put\""));
   const std::string first_id = request_ids.substr(0, request_ids.find(' '));
   EXPECT_THAT(rpc_lines[0], HasSubstr("request_id=" + first_id + " "));
 }

@@ -435,6 +435,95 @@ TEST_P(ServerTest, UndecodableRequestsGetInvalidArgumentNamingTheMethod) {
   EXPECT_TRUE(CreateSequence(server_->stub(), "after", RealProfile()).ok());
 }
 
+// Raw PutBlocks messages through the generic stub, one after the other; the stream's status.
+class RawPutStream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  RawPutStream(grpc::GenericStub* stub, std::vector<std::string> messages) {
+    context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    for (const std::string& bytes : messages) {
+      grpc::Slice slice(bytes);
+      messages_.emplace_back(&slice, 1);
+    }
+    stub->PrepareBidiStreamingCall(&context_, "/kvstar.v1.KvStore/PutBlocks", grpc::StubOptions(),
+                                   this);
+    WriteNext();
+    StartRead(&response_);
+    StartCall();
+  }
+  void OnWriteDone(bool ok) override {
+    if (ok) WriteNext();
+  }
+  void OnReadDone(bool ok) override {
+    if (ok) StartRead(&response_);
+  }
+  void OnDone(const grpc::Status& status) override { done_.set_value(status); }
+  grpc::Status Await() { return done_.get_future().get(); }
+
+ private:
+  void WriteNext() {
+    if (next_ == messages_.size()) return StartWritesDone();
+    StartWrite(&messages_[next_++]);
+  }
+
+  grpc::ClientContext context_;
+  std::vector<grpc::ByteBuffer> messages_;
+  size_t next_ = 0;
+  grpc::ByteBuffer response_;
+  std::promise<grpc::Status> done_;
+};
+
+// A PutBlocks message gRPC cannot decode is no half-close: the stream ends INVALID_ARGUMENT
+// naming the method, the message and its type; the bad message stores nothing, blocks stored
+// before stay, and the server goes on serving.
+TEST_P(ServerTest, UndecodablePutBlocksMessageEndsTheStreamWithInvalidArgument) {
+  ASSERT_TRUE(CreateSequence(server_->stub(), "s", RealProfile()).ok());
+  v1::PutBlocksRequest first;
+  first.set_sequence_id("s");
+  *first.add_blocks() = MakeBlock(kSeed, 0, 0, kKeyBytes);
+  ASSERT_TRUE(PutMessages(server_->stub(), {first}).ok());
+
+  grpc::GenericStub generic(server_->channel());
+  v1::PutBlocksRequest good;
+  good.set_sequence_id("s");
+  *good.add_blocks() = MakeBlock(kSeed, 0, 1, kKeyBytes);
+  v1::PutBlocksRequest spoiled;
+  spoiled.set_sequence_id("s");
+  *spoiled.add_blocks() = MakeBlock(kSeed, 0, 2, kKeyBytes);
+  // A whole, valid message, then field 1 (sequence_id) again with the bytes ff fe: protobuf
+  // rejects the message for its string that is not UTF-8.
+  const std::string bad_utf8 = spoiled.SerializeAsString() + std::string("\x0a\x02\xff\xfe", 4);
+  RawPutStream stream(&generic, {good.SerializeAsString(), bad_utf8});
+  grpc::Status status = stream.Await();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("PutBlocks message 1 could not be decoded as kvstar.v1.PutBlocksRequest"));
+  EXPECT_THAT(status.error_message(), HasSubstr("not valid UTF-8"));
+  // A first message that is no protobuf message: a field tag that ends the buffer halfway.
+  RawPutStream garbage(&generic, {std::string("\x0a\x7f\x01", 3)});
+  status = garbage.Await();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("PutBlocks message 0 could not be decoded"));
+
+  std::vector<v1::Block> blocks;
+  status = GetBlocks(server_->stub(), "s", {}, &blocks);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  bool stored_spoiled = false;
+  bool stored_first = false;
+  for (const v1::Block& block : blocks) {
+    stored_spoiled = stored_spoiled || (block.layer() == 0 && block.block_index() == 2);
+    stored_first = stored_first || (block.layer() == 0 && block.block_index() == 0 &&
+                                    block.key() == first.blocks(0).key() &&
+                                    block.value() == first.blocks(0).value());
+  }
+  EXPECT_TRUE(stored_first);
+  EXPECT_FALSE(stored_spoiled);
+  // The raw stream still stores and answers like a typed one.
+  v1::PutBlocksResponse response;
+  ASSERT_TRUE(PutMessages(server_->stub(), {spoiled}, &response).ok());
+  EXPECT_EQ(response.blocks_written(), 1u);
+  EXPECT_EQ(response.bytes_written(), 2 * kKeyBytes);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, ServerTest, ::testing::Values("rocksdb", "nfs"),
                          [](const auto& info) { return info.param; });
 

@@ -2,9 +2,11 @@
 // sees (text and --json), inspect and drop, and its exit codes for errors.
 #include <sys/wait.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -161,6 +163,26 @@ TEST_F(KvstarctlTest, DropRemovesTheSequenceAndReportsItsBlocks) {
   CtlRun listed = Kvstarctl(As(kBeta, {"--json", "sequences"}));
   EXPECT_EQ(listed.out, "{\"sequences\":[]}\n");
   EXPECT_EQ(Kvstarctl(As(kBeta, {"drop", "beta-secret"})).exit_code, 1);
+}
+
+// RocksDB releases a dropped sequence's space in the background: the admin's stats show the
+// bytes still held (the 10 dropped blocks' K+V, until the compaction ran, then 0).
+TEST_F(KvstarctlTest, StatsShowTheBytesADropHasNotReclaimedYet) {
+  ASSERT_EQ(Kvstarctl(As(kBeta, {"drop", "beta-secret"})).exit_code, 0);
+  const std::regex pending("\"name\":\"rocksdb\"[^}]*\"reclaim_pending_bytes\":([0-9]+)\\}");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  std::string value;
+  do {
+    CtlRun json = Kvstarctl(As(kOps, {"--json", "stats"}));
+    ASSERT_EQ(json.exit_code, 0) << json.out;
+    std::smatch match;
+    ASSERT_TRUE(std::regex_search(json.out, match, pending)) << json.out;
+    value = match[1];
+    ASSERT_TRUE(value == "0" || value == std::to_string(10 * 2 * kKeyBytes)) << json.out;
+  } while (value != "0" && std::chrono::steady_clock::now() < deadline);
+  EXPECT_EQ(value, "0") << "the drop was not reclaimed within 60 s";
+  CtlRun text = Kvstarctl(As(kOps, {"stats"}));
+  EXPECT_THAT(text.out, HasSubstr(" evictions, 0 B reclaim pending\n"));
 }
 
 TEST_F(KvstarctlTest, BadCommandsAndUnreachableNodesExitNonZero) {

@@ -23,6 +23,9 @@ struct TierInfo {
   uint64_t hits = 0;
   uint64_t misses = 0;
   uint64_t evictions = 0;
+  // K+V bytes of dropped sequences whose disk space the tier has not released yet (RocksDB
+  // compacts a dropped range in the background after DropSequence answered); 0 once done.
+  uint64_t reclaim_pending_bytes = 0;
 };
 
 // The node's Stats. scope "node": the whole node (an admin, or no authentication), tiers
