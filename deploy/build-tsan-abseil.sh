@@ -6,17 +6,24 @@
 # Abseil in a test process, the one Debian's gRPC and Protobuf use too, tells TSan about every
 # absl::Mutex lock and unlock. Without it TSan reports each access an absl::Mutex guards as a race.
 #
-# Skips the build when the prefix already holds a build of the installed libabsl-dev version.
+# One patch on top of Debian's (third_party/tsan_absl/*.patch, each says why): TSan-only changes
+# to Abseil's own annotations, none to what kvstar's accesses are checked against.
+#
+# Skips the build when the prefix already holds a build of the installed libabsl-dev version
+# with the same patches.
 # Needs root (or sudo) for apt: adds a deb-src entry mirroring the archive's deb entry when apt
 # knows no source for abseil. Nothing comes from anywhere but Debian's archive.
 # Prints the prefix on success.
 set -euo pipefail
 
+repo=$(cd "$(dirname "$0")/.." && pwd)
+patches=("$repo"/third_party/tsan_absl/*.patch)
 prefix=${KVSTAR_TSAN_ABSL_PREFIX:-/opt/kvstar-tsan-absl}
 version=$(dpkg-query -W -f='${Version}' libabsl-dev)
+build_id="$version $(cat "${patches[@]}" | sha256sum | cut -c1-16)"
 stamp="$prefix/kvstar-tsan-absl.version"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$version" ]; then
-  echo "build-tsan-abseil: $prefix already holds libabsl-dev $version" >&2
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$build_id" ]; then
+  echo "build-tsan-abseil: $prefix already holds libabsl-dev $version (patched)" >&2
   echo "$prefix"
   exit 0
 fi
@@ -62,6 +69,9 @@ cd "$work"
 apt-get source -q "abseil=$version" >&2
 src=$(find . -maxdepth 1 -type d -name 'abseil-*' | head -1)
 [ -n "$src" ] || { echo "build-tsan-abseil: apt-get source gave no abseil-* folder" >&2; exit 1; }
+for p in "${patches[@]}"; do
+  patch -d "$src" -p1 --forward --quiet <"$p" >&2
+done
 
 # Debian's configuration (debian/rules: C++17, shared) without NDEBUG, as Debian builds it;
 # -O1 -g keeps TSan's stacks readable.
@@ -80,6 +90,6 @@ if ! cmp -s "$src/absl/base/options.h" /usr/include/absl/base/options.h; then
 fi
 $SUDO rm -rf "$prefix"
 $SUDO cmake --install build >&2
-echo "$version" | $SUDO tee "$stamp" >/dev/null
+echo "$build_id" | $SUDO tee "$stamp" >/dev/null
 echo "build-tsan-abseil: built libabsl-dev $version with -fsanitize=thread into $prefix" >&2
 echo "$prefix"
