@@ -1,7 +1,8 @@
 // The TSan build's premise: every libabsl mapped into a test process is the -fsanitize=thread
 // build under /opt/kvstar-tsan-absl (deploy/build-tsan-abseil.sh), including the ones Debian's
 // gRPC asks for, and TSan therefore sees absl::Mutex and absl::Notification as synchronization.
-// If this fails, TSan reports from the other targets are not to be trusted.
+// If this fails, TSan reports from the other targets are not to be trusted. Built without TSan it
+// checks the opposite: the default build never picks up the instrumented prefix.
 #include <link.h>
 
 #include <string>
@@ -67,8 +68,13 @@ TEST(InstrumentedAbseilTest, MutexAndNotificationOrderPlainAccesses) {
   writer.join();
 }
 #else
-TEST(InstrumentedAbseilTest, OnlyMeaningfulUnderThreadSanitizer) {
-  GTEST_SKIP() << "build with --config=tsan";
+// The default build is untouched by the TSan one: Debian's Abseil only.
+TEST(InstrumentedAbseilTest, DefaultBuildLoadsDebiansAbseilOnly) {
+  std::vector<std::string> paths = LoadedAbseilLibraries();
+  EXPECT_GE(paths.size(), 30u);
+  for (const std::string& path : paths) {
+    EXPECT_FALSE(absl::StartsWith(path, kPrefix)) << path;
+  }
 }
 #endif
 
