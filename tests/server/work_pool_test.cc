@@ -35,8 +35,8 @@ TEST(WorkPoolTest, TasksRunConcurrentlyOnThePoolsThreads) {
 TEST(WorkPoolTest, DestructionRunsEveryQueuedTask) {
   std::atomic<int> ran{0};
   {
+    absl::Notification release;  // Before the pool, for the same reason as above.
     WorkPool pool(1);
-    absl::Notification release;
     pool.Schedule([&] { release.WaitForNotification(); });
     for (int i = 0; i < 100; ++i) pool.Schedule([&] { ++ran; });
     EXPECT_GE(pool.queued(), 1u);
