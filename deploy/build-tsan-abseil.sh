@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds Debian's own Abseil (the source package of the installed libabsl-dev, Debian's patches
 # applied: same inline namespace `debian3`, same SONAMEs, same options.h) with gcc's
-# -fsanitize=thread, as shared libraries under a prefix (default /opt/kvstar-tsan-absl).
+# -fsanitize=thread, as shared libraries under /opt/kvstar-tsan-absl.
 # .bazelrc's --config=tsan links against it and puts it in the binaries' DT_RPATH, so the one
 # Abseil in a test process, the one Debian's gRPC and Protobuf use too, tells TSan about every
 # absl::Mutex lock and unlock. Without it TSan reports each access an absl::Mutex guards as a race.
@@ -18,7 +18,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 patches=("$repo"/third_party/tsan_absl/*.patch)
-prefix=${KVSTAR_TSAN_ABSL_PREFIX:-/opt/kvstar-tsan-absl}
+prefix=/opt/kvstar-tsan-absl  # .bazelrc's --config=tsan names this path
 version=$(dpkg-query -W -f='${Version}' libabsl-dev)
 build_id="$version $(cat "${patches[@]}" | sha256sum | cut -c1-16)"
 stamp="$prefix/kvstar-tsan-absl.version"
