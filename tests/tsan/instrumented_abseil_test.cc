@@ -1,0 +1,81 @@
+// The TSan build's premise: every libabsl mapped into a test process is the -fsanitize=thread
+// build under /opt/kvstar-tsan-absl (deploy/build-tsan-abseil.sh), including the ones Debian's
+// gRPC asks for, and TSan therefore sees absl::Mutex and absl::Notification as synchronization.
+// If this fails, TSan reports from the other targets are not to be trusted. Built without TSan it
+// checks the opposite: the default build never picks up the instrumented prefix.
+#include <link.h>
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "gtest/gtest.h"
+
+namespace {
+
+constexpr char kPrefix[] = "/opt/kvstar-tsan-absl/lib/";
+
+std::vector<std::string> LoadedAbseilLibraries() {
+  std::vector<std::string> paths;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* out) {
+        std::string path = info->dlpi_name ? info->dlpi_name : "";
+        if (absl::StrContains(path, "/libabsl_")) {
+          static_cast<std::vector<std::string>*>(out)->push_back(path);
+        }
+        return 0;
+      },
+      &paths);
+  return paths;
+}
+
+#ifdef __SANITIZE_THREAD__
+TEST(InstrumentedAbseilTest, EveryLoadedAbseilLibraryIsTheInstrumentedOne) {
+  std::vector<std::string> paths = LoadedAbseilLibraries();
+  // gRPC alone pulls in dozens; a handful would mean the linker dropped them.
+  EXPECT_GE(paths.size(), 30u);
+  for (const std::string& path : paths) {
+    EXPECT_TRUE(absl::StartsWith(path, kPrefix)) << path;
+  }
+}
+
+// Under an uninstrumented Abseil, TSan reports these plain ints as racing (and halts).
+TEST(InstrumentedAbseilTest, MutexAndNotificationOrderPlainAccesses) {
+  absl::Mutex mu;
+  int guarded = 0;
+  auto add = [&] {
+    for (int i = 0; i < 1000; ++i) {
+      absl::MutexLock lock(&mu);
+      ++guarded;
+    }
+  };
+  std::thread a(add), b(add);
+  a.join();
+  b.join();
+  EXPECT_EQ(guarded, 2000);
+
+  int handed_over = 0;
+  absl::Notification ready;
+  std::thread writer([&] {
+    handed_over = 42;
+    ready.Notify();
+  });
+  ready.WaitForNotification();
+  EXPECT_EQ(handed_over, 42);
+  writer.join();
+}
+#else
+// The default build is untouched by the TSan one: Debian's Abseil only.
+TEST(InstrumentedAbseilTest, DefaultBuildLoadsDebiansAbseilOnly) {
+  std::vector<std::string> paths = LoadedAbseilLibraries();
+  EXPECT_GE(paths.size(), 30u);
+  for (const std::string& path : paths) {
+    EXPECT_FALSE(absl::StartsWith(path, kPrefix)) << path;
+  }
+}
+#endif
+
+}  // namespace
