@@ -557,7 +557,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
     step_errors = []
     retrievals = 0
     last_selection = None
-    bytes_start = cpu_start = wall_start = None
+    bytes_start = cpu_start = wall_start = client_start = None
     hits = []
     stale = np.zeros((batch, s.layers), dtype=np.int64)
     buffers = host["buffers"]
@@ -566,6 +566,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             clock.sync()
             bytes_start = kv_batch.bytes_loaded() if kv_batch else 0
             cpu_start = host["node"].cpu_seconds() if kv_batch else 0.0
+            client_start = kv_batch.client.stats() if kv_batch else None
             wall_start = time.perf_counter()
         t0 = time.perf_counter()
         buf = buffers[step % len(buffers)]
@@ -634,6 +635,8 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
         node_cpu = host["node"].cpu_seconds() - cpu_start
         loaded = kv_batch.bytes_loaded() - bytes_start
         stats = kv_batch.stats()
+        client = {k: v - client_start[k] for k, v in kv_batch.client.stats().items()}
+        done = max(1, client["retrievals_completed"])
         out.update({
             "h2d_bytes_per_step": loaded / args.steps + host["table_bytes"],
             "staleness_max": max(stale_max) if stale_max else 0,
@@ -649,6 +652,15 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             "topic_hit": float(np.mean(hits)) if hits else float("nan"),
             "step_errors": len(step_errors),
             "first_step_error": step_errors[0] if step_errors else "",
+            # The library's own account of the measured steps' retrievals: how the new blocks
+            # came (a segment too small for the batch's regions sends the rest as bytes), and
+            # where a retrieval's time went (ms per completed retrieval).
+            "client_retrievals_completed": client["retrievals_completed"],
+            "blocks_received_shared": client["blocks_received_shared"],
+            "blocks_received_bytes": client["blocks_received_bytes"],
+            "retrieve_ms_mean": client["retrieve_micros"] / done / 1e3,
+            "segment_wait_ms_mean": client["segment_wait_micros"] / done / 1e3,
+            "first_reply_ms_mean": client["first_reply_micros"] / done / 1e3,
         })
     else:
         out["h2d_bytes_per_step"] = 3 * batch * 8.0
@@ -783,6 +795,13 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
                   f"client's staging budget ({args.client_staging_bytes / mib:.0f} MiB)")
         print(f"  skipped: {reason}", flush=True)
         return [], {"skipped": reason, "max_batch_hbm": batch_hbm, "node_cap": node_cap}
+    # Each sequence keeps its last reply's regions of the segment until its next Retrieve: a
+    # whole selection each, at worst. Beyond the segment, new blocks come as bytes in replies.
+    regions = want * source.resident * s.layers * page_bytes(s)
+    if regions > args.shared_memory_gib * GIB:
+        print(f"  note: {want} sequences may hold {regions / GIB:.1f} GiB of the segment's "
+              f"regions, more than --shared_memory_gib {args.shared_memory_gib:g}: the rest "
+              "travel as bytes", flush=True)
     rate = FILL_RATE.get("bytes_per_s")
     budget = min(args.fill_budget_s, args.kvstar_deadline - time.perf_counter())
     if rate and seq_kv_bytes / rate > budget:

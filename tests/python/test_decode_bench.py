@@ -59,6 +59,11 @@ def test_full_and_kvstar_rows_and_summary(environment, tmp_path):
         assert r["retrievals"] > 0  # selections came back from the node while decoding
         assert r["selections_dropped"] == 0
         assert 0 < r["hbm_kv_fraction"]
+        # The library's own account: its completed retrievals took time, the parts within it,
+        # and the tiny segment had room for every new block.
+        assert r["client_retrievals_completed"] > 0
+        assert r["retrieve_ms_mean"] >= r["first_reply_ms_mean"] + r["segment_wait_ms_mean"] > 0
+        assert r["blocks_received_bytes"] == 0 and r["blocks_received_shared"] > 0
     for key in ("step_ms_full", "step_ms_kvstar", "max_batch_full", "max_batch_kvstar",
                 "tokens_per_s_full", "tokens_per_s_kvstar", "gpu_wait_fraction",
                 "hbm_kv_fraction", "retrievals_per_s"):
