@@ -6,11 +6,13 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/message.h"
@@ -87,7 +89,12 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
     metrics_->RpcStarted(method_);
   }
   ~RpcInterceptor() override {
-    if (!finished_) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "ended without a status"));
+    bool finished;
+    {
+      absl::MutexLock lock(&mu_);
+      finished = finished_;
+    }
+    if (!finished) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "ended without a status"));
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
@@ -97,31 +104,44 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
     }
     // Only kvstar's own methods carry kvstar messages here: protobuf messages, or for the
     // methods registered raw their serialized bytes. The health service's are byte buffers.
-    if (kvstar_method_ && sequence_id_.empty() &&
+    // A stream's received messages and its status may be intercepted on different threads.
+    bool want_sequence_id;
+    {
+      absl::MutexLock lock(&mu_);
+      want_sequence_id = sequence_id_.empty();
+    }
+    if (kvstar_method_ && want_sequence_id &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE)) {
       // Every kvstar request but Retrieve's batch names one sequence; the log line names it.
       void* received = methods->GetRecvMessage();
       // No message where one was due: gRPC could not decode the request. (A client stream's
       // end looks the same; only a status gRPC itself left empty is replaced below.)
-      if (received == nullptr) {
-        received_nothing_ = true;
-      } else if (raw_) {
+      std::string sequence_id;
+      if (received != nullptr && raw_) {
         const google::protobuf::MethodDescriptor* method = KvStoreMethod();
         const google::protobuf::FieldDescriptor* field =
             method != nullptr ? SequenceIdField(method->input_type()) : nullptr;
         if (field != nullptr) {
-          sequence_id_ =
+          sequence_id =
               TopLevelBytesField(static_cast<grpc::ByteBuffer*>(received), field->number());
         }
-      } else {
+      } else if (received != nullptr) {
         const auto* message = static_cast<const google::protobuf::Message*>(received);
         const google::protobuf::FieldDescriptor* field = SequenceIdField(message->GetDescriptor());
-        if (field != nullptr) sequence_id_ = message->GetReflection()->GetString(*message, field);
+        if (field != nullptr) sequence_id = message->GetReflection()->GetString(*message, field);
       }
+      absl::MutexLock lock(&mu_);
+      if (received == nullptr) received_nothing_ = true;
+      if (sequence_id_.empty()) sequence_id_ = std::move(sequence_id);
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       grpc::Status status = methods->GetSendStatus();
-      if (received_nothing_ && !status.ok() && status.error_message().empty()) {
+      bool received_nothing;
+      {
+        absl::MutexLock lock(&mu_);
+        received_nothing = received_nothing_;
+      }
+      if (received_nothing && !status.ok() && status.error_message().empty()) {
         // gRPC answers a request it cannot decode with an empty UNIMPLEMENTED before any handler
         // runs; say what was wrong instead.
         status = UndecodableRequest();
@@ -134,7 +154,12 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
 
  private:
   void Finish(const grpc::Status& status) {
-    finished_ = true;
+    std::string sequence_id;
+    {
+      absl::MutexLock lock(&mu_);
+      finished_ = true;
+      sequence_id = sequence_id_;
+    }
     const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
     metrics_->RpcFinished(method_, status.error_code(), elapsed.count());
     // Successful calls log at debug (a decoding engine makes many); failures at info, and
@@ -151,8 +176,9 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
                                     " code=", CodeName(code),
                                     absl::StrFormat(" duration_ms=%.3f", elapsed.count() * 1e3),
                                     " peer=", storage::LogValue(peer_));
-    if (!sequence_id_.empty())
-      absl::StrAppend(&line, " sequence_id=", storage::LogValue(sequence_id_));
+    if (!sequence_id.empty()) {
+      absl::StrAppend(&line, " sequence_id=", storage::LogValue(sequence_id));
+    }
     if (code != grpc::StatusCode::OK) {
       absl::StrAppend(&line, " message=", storage::LogValue(status.error_message()));
     }
@@ -184,9 +210,10 @@ class RpcInterceptor : public grpc::experimental::Interceptor {
   const uint64_t request_id_;
   const std::string peer_;
   const std::chrono::steady_clock::time_point start_;
-  std::string sequence_id_;
-  bool received_nothing_ = false;
-  bool finished_ = false;
+  absl::Mutex mu_;
+  std::string sequence_id_ ABSL_GUARDED_BY(mu_);
+  bool received_nothing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 class RpcInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {

@@ -598,20 +598,27 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
                                                  });
   }
   // The store's own copies are read without copying and go into the segment with one copy pass
-  // per batch, spread over the copy threads.
+  // per batch, spread over the copy threads. A reply that names regions carries no block bytes,
+  // so a batch is a whole layer (up to kSharedBatchBytes): one reply, where each reply is a
+  // round trip through gRPC's write path. Blocks the segment has no room for follow as bytes, in
+  // replies of at most max_reply_bytes.
   reply.shared_segment = arena->id();
+  constexpr uint64_t kSharedBatchBytes = uint64_t{256} << 20;
+  const size_t per_reply =
+      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
   return ForEachBlockBatch<storage::SharedBlockData>(
-      *store_, options_.max_reply_bytes, sequence.key, wanted, block_bytes,
-      [&](std::vector<storage::SharedBlockData>& batch) {
+      *store_, std::max(kSharedBatchBytes, options_.max_reply_bytes), sequence.key, wanted,
+      block_bytes, [&](std::vector<storage::SharedBlockData>& batch) {
         sequence.mu.AssertHeld();
         reply.blocks.clear();
         reply.shared_blocks.clear();
+        std::vector<const storage::SharedBlockData*> no_room;
         std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
         copies.reserve(2 * batch.size());
         for (const storage::SharedBlockData& data : batch) {
           std::optional<uint64_t> offset = arena->Allocate(data->size_bytes());
-          if (!offset) {  // no room: the block travels as bytes
-            reply.blocks.push_back(*data);
+          if (!offset) {
+            no_room.push_back(&data);
             continue;
           }
           char* region = arena->base() + *offset;
@@ -625,7 +632,18 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
           CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
         });
         Count(*sequence.counters, &Counters::blocks_sent_shared, reply.shared_blocks.size());
-        return send(batch.size());
+        if (!reply.shared_blocks.empty()) {
+          if (auto s = send(reply.shared_blocks.size()); !s.ok()) return s;
+          reply.shared_blocks.clear();
+        }
+        for (size_t begin = 0; begin < no_room.size(); begin += per_reply) {
+          reply.blocks.clear();
+          for (size_t i = begin; i < std::min(no_room.size(), begin + per_reply); ++i) {
+            reply.blocks.push_back(**no_room[i]);
+          }
+          if (auto s = send(reply.blocks.size()); !s.ok()) return s;
+        }
+        return absl::OkStatus();
       });
 }
 
