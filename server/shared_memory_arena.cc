@@ -82,7 +82,7 @@ absl::StatusOr<std::unique_ptr<SharedMemoryArena>> SharedMemoryArena::Create(uin
 
 SharedMemoryArena::SharedMemoryArena(std::string id, int fd, char* base, uint64_t size)
     : id_(std::move(id)), fd_(fd), base_(base), size_(size) {
-  free_[0] = size;
+  free_[0] = {size, kZeroed};
 }
 
 SharedMemoryArena::~SharedMemoryArena() {
@@ -94,11 +94,11 @@ std::optional<uint64_t> SharedMemoryArena::Allocate(uint64_t bytes) {
   const uint64_t want = AlignUp(std::max<uint64_t>(bytes, 1));
   absl::MutexLock lock(&mu_);
   for (auto it = free_.begin(); it != free_.end(); ++it) {
-    if (it->second < want) continue;
+    if (it->second.length < want) continue;
     const uint64_t offset = it->first;
-    const uint64_t rest = it->second - want;
+    const FreeRange rest{it->second.length - want, it->second.owner};
     free_.erase(it);
-    if (rest > 0) free_[offset + want] = rest;
+    if (rest.length > 0) free_[offset + want] = rest;
     allocated_[offset] = want;
     std::memset(base_ + offset + bytes, 0, want - bytes);
     return offset;
@@ -106,14 +106,14 @@ std::optional<uint64_t> SharedMemoryArena::Allocate(uint64_t bytes) {
   return std::nullopt;
 }
 
-void SharedMemoryArena::Release(absl::Span<const uint64_t> offsets) {
+void SharedMemoryArena::Release(absl::Span<const uint64_t> offsets, uint64_t owner) {
   absl::MutexLock lock(&mu_);
   for (uint64_t offset : offsets) {
     auto found = allocated_.find(offset);
     if (found == allocated_.end()) continue;
     const uint64_t length = found->second;
     allocated_.erase(found);
-    ReturnLocked(offset, length);
+    ReturnLocked(offset, length, owner);
   }
 }
 
@@ -129,6 +129,27 @@ void SharedMemoryArena::Free(absl::Span<const uint64_t> offsets, retrieval::Thre
       allocated_.erase(found);
     }
   }
+  ZeroAndReturn(regions, pool);
+}
+
+void SharedMemoryArena::ZeroReleased(uint64_t owner, retrieval::ThreadPool* pool) {
+  std::vector<std::pair<uint64_t, uint64_t>> regions;  // offset, length
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = free_.begin(); it != free_.end();) {
+      if (it->second.owner != owner) {
+        ++it;
+        continue;
+      }
+      regions.emplace_back(it->first, it->second.length);
+      it = free_.erase(it);
+    }
+  }
+  ZeroAndReturn(regions, pool);
+}
+
+void SharedMemoryArena::ZeroAndReturn(const std::vector<std::pair<uint64_t, uint64_t>>& regions,
+                                      retrieval::ThreadPool* pool) {
   // Neither allocated nor free while they are zeroed: no one else touches them, and the lock is
   // not held across the pass over their bytes.
   auto zero = [&](size_t i, size_t) {
@@ -140,32 +161,32 @@ void SharedMemoryArena::Free(absl::Span<const uint64_t> offsets, retrieval::Thre
     for (size_t i = 0; i < regions.size(); ++i) zero(i, 0);
   }
   absl::MutexLock lock(&mu_);
-  for (const auto& [offset, length] : regions) ReturnLocked(offset, length);
+  for (const auto& [offset, length] : regions) ReturnLocked(offset, length, kZeroed);
 }
 
-void SharedMemoryArena::ReturnLocked(uint64_t offset, uint64_t length) {
+void SharedMemoryArena::ReturnLocked(uint64_t offset, uint64_t length, uint64_t owner) {
   uint64_t start = offset;
-  // Coalesce with the free neighbours on both sides.
+  // Coalesce with the free neighbours on both sides that hold the same kind of bytes.
   auto next = free_.lower_bound(start);
-  if (next != free_.end() && start + length == next->first) {
-    length += next->second;
+  if (next != free_.end() && start + length == next->first && next->second.owner == owner) {
+    length += next->second.length;
     next = free_.erase(next);
   }
   if (next != free_.begin()) {
     auto prev = std::prev(next);
-    if (prev->first + prev->second == start) {
+    if (prev->first + prev->second.length == start && prev->second.owner == owner) {
       start = prev->first;
-      length += prev->second;
+      length += prev->second.length;
       free_.erase(prev);
     }
   }
-  free_[start] = length;
+  free_[start] = {length, owner};
 }
 
 uint64_t SharedMemoryArena::free_bytes() const {
   absl::MutexLock lock(&mu_);
   uint64_t total = 0;
-  for (const auto& [offset, length] : free_) total += length;
+  for (const auto& [offset, range] : free_) total += range.length;
   return total;
 }
 

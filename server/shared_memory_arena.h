@@ -2,8 +2,9 @@
 // for that tenant's co-located clients; they receive its descriptor over the segment handoff
 // (server/segment_handoff.h), map it read-only and copy from it straight to the GPU. Regions are
 // allocated first-fit and given back explicitly: zeroed (Free) when what they held must not be read
-// again, as is (Release) when the tenant may go on reading it anyway; either way every byte of a
-// region is written before it is handed out again.
+// again, or as they are (Release), tagged with an owner, when the tenant may go on reading them
+// (a live sequence's blocks); ZeroReleased zeroes what an owner released and nobody reused (its
+// sequence was dropped). Every byte of a region is written before it is handed out again.
 //
 // The segment is a memfd: it has no name on any file system (nothing in /dev/shm), so no other
 // process can open it, and it goes away with the last process holding its descriptor or a
@@ -19,6 +20,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -60,9 +63,13 @@ class SharedMemoryArena {
   void Free(absl::Span<const uint64_t> offsets, retrieval::ThreadPool* pool);
   // Returns regions without clearing them, for bytes the segment's tenant may read anyway (a live
   // sequence's blocks, which GetBlocks also serves it): they stay readable through the segment
-  // until an allocation overwrites them. A retrieval's regions are a GB or more; not zeroing them
-  // saves a pass over host memory per retrieval. Unknown offsets are ignored.
-  void Release(absl::Span<const uint64_t> offsets);
+  // until an allocation overwrites them or ZeroReleased(owner) clears them. A retrieval's
+  // regions are a GB or more; not zeroing them saves a pass over host memory per retrieval.
+  // Unknown offsets are ignored. REQUIRES: owner != 0.
+  void Release(absl::Span<const uint64_t> offsets, uint64_t owner);
+  // Zeroes every free range that `owner`'s Release left uncleared (what was reused since is
+  // another block's now), on `pool` (this thread when null).
+  void ZeroReleased(uint64_t owner, retrieval::ThreadPool* pool);
 
   char* base() const { return base_; }
   uint64_t size() const { return size_; }
@@ -74,15 +81,26 @@ class SharedMemoryArena {
 
  private:
   SharedMemoryArena(std::string id, int fd, char* base, uint64_t size);
-  // Puts a region back, coalescing it with its free neighbours.
-  void ReturnLocked(uint64_t offset, uint64_t length) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A free range: its length, and whose released bytes it holds (kZeroed: zeros).
+  struct FreeRange {
+    uint64_t length = 0;
+    uint64_t owner = 0;
+  };
+  static constexpr uint64_t kZeroed = 0;
+
+  // Zeroes regions that are neither allocated nor free, then returns them as zeroed.
+  void ZeroAndReturn(const std::vector<std::pair<uint64_t, uint64_t>>& regions,
+                     retrieval::ThreadPool* pool) ABSL_LOCKS_EXCLUDED(mu_);
+  // Puts a region back, coalescing it with its free neighbours of the same owner.
+  void ReturnLocked(uint64_t offset, uint64_t length, uint64_t owner)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string id_;
   const int fd_;
   char* const base_;
   const uint64_t size_;
   mutable absl::Mutex mu_;
-  std::map<uint64_t, uint64_t> free_ ABSL_GUARDED_BY(mu_);       // offset -> length
+  std::map<uint64_t, FreeRange> free_ ABSL_GUARDED_BY(mu_);      // by offset
   std::map<uint64_t, uint64_t> allocated_ ABSL_GUARDED_BY(mu_);  // offset -> length
 };
 

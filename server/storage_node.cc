@@ -833,14 +833,15 @@ std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
 }
 
 void StorageNode::FreeSharedRegions(Sequence& sequence, bool zero) {
-  SharedMemoryArena* arena = options_.shared_memory != nullptr && !sequence.shared_regions.empty()
-                                 ? options_.shared_memory->Find(sequence.tenant)
-                                 : nullptr;
+  SharedMemoryArena* arena =
+      options_.shared_memory != nullptr ? options_.shared_memory->Find(sequence.tenant) : nullptr;
   if (arena != nullptr) {
     if (zero) {
       arena->Free(sequence.shared_regions, &copy_pool_);
+      // And what its earlier retrievals released that nobody has reused since.
+      arena->ZeroReleased(sequence.segment_owner, &copy_pool_);
     } else {
-      arena->Release(sequence.shared_regions);
+      arena->Release(sequence.shared_regions, sequence.segment_owner);
     }
   }
   sequence.shared_regions.clear();

@@ -242,6 +242,14 @@ class StorageNode {
     Counters* const counters;  // the tenant's (StorageNode::TenantCounters)
     const v1::ModelProfile profile;
     const v1::KvstarConfig config;
+    // Tags the segment regions this sequence released uncleared (SharedMemoryArena::Release), so
+    // that its drop can zero those nobody reused. Unique in the node's life, never 0.
+    const uint64_t segment_owner = NextSegmentOwner();
+
+    static uint64_t NextSegmentOwner() {
+      static std::atomic<uint64_t> next{1};
+      return next.fetch_add(1, std::memory_order_relaxed);
+    }
 
     // Held by the call that creates or drops the sequence in the store, so that a concurrent
     // Create of the same id waits for the store's answer instead of racing it.
@@ -293,7 +301,8 @@ class StorageNode {
                          const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
   // Gives the regions of the sequence's last reply back to its tenant's segment; `zero` when
-  // their bytes must not be read again (the sequence is dropped).
+  // their bytes must not be read again (the sequence is dropped): then every region it released
+  // before and nobody reused is zeroed too.
   void FreeSharedRegions(Sequence& sequence, bool zero) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
 
   storage::BlockStore* const store_;

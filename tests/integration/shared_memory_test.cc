@@ -391,7 +391,8 @@ TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZero
                           Stored(kTokenA, "s", block).data(), 2 * kKeyBytes),
               0);
   }
-  // DropSequence zeroes every region its last reply named before it returns.
+  // DropSequence zeroes every region its last reply named before it returns, and every region
+  // it released earlier that nobody reused.
   grpc::ClientContext context;
   context.AddMetadata("authorization", std::string("Bearer ") + kTokenA);
   v1::DropSequenceRequest drop;
@@ -401,6 +402,39 @@ TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZero
   for (const v1::Block& block : second) {
     EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
         << "the dropped sequence's block " << block.block_index() << " is still readable";
+  }
+  // So do the regions its earlier retrievals released, reused since or not.
+  for (const v1::Block& block : first) {
+    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
+        << "a region the dropped sequence released still holds block " << block.block_index();
+  }
+}
+
+TEST_F(SharedMemoryTest, ADroppedSequencesReleasedRegionsReadZeros) {
+  ASSERT_NO_FATAL_FAILURE(StartServer());
+  ASSERT_NO_FATAL_FAILURE(Offload(kTokenA, "s", 1));
+  std::unique_ptr<SharedSegment> segment = Receive(kTokenA);
+  ASSERT_NE(segment, nullptr);
+  const std::vector<v1::Block> first = RetrieveShared(kTokenA, "s", 1);
+  ASSERT_FALSE(first.empty());
+  // Holding every block, the next Retrieve takes no region and releases the first one's: their
+  // bytes stay (the sequence is live, its tenant may read them), and nobody reuses them.
+  RetrieveShared(kTokenA, "s", 2, /*hold_all=*/true);
+  for (const v1::Block& block : first) {
+    EXPECT_EQ(std::memcmp(segment->Region(block.shared().offset(), kKeyBytes),
+                          Stored(kTokenA, "s", block).data(), 2 * kKeyBytes),
+              0)
+        << "a released region was cleared or reused";
+  }
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", std::string("Bearer ") + kTokenA);
+  v1::DropSequenceRequest drop;
+  drop.set_sequence_id("s");
+  v1::DropSequenceResponse dropped;
+  ASSERT_TRUE(server_->stub().DropSequence(&context, drop, &dropped).ok());
+  for (const v1::Block& block : first) {
+    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
+        << "the dropped sequence's released block " << block.block_index() << " is readable";
   }
 }
 

@@ -120,13 +120,44 @@ TEST(SharedMemoryArenaTest, ReleasedRegionsKeepTheirBytesUntilReusedAndPaddingIs
   std::memset(a.base() + *x, 0xab, 1024);
   std::memset(a.base() + *y, 0xcd, 1024);
   const uint64_t released[] = {*x, *y, 77};  // 77: not a region, ignored
-  a.Release(released);
+  a.Release(released, /*owner=*/3);
   EXPECT_EQ(a.free_bytes(), 4096u) << "both came back, coalesced with the rest";
   EXPECT_EQ(static_cast<unsigned char>(a.base()[*x + 5]), 0xab) << "released, not cleared";
   // Reused for 1000 bytes: the caller writes those, the 24 bytes of padding are zeroed.
   std::optional<uint64_t> again = a.Allocate(1000);
   ASSERT_EQ(again, x);
   for (int i = 1000; i < 1024; ++i) ASSERT_EQ(a.base()[*again + i], 0) << "padding byte " << i;
+}
+
+TEST(SharedMemoryArenaTest, ZeroReleasedClearsOnlyThatOwnersUnreusedRegions) {
+  auto arena = SharedMemoryArena::Create(8192, "kvstar-test-0000000000000008");
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  SharedMemoryArena& a = **arena;
+  std::vector<uint64_t> regions;
+  for (int i = 0; i < 4; ++i) {
+    std::optional<uint64_t> offset = a.Allocate(1024);
+    ASSERT_TRUE(offset.has_value());
+    std::memset(a.base() + *offset, 0x10 + i, 1024);
+    regions.push_back(*offset);
+  }
+  a.Release({regions[0], regions[1]}, /*owner=*/7);
+  a.Release({regions[2]}, /*owner=*/8);
+  // Owner 7's first region is reused (and overwritten) by another block before the drop.
+  std::optional<uint64_t> reused = a.Allocate(1024);
+  ASSERT_EQ(reused, regions[0]);
+  std::memset(a.base() + *reused, 0x77, 1024);
+
+  retrieval::ThreadPool pool(2);
+  a.ZeroReleased(7, &pool);
+  for (int b = 0; b < 1024; ++b) ASSERT_EQ(a.base()[regions[1] + b], 0) << "byte " << b;
+  EXPECT_EQ(a.base()[*reused], 0x77) << "a reused region is another block's now";
+  EXPECT_EQ(a.base()[regions[2]], 0x12) << "owner 8's region was touched";
+  EXPECT_EQ(a.base()[regions[3]], 0x13) << "a live region was touched";
+  EXPECT_EQ(a.free_bytes(), 8192u - 2 * 1024);
+
+  a.Free({*reused, regions[3]}, &pool);
+  a.ZeroReleased(8, nullptr);
+  EXPECT_EQ(a.Allocate(8192), std::optional<uint64_t>(0)) << "all zeroed and coalesced again";
 }
 
 TEST(SharedMemoryArenaTest, CopyToSegmentCopiesEveryByteAtAnyAlignmentAndLength) {
