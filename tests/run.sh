@@ -139,57 +139,53 @@ def test_xml(testlogs, label):
     return os.path.join(testlogs, label.lstrip("/").replace(":", "/"), "test.xml")
 
 
-passed = failed = skipped = 0
-results = [(label, test_xml("bazel-testlogs", label)) for label in test_labels(patterns)]
-if fuzz_xml:
-    results.append(("tests/fuzz/run.sh", fuzz_xml))
-if asan_testlogs:
-    # One case per target: any failing case (or a sanitizer report, which fails the target) fails it.
-    asan_failed = 0
-    for label in test_labels(asan_patterns):
-        try:
-            root = ET.parse(test_xml(asan_testlogs, label)).getroot()
-            bad = any(c.find("failure") is not None or c.find("error") is not None
-                      for c in root.iter("testcase")) or int(root.get("failures", 0) or 0) > 0 \
-                or int(root.get("errors", 0) or 0) > 0
-        except (OSError, ET.ParseError, ValueError):
-            bad = True
-        if bad:
-            print(f"  {label} under --config=asan: failed (or did not build or run)")
-            asan_failed += 1
-        else:
-            passed += 1
-    if asan_rc != 0 and asan_failed == 0:
-        print("  bazel test --config=asan failed for a reason no test reported")
-        asan_failed = 1
-    failed += asan_failed
-tsan_testlogs = os.environ.get("KVSTAR_TSAN_TESTLOGS", "")
-tsan_rc = int(os.environ.get("KVSTAR_TSAN_RC", "0") or 0)
-if tsan_testlogs:
-    # As under ASan, and a report in a test's log fails it too (one from a child process, or one
-    # printed after the last test case, need not fail the test itself).
-    tsan_failed = 0
-    for label in test_labels(os.environ["KVSTAR_TSAN_PATTERNS"].split(),
-                             os.environ.get("KVSTAR_TSAN_EXCLUDED", "").split()):
-        xml_path = test_xml(tsan_testlogs, label)
+def sanitized_failures(config, testlogs, rc, labels, report=None):
+    """One case per target under --config=CONFIG: any failing case fails it, and so does `report`
+    in its log when given (a report from a child process, or one printed after the last test
+    case, need not fail the test itself). Returns (passed, failed)."""
+    good = bad_count = 0
+    for label in labels:
+        xml_path = test_xml(testlogs, label)
         try:
             root = ET.parse(xml_path).getroot()
             bad = any(c.find("failure") is not None or c.find("error") is not None
                       for c in root.iter("testcase")) or int(root.get("failures", 0) or 0) > 0 \
                 or int(root.get("errors", 0) or 0) > 0
-            with open(os.path.join(os.path.dirname(xml_path), "test.log"), errors="replace") as log:
-                bad = bad or "WARNING: ThreadSanitizer" in log.read()
+            if report:
+                with open(os.path.join(os.path.dirname(xml_path), "test.log"),
+                          errors="replace") as log:
+                    bad = bad or report in log.read()
         except (OSError, ET.ParseError, ValueError):
             bad = True
         if bad:
-            print(f"  {label} under --config=tsan: failed (or did not build or run)")
-            tsan_failed += 1
+            print(f"  {label} under --config={config}: failed (or did not build or run)")
+            bad_count += 1
         else:
-            passed += 1
-    if tsan_rc != 0 and tsan_failed == 0:
-        print("  bazel test --config=tsan failed for a reason no test reported")
-        tsan_failed = 1
-    failed += tsan_failed
+            good += 1
+    if rc != 0 and bad_count == 0:
+        print(f"  bazel test --config={config} failed for a reason no test reported")
+        bad_count = 1
+    return good, bad_count
+
+
+passed = failed = skipped = 0
+results = [(label, test_xml("bazel-testlogs", label)) for label in test_labels(patterns)]
+if fuzz_xml:
+    results.append(("tests/fuzz/run.sh", fuzz_xml))
+if asan_testlogs:
+    # A sanitizer report fails the target by itself (halt_on_error).
+    good, bad = sanitized_failures("asan", asan_testlogs, asan_rc, test_labels(asan_patterns))
+    passed += good
+    failed += bad
+tsan_testlogs = os.environ.get("KVSTAR_TSAN_TESTLOGS", "")
+tsan_rc = int(os.environ.get("KVSTAR_TSAN_RC", "0") or 0)
+if tsan_testlogs:
+    labels = test_labels(os.environ["KVSTAR_TSAN_PATTERNS"].split(),
+                         os.environ.get("KVSTAR_TSAN_EXCLUDED", "").split())
+    good, bad = sanitized_failures("tsan", tsan_testlogs, tsan_rc, labels,
+                                   report="WARNING: ThreadSanitizer")
+    passed += good
+    failed += bad
 elif tsan_rc != 0:
     failed += 1  # the instrumented Abseil could not be built
 if python_xml:

@@ -212,6 +212,15 @@ class SharedMemoryTest : public ::testing::Test {
     return blocks;
   }
 
+  grpc::Status Drop(const std::string& token, const std::string& id) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", std::string("Bearer ") + token);
+    v1::DropSequenceRequest drop;
+    drop.set_sequence_id(id);
+    v1::DropSequenceResponse dropped;
+    return server_->stub().DropSequence(&context, drop, &dropped);
+  }
+
   // K then V of a block as stored.
   const std::string& Stored(const std::string& token, const std::string& id,
                             const v1::Block& block) {
@@ -393,12 +402,7 @@ TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZero
   }
   // DropSequence zeroes every region its last reply named before it returns, and every region
   // it released earlier that nobody reused.
-  grpc::ClientContext context;
-  context.AddMetadata("authorization", std::string("Bearer ") + kTokenA);
-  v1::DropSequenceRequest drop;
-  drop.set_sequence_id("s");
-  v1::DropSequenceResponse dropped;
-  ASSERT_TRUE(server_->stub().DropSequence(&context, drop, &dropped).ok());
+  ASSERT_TRUE(Drop(kTokenA, "s").ok());
   for (const v1::Block& block : second) {
     EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
         << "the dropped sequence's block " << block.block_index() << " is still readable";
@@ -426,12 +430,7 @@ TEST_F(SharedMemoryTest, ADroppedSequencesReleasedRegionsReadZeros) {
               0)
         << "a released region was cleared or reused";
   }
-  grpc::ClientContext context;
-  context.AddMetadata("authorization", std::string("Bearer ") + kTokenA);
-  v1::DropSequenceRequest drop;
-  drop.set_sequence_id("s");
-  v1::DropSequenceResponse dropped;
-  ASSERT_TRUE(server_->stub().DropSequence(&context, drop, &dropped).ok());
+  ASSERT_TRUE(Drop(kTokenA, "s").ok());
   for (const v1::Block& block : first) {
     EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
         << "the dropped sequence's released block " << block.block_index() << " is readable";
