@@ -171,7 +171,9 @@ TEST(SharedMemoryArenaTest, CopyToSegmentCopiesEveryByteAtAnyAlignmentAndLength)
         ASSERT_EQ(std::memcmp(to.data() + to_shift, from.data() + from_shift, bytes), 0)
             << bytes << " bytes to +" << to_shift << " from +" << from_shift;
         for (size_t i = 0; i < to.size(); ++i) {
-          if (i < to_shift || i >= to_shift + bytes) ASSERT_EQ(to[i], 0) << "wrote byte " << i;
+          if (i < to_shift || i >= to_shift + bytes) {
+            ASSERT_EQ(to[i], 0) << "wrote byte " << i;
+          }
         }
       }
     }
