@@ -234,7 +234,9 @@ TEST(RepresentationTest, Int8CodesAndScalesMatchTheReferenceQuantization) {
         }
       }
       for (size_t i = 0; i < codes.size(); ++i) {
-        if (!visited[i]) ASSERT_EQ(codes[i], kInt8CodeOffset) << i;
+        if (!visited[i]) {
+          ASSERT_EQ(codes[i], kInt8CodeOffset) << i;
+        }
       }
     }
     EXPECT_EQ(at, rep.size());
