@@ -48,7 +48,7 @@ compile() {
   printf '%s\n' "${objects[@]}"
 }
 
-storage_srcs=(storage/checksum.cc storage/log_value.cc storage/posix_dir_store.cc
+storage_srcs=(storage/block_store.cc storage/checksum.cc storage/log_value.cc storage/posix_dir_store.cc
               storage/posix_io.cc storage/rocksdb_store.cc storage/store_util.cc)
 build() {
   local target=$1 libs=$2; shift 2
