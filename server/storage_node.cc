@@ -603,7 +603,7 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
   // round trip through gRPC's write path. Blocks the segment has no room for follow as bytes, in
   // replies of at most max_reply_bytes.
   reply.shared_segment = arena->id();
-  constexpr uint64_t kSharedBatchBytes = uint64_t{256} << 20;
+  constexpr uint64_t kSharedBatchBytes = uint64_t{64} << 20;  // bounds what a disk store reads
   const size_t per_reply =
       std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
   return ForEachBlockBatch<storage::SharedBlockData>(
