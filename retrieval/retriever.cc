@@ -182,13 +182,17 @@ absl::Status Retriever::RetrieveWithScores(absl::Span<const RetrievalRequest> re
   }
 
   std::atomic<bool> cancelled{false};
-  pool_.ParallelFor(tasks.size(), [&](size_t t, size_t thread) {
+  // The workers read the tasks while this thread holds retrieve_mu_ inside ParallelFor; a view
+  // taken here says so to the thread-safety analysis, which checks a lambda without the caller's
+  // locks.
+  const absl::Span<const Task> task_list = tasks;
+  pool_.ParallelFor(task_list.size(), [&](size_t t, size_t thread) {
     if (cancelled.load(std::memory_order_relaxed)) return;
     if (is_cancelled && is_cancelled()) {
       cancelled.store(true, std::memory_order_relaxed);
       return;
     }
-    const Task& task = tasks[t];
+    const Task& task = task_list[t];
     LayerWork& work = works[task.layer_work];
     const RetrievalRequest& request = requests[work.request];
     const SequenceIndex& index = *request.index;

@@ -240,9 +240,9 @@ class PosixDirStore final : public BlockStore {
   std::atomic<uint64_t> misses_{0};
   std::atomic<uint64_t> corrupt_blocks_{0};
   // Held across a mutation of one sequence, so generations of one sequence are installed in
-  // increasing order and a drop never interleaves with a write.
+  // increasing order and a drop never interleaves with a write. Taken before mu_, never after.
   SequenceLockTable sequence_locks_;
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(sequence_locks_);
+  absl::Mutex mu_;
   std::map<std::string, Sequence> sequences_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -191,9 +191,10 @@ class RocksDbStore final : public BlockStore {
   std::unique_ptr<rocksdb::DB> db_ ABSL_GUARDED_BY(db_mu_);
   uint64_t db_generation_ ABSL_GUARDED_BY(db_mu_) = 0;
   std::string reopen_error_ ABSL_GUARDED_BY(db_mu_);
-  // Held across a mutation of one sequence so RocksDB and the index change together.
+  // Held across a mutation of one sequence so RocksDB and the index change together. Taken
+  // before mu_, never after.
   SequenceLockTable sequence_locks_;
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(sequence_locks_);
+  absl::Mutex mu_;
   std::map<std::string, SequenceIndex> sequences_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> hits_{0};
   std::atomic<uint64_t> misses_{0};
