@@ -40,13 +40,17 @@ absl::Status ReadBatch(storage::BlockStore& store, const std::string& key,
 // Reads `ids` in batches of at most `max_batch_bytes` (at least one block each) and hands each
 // batch to `consume`. Block is storage::BlockData (owned copies, for replies that move the bytes
 // on) or storage::SharedBlockData (the store's own copies where it keeps them in memory).
+// Blocks of `block_bytes` in a batch of at most `max_batch_bytes`, at least one.
+size_t BlocksPerBatch(uint64_t max_batch_bytes, uint64_t block_bytes) {
+  return std::max<uint64_t>(1, max_batch_bytes / std::max<uint64_t>(1, block_bytes));
+}
+
 template <typename Block>
 absl::Status ForEachBlockBatch(storage::BlockStore& store, uint64_t max_batch_bytes,
                                const std::string& key, absl::Span<const storage::BlockId> ids,
                                uint64_t block_bytes,
                                const std::function<absl::Status(std::vector<Block>&)>& consume) {
-  const size_t per_batch =
-      std::max<uint64_t>(1, max_batch_bytes / std::max<uint64_t>(1, block_bytes));
+  const size_t per_batch = BlocksPerBatch(max_batch_bytes, block_bytes);
   std::vector<Block> batch;
   for (size_t begin = 0; begin < ids.size(); begin += per_batch) {
     const size_t count = std::min(per_batch, ids.size() - begin);
@@ -604,8 +608,7 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
   // replies of at most max_reply_bytes.
   reply.shared_segment = arena->id();
   constexpr uint64_t kSharedBatchBytes = uint64_t{64} << 20;  // bounds what a disk store reads
-  const size_t per_reply =
-      std::max<uint64_t>(1, options_.max_reply_bytes / std::max<uint64_t>(1, block_bytes));
+  const size_t per_reply = BlocksPerBatch(options_.max_reply_bytes, block_bytes);
   return ForEachBlockBatch<storage::SharedBlockData>(
       *store_, std::max(kSharedBatchBytes, options_.max_reply_bytes), sequence.key, wanted,
       block_bytes, [&](std::vector<storage::SharedBlockData>& batch) {
@@ -833,6 +836,7 @@ std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
 }
 
 void StorageNode::FreeSharedRegions(Sequence& sequence, bool zero) {
+  if (!zero && sequence.shared_regions.empty()) return;  // nothing to release
   SharedMemoryArena* arena =
       options_.shared_memory != nullptr ? options_.shared_memory->Find(sequence.tenant) : nullptr;
   if (arena != nullptr) {

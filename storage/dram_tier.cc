@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "storage/store_util.h"
+
 namespace kvstar::storage {
 
 DramTier::DramTier(std::unique_ptr<BlockStore> backend, uint64_t budget_bytes)
@@ -51,11 +53,7 @@ absl::Status DramTier::PutBlocks(absl::string_view sequence_key,
 
 absl::Status DramTier::GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                                  std::vector<BlockData>* out) {
-  std::vector<SharedBlockData> read;
-  if (absl::Status status = ReadBlocks(sequence_key, ids, &read); !status.ok()) return status;
-  out->resize(ids.size());
-  for (size_t i = 0; i < ids.size(); ++i) (*out)[i] = *read[i];
-  return absl::OkStatus();
+  return CopySharedBlocks(*this, sequence_key, ids, out);
 }
 
 absl::Status DramTier::ReadBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,

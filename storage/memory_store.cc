@@ -60,11 +60,7 @@ class MemoryStore final : public BlockStore {
 
   absl::Status GetBlocks(absl::string_view sequence_key, absl::Span<const BlockId> ids,
                          std::vector<BlockData>* out) override {
-    std::vector<SharedBlockData> found;
-    if (absl::Status status = ReadBlocks(sequence_key, ids, &found); !status.ok()) return status;
-    out->resize(ids.size());
-    for (size_t i = 0; i < ids.size(); ++i) (*out)[i] = *found[i];
-    return absl::OkStatus();
+    return CopySharedBlocks(*this, sequence_key, ids, out);
   }
 
   // The stored blocks themselves: they are immutable once published, and a PutBlocks that

@@ -101,4 +101,15 @@ absl::Mutex& SequenceLockTable::For(absl::string_view sequence_key) {
   return stripes_[absl::Hash<absl::string_view>()(sequence_key) % kStripes];
 }
 
+absl::Status CopySharedBlocks(BlockStore& store, absl::string_view sequence_key,
+                              absl::Span<const BlockId> ids, std::vector<BlockData>* out) {
+  std::vector<SharedBlockData> shared;
+  if (absl::Status status = store.ReadBlocks(sequence_key, ids, &shared); !status.ok()) {
+    return status;
+  }
+  out->resize(shared.size());
+  for (size_t i = 0; i < shared.size(); ++i) (*out)[i] = *shared[i];
+  return absl::OkStatus();
+}
+
 }  // namespace kvstar::storage

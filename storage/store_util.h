@@ -43,6 +43,11 @@ absl::Status VerifyStoredBlock(absl::string_view sequence_key, BlockId id, absl:
 void ReportCorruptBlock(absl::string_view tier, absl::string_view sequence_key, BlockId id,
                         const absl::Status& status, std::atomic<uint64_t>* corrupt_blocks);
 
+// GetBlocks of a store whose ReadBlocks shares its own in-memory copies: reads them shared and
+// copies each into `out` (the reverse of BlockStore::ReadBlocks' default).
+absl::Status CopySharedBlocks(BlockStore& store, absl::string_view sequence_key,
+                              absl::Span<const BlockId> ids, std::vector<BlockData>* out);
+
 // Big-endian: keys that must sort numerically as bytes (RocksDB).
 void AppendBigEndian32(uint32_t v, std::string* out);
 uint32_t ReadBigEndian32(const char* p);

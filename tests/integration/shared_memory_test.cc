@@ -221,6 +221,18 @@ class SharedMemoryTest : public ::testing::Test {
     return server_->stub().DropSequence(&context, drop, &dropped);
   }
 
+  // Whether the segment region a reply named for `block` holds its K then V as stored.
+  bool HoldsStored(const SharedSegment& segment, const std::string& token, const std::string& id,
+                   const v1::Block& block) {
+    return std::memcmp(segment.Region(block.shared().offset(), kKeyBytes),
+                       Stored(token, id, block).data(), 2 * kKeyBytes) == 0;
+  }
+
+  // Whether that region reads all zeros.
+  static bool ReadsZeros(const SharedSegment& segment, const v1::Block& block) {
+    return IsAllZero(segment.Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes);
+  }
+
   // K then V of a block as stored.
   const std::string& Stored(const std::string& token, const std::string& id,
                             const v1::Block& block) {
@@ -277,9 +289,7 @@ TEST_F(SharedMemoryTest, EachTenantReceivesOnlyItsOwnSegmentAndNeverReadsAnother
   for (const v1::Block& block : b_blocks) {
     ASSERT_TRUE(block.has_shared());
     EXPECT_EQ(block.shared().segment(), segment_b->name());
-    EXPECT_EQ(std::memcmp(segment_b->Region(block.shared().offset(), kKeyBytes),
-                          Stored(kTokenB, "s", block).data(), 2 * kKeyBytes),
-              0);
+    EXPECT_TRUE(HoldsStored(*segment_b, kTokenB, "s", block));
   }
   for (const v1::Block& block : a_blocks) {
     const std::string& a_bytes = Stored(kTokenA, "s", block);
@@ -382,7 +392,7 @@ TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZero
   const std::vector<v1::Block> first = RetrieveShared(kTokenA, "s", 1);
   for (const v1::Block& block : first) {
     ASSERT_TRUE(block.has_shared());
-    EXPECT_FALSE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes));
+    EXPECT_FALSE(ReadsZeros(*segment, block));
   }
   // The next Retrieve releases the previous one's regions (holding every block, it takes none);
   // they held this live sequence's own blocks and are not cleared. The one after reuses them:
@@ -396,20 +406,18 @@ TEST_F(SharedMemoryTest, ReusedRegionsHoldOnlyTheNewBlocksAndDroppedOnesReadZero
   EXPECT_GT(reused, 0u) << "the released regions should have been allocated again";
   for (const v1::Block& block : second) {
     ASSERT_TRUE(block.has_shared());
-    EXPECT_EQ(std::memcmp(segment->Region(block.shared().offset(), kKeyBytes),
-                          Stored(kTokenA, "s", block).data(), 2 * kKeyBytes),
-              0);
+    EXPECT_TRUE(HoldsStored(*segment, kTokenA, "s", block));
   }
   // DropSequence zeroes every region its last reply named before it returns, and every region
   // it released earlier that nobody reused.
   ASSERT_TRUE(Drop(kTokenA, "s").ok());
   for (const v1::Block& block : second) {
-    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
+    EXPECT_TRUE(ReadsZeros(*segment, block))
         << "the dropped sequence's block " << block.block_index() << " is still readable";
   }
   // So do the regions its earlier retrievals released, reused since or not.
   for (const v1::Block& block : first) {
-    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
+    EXPECT_TRUE(ReadsZeros(*segment, block))
         << "a region the dropped sequence released still holds block " << block.block_index();
   }
 }
@@ -425,14 +433,12 @@ TEST_F(SharedMemoryTest, ADroppedSequencesReleasedRegionsReadZeros) {
   // bytes stay (the sequence is live, its tenant may read them), and nobody reuses them.
   RetrieveShared(kTokenA, "s", 2, /*hold_all=*/true);
   for (const v1::Block& block : first) {
-    EXPECT_EQ(std::memcmp(segment->Region(block.shared().offset(), kKeyBytes),
-                          Stored(kTokenA, "s", block).data(), 2 * kKeyBytes),
-              0)
+    EXPECT_TRUE(HoldsStored(*segment, kTokenA, "s", block))
         << "a released region was cleared or reused";
   }
   ASSERT_TRUE(Drop(kTokenA, "s").ok());
   for (const v1::Block& block : first) {
-    EXPECT_TRUE(IsAllZero(segment->Region(block.shared().offset(), kKeyBytes), 2 * kKeyBytes))
+    EXPECT_TRUE(ReadsZeros(*segment, block))
         << "the dropped sequence's released block " << block.block_index() << " is readable";
   }
 }
@@ -460,9 +466,7 @@ TEST_F(SharedMemoryTest, AfterTheServerIsKilledNothingIsLeftInDevShmOrOnItsSocke
   EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
   // The client's mapping stays valid (the memfd lives while mapped, then goes with it).
   for (const v1::Block& block : blocks) {
-    EXPECT_EQ(std::memcmp(segment->Region(block.shared().offset(), kKeyBytes),
-                          Stored(kTokenA, "s", block).data(), 2 * kKeyBytes),
-              0);
+    EXPECT_TRUE(HoldsStored(*segment, kTokenA, "s", block));
   }
 }
 
