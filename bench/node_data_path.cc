@@ -9,7 +9,7 @@
 //   bazel run -c opt //bench:node_data_path -- --layers=48 --q_heads=40 --kv_heads=8 \
 //       --context=32768 --copy_threads=1,4,8 --retrievals=8
 //
-// The last line is JSON: per copy-thread count the ms per retrieval and GB/s moved.
+// The last line is JSON: per copy-thread count the ms per retrieval and the GB it moved.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -258,7 +258,7 @@ int Main() {
         static_cast<unsigned long>(m.as_bytes),
         m.gb_moved / std::max(1e-6, (m.ms - scoring_ms) / 1e3));
     json += absl::StrCat(", \"ms_copy_threads_", thread_counts[i], "\": ", m.ms,
-                         ", \"gb_per_retrieval\": ", m.gb_moved);
+                         ", \"gb_copy_threads_", thread_counts[i], "\": ", m.gb_moved);
   }
   const size_t probe = 512u << 20;
   const size_t most = *std::max_element(thread_counts.begin(), thread_counts.end());
