@@ -39,6 +39,7 @@ import faulthandler
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -334,8 +335,12 @@ class Node:
 
     def __init__(self, shared_memory_bytes, retrieval_threads, log_path):
         from kvstar.node import StorageNode
+        # The metrics endpoint gives the node's own account of its Retrieve calls.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.metrics_address = f"127.0.0.1:{probe.getsockname()[1]}"
         flags = ["--dram_budget_bytes=0", f"--shared_memory_bytes={shared_memory_bytes}",
-                 "--log_level=warn"]
+                 "--log_level=warn", f"--metrics_listen={self.metrics_address}"]
         if retrieval_threads:
             flags.append(f"--retrieval_threads={retrieval_threads}")
         self.node = StorageNode(backend="memory", extra_flags=flags, log_path=log_path)
@@ -345,6 +350,20 @@ class Node:
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def retrieve_times(self):
+        """The node's Retrieve counters: calls, and seconds by phase (Stats' retrieve_*_micros),
+        keyed by the metric's name without kvstar_ and _total."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        times = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "kvstar_retrievals_total" or (name.startswith("kvstar_retrieve_")
+                                                     and name.endswith("_seconds_total")):
+                times[name[len("kvstar_"):-len("_total")]] = float(value)
+        return times
 
     def rss_bytes(self):
         with open(f"/proc/{self.pid}/status") as f:
@@ -567,6 +586,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             bytes_start = kv_batch.bytes_loaded() if kv_batch else 0
             cpu_start = host["node"].cpu_seconds() if kv_batch else 0.0
             client_start = kv_batch.client.stats() if kv_batch else None
+            node_start = host["node"].retrieve_times() if kv_batch else None
             wall_start = time.perf_counter()
         t0 = time.perf_counter()
         buf = buffers[step % len(buffers)]
@@ -637,6 +657,8 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
         stats = kv_batch.stats()
         client = {k: v - client_start[k] for k, v in kv_batch.client.stats().items()}
         done = max(1, client["retrievals_completed"])
+        node = {k: v - node_start[k] for k, v in host["node"].retrieve_times().items()}
+        calls = max(1.0, node["retrievals"])
         out.update({
             "h2d_bytes_per_step": loaded / args.steps + host["table_bytes"],
             "staleness_max": max(stale_max) if stale_max else 0,
@@ -661,6 +683,12 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             "retrieve_ms_mean": client["retrieve_micros"] / done / 1e3,
             "segment_wait_ms_mean": client["segment_wait_micros"] / done / 1e3,
             "first_reply_ms_mean": client["first_reply_micros"] / done / 1e3,
+            "load_ms_mean": client["load_micros"] / done / 1e3,
+            # The node's account of the same calls (ms per Retrieve): in all, scoring
+            # (overlapped), and its sending thread's phases.
+            "node_retrieve_ms_mean": node["retrieve_seconds"] / calls * 1e3,
+            **{f"node_{phase}_ms_mean": node[f"retrieve_{phase}_seconds"] / calls * 1e3
+               for phase in ("score", "wait", "read", "copy", "send")},
         })
     else:
         out["h2d_bytes_per_step"] = 3 * batch * 8.0
@@ -1114,6 +1142,21 @@ def print_tables(rows):
               f"{r.get('retrievals_per_s', 0):>6.1f} {r.get('retrievals_needed_per_s', 0):>6.1f} "
               f"{r.get('node_cpu_cores', 0):>5.1f} {r['floor_ms']:>8.2f} "
               f"{r['floor_fraction']:>4.2f} {r['attention_kernel']}")
+    kvstar_rows = [r for r in rows if "node_retrieve_ms_mean" in r]
+    if kvstar_rows:
+        print("\nwhere a retrieval's time went, ms per call: the library (in all = segment wait + "
+              "first reply + loads + later replies) and the node (in all; scoring, overlapped; "
+              "its sending thread waiting for scores, reading, copying into the segment, handing "
+              "replies to gRPC)")
+    for r in kvstar_rows:
+        later = (r["retrieve_ms_mean"] - r["segment_wait_ms_mean"] - r["first_reply_ms_mean"]
+                 - r["load_ms_mean"])
+        print(f"{r['model']:<12} {r['context'] // 1024:>4}K {r['config']:<11} {r['batch']:>5}  "
+              f"library {r['retrieve_ms_mean']:.1f} = {r['segment_wait_ms_mean']:.1f} + "
+              f"{r['first_reply_ms_mean']:.1f} + {r['load_ms_mean']:.1f} + {later:.1f};  "
+              f"node {r['node_retrieve_ms_mean']:.1f}; {r['node_score_ms_mean']:.1f}; "
+              f"{r['node_wait_ms_mean']:.1f} {r['node_read_ms_mean']:.1f} "
+              f"{r['node_copy_ms_mean']:.1f} {r['node_send_ms_mean']:.1f}")
 
 
 def summary(rows):

@@ -12,13 +12,19 @@
 //      segment): the same retrievals (same blocks, same queries, so the same selections) with new
 //      blocks delivered through the segment and as gRPC bytes, timed from the Step that hands the
 //      Retrieve over until its loads completed, as GB/s of block bytes delivered into slots and
-//      their ratio.
+//      their ratio; then where the shared-memory plane's retrievals spent their time, on the
+//      client (segment wait, first reply, loads, later replies) and on the server (scoring, and
+//      its sending thread's waiting, reading, copying into the segment, handing replies to gRPC).
 // Without a GPU it says so, measures 3 and 4 on the host backend and exits 0. Last line: JSON.
 //
 //   bazel run -c opt //bench:transfer_bench -- [--bulk_mib=256] [--steps=400] [--step_ms=20]
+// At model scale, the data path alone (Qwen2.5-14B 32K, every retrieval all new blocks):
+//   transfer_bench --parts=planes --plane_layers=48 --plane_blocks=256 --shm_mib=8192
+//       --plane_bytes=false [--plane_copy_threads=N --plane_retrieval_threads=N]
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,14 +32,17 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "bench/loopback_server.h"
 #include "client/device_backend.h"
 #include "client/scatter_plan.h"
@@ -55,6 +64,19 @@ ABSL_FLAG(uint32_t, plane_layers, 8, "Layers of the model for the data-plane com
 ABSL_FLAG(uint32_t, plane_blocks, 64, "Blocks per layer of each data-plane sequence.");
 ABSL_FLAG(int, plane_retrievals, 12, "Retrievals timed per data plane.");
 ABSL_FLAG(uint64_t, shm_mib, 256, "Shared-memory segment of the in-process server, MiB.");
+ABSL_FLAG(bool, plane_bytes, true,
+          "Also run the gRPC-bytes data plane (and the ratio); false: shared memory alone.");
+ABSL_FLAG(
+    size_t, plane_copy_threads, 0,
+    "The in-process server's --copy_threads for the data planes (0: one per hardware thread).");
+ABSL_FLAG(size_t, plane_retrieval_threads, 0,
+          "The in-process server's --retrieval_threads for the data planes (0: all).");
+ABSL_FLAG(int, plane_busy_threads, 0,
+          "Threads that spin on the CPU while the data planes are measured, as an inference "
+          "engine's host threads do (busy-waiting on the GPU): the node's threads then share the "
+          "cores.");
+ABSL_FLAG(std::string, parts, "link,critical,planes",
+          "Which measurements to run, comma-separated: link (needs a GPU), critical, planes.");
 
 namespace {
 
@@ -428,6 +450,44 @@ absl::Status DecodeWindow(const kvstar::ModelProfile& profile, uint32_t stride, 
   return absl::OkStatus();
 }
 
+kvstar::v1::StatsResponse ServerStats(kvstar::bench::LoopbackServer& server) {
+  grpc::ClientContext context;
+  kvstar::v1::StatsResponse response;
+  grpc::Status status = server.stub().Stats(&context, kvstar::v1::StatsRequest(), &response);
+  if (!status.ok()) std::fprintf(stderr, "Stats: %s\n", status.error_message().c_str());
+  return response;
+}
+
+// Where the shared-memory plane's timed retrievals spent their time, on both sides: the client's
+// account (ClientStats) and the server's (Stats' retrieve_*_micros over the timed windows, which
+// cover every plane's retrievals: `planes` of them run alternately, so their sum is divided out
+// only when one ran).
+void PrintRetrieveTimes(const PlaneRun& run, const kvstar::v1::StatsResponse& before,
+                        const kvstar::v1::StatsResponse& after, size_t planes) {
+  const kvstar::ClientStats c = run.client->stats();
+  const double calls = std::max<uint64_t>(1, c.retrievals_completed);
+  std::printf(
+      "client, per retrieval (all %llu): %.2f ms in all = segment wait %.2f + first reply %.2f + "
+      "loads %.2f + waiting for later replies %.2f\n",
+      static_cast<unsigned long long>(c.retrievals_completed), c.retrieve_micros / calls / 1e3,
+      c.segment_wait_micros / calls / 1e3, c.first_reply_micros / calls / 1e3,
+      c.load_micros / calls / 1e3,
+      (double(c.retrieve_micros) - c.segment_wait_micros - c.first_reply_micros - c.load_micros) /
+          calls / 1e3);
+  const double n = std::max<uint64_t>(1, after.retrievals() - before.retrievals());
+  auto ms = [&](uint64_t a, uint64_t b) { return (double(a) - double(b)) / n / 1e3; };
+  std::printf(
+      "server, per timed retrieval (%.0f%s): %.2f ms in all; scoring %.2f (overlapped); sending "
+      "thread: waiting for scores %.2f, reading %.2f, copying into the segment %.2f, handing "
+      "replies to gRPC %.2f\n",
+      n, planes > 1 ? ", both planes" : "", ms(after.retrieve_micros(), before.retrieve_micros()),
+      ms(after.retrieve_score_micros(), before.retrieve_score_micros()),
+      ms(after.retrieve_wait_micros(), before.retrieve_wait_micros()),
+      ms(after.retrieve_read_micros(), before.retrieve_read_micros()),
+      ms(after.retrieve_copy_micros(), before.retrieve_copy_micros()),
+      ms(after.retrieve_send_micros(), before.retrieve_send_micros()));
+}
+
 // Shared-memory vs gRPC-bytes delivery of the same retrievals against a real in-process server.
 PlaneResult MeasureDataPlanes() {
   PlaneResult result;
@@ -448,6 +508,8 @@ PlaneResult MeasureDataPlanes() {
   kvstar::server::ServiceOptions service_options;
   service_options.shared_memory = &segments;
   service_options.shared_memory_socket = (*handoff)->address();
+  service_options.copy_threads = absl::GetFlag(FLAGS_plane_copy_threads);
+  service_options.retrieval_threads = absl::GetFlag(FLAGS_plane_retrieval_threads);
   // Declared after the segments (which must outlive it) and before the clients (which go first).
   absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> loopback =
       kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);
@@ -469,7 +531,10 @@ PlaneResult MeasureDataPlanes() {
   PlaneRun shm, grpc_bytes;
   shm.requested = kvstar::DataPlane::kSharedMemory;
   grpc_bytes.requested = kvstar::DataPlane::kGrpcBytes;
-  for (auto [run, id] : {std::pair{&shm, "plane-shm"}, std::pair{&grpc_bytes, "plane-bytes"}}) {
+  std::vector<PlaneRun*> runs = {&shm};
+  if (absl::GetFlag(FLAGS_plane_bytes)) runs.push_back(&grpc_bytes);
+  for (PlaneRun* run : runs) {
+    const char* id = run == &shm ? "plane-shm" : "plane-bytes";
     absl::Status status = StartPlaneRun(address, id, profile, config, blocks, run);
     if (!status.ok()) {
       std::fprintf(stderr, "data plane %s: %s\n", kvstar::DataPlaneName(run->requested),
@@ -480,8 +545,23 @@ PlaneResult MeasureDataPlanes() {
   result.backend = kvstar::BackendName(shm.client->backend());
   // Alternating windows, so both planes see the machine in the same state; the first is warm-up.
   const int retrievals = absl::GetFlag(FLAGS_plane_retrievals);
+  // The engine's busy host threads, if asked for, from the first window to the last.
+  std::atomic<bool> busy_stop{false};
+  std::vector<std::thread> busy;
+  for (int t = 0; t < absl::GetFlag(FLAGS_plane_busy_threads); ++t) {
+    busy.emplace_back([&busy_stop] {
+      while (!busy_stop.load(std::memory_order_relaxed)) {
+      }
+    });
+  }
+  auto stop_busy = absl::MakeCleanup([&] {
+    busy_stop.store(true);
+    for (std::thread& thread : busy) thread.join();
+  });
+  kvstar::v1::StatsResponse server_before;
   for (int r = 0; r <= retrievals; ++r) {
-    for (PlaneRun* run : {&shm, &grpc_bytes}) {
+    if (r == 1) server_before = ServerStats(**loopback);
+    for (PlaneRun* run : runs) {
       absl::Status status = DecodeWindow(profile, config.retrieval_stride, r > 0, run);
       if (!status.ok()) {
         std::fprintf(stderr, "data plane %s, retrieval %d: %s\n",
@@ -490,29 +570,37 @@ PlaneResult MeasureDataPlanes() {
       }
     }
   }
-  for (PlaneRun* run : {&shm, &grpc_bytes}) {
+  const kvstar::v1::StatsResponse server_after = ServerStats(**loopback);
+  std::move(stop_busy).Invoke();
+  for (PlaneRun* run : runs) {
     const kvstar::ClientStats stats = run->client->stats();
     const double gbps = run->seconds > 0 ? run->bytes / run->seconds / 1e9 : 0;
     std::printf(
-        "data plane %s (%s backend, %u layers x %u blocks of %llu KiB K+V, stride %u): %d "
+        "data plane %s (%s backend, %u layers x %u blocks of %llu KiB K+V, stride %u, %d busy "
+        "threads): %d "
         "retrievals, %.1f blocks and %.1f MiB into slots each, %.2f ms each from Step to loaded: "
         "%.2f GB/s; blocks received %llu via shared memory, %llu as bytes\n",
         kvstar::DataPlaneName(run->client->data_plane()), result.backend.c_str(),
         profile.num_layers, blocks,
         static_cast<unsigned long long>(2 * profile.block_key_bytes() >> 10),
-        config.retrieval_stride, run->retrievals,
+        config.retrieval_stride, absl::GetFlag(FLAGS_plane_busy_threads), run->retrievals,
         double(run->blocks) / std::max(1, run->retrievals),
         run->bytes / 1048576.0 / std::max(1, run->retrievals),
         run->seconds * 1e3 / std::max(1, run->retrievals), gbps,
         static_cast<unsigned long long>(stats.blocks_received_shared),
         static_cast<unsigned long long>(stats.blocks_received_bytes));
   }
+  PrintRetrieveTimes(shm, server_before, server_after, runs.size());
   result.shm_gbps = shm.bytes / std::max(shm.seconds, 1e-9) / 1e9;
   result.grpc_bytes_gbps = grpc_bytes.bytes / std::max(grpc_bytes.seconds, 1e-9) / 1e9;
-  result.same_selections = shm.bytes == grpc_bytes.bytes && shm.blocks == grpc_bytes.blocks;
-  std::printf("data planes: shared memory / gRPC bytes = %.2f (same selections: %s)\n",
-              result.shm_gbps / std::max(result.grpc_bytes_gbps, 1e-9),
-              result.same_selections ? "yes" : "NO");
+  if (runs.size() == 1) {
+    result.same_selections = true;  // nothing to compare
+  } else {
+    result.same_selections = shm.bytes == grpc_bytes.bytes && shm.blocks == grpc_bytes.blocks;
+    std::printf("data planes: shared memory / gRPC bytes = %.2f (same selections: %s)\n",
+                result.shm_gbps / std::max(result.grpc_bytes_gbps, 1e-9),
+                result.same_selections ? "yes" : "NO");
+  }
   result.ok = shm.client->data_plane() == kvstar::DataPlane::kSharedMemory && shm.bytes > 0;
   return result;
 }
@@ -521,14 +609,23 @@ PlaneResult MeasureDataPlanes() {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  std::set<std::string> parts;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_parts), ',')) {
+    if (part != "link" && part != "critical" && part != "planes") {
+      std::fprintf(stderr, "--parts: unknown part \"%s\" (link, critical, planes)\n",
+                   std::string(part).c_str());
+      return 2;
+    }
+    parts.insert(std::string(part));
+  }
   absl::Status cuda = kvstar::client_internal::CudaUsable(0);
   LinkResults link;
-  if (cuda.ok()) {
+  if (cuda.ok() && parts.count("link")) {
     absl::StatusOr<std::unique_ptr<DeviceBackend>> backend =
         kvstar::client_internal::SelectBackend(kvstar::BackendKind::kCuda, 0);
     if (!backend.ok()) return 1;
     link = MeasureLink(**backend);
-  } else {
+  } else if (!cuda.ok()) {
     std::printf(
         "transfer_bench needs a GPU for the link measurements (%s); measuring the "
         "host-backend critical path and data planes only\n",
@@ -537,8 +634,15 @@ int main(int argc, char** argv) {
   std::string backend_name;
   int max_staleness = -1;
   const double critical_us =
-      MeasureCriticalPath(kvstar::BackendKind::kAuto, &backend_name, &max_staleness);
-  const PlaneResult planes = MeasureDataPlanes();
+      parts.count("critical")
+          ? MeasureCriticalPath(kvstar::BackendKind::kAuto, &backend_name, &max_staleness)
+          : 0;
+  PlaneResult planes;
+  if (parts.count("planes")) {
+    planes = MeasureDataPlanes();
+  } else {
+    planes.ok = planes.same_selections = true;  // not measured
+  }
   std::string per_size;
   bool verified = true;
   for (const SizeResult& size : link.sizes) {

@@ -86,6 +86,13 @@ class AdminImpl final : public Admin {
     stats.blocks_sent = response.blocks_sent();
     stats.blocks_skipped_held = response.blocks_skipped_held();
     stats.blocks_sent_shared = response.blocks_sent_shared();
+    stats.corrupt_blocks = response.corrupt_blocks();
+    stats.retrieve_micros = response.retrieve_micros();
+    stats.retrieve_score_micros = response.retrieve_score_micros();
+    stats.retrieve_wait_micros = response.retrieve_wait_micros();
+    stats.retrieve_read_micros = response.retrieve_read_micros();
+    stats.retrieve_copy_micros = response.retrieve_copy_micros();
+    stats.retrieve_send_micros = response.retrieve_send_micros();
     return stats;
   }
 

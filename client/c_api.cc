@@ -194,7 +194,8 @@ int kvstar_client_stats_get(const kvstar_client* client, kvstar_client_stats* st
   *stats =
       kvstar_client_stats{s.retrievals_sent,      s.retrievals_skipped,     s.retrieve_replies,
                           s.retrievals_completed, s.blocks_received_shared, s.blocks_received_bytes,
-                          s.retrieve_micros,      s.segment_wait_micros,    s.first_reply_micros};
+                          s.retrieve_micros,      s.segment_wait_micros,    s.first_reply_micros,
+                          s.load_micros};
   return Report(absl::OkStatus());
 }
 

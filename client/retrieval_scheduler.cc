@@ -116,13 +116,14 @@ void RetrievalScheduler::Loop() {
 
 absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   const absl::Time start = absl::Now();
-  absl::Duration segment_wait, first_reply;
+  absl::Duration segment_wait, first_reply, load;
   // Counted whatever the outcome; the loop counts the retrieval completed.
   auto count_time = absl::MakeCleanup([&] {
     absl::MutexLock lock(&mu_);
     stats_.retrieve_micros += absl::ToInt64Microseconds(absl::Now() - start);
     stats_.segment_wait_micros += absl::ToInt64Microseconds(segment_wait);
     stats_.first_reply_micros += absl::ToInt64Microseconds(first_reply);
+    stats_.load_micros += absl::ToInt64Microseconds(load);
   });
   v1::RetrieveRequest request;
   std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
@@ -217,9 +218,11 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
     const std::vector<uint32_t>& known = found->second.second;
     std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
                                  reply.selection().block_indices().end());
+    const absl::Time load_start = absl::Now();
     absl::Status status =
         sequence->LoadSelection(layer, std::move(blocks), layer < known.size() ? known[layer] : 0,
                                 reply.decode_step(), std::move(data), plane);
+    load += absl::Now() - load_start;
     partial.erase({reply.sequence_id(), layer});
     if (!status.ok() && first.ok()) first = status;
   }

@@ -615,6 +615,12 @@ grpc::ServerUnaryReactor* KvStoreService::Stats(grpc::CallbackServerContext* con
   response->set_blocks_sent(stats.blocks_sent);
   response->set_blocks_skipped_held(stats.blocks_skipped_held);
   response->set_blocks_sent_shared(stats.blocks_sent_shared);
+  response->set_retrieve_micros(stats.retrieve_micros);
+  response->set_retrieve_score_micros(stats.retrieve_score_micros);
+  response->set_retrieve_wait_micros(stats.retrieve_wait_micros);
+  response->set_retrieve_read_micros(stats.retrieve_read_micros);
+  response->set_retrieve_copy_micros(stats.retrieve_copy_micros);
+  response->set_retrieve_send_micros(stats.retrieve_send_micros);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -336,6 +336,19 @@ std::string Metrics::Render() const {
       Header(&out, name, "counter", "The node's Stats counter of the same name.");
       Sample(&out, name, "", static_cast<double>(value));
     }
+    const std::pair<const char*, uint64_t> retrieve_times[] = {
+        {"kvstar_retrieve_seconds_total", stats.retrieve_micros},
+        {"kvstar_retrieve_score_seconds_total", stats.retrieve_score_micros},
+        {"kvstar_retrieve_wait_seconds_total", stats.retrieve_wait_micros},
+        {"kvstar_retrieve_read_seconds_total", stats.retrieve_read_micros},
+        {"kvstar_retrieve_copy_seconds_total", stats.retrieve_copy_micros},
+        {"kvstar_retrieve_send_seconds_total", stats.retrieve_send_micros},
+    };
+    for (const auto& [name, micros] : retrieve_times) {
+      Header(&out, name, "counter",
+             "Retrieve calls' wall time by phase, in seconds (Stats' retrieve_*_micros).");
+      Sample(&out, name, "", static_cast<double>(micros) / 1e6);
+    }
     Header(&out, "kvstar_tier_blocks", "gauge", "Blocks held now, per storage tier.");
     for (const storage::TierStats& tier : stats.tiers) {
       Sample(&out, "kvstar_tier_blocks", absl::StrCat("tier=\"", tier.name, "\""),

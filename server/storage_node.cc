@@ -7,7 +7,9 @@
 #include <thread>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "server/validation.h"
 #include "spdlog/spdlog.h"
@@ -450,6 +452,7 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
             [&](size_t a, size_t b) { return sequences[a]->key < sequences[b]->key; });
   std::vector<std::unique_ptr<absl::MutexLock>> locks;
   for (size_t i : order) locks.push_back(std::make_unique<absl::MutexLock>(&sequences[i]->mu));
+  const absl::Time locked = absl::Now();
 
   // Validate the whole batch before any state changes.
   std::vector<retrieval::RetrievalRequest> requests(n);
@@ -508,7 +511,9 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
   bool scoring_done = false;
   std::atomic<bool> stop{false};
   absl::Status scored;
+  absl::Duration score_time;
   std::thread scorer([&] {
+    const absl::Time start = absl::Now();
     scored = retriever_.Retrieve(
         requests,
         [&](size_t r, uint32_t layer, absl::Span<const uint32_t> selected) {
@@ -517,6 +522,7 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
           ready.Signal();
         },
         [&] { return stop.load(std::memory_order_relaxed); });
+    score_time = absl::Now() - start;
     absl::MutexLock lock(&queue_mu);
     scoring_done = true;
     ready.Signal();
@@ -524,9 +530,12 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
 
   absl::Status sent;
   bool was_cancelled = false;
+  SendTimes times;
+  absl::Duration wait_time;
   while (true) {
     ScoredLayer item;
     {
+      const absl::Time wait_start = absl::Now();
       absl::MutexLock lock(&queue_mu);
       while (queue.empty() && !scoring_done) {
         if (ready.WaitWithTimeout(&queue_mu, absl::Milliseconds(2)) && cancelled()) {
@@ -534,6 +543,7 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
           stop.store(true);
         }
       }
+      wait_time += absl::Now() - wait_start;
       if (queue.empty()) break;
       item = std::move(queue.front());
       queue.pop_front();
@@ -542,7 +552,7 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
     Sequence& sequence = *sequences[item.request];
     sequence.mu.AssertHeld();
     sent = SendLayer(request.sequences(item.request), item.request, sequence, item.layer,
-                     item.selected, held[item.request][item.layer], sink);
+                     item.selected, held[item.request][item.layer], sink, &times);
     if (!sent.ok()) {
       spdlog::warn("event=retrieve_send_failed sequence_id={} layer={} message={} action=stopped",
                    storage::LogValue(sequence.id), item.layer, storage::LogValue(sent.ToString()));
@@ -555,6 +565,15 @@ absl::Status StorageNode::Retrieve(absl::string_view tenant, const v1::RetrieveR
   Counters& counters = TenantCounters(tenant);
   Count(counters, &Counters::retrievals, 1);
   Count(counters, &Counters::blocks_scored, blocks_scored);
+  auto micros = [](absl::Duration d) {
+    return static_cast<uint64_t>(absl::ToInt64Microseconds(d));
+  };
+  Count(counters, &Counters::retrieve_micros, micros(absl::Now() - locked));
+  Count(counters, &Counters::retrieve_score_micros, micros(score_time));
+  Count(counters, &Counters::retrieve_wait_micros, micros(wait_time));
+  Count(counters, &Counters::retrieve_read_micros, micros(times.read));
+  Count(counters, &Counters::retrieve_copy_micros, micros(times.copy));
+  Count(counters, &Counters::retrieve_send_micros, micros(times.send));
   if (was_cancelled || cancelled()) return absl::CancelledError("cancelled");
   if (!sent.ok()) return sent;
   return scored;
@@ -564,7 +583,10 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
                                     Sequence& sequence, uint32_t layer,
                                     const std::vector<uint32_t>& selected,
                                     const absl::flat_hash_set<uint32_t>& held,
-                                    const RetrieveSink& sink) {
+                                    const RetrieveSink& sink, SendTimes* times) {
+  const absl::Time start = absl::Now();
+  absl::Duration copy_and_send;  // the rest of this call is reading (and allocating regions)
+  auto account = absl::MakeCleanup([&] { times->read += absl::Now() - start - copy_and_send; });
   RetrievedLayer reply;
   reply.request = request;
   reply.layer = layer;
@@ -576,8 +598,16 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
     }
     Count(*sequence.counters, &Counters::blocks_skipped_held, selected.size() - wanted.size());
   }
+  auto timed_sink = [&] {
+    const absl::Time send_start = absl::Now();
+    const bool ok = sink(reply);
+    const absl::Duration took = absl::Now() - send_start;
+    times->send += took;
+    copy_and_send += took;
+    return ok;
+  };
   if (wanted.empty()) {
-    if (!sink(reply)) return absl::CancelledError("client went away");
+    if (!timed_sink()) return absl::CancelledError("client went away");
     return absl::OkStatus();
   }
   size_t sent = 0;
@@ -585,7 +615,7 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
   auto send = [&](size_t count) {
     sent += count;
     reply.more = sent < wanted.size();
-    if (!sink(reply)) return absl::CancelledError("client went away");
+    if (!timed_sink()) return absl::CancelledError("client went away");
     Count(*sequence.counters, &Counters::blocks_sent, count);
     return absl::OkStatus();
   };
@@ -631,9 +661,13 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
           reply.shared_blocks.push_back(
               SharedBlockRef{data->id, data->checksum, *offset, data->key.size()});
         }
+        const absl::Time copy_start = absl::Now();
         copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
           CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
         });
+        const absl::Duration copy_took = absl::Now() - copy_start;
+        times->copy += copy_took;
+        copy_and_send += copy_took;
         Count(*sequence.counters, &Counters::blocks_sent_shared, reply.shared_blocks.size());
         if (!reply.shared_blocks.empty()) {
           if (auto s = send(reply.shared_blocks.size()); !s.ok()) return s;
@@ -742,6 +776,12 @@ NodeStats StorageNode::Read(const Counters& counters) {
   stats.blocks_sent = counters.blocks_sent.load(std::memory_order_relaxed);
   stats.blocks_skipped_held = counters.blocks_skipped_held.load(std::memory_order_relaxed);
   stats.blocks_sent_shared = counters.blocks_sent_shared.load(std::memory_order_relaxed);
+  stats.retrieve_micros = counters.retrieve_micros.load(std::memory_order_relaxed);
+  stats.retrieve_score_micros = counters.retrieve_score_micros.load(std::memory_order_relaxed);
+  stats.retrieve_wait_micros = counters.retrieve_wait_micros.load(std::memory_order_relaxed);
+  stats.retrieve_read_micros = counters.retrieve_read_micros.load(std::memory_order_relaxed);
+  stats.retrieve_copy_micros = counters.retrieve_copy_micros.load(std::memory_order_relaxed);
+  stats.retrieve_send_micros = counters.retrieve_send_micros.load(std::memory_order_relaxed);
   return stats;
 }
 

@@ -104,6 +104,17 @@ struct NodeStats {
   uint64_t blocks_sent = 0;
   uint64_t blocks_skipped_held = 0;
   uint64_t blocks_sent_shared = 0;
+  // Where Retrieve calls spent their wall time, summed over them (microseconds): in all, from the
+  // batch's locks to the last reply; scoring (the scoring thread, overlapping what follows);
+  // and on the sending thread: waiting for scored layers, reading new blocks from the store
+  // (with their segment regions' allocation), copying them into the segment, and handing
+  // replies to gRPC (which waits for a slow reader).
+  uint64_t retrieve_micros = 0;
+  uint64_t retrieve_score_micros = 0;
+  uint64_t retrieve_wait_micros = 0;
+  uint64_t retrieve_read_micros = 0;
+  uint64_t retrieve_copy_micros = 0;
+  uint64_t retrieve_send_micros = 0;
 };
 
 // What ListSequences and DescribeSequence report of one sequence.
@@ -223,6 +234,12 @@ class StorageNode {
     std::atomic<uint64_t> blocks_sent{0};
     std::atomic<uint64_t> blocks_skipped_held{0};
     std::atomic<uint64_t> blocks_sent_shared{0};
+    std::atomic<uint64_t> retrieve_micros{0};
+    std::atomic<uint64_t> retrieve_score_micros{0};
+    std::atomic<uint64_t> retrieve_wait_micros{0};
+    std::atomic<uint64_t> retrieve_read_micros{0};
+    std::atomic<uint64_t> retrieve_copy_micros{0};
+    std::atomic<uint64_t> retrieve_send_micros{0};
   };
 
   // One stored sequence. profile and config never change after creation; the retrieval state is
@@ -296,10 +313,14 @@ class StorageNode {
       const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
       absl::string_view where) const;
   // Hands one scored layer to the sink: its selection and the selected blocks not held.
+  // A Retrieve's sending thread's time by phase (NodeStats::retrieve_*_micros).
+  struct SendTimes {
+    absl::Duration read, copy, send;
+  };
   absl::Status SendLayer(const v1::SequenceQueries& part, size_t request, Sequence& sequence,
                          uint32_t layer, const std::vector<uint32_t>& selected,
-                         const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
+                         const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink,
+                         SendTimes* times) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
   // Gives the regions of the sequence's last reply back to its tenant's segment; `zero` when
   // their bytes must not be read again (the sequence is dropped): then every region it released
   // before and nobody reused is zeroed too.

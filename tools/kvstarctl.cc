@@ -159,7 +159,14 @@ int Stats(Admin& admin, bool json) {
       {"blocks_scored", stats->blocks_scored},
       {"blocks_sent", stats->blocks_sent},
       {"blocks_skipped_held", stats->blocks_skipped_held},
-      {"blocks_sent_shared", stats->blocks_sent_shared}};
+      {"blocks_sent_shared", stats->blocks_sent_shared},
+      {"corrupt_blocks", stats->corrupt_blocks},
+      {"retrieve_micros", stats->retrieve_micros},
+      {"retrieve_score_micros", stats->retrieve_score_micros},
+      {"retrieve_wait_micros", stats->retrieve_wait_micros},
+      {"retrieve_read_micros", stats->retrieve_read_micros},
+      {"retrieve_copy_micros", stats->retrieve_copy_micros},
+      {"retrieve_send_micros", stats->retrieve_send_micros}};
   if (json) {
     std::string out = absl::StrCat("{\"scope\":", JsonString(stats->scope));
     for (const auto& [name, value] : counters) absl::StrAppend(&out, ",\"", name, "\":", value);
@@ -177,7 +184,7 @@ int Stats(Admin& admin, bool json) {
   }
   std::printf("scope: %s\n", stats->scope.c_str());
   for (const auto& [name, value] : counters) {
-    std::printf("%-20s %llu\n", name, static_cast<unsigned long long>(value));
+    std::printf("%-22s %llu\n", name, static_cast<unsigned long long>(value));
   }
   for (const TierInfo& t : stats->tiers) {
     const uint64_t reads = t.hits + t.misses;

@@ -158,17 +158,24 @@ TEST_F(DataPlaneTest, SharedMemoryAndGrpcBytesGiveBitIdenticalSlotsAndMatchTheSe
   EXPECT_EQ(shared_stats.blocks_received_bytes, 0u);  // the segment had room for all
   EXPECT_EQ(shared_server.blocks_sent_shared(), shared_stats.blocks_received_shared);
   EXPECT_EQ(shared_server.blocks_sent(), shared_stats.blocks_received_shared);
+  // The server copied them into the segment, and says how long that took.
+  EXPECT_GT(shared_server.retrieve_copy_micros(), 0u);
+  EXPECT_LE(shared_server.retrieve_copy_micros() + shared_server.retrieve_send_micros(),
+            shared_server.retrieve_micros());
   // Completed retrievals took time, and its parts are within the whole.
   EXPECT_GT(shared_stats.retrievals_completed, 0u);
   EXPECT_GT(shared_stats.retrieve_micros, 0u);
   EXPECT_GT(shared_stats.first_reply_micros, 0u);
-  EXPECT_LE(shared_stats.first_reply_micros + shared_stats.segment_wait_micros,
-            shared_stats.retrieve_micros);
+  EXPECT_GT(shared_stats.load_micros, 0u);
+  EXPECT_LE(
+      shared_stats.first_reply_micros + shared_stats.segment_wait_micros + shared_stats.load_micros,
+      shared_stats.retrieve_micros);
 
   const ClientStats bytes_stats = bytes.client->stats();
   const v1::StatsResponse bytes_server = ServerStats(*bytes.server);
   EXPECT_EQ(bytes_stats.blocks_received_shared, 0u);
   EXPECT_EQ(bytes_server.blocks_sent_shared(), 0u);
+  EXPECT_EQ(bytes_server.retrieve_copy_micros(), 0u);  // nothing went through a segment
   EXPECT_EQ(bytes_server.blocks_sent(), bytes_stats.blocks_received_bytes);
   // The same selections moved the same blocks.
   EXPECT_EQ(bytes_stats.blocks_received_bytes, shared_stats.blocks_received_shared);

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/validation.h"
@@ -284,6 +285,35 @@ TEST_F(StorageNodeTest, RetrieveBeforeSealIsAFailedPrecondition) {
       "t", request, [](RetrievedLayer&) { return true; }, [] { return false; });
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(status.message(), HasSubstr("sequences[0]: sequence_id seq is not sealed"));
+}
+
+TEST_F(StorageNodeTest, RetrieveAccountsItsWallTimeByPhase) {
+  CreateAndPut("t", "seq", 9);
+  ASSERT_TRUE(node_->Seal("t", SealRequest("seq")).ok());
+  v1::RetrieveRequest request;
+  v1::SequenceQueries* part = request.add_sequences();
+  part->set_sequence_id("seq");
+  part->set_decode_step(8);
+  part->set_include_data(true);
+  *part->mutable_queries() = SealRequest("seq").queries();
+  // A reader that takes 2 ms per reply: the node's time handing replies over says so.
+  constexpr int64_t kReaderMicros = 2000;
+  absl::Status status = node_->Retrieve(
+      "t", request,
+      [&](RetrievedLayer&) {
+        absl::SleepFor(absl::Microseconds(kReaderMicros));
+        return true;
+      },
+      [] { return false; });
+  ASSERT_TRUE(status.ok()) << status;
+  const NodeStats stats = node_->Stats();
+  EXPECT_GE(stats.retrieve_send_micros, kLayers * kReaderMicros);
+  EXPECT_GT(stats.retrieve_score_micros, 0u);
+  // The sending thread's phases are disjoint parts of the whole.
+  EXPECT_LE(stats.retrieve_wait_micros + stats.retrieve_read_micros + stats.retrieve_copy_micros +
+                stats.retrieve_send_micros,
+            stats.retrieve_micros);
+  EXPECT_EQ(stats.retrieve_copy_micros, 0u);  // no shared-memory segment here: nothing copied
 }
 
 TEST_F(StorageNodeTest, DropRemovesTheSequenceAndTheIdCanBeCreatedAgain) {

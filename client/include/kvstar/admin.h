@@ -41,6 +41,14 @@ struct NodeStatsInfo {
   uint64_t blocks_sent = 0;
   uint64_t blocks_skipped_held = 0;
   uint64_t blocks_sent_shared = 0;
+  uint64_t corrupt_blocks = 0;
+  // Retrieve calls' wall time by phase, summed (microseconds; StatsResponse says what each is).
+  uint64_t retrieve_micros = 0;
+  uint64_t retrieve_score_micros = 0;
+  uint64_t retrieve_wait_micros = 0;
+  uint64_t retrieve_read_micros = 0;
+  uint64_t retrieve_copy_micros = 0;
+  uint64_t retrieve_send_micros = 0;
 };
 
 struct SequenceDescription {

@@ -276,11 +276,14 @@ struct ClientStats {
   // Where completed retrievals spent their time, summed over them (microseconds of wall time):
   // in all, from taking the due sequences to the last layer's loads issued; waiting, before the
   // call, for the sequences' earlier copies out of the segment (the server reuses those regions
-  // once the call arrives); and from the call to its first reply (the server's scoring of the
-  // first layer, behind any call it serves before).
+  // once the call arrives); from the call to its first reply (the server's scoring of the first
+  // layer, behind any call it serves before); and loading the replies' selections (finding the
+  // new blocks' bytes, taking slots, issuing the copies; on the host backend the copies too). The
+  // rest is waiting for the server's later replies.
   uint64_t retrieve_micros = 0;
   uint64_t segment_wait_micros = 0;
   uint64_t first_reply_micros = 0;
+  uint64_t load_micros = 0;
 };
 
 // One sequence. Owned by its Client; valid until DropSequence or the Client's destruction.
