@@ -133,3 +133,43 @@ def test_planted_topics_draw_the_models_own_queries():
                                   keys.repeat_interleave(group, 1)) / math.sqrt(shape.head_dim)
             mass = torch.softmax(scores, -1).mean(0).view(blocks, 128).sum(1)[1:blocks - 2]
             assert float(mass[middle == topic].sum()) > 0.5, (step, layer)
+
+
+def test_a_topic_window_moves_a_share_of_the_selection_per_change_of_topic():
+    """With --topic_window W, the planted keys make the query of topic t score the blocks of
+    topics t..t+W-1 highest, so one change of topic replaces 1/W of the selected blocks."""
+    import torch
+    sys.path.insert(0, str(REPO / "bench"))
+    import decode_bench
+
+    shape = decode_bench.SHAPES["tiny"]
+    topics, window, blocks = 8, 4, 2 + 256 + 2
+    generator = torch.Generator().manual_seed(3)
+    dirs = torch.randn(topics, shape.q_heads, shape.head_dim, generator=generator)
+    dirs /= dirs.norm(dim=-1, keepdim=True)
+    plant = decode_bench.Plant(topics, 8, 0.5, torch.arange(topics), [dirs], True, window)
+    topics_of_block = decode_bench.block_topics(0, blocks, topics)
+    k, _ = decode_bench.synthetic_layer_kv(shape, plant, 0, blocks, topics_of_block, (2, 2),
+                                           generator, torch.device("cpu"))
+    middle = torch.arange(2, blocks - 2)
+    group = shape.q_heads // shape.kv_heads
+
+    def selected(topic):
+        # Each KV head's keys against its group's query directions, summed over the block.
+        q = dirs[topic].view(shape.kv_heads, group, shape.head_dim).float()
+        scores = torch.einsum("btkd,kgd->b", k[middle].float(), q)
+        want = int(plant.selects(topic, topics_of_block[middle]).sum())
+        return set(middle[scores.topk(want).indices].tolist()), want
+
+    for topic in range(topics):
+        chosen, want = selected(topic)
+        in_window = {int(b) for b in middle if plant.selects(topic, int(topics_of_block[b]))}
+        assert chosen == in_window, topic
+        following, _ = selected((topic + 1) % topics)
+        replaced = len(following - chosen) / len(following)
+        assert abs(replaced - 1 / window) < 0.12, (topic, replaced)
+    # The ring wraps; window 1 is the old behaviour (a change of topic replaces every block).
+    assert plant.selects(6, torch.tensor([5, 6, 0, 1, 2])).tolist() == [False, True, True, True,
+                                                                         False]
+    single = decode_bench.Plant(topics, 8, 0.5, torch.arange(topics), [dirs], True)
+    assert single.selects(3, torch.arange(topics)).tolist() == [t == 3 for t in range(topics)]
