@@ -686,13 +686,19 @@ ScorePath ActiveScorePath(RepresentationFormat format) {
   // amx-bf16 measured 1.9x Highway on the 16-core AMX host (Qwen2.5-14B 32K: 6.9 vs 13.0 ms per
   // retrieval in batches of 64; Llama-3-8B 3.4 vs 6.2 ms), with the same selections as the GEMV
   // baseline and the reference tests passing there: where the CPU has AMX, it scores bf16.
-  // amx-int8 measured no faster than int8 on Highway there (Qwen2.5-14B 32K, batches of 64: 13.6
-  // ms against 12.0-13.2 in the run before; int8-vnni 15.2): the int8 exp2 pass (two query-code
-  // dots converted and combined, a per-vector scale) is the cost, not the dot products, so int8
-  // stays on Highway and amx-int8 stays forcible.
+  // amx-int8, once its queries' two codes packed into 5 C tiles per vector at 40 rows (not 6)
+  // and the low code in 1/256 steps, measured 8.9 ms there (Qwen2.5-14B 32K, batches of 64;
+  // int8-vnni 12.9, Highway on bf16 12.2, amx-bf16 6.1 in the same run; Llama-3-8B 5.3 against
+  // int8-vnni 6.8; docs/performance/retrieval-h200-int8-packed.txt): where the CPU has AMX-INT8,
+  // it scores int8. Without AMX, int8 stays on Highway: int8-vnni's two query codes cost 16
+  // vpdpbusd per 16 scores, no fewer multiply-adds than the fp32 FMAs on the widened codes.
   if (format == RepresentationFormat::kBf16 &&
       ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)) {
     return ScorePath::kAmxBf16;
+  }
+  if (format == RepresentationFormat::kInt8 &&
+      ScorePathSupported(ScorePath::kAmxInt8, RepresentationFormat::kInt8)) {
+    return ScorePath::kAmxInt8;
   }
   return ScorePath::kHighway;
 }

@@ -110,8 +110,9 @@ const char* DispatchedTargetName();
 //    arch_prctl ARCH_REQ_XCOMP_PERM, asked for the whole process by ScorePathSupported);
 //  - kAmxInt8: AMX-INT8 tile products (tdpbsud) on the int8 representation, the same integer dots
 //    as kInt8Vnni; needs AMX-TILE, AMX-INT8 and the tile state as kAmxBf16.
-// kAuto picks kAmxBf16 for bf16 where the CPU has it, else kHighway (see ActiveScorePath in
-// scorer.cc for what was measured); the other paths are chosen with SetScorePath.
+// kAuto picks kAmxBf16 for bf16 and kAmxInt8 for int8 where the CPU has them, else kHighway (see
+// ActiveScorePath in scorer.cc for what was measured); the other paths are chosen with
+// SetScorePath.
 enum class ScorePath : uint32_t { kAuto, kHighway, kBf16Dot, kInt8Vnni, kAmxBf16, kAmxInt8 };
 
 const char* ScorePathName(ScorePath path);

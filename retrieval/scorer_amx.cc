@@ -263,9 +263,10 @@ struct AmxBf16Kernel {
 // product to a 16 x 16 int32 tile; the int8 stored order, [group][M][kept quads][16 blocks][4
 // codes], is the B tile's layout (a row per channel quad) and the codes are stored offset to
 // unsigned, so B is loaded as it lies, as in the VNNI kernel. A query row has two code sets (high
-// and low, QuantizeQueryInt8): they are separate A rows, the high codes of row block j in code
-// block j and the low ones in code block row_blocks + j, so one vector's products are 2 *
-// row_blocks C tiles, in panels of up to kPanelBlocks. Each C tile starts at its rows' offsets
+// and low, QuantizeQueryInt8): they are separate A rows, packed without padding between them (the
+// high codes of row r in A row r, the low ones in A row num_rows + r), so one vector's products
+// are ceil(2 * num_rows / 16) C tiles (5 for Qwen2.5-14B's 40 rows, not 2 * 3), in panels of up
+// to kPanelTiles. Each C tile starts at its rows' offsets
 // (-kInt8CodeOffset times the sum of the row's codes), so it ends as the exact integer dot of the
 // VNNI kernel; the exp2 pass then combines the two dots and scales them exactly as that kernel
 // does. Products run one vector ahead of the exp2 pass (double-buffered C), across tiles too.
@@ -287,8 +288,7 @@ struct AmxInt8Kernel {
         quads(gathered.quads),
         quad_steps((quads + kTileQuads - 1) / kTileQuads),
         step_quads((quads + quad_steps - 1) / quad_steps),
-        row_blocks((args.num_rows + kTileRows - 1) / kTileRows),
-        code_blocks(2 * row_blocks),
+        code_blocks((2 * args.num_rows + kTileRows - 1) / kTileRows),
         panels((code_blocks + kPanelTiles - 1) / kPanelTiles),
         end_group(PartialsLayout(args.num_blocks, args.num_rows, args.num_chunks)
                       .FirstGroup(args.chunk + 1)),
@@ -302,8 +302,7 @@ struct AmxInt8Kernel {
   const size_t quads;        // kept channel quads, the K of a score in 32-bit words
   const size_t quad_steps;   // K steps over the quads
   const size_t step_quads;   // quads of every K step (the last one starts early, see UseScratch)
-  const size_t row_blocks;   // of query rows
-  const size_t code_blocks;  // of A rows: high codes, then low codes
+  const size_t code_blocks;  // of A rows: high codes, then low codes right after them
   const size_t panels;
   const size_t end_group;
   const float* high;  // bit patterns, see GatheredLayout
@@ -336,7 +335,7 @@ struct AmxInt8Kernel {
     c_start = c_buffers + 2 * CFloats();
     a_rows = c_start + CFloats();
     std::fill(c_start, c_start + CFloats() + quad_steps * StepFloats(), 0.0f);
-    const size_t low_row0 = row_blocks * kTileRows;
+    const size_t low_row0 = args.num_rows;
     for (size_t row = 0; row < args.num_rows; ++row) {
       for (size_t lane = 0; lane < kLanes; ++lane) {  // int32 bit patterns, copied as bytes
         std::memcpy(c_start + row * kLanes + lane, offset + row, sizeof(float));
@@ -397,7 +396,7 @@ struct AmxInt8Kernel {
   KVSTAR_AVX512_INLINE void AccumulateRows(const float* c, size_t row0, __m512 scales,
                                            const RowState& state, const Tile& tile) const {
     const __m512 low_step = _mm512_set1_ps(1.0f / kLowCodeSteps);
-    const float* low_c = c + row_blocks * kTileRows * kLanes;
+    const float* low_c = c + args.num_rows * kLanes;
     __m512 acc[1][kRows];
     KVSTAR_UNROLL
     for (size_t i = 0; i < kRows; ++i) {

@@ -207,12 +207,14 @@ struct Bf16DotKernel {
 };
 
 // int8 representation: a 32-bit word holds four channels' codes (offset to unsigned) of one
-// block; one vpdpbusd adds the four products with the row's signed codes for 16 blocks. The
-// integer dot (minus the offset's share, folded into the start value) is scaled by the vector's
-// scale times the row's.
+// block; one vpdpbusd adds the four products with the row's signed codes for 16 blocks. Both query
+// codes go into one int32 accumulator: it starts at the offset's share of both codes, takes the
+// high codes' dots, is shifted left by 8 bits (x kLowCodeSteps), then takes the low codes' dots,
+// so it ends as 256 * high_dot + low_dot exactly (|value| < 2^31 for kept <= 512). One convert and
+// one FMA with the vector's scale times the row's then give the score.
 struct Int8VnniKernel {
-  // Two int8 dots (high and low query codes) per score: 2 x 12 accumulators.
-  static constexpr size_t kMaxRows = 3;
+  // One accumulator per score: 4 x 6 of 32 registers, as the bf16 dot kernel.
+  static constexpr size_t kMaxRows = 6;
   const ChunkArgs& args;
   size_t quads;
   const float* query_quads;  // bit patterns, see GatheredLayout
@@ -235,21 +237,11 @@ struct Int8VnniKernel {
     ScoreRows<kVectors>(*this, num_rows, state, tile, next, next_bytes);
   }
 
+  // acc[v][r] += the dots of `codes` (one code set, [rows][quads] words) with the tile's vectors.
   template <size_t kVectors, size_t kRows>
-  KVSTAR_AVX512_INLINE void Run(size_t row0, const RowState& state, const Tile& tile) const {
-    const uint32_t* words = Words(tile.group, tile.first_vector);
+  KVSTAR_AVX512_INLINE void Dots(const uint32_t* words, const float* codes, size_t row0,
+                                 __m512i (&acc)[kVectors][kRows]) const {
     const size_t vector_words = quads * kLanes;
-    __m512i dot[kVectors][kRows], low_dot[kVectors][kRows];
-    KVSTAR_UNROLL
-    for (size_t r = 0; r < kRows; ++r) {
-      const __m512i start = _mm512_set1_epi32(Bits(offset + row0 + r));
-      const __m512i low_start = _mm512_set1_epi32(Bits(low_offset + row0 + r));
-      KVSTAR_UNROLL
-      for (size_t v = 0; v < kVectors; ++v) {
-        dot[v][r] = start;
-        low_dot[v][r] = low_start;
-      }
-    }
     for (size_t p = 0; p < quads; ++p) {
       __m512i w[kVectors];
       KVSTAR_UNROLL
@@ -258,29 +250,43 @@ struct Int8VnniKernel {
       }
       KVSTAR_UNROLL
       for (size_t r = 0; r < kRows; ++r) {
-        const __m512i q = _mm512_set1_epi32(Bits(query_quads + (row0 + r) * quads + p));
-        const __m512i low_q = _mm512_set1_epi32(Bits(low_query_quads + (row0 + r) * quads + p));
+        const __m512i q = _mm512_set1_epi32(Bits(codes + (row0 + r) * quads + p));
         KVSTAR_UNROLL
-        for (size_t v = 0; v < kVectors; ++v) {
-          dot[v][r] = _mm512_dpbusd_epi32(dot[v][r], w[v], q);
-          low_dot[v][r] = _mm512_dpbusd_epi32(low_dot[v][r], w[v], low_q);
-        }
+        for (size_t v = 0; v < kVectors; ++v) acc[v][r] = _mm512_dpbusd_epi32(acc[v][r], w[v], q);
       }
     }
-    const __m512 low_step = _mm512_set1_ps(1.0f / kLowCodeSteps);
+  }
+
+  template <size_t kVectors, size_t kRows>
+  KVSTAR_AVX512_INLINE void Run(size_t row0, const RowState& state, const Tile& tile) const {
+    const uint32_t* words = Words(tile.group, tile.first_vector);
+    __m512i dot[kVectors][kRows];
+    KVSTAR_UNROLL
+    for (size_t r = 0; r < kRows; ++r) {
+      // low_offset is -128 times an even sum (QuantizeQueryInt8): a multiple of 256.
+      const __m512i start =
+          _mm512_set1_epi32(Bits(offset + row0 + r) + Bits(low_offset + row0 + r) / 256);
+      KVSTAR_UNROLL
+      for (size_t v = 0; v < kVectors; ++v) dot[v][r] = start;
+    }
+    Dots<kVectors, kRows>(words, query_quads, row0, dot);
+    KVSTAR_UNROLL
+    for (size_t v = 0; v < kVectors; ++v) {
+      KVSTAR_UNROLL
+      for (size_t r = 0; r < kRows; ++r) dot[v][r] = _mm512_slli_epi32(dot[v][r], 8);
+    }
+    Dots<kVectors, kRows>(words, low_query_quads, row0, dot);
     const float* scales =
         args.code_scales + (tile.group * args.vectors + tile.first_vector) * kLanes;
     __m512 acc[kVectors][kRows];
     KVSTAR_UNROLL
     for (size_t r = 0; r < kRows; ++r) {
-      const __m512 row_factor = _mm512_set1_ps(factor[row0 + r]);
+      const __m512 row_factor = _mm512_set1_ps(factor[row0 + r] * (1.0f / kLowCodeSteps));
       const __m512 start = _mm512_set1_ps(-state.reference[row0 + r]);
       KVSTAR_UNROLL
       for (size_t v = 0; v < kVectors; ++v) {
         const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(scales + v * kLanes), row_factor);
-        const __m512 codes = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_dot[v][r]), low_step,
-                                             _mm512_cvtepi32_ps(dot[v][r]));
-        acc[v][r] = _mm512_fmadd_ps(codes, scale, start);
+        acc[v][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[v][r]), scale, start);
       }
     }
     Accumulate<kVectors, kRows>(acc, row0, state, tile);

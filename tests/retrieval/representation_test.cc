@@ -262,6 +262,34 @@ TEST(RepresentationTest, Int8CodesAndScalesMatchTheReferenceQuantization) {
   }
 }
 
+// The VNNI kernel folds both query codes into one accumulator (256 * high dot + low dot, with the
+// offset's share -128 * sum(high) - sum(low) / 2 as its start): the low codes' sum must be even,
+// and every value within one low step of what the codes stand for.
+TEST(RepresentationTest, QueryCodesHaveAnEvenLowSumAndStayWithinALowStep) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (size_t count : {1, 2, 3, 7, 32, 33, 128}) {
+    for (int trial = 0; trial < 200; ++trial) {
+      std::vector<float> values(count);
+      for (float& v : values) v = normal(rng) * (trial % 3 == 0 ? 100.0f : 1.0f);
+      std::vector<int8_t> high(count), low(count);
+      const float scale = QuantizeQueryInt8(values.data(), count, high.data(), low.data());
+      int low_sum = 0;
+      for (size_t i = 0; i < count; ++i) {
+        low_sum += low[i];
+        EXPECT_NEAR(QueryCodeValue(high[i], low[i]) * scale, values[i],
+                    scale / kLowCodeSteps + 1e-6 * std::fabs(values[i]))
+            << "count " << count << " channel " << i;
+      }
+      EXPECT_EQ(low_sum % 2, 0) << "count " << count;
+    }
+  }
+  std::vector<int8_t> high(4), low(4);
+  EXPECT_EQ(QuantizeQueryInt8(std::vector<float>(4, 0.0f).data(), 4, high.data(), low.data()),
+            0.0f);
+  EXPECT_THAT(low, ::testing::Each(0));
+}
+
 TEST(RepresentationTest, RejectsWrongBlockSizesAndAppendBeforeSeal) {
   const ModelShape shape = SmallShape();
   auto index = SequenceIndex::Create(shape, Knobs());

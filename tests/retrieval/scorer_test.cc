@@ -435,13 +435,16 @@ TEST(ScorerTest, ForcedPathFallsBackToHighwayForAFormatItCannotScore) {
     EXPECT_EQ(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kHighway);
   }
   EXPECT_NE(ActiveScorePath(RepresentationFormat::kBf16), ScorePath::kAuto);
-  // The automatic choice: AMX-BF16 tiles for bf16 where the CPU has them, else Highway; int8 on
-  // Highway (amx-int8 measured no faster, see ActiveScorePath).
+  // The automatic choice: AMX tiles where the CPU has them (AMX-BF16 for bf16, AMX-INT8 for
+  // int8), else Highway (see ActiveScorePath for what was measured).
   EXPECT_EQ(ActiveScorePath(RepresentationFormat::kBf16),
             ScorePathSupported(ScorePath::kAmxBf16, RepresentationFormat::kBf16)
                 ? ScorePath::kAmxBf16
                 : ScorePath::kHighway);
-  EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8), ScorePath::kHighway);
+  EXPECT_EQ(ActiveScorePath(RepresentationFormat::kInt8),
+            ScorePathSupported(ScorePath::kAmxInt8, RepresentationFormat::kInt8)
+                ? ScorePath::kAmxInt8
+                : ScorePath::kHighway);
   std::printf(
       "automatic paths here: bf16 -> %s, int8 -> %s; amx-bf16 %s, amx-int8 %s\n",
       ScorePathName(ActiveScorePath(RepresentationFormat::kBf16)),
