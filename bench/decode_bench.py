@@ -345,7 +345,7 @@ class SharedSlotPool:
 class Node:
     """The storage node as a sidecar process, its CPU time and memory read from /proc."""
 
-    def __init__(self, shared_memory_bytes, retrieval_threads, log_path):
+    def __init__(self, shared_memory_bytes, retrieval_threads, log_path, resident=False):
         from kvstar.node import StorageNode
         # The metrics endpoint gives the node's own account of its Retrieve calls.
         with socket.socket() as probe:
@@ -355,6 +355,8 @@ class Node:
                  "--log_level=warn", f"--metrics_listen={self.metrics_address}"]
         if retrieval_threads:
             flags.append(f"--retrieval_threads={retrieval_threads}")
+        if resident:
+            flags.append("--segment_resident_blocks")
         self.node = StorageNode(backend="memory", extra_flags=flags, log_path=log_path)
         self.pid = self.node._process.pid
 
@@ -824,7 +826,11 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
     # The node keeps K and V (and representations, about 1/16 of that): cap by host memory.
     # What the node already holds (freed by earlier configurations' drops) it reuses.
     usable = mem_available_bytes() + node.rss_bytes() - args.host_reserve_gib * GIB
-    node_cap = max(0, int(usable / (seq_kv_bytes * 1.1)))
+    # With --segment_resident the node holds each block twice: in its store and in the segment.
+    copies = 2 if args.segment_resident else 1
+    node_cap = max(0, int(usable / (copies * seq_kv_bytes * 1.1)))
+    if args.segment_resident:
+        node_cap = min(node_cap, int(args.shared_memory_gib * GIB * 7 / 8 / seq_kv_bytes))
     want = max(1, min(batch_hbm, node_cap, args.kvstar_max_batch))
     # Seal loads each layer's first selection through the client's pinned staging and gives it
     # back once that layer's copy completed: one layer's selection must fit the staging budget.
@@ -838,6 +844,8 @@ def kvstar_config(args, model, plant, context, ratio, batch_hbm, device, hbm_bw,
     # Each sequence keeps its last reply's regions of the segment until its next Retrieve: a
     # whole selection each, at worst. Beyond the segment, new blocks come as bytes in replies.
     regions = want * source.resident * s.layers * page_bytes(s)
+    if args.segment_resident:  # every block of the batch, an eighth kept free for the rest
+        regions = want * seq_kv_bytes * 8 / 7
     if regions > args.shared_memory_gib * GIB:
         print(f"  note: {want} sequences may hold {regions / GIB:.1f} GiB of the segment's "
               f"regions, more than --shared_memory_gib {args.shared_memory_gib:g}: the rest "
@@ -998,6 +1006,10 @@ def main():
     parser.add_argument("--kvstar_batch1", type=int, default=1,
                         help="after the largest kvstar batch, also run batch 1")
     parser.add_argument("--shared_memory_gib", type=float, default=4.0)
+    parser.add_argument("--segment_resident", action="store_true",
+                        help="the node keeps the blocks in the tenant's segment as they are put "
+                             "(--segment_resident_blocks), so retrievals name them without a "
+                             "copy; size --shared_memory_gib for the batch's KV")
     parser.add_argument("--headroom_fraction", type=float, default=0.13,
                         help="the shared slot pool's headroom, as a fraction of the sequences' "
                              "reservations (0.13 keeps a 32K sequence at 0.25, its tail page "
@@ -1070,7 +1082,8 @@ def main():
     backend = kvstar.BACKEND_CUDA if device.type == "cuda" else kvstar.BACKEND_HOST
     if any(c.startswith("kvstar") for c in configs):
         log = args.node_log or os.path.join(tempfile.gettempdir(), "kvstar-decode-node.log")
-        node = Node(int(args.shared_memory_gib * GIB), args.retrieval_threads, log)
+        node = Node(int(args.shared_memory_gib * GIB), args.retrieval_threads, log,
+                    args.segment_resident)
     try:
         for model_name in args.models.split(","):
             shape = SHAPES[model_name]

@@ -21,6 +21,7 @@
 // At model scale, the data path alone (Qwen2.5-14B 32K, every retrieval all new blocks):
 //   transfer_bench --parts=planes --plane_layers=48 --plane_blocks=256 --shm_mib=8192
 //       --plane_bytes=false [--plane_copy_threads=N --plane_retrieval_threads=N]
+//       [--plane_resident: blocks kept in the segment as they are put, named without a copy]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -71,6 +72,9 @@ ABSL_FLAG(
     "The in-process server's --copy_threads for the data planes (0: one per hardware thread).");
 ABSL_FLAG(size_t, plane_retrieval_threads, 0,
           "The in-process server's --retrieval_threads for the data planes (0: all).");
+ABSL_FLAG(bool, plane_resident, false,
+          "The in-process server keeps the blocks in the segment as they are put "
+          "(--segment_resident_blocks): Retrieve names them without copying.");
 ABSL_FLAG(int, plane_busy_threads, 0,
           "Threads that spin on the CPU while the data planes are measured, as an inference "
           "engine's host threads do (busy-waiting on the GPU): the node's threads then share the "
@@ -510,6 +514,7 @@ PlaneResult MeasureDataPlanes() {
   service_options.shared_memory_socket = (*handoff)->address();
   service_options.copy_threads = absl::GetFlag(FLAGS_plane_copy_threads);
   service_options.retrieval_threads = absl::GetFlag(FLAGS_plane_retrieval_threads);
+  service_options.segment_resident_blocks = absl::GetFlag(FLAGS_plane_resident);
   // Declared after the segments (which must outlive it) and before the clients (which go first).
   absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> loopback =
       kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);

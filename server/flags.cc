@@ -51,6 +51,12 @@ ABSL_FLAG(uint64_t, max_inflight_put_bytes_per_tenant, uint64_t{256} << 20,
 ABSL_FLAG(int, retrieval_threads, 0,
           "Threads that score Seal and Retrieve; 0 means one per hardware thread. Lower it to "
           "leave cores to a co-located inference server.");
+ABSL_FLAG(bool, segment_resident_blocks, false,
+          "Keep each block a tenant puts in that tenant's shared-memory segment too, once one of "
+          "its clients received the segment and while an eighth of it stays free, so that "
+          "Retrieve names the block where it lies instead of copying it there. Size the segment "
+          "(--shared_memory_bytes_per_tenant) for the tenant's blocks: they are held there on "
+          "top of the store (the memory backend holds each twice).");
 ABSL_FLAG(int, copy_threads, 0,
           "Threads that copy retrieved blocks into a tenant's shared-memory segment and zero a "
           "dropped sequence's regions; 0 means one per hardware thread. One moves about 5 GB/s, "
@@ -92,6 +98,7 @@ absl::StatusOr<ServerConfig> ParseServerFlags(int argc, char** argv) {
   config.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   config.retrieval_threads = absl::GetFlag(FLAGS_retrieval_threads);
   config.copy_threads = absl::GetFlag(FLAGS_copy_threads);
+  config.segment_resident_blocks = absl::GetFlag(FLAGS_segment_resident_blocks);
   config.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   config.shared_memory_bytes_per_tenant = absl::GetFlag(FLAGS_shared_memory_bytes_per_tenant);
   config.shared_memory_socket = absl::GetFlag(FLAGS_shared_memory_socket);

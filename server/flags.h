@@ -17,6 +17,7 @@ struct ServerConfig {
   uint64_t shared_memory_bytes = 0;             // all tenants' segments together; 0: none
   uint64_t shared_memory_bytes_per_tenant = 0;  // 0: shared_memory_bytes split over the tenants
   std::string shared_memory_socket;             // "": an abstract name of its own; "@name"; a path
+  bool segment_resident_blocks = false;         // keep put blocks in the tenant's segment too
   int worker_threads = 0;                       // threads that run calls' store I/O and scoring
   int retrieval_threads = 0;                    // 0: one per hardware thread
   int copy_threads = 0;                         // 0: one per hardware thread

@@ -358,6 +358,7 @@ absl::StatusOr<std::unique_ptr<KvStoreService>> KvStoreService::Create(storage::
   node_options.max_reply_bytes = options.max_reply_bytes;
   node_options.retrieval_threads = options.retrieval_threads;
   node_options.copy_threads = options.copy_threads;
+  node_options.segment_resident_blocks = options.segment_resident_blocks;
   node_options.shared_memory = options.shared_memory;
   absl::StatusOr<std::unique_ptr<StorageNode>> node = StorageNode::Create(store, node_options);
   if (!node.ok()) return node.status();

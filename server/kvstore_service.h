@@ -49,6 +49,8 @@ struct ServiceOptions {
   size_t retrieval_threads = 0;
   // Threads that copy retrieved blocks into shared memory (NodeOptions::copy_threads).
   size_t copy_threads = 0;
+  // Keep put blocks in their tenant's segment too (NodeOptions::segment_resident_blocks).
+  bool segment_resident_blocks = false;
   // Threads that run calls' work (store I/O, scoring); 0 means max(16, 4 x hardware threads).
   size_t worker_threads = 0;
   // A stream that makes no progress this long is ended; 0: never.

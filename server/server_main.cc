@@ -125,6 +125,7 @@ int Run(int argc, char** argv) {
   if (handoff != nullptr) options.shared_memory_socket = handoff->address();
   options.retrieval_threads = static_cast<size_t>(config->retrieval_threads);
   options.copy_threads = static_cast<size_t>(config->copy_threads);
+  options.segment_resident_blocks = config->segment_resident_blocks;
   options.worker_threads = static_cast<size_t>(config->worker_threads);
   options.stream_idle_timeout_ms = config->stream_idle_timeout_ms;
   options.limits.max_open_streams = config->max_open_streams;

@@ -253,6 +253,12 @@ absl::Status StorageNode::FlushPut(PutStream& stream) {
     writes.push_back(storage::BlockWrite{block.id, block.key, block.value, block.checksum});
   }
   absl::Status stored = store_->PutBlocks(stream.key_, writes);
+  if (stored.ok() && options_.segment_resident_blocks && options_.shared_memory != nullptr) {
+    // The key is "<tenant>/<sequence_id>" (SequenceKey).
+    absl::StatusOr<std::shared_ptr<Sequence>> sequence =
+        Find(stream.tenant_, absl::string_view(stream.key_).substr(stream.tenant_.size() + 1));
+    if (sequence.ok()) KeepInSegment(**sequence, stream.queued_);
+  }
   if (stored.ok()) {
     stream.blocks_written_ += writes.size();
     stream.bytes_written_ += stream.bytes_;
@@ -265,6 +271,44 @@ absl::Status StorageNode::FlushPut(PutStream& stream) {
   stream.ids_.clear();
   stream.bytes_ = 0;
   return stored;
+}
+
+void StorageNode::KeepInSegment(Sequence& sequence, absl::Span<const storage::BlockData> blocks) {
+  SharedMemoryArena* arena = options_.shared_memory->Find(sequence.tenant);
+  if (arena == nullptr || blocks.empty()) return;
+  // An eighth of the segment stays for the regions of blocks that are copied per reply.
+  const uint64_t reserve = arena->size() / 8;
+  std::vector<std::pair<storage::BlockId, Sequence::ResidentBlock>> kept;
+  std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
+  for (const storage::BlockData& block : blocks) {
+    if (arena->free_bytes() < reserve + block.size_bytes()) break;
+    std::optional<uint64_t> offset = arena->Allocate(block.size_bytes());
+    if (!offset) break;
+    char* region = arena->base() + *offset;
+    copies.emplace_back(region, block.key);
+    copies.emplace_back(region + block.key.size(), block.value);
+    kept.push_back({block.id, {*offset, block.checksum}});
+  }
+  // Every byte is written before any reply can name the region.
+  copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
+    CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
+  });
+  std::vector<uint64_t> unused;
+  {
+    absl::MutexLock lock(&sequence.resident_mu);
+    for (const auto& [id, region] : kept) {
+      if (sequence.resident_closed) {
+        unused.push_back(region.offset);  // dropped meanwhile
+        continue;
+      }
+      auto [it, inserted] = sequence.resident.try_emplace(id, region);
+      if (!inserted) {
+        sequence.retired.push_back(it->second.offset);
+        it->second = region;
+      }
+    }
+  }
+  if (!unused.empty()) arena->Free(unused, &copy_pool_);
 }
 
 absl::StatusOr<retrieval::RetrievalRequest> StorageNode::ToRetrievalRequest(
@@ -637,10 +681,29 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
   // round trip through gRPC's write path. Blocks the segment has no room for follow as bytes, in
   // replies of at most max_reply_bytes.
   reply.shared_segment = arena->id();
+  // Blocks kept in the segment since they were put are named where they lie, in one reply.
+  std::vector<storage::BlockId> to_copy;
+  {
+    absl::MutexLock lock(&sequence.resident_mu);
+    for (const storage::BlockId& id : wanted) {
+      auto kept = sequence.resident.find(id);
+      if (kept == sequence.resident.end()) {
+        to_copy.push_back(id);
+      } else {
+        reply.shared_blocks.push_back(
+            SharedBlockRef{id, kept->second.checksum, kept->second.offset, block_bytes / 2});
+      }
+    }
+  }
+  if (!reply.shared_blocks.empty()) {
+    Count(*sequence.counters, &Counters::blocks_sent_shared, reply.shared_blocks.size());
+    if (auto s = send(reply.shared_blocks.size()); !s.ok()) return s;
+    reply.shared_blocks.clear();
+  }
   constexpr uint64_t kSharedBatchBytes = uint64_t{64} << 20;  // bounds what a disk store reads
   const size_t per_reply = BlocksPerBatch(options_.max_reply_bytes, block_bytes);
   return ForEachBlockBatch<storage::SharedBlockData>(
-      *store_, std::max(kSharedBatchBytes, options_.max_reply_bytes), sequence.key, wanted,
+      *store_, std::max(kSharedBatchBytes, options_.max_reply_bytes), sequence.key, to_copy,
       block_bytes, [&](std::vector<storage::SharedBlockData>& batch) {
         sequence.mu.AssertHeld();
         reply.blocks.clear();
@@ -876,6 +939,20 @@ std::map<std::string, uint64_t> StorageNode::SequencesPerTenant() const {
 }
 
 void StorageNode::FreeSharedRegions(Sequence& sequence, bool zero) {
+  {
+    // Retired regions of blocks put again go with the last reply's; Drop takes the kept ones too.
+    absl::MutexLock lock(&sequence.resident_mu);
+    sequence.shared_regions.insert(sequence.shared_regions.end(), sequence.retired.begin(),
+                                   sequence.retired.end());
+    sequence.retired.clear();
+    if (zero) {
+      sequence.resident_closed = true;
+      for (const auto& [id, kept] : sequence.resident) {
+        sequence.shared_regions.push_back(kept.offset);
+      }
+      sequence.resident.clear();
+    }
+  }
   if (!zero && sequence.shared_regions.empty()) return;  // nothing to release
   SharedMemoryArena* arena =
       options_.shared_memory != nullptr ? options_.shared_memory->Find(sequence.tenant) : nullptr;

@@ -57,6 +57,13 @@ struct NodeOptions {
   // Consecutive blocks of one sequence in one put stream are written to the store together, up
   // to this many bytes: each store write is durable (an fsync).
   uint64_t put_batch_bytes = 32 << 20;
+  // Keep each stored block of a tenant that holds a segment in that segment too, as it is put
+  // (while the segment keeps an eighth free for replies' regions), so that Retrieve names it
+  // where it lies instead of copying it there: the retrieval's host-memory traffic falls from
+  // three bytes per delivered byte (read the store, write the segment, the GPU's read) to one.
+  // The segment's bytes come on top of the store's (the memory backend holds each block twice);
+  // blocks put before a client received the segment, or beyond its room, are copied as before.
+  bool segment_resident_blocks = false;
 };
 
 struct CreateResult {
@@ -292,6 +299,20 @@ class StorageNode {
     // Regions of the tenant's segment that the last Retrieve's replies named; released by the
     // next one, zeroed by Drop.
     std::vector<uint64_t> shared_regions ABSL_GUARDED_BY(mu);
+
+    // Blocks kept in the tenant's segment as they were put (NodeOptions::segment_resident_blocks):
+    // Retrieve names their regions instead of copying. A block put again gets a new region; the
+    // old one may still be read through an earlier reply, so it retires and is released by the
+    // next Retrieve (the client asks again only once it read the earlier replies' regions).
+    // Drop closes the set and zeroes all of it. Lock order: mu, then resident_mu.
+    struct ResidentBlock {
+      uint64_t offset = 0;
+      uint64_t checksum = 0;
+    };
+    absl::Mutex resident_mu ABSL_ACQUIRED_AFTER(mu);
+    absl::flat_hash_map<storage::BlockId, ResidentBlock> resident ABSL_GUARDED_BY(resident_mu);
+    std::vector<uint64_t> retired ABSL_GUARDED_BY(resident_mu);
+    bool resident_closed ABSL_GUARDED_BY(resident_mu) = false;
   };
 
   StorageNode(storage::BlockStore* store, NodeOptions options);
@@ -305,6 +326,10 @@ class StorageNode {
                            absl::Span<const storage::BlockData> blocks) const;
   // Writes a put stream's queued blocks as one store batch and clears them.
   absl::Status FlushPut(PutStream& stream);
+  // Copies just-stored blocks of the sequence into its tenant's segment and records them
+  // (NodeOptions::segment_resident_blocks); those the segment has no room for stay out.
+  void KeepInSegment(Sequence& sequence, absl::Span<const storage::BlockData> blocks)
+      ABSL_LOCKS_EXCLUDED(sequence.resident_mu);
   // Appends stored blocks beyond what the index holds (decode-generated blocks) to the index.
   absl::Status CatchUp(Sequence& sequence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sequence.mu);
   // Checks and orders one request's queries by layer: every layer exactly once, same count.
@@ -312,11 +337,11 @@ class StorageNode {
       const Sequence& sequence, const retrieval::SequenceIndex* index,
       const google::protobuf::RepeatedPtrField<v1::LayerQueries>& queries, uint32_t max_queries,
       absl::string_view where) const;
-  // Hands one scored layer to the sink: its selection and the selected blocks not held.
   // A Retrieve's sending thread's time by phase (NodeStats::retrieve_*_micros).
   struct SendTimes {
     absl::Duration read, copy, send;
   };
+  // Hands one scored layer to the sink: its selection and the selected blocks not held.
   absl::Status SendLayer(const v1::SequenceQueries& part, size_t request, Sequence& sequence,
                          uint32_t layer, const std::vector<uint32_t>& selected,
                          const absl::flat_hash_set<uint32_t>& held, const RetrieveSink& sink,

@@ -470,6 +470,79 @@ TEST_F(SharedMemoryTest, AfterTheServerIsKilledNothingIsLeftInDevShmOrOnItsSocke
   }
 }
 
+TEST_F(SharedMemoryTest, ResidentBlocksAreNamedWhereTheyWerePutAndReplacedOnesRetireSafely) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(
+      {absl::StrCat("--shared_memory_bytes=", kSharedMemoryBytes), "--segment_resident_blocks"}));
+  std::unique_ptr<SharedSegment> segment = Receive(kTokenA);  // before the blocks are put
+  ASSERT_NE(segment, nullptr);
+  ASSERT_NO_FATAL_FAILURE(Offload(kTokenA, "s", 1));
+  auto stats = [&] {
+    v1::StatsResponse response;
+    grpc::Status status = server_->stub().Stats(As(kTokenA).get(), {}, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  };
+
+  // The blocks lie in the segment since they were put: replies name them, nothing is copied,
+  // and the same queries name the same regions again.
+  const std::vector<v1::Block> first = RetrieveShared(kTokenA, "s", 1);
+  ASSERT_FALSE(first.empty());
+  std::map<std::pair<uint32_t, uint32_t>, uint64_t> where;
+  for (const v1::Block& block : first) {
+    ASSERT_TRUE(block.has_shared());
+    EXPECT_TRUE(HoldsStored(*segment, kTokenA, "s", block));
+    where[{block.layer(), block.block_index()}] = block.shared().offset();
+  }
+  const std::vector<v1::Block> again = RetrieveShared(kTokenA, "s", 1);
+  ASSERT_EQ(again.size(), first.size());
+  for (const v1::Block& block : again) {
+    EXPECT_EQ(block.shared().offset(), where.at({block.layer(), block.block_index()}));
+  }
+  EXPECT_EQ(stats().retrieve_copy_micros(), 0u);
+  EXPECT_EQ(stats().blocks_sent_shared(), first.size() + again.size());
+
+  // A block put again gets a new region: the one earlier replies named keeps its old bytes, so
+  // a client still reading it never sees a torn block, until the next Retrieve releases it.
+  const v1::Block& replaced = first.front();
+  const std::string old_bytes = Stored(kTokenA, "s", replaced);
+  {
+    auto context = As(kTokenA);
+    v1::PutBlocksResponse put;
+    auto writer = server_->stub().PutBlocks(context.get(), &put);
+    v1::PutBlocksRequest message;
+    message.set_sequence_id("s");
+    v1::Block block = MakeBf16Block(7, replaced.layer(), replaced.block_index(), kKeyBytes);
+    blocks_[{kTokenA, "s", replaced.layer(), replaced.block_index()}] = block.key() + block.value();
+    *message.add_blocks() = std::move(block);
+    ASSERT_TRUE(writer->Write(message));
+    writer->WritesDone();
+    grpc::Status status = writer->Finish();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  EXPECT_EQ(std::memcmp(segment->Region(replaced.shared().offset(), kKeyBytes), old_bytes.data(),
+                        2 * kKeyBytes),
+            0)
+      << "the region an earlier reply named was overwritten in place";
+  // Every block a later Retrieve names holds its current bytes (the new ones for that block).
+  const std::vector<v1::Block> later = RetrieveShared(kTokenA, "s", 2);
+  for (const v1::Block& block : later) {
+    ASSERT_TRUE(block.has_shared());
+    EXPECT_TRUE(HoldsStored(*segment, kTokenA, "s", block)) << block.block_index();
+    if (block.layer() == replaced.layer() && block.block_index() == replaced.block_index()) {
+      EXPECT_NE(block.shared().offset(), replaced.shared().offset());
+    }
+  }
+
+  // DropSequence zeroes every region that held its blocks, the retired one included.
+  ASSERT_TRUE(Drop(kTokenA, "s").ok());
+  for (const std::vector<v1::Block>* reply : {&first, &later}) {
+    for (const v1::Block& block : *reply) {
+      EXPECT_TRUE(ReadsZeros(*segment, block))
+          << "the dropped sequence's block " << block.block_index() << " is still readable";
+    }
+  }
+}
+
 TEST_F(SharedMemoryTest, TenantsGetTheirAllotmentOfTheBudgetAndBlocksBeyondItComeAsBytes) {
   // Default: the budget split evenly over the token file's three tenants.
   ASSERT_NO_FATAL_FAILURE(StartServer({"--shared_memory_bytes=3145728"}, /*three_tenants=*/true));

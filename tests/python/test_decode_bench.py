@@ -77,6 +77,19 @@ def test_full_and_kvstar_rows_and_summary(environment, tmp_path):
         assert key in summary, key
 
 
+def test_resident_blocks_reach_the_library_without_the_nodes_copy(environment, tmp_path):
+    """--segment_resident: the node keeps the blocks in the segment as they are put, so the
+    retrievals' new blocks come through the segment and the node copies none of them."""
+    rows, _ = run_bench(environment, tmp_path, "--configs", "kvstar0.25", "--segment_resident",
+                        "--kvstar_batch1", "0")
+    assert rows
+    for r in rows:
+        assert r["retrievals"] > 0 and r["selections_dropped"] == 0
+        assert r["blocks_received_shared"] > 0 and r["blocks_received_bytes"] == 0
+        assert r["node_retrieve_ms_mean"] > 0
+        assert r["node_copy_ms_mean"] == 0
+
+
 def test_a_layer_selection_over_the_staging_budget_is_skipped(environment, tmp_path):
     rows, summary = run_bench(environment, tmp_path, "--configs", "kvstar0.1",
                               "--client_staging_bytes", "1024")
