@@ -698,6 +698,7 @@ def run_decode(args, model, kv, attention, plant, host, device, kv_batch=None, l
             "segment_wait_ms_mean": client["segment_wait_micros"] / done / 1e3,
             "first_reply_ms_mean": client["first_reply_micros"] / done / 1e3,
             "load_ms_mean": client["load_micros"] / done / 1e3,
+            "call_end_ms_mean": client["call_end_micros"] / done / 1e3,
             # The node's account of the same calls (ms per Retrieve): in all, scoring
             # (overlapped), and its sending thread's phases.
             "node_retrieve_ms_mean": node["retrieve_seconds"] / calls * 1e3,
@@ -1177,15 +1178,16 @@ def print_tables(rows):
     kvstar_rows = [r for r in rows if "node_retrieve_ms_mean" in r]
     if kvstar_rows:
         print("\nwhere a retrieval's time went, ms per call: the library (in all = segment wait + "
-              "first reply + loads + later replies) and the node (in all; scoring, overlapped; "
-              "its sending thread waiting for scores, reading, copying into the segment, handing "
-              "replies to gRPC)")
+              "first reply + loads + later replies, of which the call's end after the last "
+              "reply) and the node (in all; scoring, overlapped; its sending thread waiting for "
+              "scores, reading, copying into the segment, handing replies to gRPC)")
     for r in kvstar_rows:
         later = (r["retrieve_ms_mean"] - r["segment_wait_ms_mean"] - r["first_reply_ms_mean"]
                  - r["load_ms_mean"])
         print(f"{r['model']:<12} {r['context'] // 1024:>4}K {r['config']:<11} {r['batch']:>5}  "
               f"library {r['retrieve_ms_mean']:.1f} = {r['segment_wait_ms_mean']:.1f} + "
-              f"{r['first_reply_ms_mean']:.1f} + {r['load_ms_mean']:.1f} + {later:.1f};  "
+              f"{r['first_reply_ms_mean']:.1f} + {r['load_ms_mean']:.1f} + {later:.1f} "
+              f"(end {r['call_end_ms_mean']:.1f});  "
               f"node {r['node_retrieve_ms_mean']:.1f}; {r['node_score_ms_mean']:.1f}; "
               f"{r['node_wait_ms_mean']:.1f} {r['node_read_ms_mean']:.1f} "
               f"{r['node_copy_ms_mean']:.1f} {r['node_send_ms_mean']:.1f}")

@@ -472,12 +472,14 @@ void PrintRetrieveTimes(const PlaneRun& run, const kvstar::v1::StatsResponse& be
   const double calls = std::max<uint64_t>(1, c.retrievals_completed);
   std::printf(
       "client, per retrieval (all %llu): %.2f ms in all = segment wait %.2f + first reply %.2f + "
-      "loads %.2f + waiting for later replies %.2f\n",
+      "loads %.2f + waiting for later replies %.2f (of which the call's end after the last reply "
+      "%.2f)\n",
       static_cast<unsigned long long>(c.retrievals_completed), c.retrieve_micros / calls / 1e3,
       c.segment_wait_micros / calls / 1e3, c.first_reply_micros / calls / 1e3,
       c.load_micros / calls / 1e3,
       (double(c.retrieve_micros) - c.segment_wait_micros - c.first_reply_micros - c.load_micros) /
-          calls / 1e3);
+          calls / 1e3,
+      c.call_end_micros / calls / 1e3);
   const double n = std::max<uint64_t>(1, after.retrievals() - before.retrievals());
   auto ms = [&](uint64_t a, uint64_t b) { return (double(a) - double(b)) / n / 1e3; };
   std::printf(

@@ -191,11 +191,10 @@ int kvstar_slot_pool_stats_get(const kvstar_client* client, kvstar_slot_pool_sta
 int kvstar_client_stats_get(const kvstar_client* client, kvstar_client_stats* stats) {
   if (client == nullptr || stats == nullptr) return Invalid("client and stats are required");
   const kvstar::ClientStats s = client->client->stats();
-  *stats =
-      kvstar_client_stats{s.retrievals_sent,      s.retrievals_skipped,     s.retrieve_replies,
-                          s.retrievals_completed, s.blocks_received_shared, s.blocks_received_bytes,
-                          s.retrieve_micros,      s.segment_wait_micros,    s.first_reply_micros,
-                          s.load_micros};
+  *stats = kvstar_client_stats{
+      s.retrievals_sent,        s.retrievals_skipped,    s.retrieve_replies, s.retrievals_completed,
+      s.blocks_received_shared, s.blocks_received_bytes, s.retrieve_micros,  s.segment_wait_micros,
+      s.first_reply_micros,     s.load_micros,           s.call_end_micros};
   return Report(absl::OkStatus());
 }
 

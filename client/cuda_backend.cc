@@ -93,7 +93,7 @@ class CudaBackend : public DeviceBackend {
                                  StreamHandle stream) override {
     if (count == 0) return absl::OkStatus();
     const ScatterPlan plan = PlanScatteredCopy(absl::MakeConstSpan(segments, count), options_);
-    if (absl::Status status = CopyDirect(plan.direct, stream); !status.ok()) return status;
+    if (absl::Status status = CopyBatch(plan.direct, stream); !status.ok()) return status;
     if (plan.rounds.empty()) return absl::OkStatus();
     absl::StatusOr<Landing*> landing = LandingFor(stream);
     if (!landing.ok()) return landing.status();
@@ -105,12 +105,15 @@ class CudaBackend : public DeviceBackend {
     }
     const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
     char* const base = static_cast<char*>((*landing)->device);
+    std::vector<CopySegment> landed;
     for (const ScatterRound& round : plan.rounds) {
+      // One driver call for the round's copies: blocks whose sources lie apart (regions of a
+      // shared-memory segment) cost a driver call each otherwise, about as long as the copy.
+      landed.clear();
       for (const LandingCopy& copy : round.copies) {
-        cudaError_t error = cudaMemcpyAsync(base + copy.landing_offset, copy.src, copy.bytes,
-                                            cudaMemcpyHostToDevice, cuda_stream);
-        if (error != cudaSuccess) return CudaError(error, "cudaMemcpyAsync (landing)");
+        landed.push_back({base + copy.landing_offset, copy.src, copy.bytes});
       }
+      if (absl::Status status = CopyBatch(landed, stream); !status.ok()) return status;
       ScatterKernelArgs args;
       args.landing = base;
       for (size_t i = 0; i < round.pieces.size(); ++i) {
@@ -191,8 +194,9 @@ class CudaBackend : public DeviceBackend {
     size_t bytes ABSL_GUARDED_BY(mu) = 0;
   };
 
-  // Straight copies: one batched driver call, or one async copy each on drivers without it.
-  absl::Status CopyDirect(const std::vector<CopySegment>& direct, StreamHandle stream) {
+  // Host->device copies in stream order: one batched driver call, or one async copy each on
+  // drivers without it.
+  absl::Status CopyBatch(const std::vector<CopySegment>& direct, StreamHandle stream) {
     if (direct.empty()) return absl::OkStatus();
     std::vector<void*> dsts;
     std::vector<const void*> srcs;

@@ -116,7 +116,7 @@ void RetrievalScheduler::Loop() {
 
 absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   const absl::Time start = absl::Now();
-  absl::Duration segment_wait, first_reply, load;
+  absl::Duration segment_wait, first_reply, load, call_end;
   // Counted whatever the outcome; the loop counts the retrieval completed.
   auto count_time = absl::MakeCleanup([&] {
     absl::MutexLock lock(&mu_);
@@ -124,6 +124,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
     stats_.segment_wait_micros += absl::ToInt64Microseconds(segment_wait);
     stats_.first_reply_micros += absl::ToInt64Microseconds(first_reply);
     stats_.load_micros += absl::ToInt64Microseconds(load);
+    stats_.call_end_micros += absl::ToInt64Microseconds(call_end);
   });
   v1::RetrieveRequest request;
   std::map<std::string, std::pair<SequenceImpl*, std::vector<uint32_t>>> known_blocks;
@@ -177,6 +178,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   // A layer may come as several replies (`more`); its new blocks add up until the last one.
   std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
   v1::RetrieveResponse reply;
+  absl::Time last_reply = call_start;
   while (reader->Read(&reply)) {
     if (first_reply == absl::ZeroDuration()) first_reply = absl::Now() - call_start;
     {
@@ -189,6 +191,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
         first = absl::InternalError(
             absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
       }
+      last_reply = absl::Now();
       continue;
     }
     const uint32_t layer = reply.selection().layer();
@@ -213,7 +216,10 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
       stats_.blocks_received_shared += shared_blocks;
       stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
     }
-    if (reply.more()) continue;
+    if (reply.more()) {
+      last_reply = absl::Now();
+      continue;
+    }
     SequenceImpl* sequence = found->second.first;
     const std::vector<uint32_t>& known = found->second.second;
     std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
@@ -225,8 +231,10 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
     load += absl::Now() - load_start;
     partial.erase({reply.sequence_id(), layer});
     if (!status.ok() && first.ok()) first = status;
+    last_reply = absl::Now();
   }
   absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
+  call_end = absl::Now() - last_reply;
   return status.ok() ? first : status;
 }
 

@@ -117,6 +117,7 @@ typedef struct {
   uint64_t segment_wait_micros;
   uint64_t first_reply_micros;
   uint64_t load_micros;
+  uint64_t call_end_micros;
 } kvstar_client_stats;
 
 /* The message of the last failed call on this thread ("" when it succeeded). */

@@ -279,11 +279,13 @@ struct ClientStats {
   // once the call arrives); from the call to its first reply (the server's scoring of the first
   // layer, behind any call it serves before); and loading the replies' selections (finding the
   // new blocks' bytes, taking slots, issuing the copies; on the host backend the copies too). The
-  // rest is waiting for the server's later replies.
+  // rest is waiting for the server's later replies, and for the call's status after the last one
+  // (call_end_micros, counted within that rest).
   uint64_t retrieve_micros = 0;
   uint64_t segment_wait_micros = 0;
   uint64_t first_reply_micros = 0;
   uint64_t load_micros = 0;
+  uint64_t call_end_micros = 0;
 };
 
 // One sequence. Owned by its Client; valid until DropSequence or the Client's destruction.

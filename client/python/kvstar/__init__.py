@@ -90,7 +90,8 @@ class _ClientStats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "retrievals_sent", "retrievals_skipped", "retrieve_replies", "retrievals_completed",
         "blocks_received_shared", "blocks_received_bytes", "retrieve_micros",
-        "segment_wait_micros", "first_reply_micros", "load_micros")]
+        "segment_wait_micros", "first_reply_micros", "load_micros",
+        "call_end_micros")]
 
 
 _lib = None
