@@ -75,6 +75,10 @@ ABSL_FLAG(size_t, plane_retrieval_threads, 0,
 ABSL_FLAG(bool, plane_resident, false,
           "The in-process server keeps the blocks in the segment as they are put "
           "(--segment_resident_blocks): Retrieve names them without copying.");
+ABSL_FLAG(std::string, plane_server, "",
+          "host:port of a running kvstar_server (memory backend, shared memory, no "
+          "authentication) to measure the data planes against instead of the in-process one: "
+          "the node in its own process, as deployed. Its thread and resident flags are its own.");
 ABSL_FLAG(int, plane_busy_threads, 0,
           "Threads that spin on the CPU while the data planes are measured, as an inference "
           "engine's host threads do (busy-waiting on the GPU): the node's threads then share the "
@@ -454,10 +458,10 @@ absl::Status DecodeWindow(const kvstar::ModelProfile& profile, uint32_t stride, 
   return absl::OkStatus();
 }
 
-kvstar::v1::StatsResponse ServerStats(kvstar::bench::LoopbackServer& server) {
+kvstar::v1::StatsResponse ServerStats(kvstar::v1::KvStore::Stub& stub) {
   grpc::ClientContext context;
   kvstar::v1::StatsResponse response;
-  grpc::Status status = server.stub().Stats(&context, kvstar::v1::StatsRequest(), &response);
+  grpc::Status status = stub.Stats(&context, kvstar::v1::StatsRequest(), &response);
   if (!status.ok()) std::fprintf(stderr, "Stats: %s\n", status.error_message().c_str());
   return response;
 }
@@ -518,13 +522,23 @@ PlaneResult MeasureDataPlanes() {
   service_options.retrieval_threads = absl::GetFlag(FLAGS_plane_retrieval_threads);
   service_options.segment_resident_blocks = absl::GetFlag(FLAGS_plane_resident);
   // Declared after the segments (which must outlive it) and before the clients (which go first).
-  absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> loopback =
-      kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);
-  if (!loopback.ok()) {
-    std::fprintf(stderr, "in-process server: %s\n", loopback.status().ToString().c_str());
-    return result;
+  std::unique_ptr<kvstar::bench::LoopbackServer> loopback;
+  std::unique_ptr<kvstar::v1::KvStore::Stub> external;
+  std::string address = absl::GetFlag(FLAGS_plane_server);
+  if (address.empty()) {
+    absl::StatusOr<std::unique_ptr<kvstar::bench::LoopbackServer>> started =
+        kvstar::bench::LoopbackServer::Start(kvstar::storage::NewMemoryStore(), service_options);
+    if (!started.ok()) {
+      std::fprintf(stderr, "in-process server: %s\n", started.status().ToString().c_str());
+      return result;
+    }
+    loopback = *std::move(started);
+    address = loopback->address();
+  } else {
+    external = kvstar::v1::KvStore::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   }
-  const std::string address = (*loopback)->address();
+  kvstar::v1::KvStore::Stub& stats_stub = loopback ? loopback->stub() : *external;
 
   kvstar::ModelProfile profile;  // a Qwen2.5-14B layer: 8 KV heads of 128, bf16, 128-token blocks
   profile.num_layers = absl::GetFlag(FLAGS_plane_layers);
@@ -567,7 +581,7 @@ PlaneResult MeasureDataPlanes() {
   });
   kvstar::v1::StatsResponse server_before;
   for (int r = 0; r <= retrievals; ++r) {
-    if (r == 1) server_before = ServerStats(**loopback);
+    if (r == 1) server_before = ServerStats(stats_stub);
     for (PlaneRun* run : runs) {
       absl::Status status = DecodeWindow(profile, config.retrieval_stride, r > 0, run);
       if (!status.ok()) {
@@ -577,7 +591,7 @@ PlaneResult MeasureDataPlanes() {
       }
     }
   }
-  const kvstar::v1::StatsResponse server_after = ServerStats(**loopback);
+  const kvstar::v1::StatsResponse server_after = ServerStats(stats_stub);
   std::move(stop_busy).Invoke();
   for (PlaneRun* run : runs) {
     const kvstar::ClientStats stats = run->client->stats();
