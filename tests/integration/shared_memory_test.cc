@@ -374,6 +374,8 @@ TEST_F(SharedMemoryTest, TheClientsMappingIsReadOnlyAndTheSegmentCannotBeResized
   // A store into the mapping faults.
   const pid_t child = fork();
   if (child == 0) {
+    // The default action, not a sanitizer's SIGSEGV handler (which exits with its own code).
+    signal(SIGSEGV, SIG_DFL);
     static_cast<volatile char*>(view)[0] = 1;
     _exit(0);
   }
