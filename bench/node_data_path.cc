@@ -6,7 +6,7 @@
 // in the same run. Each retrieval also releases the previous one's regions, as a client's next
 // Retrieve does.
 //
-//   bazel run -c opt //bench:node_data_path -- --layers=48 --q_heads=40 --kv_heads=8 \
+//   bazel run -c opt //bench:node_data_path -- --layers=48 --q_heads=40 --kv_heads=8
 //       --context=32768 --copy_threads=1,4,8 --retrievals=8
 //
 // The last line is JSON: per copy-thread count the ms per retrieval and the GB it moved.
