@@ -178,8 +178,10 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
   // A layer may come as several replies (`more`); its new blocks add up until the last one.
   std::map<std::pair<std::string, uint32_t>, std::vector<v1::Block>> partial;
   v1::RetrieveResponse reply;
-  absl::Time last_reply = call_start;
-  while (reader->Read(&reply)) {
+  // Each Read starts where the previous reply's handling ended; the last one, which finds the
+  // stream's end, starts the call's end.
+  absl::Time read_start;
+  for (read_start = absl::Now(); reader->Read(&reply); read_start = absl::Now()) {
     if (first_reply == absl::ZeroDuration()) first_reply = absl::Now() - call_start;
     {
       absl::MutexLock lock(&mu_);
@@ -191,7 +193,6 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
         first = absl::InternalError(
             absl::StrCat("Retrieve reply for sequence ", reply.sequence_id(), " not asked for"));
       }
-      last_reply = absl::Now();
       continue;
     }
     const uint32_t layer = reply.selection().layer();
@@ -216,10 +217,7 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
       stats_.blocks_received_shared += shared_blocks;
       stats_.blocks_received_bytes += reply.new_blocks_size() - shared_blocks;
     }
-    if (reply.more()) {
-      last_reply = absl::Now();
-      continue;
-    }
+    if (reply.more()) continue;
     SequenceImpl* sequence = found->second.first;
     const std::vector<uint32_t>& known = found->second.second;
     std::vector<uint32_t> blocks(reply.selection().block_indices().begin(),
@@ -231,10 +229,9 @@ absl::Status RetrievalScheduler::Run(const std::vector<SequenceImpl*>& due) {
     load += absl::Now() - load_start;
     partial.erase({reply.sequence_id(), layer});
     if (!status.ok() && first.ok()) first = status;
-    last_reply = absl::Now();
   }
   absl::Status status = FromGrpc(reader->Finish(), "Retrieve");
-  call_end = absl::Now() - last_reply;
+  call_end = absl::Now() - read_start;
   return status.ok() ? first : status;
 }
 

@@ -273,26 +273,37 @@ absl::Status StorageNode::FlushPut(PutStream& stream) {
   return stored;
 }
 
+void StorageNode::WriteRegions(
+    SharedMemoryArena& arena,
+    absl::Span<const std::pair<uint64_t, const storage::BlockData*>> regions) {
+  std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
+  copies.reserve(2 * regions.size());
+  for (const auto& [offset, block] : regions) {
+    char* region = arena.base() + offset;
+    copies.emplace_back(region, block->key);
+    copies.emplace_back(region + block->key.size(), block->value);
+  }
+  copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
+    CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
+  });
+}
+
 void StorageNode::KeepInSegment(Sequence& sequence, absl::Span<const storage::BlockData> blocks) {
   SharedMemoryArena* arena = options_.shared_memory->Find(sequence.tenant);
   if (arena == nullptr || blocks.empty()) return;
   // An eighth of the segment stays for the regions of blocks that are copied per reply.
   const uint64_t reserve = arena->size() / 8;
   std::vector<std::pair<storage::BlockId, Sequence::ResidentBlock>> kept;
-  std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
+  std::vector<std::pair<uint64_t, const storage::BlockData*>> regions;
   for (const storage::BlockData& block : blocks) {
     if (arena->free_bytes() < reserve + block.size_bytes()) break;
     std::optional<uint64_t> offset = arena->Allocate(block.size_bytes());
     if (!offset) break;
-    char* region = arena->base() + *offset;
-    copies.emplace_back(region, block.key);
-    copies.emplace_back(region + block.key.size(), block.value);
+    regions.push_back({*offset, &block});
     kept.push_back({block.id, {*offset, block.checksum}});
   }
   // Every byte is written before any reply can name the region.
-  copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
-    CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
-  });
+  WriteRegions(*arena, regions);
   std::vector<uint64_t> unused;
   {
     absl::MutexLock lock(&sequence.resident_mu);
@@ -709,25 +720,21 @@ absl::Status StorageNode::SendLayer(const v1::SequenceQueries& part, size_t requ
         reply.blocks.clear();
         reply.shared_blocks.clear();
         std::vector<const storage::SharedBlockData*> no_room;
-        std::vector<std::pair<char*, absl::string_view>> copies;  // to, from
-        copies.reserve(2 * batch.size());
+        std::vector<std::pair<uint64_t, const storage::BlockData*>> regions;
+        regions.reserve(batch.size());
         for (const storage::SharedBlockData& data : batch) {
           std::optional<uint64_t> offset = arena->Allocate(data->size_bytes());
           if (!offset) {
             no_room.push_back(&data);
             continue;
           }
-          char* region = arena->base() + *offset;
-          copies.emplace_back(region, data->key);
-          copies.emplace_back(region + data->key.size(), data->value);
+          regions.push_back({*offset, data.get()});
           sequence.shared_regions.push_back(*offset);
           reply.shared_blocks.push_back(
               SharedBlockRef{data->id, data->checksum, *offset, data->key.size()});
         }
         const absl::Time copy_start = absl::Now();
-        copy_pool_.ParallelFor(copies.size(), [&](size_t i, size_t) {
-          CopyToSegment(copies[i].first, copies[i].second.data(), copies[i].second.size());
-        });
+        WriteRegions(*arena, regions);
         const absl::Duration copy_took = absl::Now() - copy_start;
         times->copy += copy_took;
         copy_and_send += copy_took;

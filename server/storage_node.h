@@ -326,6 +326,10 @@ class StorageNode {
                            absl::Span<const storage::BlockData> blocks) const;
   // Writes a put stream's queued blocks as one store batch and clears them.
   absl::Status FlushPut(PutStream& stream);
+  // Writes each block's K then V into its region of `arena` (the paired offset) in one pass over
+  // the copy threads, with streaming stores.
+  void WriteRegions(SharedMemoryArena& arena,
+                    absl::Span<const std::pair<uint64_t, const storage::BlockData*>> regions);
   // Copies just-stored blocks of the sequence into its tenant's segment and records them
   // (NodeOptions::segment_resident_blocks); those the segment has no room for stay out.
   void KeepInSegment(Sequence& sequence, absl::Span<const storage::BlockData> blocks)
