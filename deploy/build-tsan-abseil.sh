@@ -33,13 +33,7 @@ SUDO=""
 export DEBIAN_FRONTEND=noninteractive
 
 tools=(cmake dpkg-dev)
-missing=()
-for p in "${tools[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+bash "$repo/deploy/install-deps.sh" "${tools[@]}" >&2
 
 # The deb-src entry: the deb entries of Debian's archive, with deb-src as their type.
 if ! apt-cache showsrc abseil 2>/dev/null | grep -qx "Version: $version"; then

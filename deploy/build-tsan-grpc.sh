@@ -42,13 +42,7 @@ export DEBIAN_FRONTEND=noninteractive
 # only satisfies CMake's configure step (the codegen targets name it); no plugin is built.
 tools=(cmake ninja-build dpkg-dev libprotoc-dev libc-ares-dev libre2-dev libssl-dev zlib1g-dev
        protobuf-compiler-grpc)
-missing=()
-for p in "${tools[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+bash "$repo/deploy/install-deps.sh" "${tools[@]}" >&2
 
 # build-tsan-abseil.sh added the deb-src entry.
 work=$(mktemp -d)

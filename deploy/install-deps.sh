@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs every Debian package kvstar's build, tests and benchmarks need. Idempotent.
 # Nothing comes from anywhere but Debian's archive.
+#   deploy/install-deps.sh            kvstar's packages
+#   deploy/install-deps.sh PKG...     just these (the TSan builds' tools: build-tsan-*.sh)
 set -euo pipefail
 
-packages=(
+packages=("$@")
+[ ${#packages[@]} -gt 0 ] || packages=(
   bazel-bootstrap default-jdk-headless build-essential pkg-config git ca-certificates
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
   libabsl-dev librocksdb-dev libhwy-dev libspdlog-dev libfmt-dev libxxhash-dev
